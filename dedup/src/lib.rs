@@ -1,0 +1,1 @@
+//! In-process samepage merging (filled in by the dedup work; see docs/).

@@ -1,0 +1,400 @@
+//! Loading a guest: kernel, initrd and command line into guest memory, and
+//! the x86 boot structures Linux expects (boot params with its e820 map, an
+//! MP table, long-mode page tables and GDT).
+//!
+//! Linux is entered through its 64-bit boot protocol: the VMM switches the
+//! boot vCPU to long mode itself and jumps to the kernel's 64-bit entry with
+//! RSI pointing at the boot params. Our own test guests use the same entry,
+//! and may carry an ELF note asking for every vCPU to start there.
+
+mod elf_note;
+pub mod layout;
+pub mod long_mode;
+mod mptable;
+
+pub use mptable::MAX_VCPUS;
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::memory::ram_ranges;
+use layout::*;
+
+/// What the vCPU setup needs to know once the guest is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootInfo {
+    /// The 64-bit entry point.
+    pub entry: GuestAddress,
+    /// Start every vCPU at `entry` (our test guests) instead of only the
+    /// first, with the others waiting for INIT/SIPI (Linux).
+    pub all_vcpus_at_entry: bool,
+}
+
+#[derive(Debug)]
+pub enum BootError {
+    OpenKernel(PathBuf, io::Error),
+    NotAKernel(PathBuf),
+    LoadKernel(PathBuf, loader::Error),
+    OpenInitrd(PathBuf, io::Error),
+    InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
+    LoadInitrd(PathBuf, String),
+    Cmdline(String),
+    BootStructures(String),
+}
+
+impl std::fmt::Display for BootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            BootError::OpenKernel(p, e) => write!(f, "cannot open kernel {}: {e}", p.display()),
+            BootError::NotAKernel(p) => write!(
+                f,
+                "{} is not a kernel: expected an x86-64 ELF (vmlinux) or a bzImage",
+                p.display()
+            ),
+            BootError::LoadKernel(p, e) => {
+                write!(
+                    f,
+                    "cannot load kernel {}: {e} (does it fit in guest memory?)",
+                    p.display()
+                )
+            }
+            BootError::OpenInitrd(p, e) => write!(f, "cannot open initrd {}: {e}", p.display()),
+            BootError::InitrdTooLarge { path, size, room } => write!(
+                f,
+                "initrd {} is {} MiB, more than the {} MiB of guest memory left for it",
+                path.display(),
+                size >> 20,
+                room >> 20
+            ),
+            BootError::LoadInitrd(p, e) => write!(f, "cannot load initrd {}: {e}", p.display()),
+            BootError::Cmdline(e) => write!(f, "bad kernel command line: {e}"),
+            BootError::BootStructures(e) => write!(f, "cannot write boot structures: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BootError {}
+
+/// What to boot.
+pub struct BootSource<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    /// The user's command line, if any.
+    pub cmdline: Option<&'a str>,
+    /// Used for a Linux kernel when the user gave no command line.
+    pub default_linux_cmdline: &'a str,
+}
+
+/// Loads `source` into `mem` (a guest of `ram_size` bytes with `vcpus` vCPUs)
+/// and writes every boot structure except the per-vCPU registers.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    vcpus: u8,
+    source: &BootSource,
+) -> Result<BootInfo, BootError> {
+    let kernel = source.kernel;
+    let mut file = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.into(), e))?;
+    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+        return Err(BootError::NotAKernel(kernel.into()));
+    }
+    let load_err = |e| BootError::LoadKernel(kernel.into(), e);
+    let (entry, setup_header, all_vcpus_at_entry) = match kernel_format(&mut file) {
+        Some(KernelFormat::Elf) => {
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            let all = elf_note::starts_all_vcpus(&mut file).unwrap_or(false);
+            (r.kernel_load, None, all)
+        }
+        Some(KernelFormat::BzImage) => {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            // The 64-bit entry sits 0x200 bytes into the protected-mode code.
+            (r.kernel_load.unchecked_add(0x200), r.setup_header, false)
+        }
+        None => return Err(BootError::NotAKernel(kernel.into())),
+    };
+
+    let mut params = boot_params::default();
+    if let Some(hdr) = setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.kernel_alignment = 0x0100_0000;
+
+    let text = match source.cmdline {
+        Some(text) => text,
+        // Our own guests take no Linux parameters.
+        None if all_vcpus_at_entry => "",
+        None => source.default_linux_cmdline,
+    };
+    let cmdline = build_cmdline(text)?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = text.len() as u32 + 1;
+
+    if let Some(initrd) = source.initrd {
+        let (addr, size) = load_initrd(mem, ram_size, initrd)?;
+        params.hdr.ramdisk_image = addr.0 as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+
+    let e820 = e820_map(ram_size);
+    params.e820_entries = e820.len() as u8;
+    for (slot, entry) in params.e820_table.iter_mut().zip(&e820) {
+        *slot = *entry;
+    }
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
+        mem,
+    )
+    .map_err(|e| BootError::BootStructures(e.to_string()))?;
+
+    mptable::write(mem, vcpus).map_err(BootError::BootStructures)?;
+    long_mode::write_tables(mem).map_err(BootError::BootStructures)?;
+
+    Ok(BootInfo {
+        entry,
+        all_vcpus_at_entry,
+    })
+}
+
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+fn kernel_format(file: &mut File) -> Option<KernelFormat> {
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    let n = file.read(&mut head).ok()?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        Some(KernelFormat::Elf)
+    } else if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        Some(KernelFormat::BzImage)
+    } else {
+        None
+    }
+}
+
+fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    if !text.trim().is_empty() {
+        cmdline
+            .insert_str(text.trim())
+            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    }
+    Ok(cmdline)
+}
+
+/// Places the initrd at the top of low RAM, page aligned, as bootloaders do.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    path: &Path,
+) -> Result<(GuestAddress, u64), BootError> {
+    let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(path.into(), e))?;
+    let size = file
+        .metadata()
+        .and_then(|m| {
+            if m.is_dir() {
+                Err(io::Error::other("is a directory"))
+            } else {
+                Ok(m.len())
+            }
+        })
+        .map_err(|e| BootError::OpenInitrd(path.into(), e))?;
+    let low_ram_end = ram_ranges(ram_size)[0].1;
+    let room = low_ram_end.saturating_sub(INITRD_MIN_ADDR);
+    if size > room {
+        return Err(BootError::InitrdTooLarge {
+            path: path.into(),
+            size,
+            room,
+        });
+    }
+    let addr = GuestAddress((low_ram_end - size) & !(crate::memory::PAGE_SIZE - 1));
+    mem.read_exact_volatile_from(addr, &mut file, size as usize)
+        .map_err(|e| BootError::LoadInitrd(path.into(), e.to_string()))?;
+    Ok((addr, size))
+}
+
+/// The e820 map: base memory below the EBDA, then everything from 1 MiB.
+pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
+    const E820_RAM: u32 = 1;
+    let ram = |addr, size| boot_e820_entry {
+        addr,
+        size,
+        r#type: E820_RAM,
+    };
+    let mut map = vec![ram(0, EBDA_START)];
+    for (base, len) in ram_ranges(ram_size) {
+        let start = base.raw_value().max(HIMEM_START);
+        let end = base.raw_value() + len;
+        if end > start {
+            map.push(ram(start, end - start));
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestRam, MemoryBackend, MIB, MMIO_HOLE_END, MMIO_HOLE_START};
+    use vm_memory::Bytes;
+
+    fn entries(ram: u64) -> Vec<(u64, u64, u32)> {
+        e820_map(ram)
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect()
+    }
+
+    #[test]
+    fn e820_small_guest() {
+        assert_eq!(
+            entries(128 * MIB),
+            vec![
+                (0, EBDA_START, 1),
+                (HIMEM_START, 128 * MIB - HIMEM_START, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn e820_skips_the_mmio_hole() {
+        let e = entries(5 * 1024 * MIB);
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[1].0 + e[1].1, MMIO_HOLE_START);
+        assert_eq!(e[2], (MMIO_HOLE_END, 5 * 1024 * MIB - MMIO_HOLE_START, 1));
+        let total: u64 = e.iter().map(|x| x.1).sum();
+        assert_eq!(total, 5 * 1024 * MIB - (HIMEM_START - EBDA_START));
+    }
+
+    fn source<'a>(
+        kernel: &'a Path,
+        initrd: Option<&'a Path>,
+        cmdline: Option<&'a str>,
+    ) -> BootSource<'a> {
+        BootSource {
+            kernel,
+            initrd,
+            cmdline,
+            default_linux_cmdline: "console=ttyS0 default",
+        }
+    }
+
+    fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("vmm-boot-test-{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn rejects_a_file_that_is_not_a_kernel() {
+        let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
+        let path = temp_file("junk", b"#!/bin/sh\necho this is no kernel\n");
+        let src = source(&path, None, None);
+        let err = load(ram.memory(), 16 * MIB, 1, &src).unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel(_)), "{err}");
+        assert!(err.to_string().contains("is not a kernel"));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn missing_kernel_names_the_path() {
+        let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
+        let src = source(Path::new("/nonexistent/vmlinux"), None, None);
+        let err = load(ram.memory(), 16 * MIB, 1, &src).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    }
+
+    /// A minimal ELF with one PT_LOAD at 1 MiB: enough for the loader.
+    fn tiny_elf() -> Vec<u8> {
+        let mut f = vec![0u8; 0x1000 + 16];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little endian
+        f[6] = 1;
+        f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
+        f[24..32].copy_from_slice(&(HIMEM_START).to_le_bytes()); // e_entry
+        f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut f[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&16u64.to_le_bytes()); // p_memsz
+        f[0x1000..].copy_from_slice(b"0123456789abcdef");
+        f
+    }
+
+    #[test]
+    fn loads_an_elf_and_fills_the_zero_page() {
+        let ram = GuestRam::new("t", 32 * MIB, MemoryBackend::Anon).unwrap();
+        let kernel = temp_file("elf", &tiny_elf());
+        let initrd = temp_file("initrd", &[7u8; 5000]);
+        let src = source(&kernel, Some(&initrd), Some("console=ttyS0 quiet"));
+        let info = load(ram.memory(), 32 * MIB, 2, &src).unwrap();
+        assert_eq!(
+            info,
+            BootInfo {
+                entry: GuestAddress(HIMEM_START),
+                all_vcpus_at_entry: false
+            }
+        );
+        let mem = ram.memory();
+        let mut code = [0u8; 16];
+        mem.read_slice(&mut code, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert_eq!(&code, b"0123456789abcdef");
+
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let cmd_ptr = params.hdr.cmd_line_ptr;
+        assert_eq!(cmd_ptr as u64, CMDLINE_START);
+        let mut cmd = [0u8; 20];
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
+            .unwrap();
+        assert_eq!(&cmd, b"console=ttyS0 quiet\0");
+        assert_eq!(params.e820_entries, 2);
+        let (rd_addr, rd_size) = (params.hdr.ramdisk_image as u64, params.hdr.ramdisk_size);
+        assert_eq!(rd_size, 5000);
+        assert_eq!(rd_addr % 4096, 0);
+        assert!(rd_addr + 5000 <= 32 * MIB && rd_addr >= 31 * MIB);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(rd_addr + 4999)).unwrap(), 7);
+        std::fs::remove_file(kernel).unwrap();
+        std::fs::remove_file(initrd).unwrap();
+    }
+
+    #[test]
+    fn initrd_larger_than_memory_is_refused() {
+        let ram = GuestRam::new("t", 8 * MIB, MemoryBackend::Anon).unwrap();
+        let kernel = temp_file("elf2", &tiny_elf());
+        let initrd = temp_file("big-initrd", &vec![1u8; 9 << 20]);
+        let src = source(&kernel, Some(&initrd), None);
+        let err = load(ram.memory(), 8 * MIB, 1, &src).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+        std::fs::remove_file(kernel).unwrap();
+        std::fs::remove_file(initrd).unwrap();
+    }
+}

@@ -1,0 +1,87 @@
+//! Emulated devices. Each guest has one `Devices`; its vCPU threads route
+//! port I/O and MMIO exits here.
+
+pub mod console;
+pub mod doorbell;
+pub mod i8042;
+pub mod serial;
+
+use std::sync::Mutex;
+
+use crate::outcome::GuestEnd;
+use console::Console;
+use doorbell::Doorbell;
+use serial::Serial;
+
+/// What the vCPU does after a device handled an access.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    Continue,
+    /// This vCPU has finished its work and must not run again.
+    VcpuFinished,
+    /// The whole guest ends.
+    EndGuest(GuestEnd),
+}
+
+/// The devices of one guest.
+pub struct Devices {
+    serial: Mutex<Serial>,
+    pub doorbell: Doorbell,
+    pub console: Console,
+}
+
+impl Devices {
+    pub fn new(serial: Serial, doorbell: Doorbell, console: Console) -> Self {
+        Devices {
+            serial: Mutex::new(serial),
+            doorbell,
+            console,
+        }
+    }
+
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if let Some(offset) = serial::offset(port) {
+            data[0] = self.serial.lock().unwrap().read(offset);
+        } else if i8042::handles(port) {
+            data.fill(0);
+        } else {
+            // Nothing here: reads float high, as on real hardware.
+            data.fill(0xff);
+        }
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> Action {
+        if let Some(offset) = serial::offset(port) {
+            if let Err(e) = self.serial.lock().unwrap().write(offset, data[0]) {
+                log::warn!("serial write failed: {e}");
+            }
+        } else if i8042::is_reset(port, data) {
+            return Action::EndGuest(GuestEnd::Reset);
+        }
+        Action::Continue
+    }
+
+    pub fn mmio_read(&self, vcpu: u8, addr: u64, data: &mut [u8]) {
+        if let Some(offset) = doorbell::offset(addr) {
+            let value = self.doorbell.read(vcpu, offset).to_le_bytes();
+            let n = data.len().min(8);
+            data[..n].copy_from_slice(&value[..n]);
+        } else {
+            log::debug!("guest read of unknown MMIO address {addr:#x}");
+            data.fill(0xff);
+        }
+    }
+
+    pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) -> Action {
+        if let Some(offset) = doorbell::offset(addr) {
+            let mut value = [0u8; 8];
+            let n = data.len().min(8);
+            value[..n].copy_from_slice(&data[..n]);
+            return self
+                .doorbell
+                .write(vcpu, offset, u64::from_le_bytes(value), &self.console);
+        }
+        log::debug!("guest write to unknown MMIO address {addr:#x}");
+        Action::Continue
+    }
+}

@@ -1,0 +1,180 @@
+//! One guest: its memory, VM, devices and vCPU threads.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootSource};
+use crate::devices::console::Console;
+use crate::devices::doorbell::Doorbell;
+use crate::devices::{serial, Devices};
+use crate::hypervisor::Hypervisor;
+use crate::memory::{GuestRam, MemoryBackend, MIB};
+use crate::outcome::GuestEnd;
+use crate::vstate::control::VcpuGate;
+use crate::vstate::{vcpu, vm};
+
+/// Everything that describes one guest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GuestConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// `None`: our own guests get an empty line, Linux the host's default.
+    pub cmdline: Option<String>,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub backend: MemoryBackend,
+}
+
+/// State the vCPU threads of one guest share.
+struct Shared {
+    gate: VcpuGate,
+    devices: Devices,
+    end: Mutex<Option<GuestEnd>>,
+}
+
+impl Shared {
+    /// Records why the guest ends (the first reason wins) and stops its vCPUs.
+    fn end_guest(&self, reason: GuestEnd) {
+        self.end.lock().unwrap().get_or_insert(reason);
+        self.gate.stop();
+    }
+}
+
+pub struct Guest {
+    pub id: usize,
+    shared: Arc<Shared>,
+    vcpus: Vec<VcpuFd>,
+    threads: Vec<JoinHandle<()>>,
+    // Dropped after the vCPUs: the VM, then the memory it maps.
+    _vm: VmFd,
+    ram: GuestRam,
+}
+
+impl Guest {
+    /// Builds guest `id` from `config`, ready to start.
+    pub fn create(
+        hv: &Hypervisor,
+        id: usize,
+        config: &GuestConfig,
+        console: Console,
+    ) -> Result<Guest, String> {
+        let ram = GuestRam::new(
+            &format!("guest{id}"),
+            config.memory_mib * MIB,
+            config.backend,
+        )
+        .map_err(|e| {
+            format!(
+                "cannot allocate {} MiB of guest memory: {e}",
+                config.memory_mib
+            )
+        })?;
+        let source = BootSource {
+            kernel: &config.kernel,
+            initrd: config.initrd.as_deref(),
+            cmdline: config.cmdline.as_deref(),
+            default_linux_cmdline: hv.host.default_linux_cmdline(),
+        };
+        let boot = boot::load(ram.memory(), config.memory_mib * MIB, config.vcpus, &source)
+            .map_err(|e| e.to_string())?;
+
+        let kvm_err = |what: &str, e: kvm_ioctls::Error| format!("{what}: {e}");
+        let vm = vm::create(&hv.kvm, &ram).map_err(|e| kvm_err("cannot create the VM", e))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
+            .map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
+        let devices = Devices::new(
+            serial::new(serial_irq, console.clone()),
+            Doorbell::new(id as u64, config.vcpus),
+            console,
+        );
+        let vcpus = (0..config.vcpus)
+            .map(|i| {
+                let fd = vm
+                    .create_vcpu(u64::from(i))
+                    .map_err(|e| kvm_err("cannot create a vCPU", e))?;
+                vcpu::configure(&fd, i, &hv.cpuid, &boot)
+                    .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
+                Ok(fd)
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let shared = Arc::new(Shared {
+            gate: VcpuGate::new(vcpus.len()),
+            devices,
+            end: Mutex::new(None),
+        });
+        Ok(Guest {
+            id,
+            shared,
+            vcpus,
+            threads: Vec::new(),
+            _vm: vm,
+            ram,
+        })
+    }
+
+    /// Starts one thread per vCPU; `finished` receives the guest id once the
+    /// last of them has left.
+    pub fn start(&mut self, finished: Sender<usize>) -> std::io::Result<()> {
+        self.shared.devices.doorbell.mark_start();
+        let vcpus: Vec<VcpuFd> = self.vcpus.drain(..).collect();
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            let shared = self.shared.clone();
+            let finished = finished.clone();
+            let id = self.id;
+            let thread = std::thread::Builder::new()
+                .name(format!("guest{id}-vcpu{index}"))
+                .spawn(move || {
+                    let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
+                    if let Some(end) = end {
+                        shared.end_guest(end);
+                    }
+                    if last {
+                        let _ = finished.send(id);
+                    }
+                });
+            match thread {
+                Ok(t) => self.threads.push(t),
+                Err(e) => {
+                    self.stop(GuestEnd::VmmError(format!(
+                        "cannot start a vCPU thread: {e}"
+                    )));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the guest for `reason` unless it already ended for another.
+    pub fn stop(&self, reason: GuestEnd) {
+        self.shared.end_guest(reason);
+    }
+
+    /// Waits for the vCPU threads and returns how the guest ended.
+    pub fn join(mut self) -> GuestEnd {
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                self.shared
+                    .end_guest(GuestEnd::VmmError("a vCPU thread panicked".into()));
+            }
+        }
+        let end = self.shared.end.lock().unwrap().take();
+        // All vCPUs left on their own (e.g. every memtest vCPU finished) but
+        // nobody said why: that cannot happen by design, so say so loudly.
+        end.unwrap_or_else(|| GuestEnd::VmmError("every vCPU stopped without a reason".into()))
+    }
+
+    pub fn console_tail(&self) -> String {
+        self.shared.devices.console.tail()
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+}

@@ -1,0 +1,104 @@
+//! What kind of KVM host we run on, and what follows from it.
+//!
+//! On KVM-on-PVM hosts (`kvm_pvm` module: KVM without VMX/SVM, as on nested
+//! cloud machines) guest kernel code is emulated and several instructions stop
+//! the guest; Linux boots only with the parameters below. See
+//! docs/host-quirks.md.
+
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostKind {
+    /// Hardware virtualization (kvm_intel or kvm_amd).
+    Hardware,
+    /// KVM on PVM: CPL 0 guest code is emulated.
+    Pvm,
+    /// /dev/kvm works but we cannot tell which module provides it.
+    Unknown,
+}
+
+impl HostKind {
+    pub fn detect() -> Self {
+        Self::detect_in(Path::new("/sys/module"))
+    }
+
+    fn detect_in(modules: &Path) -> Self {
+        if modules.join("kvm_pvm").exists() {
+            HostKind::Pvm
+        } else if modules.join("kvm_intel").exists() || modules.join("kvm_amd").exists() {
+            HostKind::Hardware
+        } else {
+            HostKind::Unknown
+        }
+    }
+
+    /// The command line for a Linux guest when the user gave none.
+    pub fn default_linux_cmdline(self) -> &'static str {
+        match self {
+            HostKind::Pvm => PVM_LINUX_CMDLINE,
+            HostKind::Hardware | HostKind::Unknown => LINUX_CMDLINE,
+        }
+    }
+}
+
+/// Serial console, and a panic or reboot ends the guest (via the i8042 reset).
+const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+/// What lets Linux boot on PVM: no XSAVE, no paravirt hypercalls, no PTI, and
+/// the CPU features the emulator cannot run hidden from the kernel (CPUID
+/// itself cannot be masked there).
+const PVM_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nopv nopti \
+    clearcpuid=smap,smep,pku,umip,popcnt,fsgsbase,erms,fsrm,rdrand,rdseed,rdpid,avx,avx2,\
+bmi1,bmi2,clwb,clflushopt,invpcid,pcid";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_modules(names: &[&str]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-host-test-{}-{}",
+            std::process::id(),
+            names.join("-")
+        ));
+        for n in names {
+            std::fs::create_dir_all(dir.join(n)).unwrap();
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn detects_each_kind() {
+        assert_eq!(
+            HostKind::detect_in(&fake_modules(&["kvm", "kvm_pvm"])),
+            HostKind::Pvm
+        );
+        assert_eq!(
+            HostKind::detect_in(&fake_modules(&["kvm", "kvm_amd"])),
+            HostKind::Hardware
+        );
+        assert_eq!(
+            HostKind::detect_in(&fake_modules(&["kvm"])),
+            HostKind::Unknown
+        );
+    }
+
+    #[test]
+    fn pvm_cmdline_avoids_what_stops_the_guest() {
+        let c = HostKind::Pvm.default_linux_cmdline();
+        for word in [
+            "noxsave",
+            "nopv",
+            "clearcpuid=smap",
+            "console=ttyS0",
+            "reboot=k",
+        ] {
+            assert!(c.contains(word), "{word} missing from {c}");
+        }
+        assert!(!c.contains("  "));
+        assert!(!HostKind::Hardware
+            .default_linux_cmdline()
+            .contains("clearcpuid"));
+    }
+}

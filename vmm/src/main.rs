@@ -1,0 +1,51 @@
+//! The `vmm` binary: a thin layer over the library.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::cli::{Cli, Command};
+use vmm::runner::{self, RunConfig};
+
+/// Exit codes: 0 every guest ended cleanly, 1 some guest did not, 2 the
+/// VMM could not start its guests (bad input or host problem).
+const EXIT_GUEST_FAILED: u8 = 1;
+const EXIT_SETUP_FAILED: u8 = 2;
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.enabled(record.metadata()) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "[vmm {}] {}",
+                record.level(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    log::set_max_level(cli.log_level);
+    let _ = log::set_logger(&StderrLogger);
+    let result = match cli.command {
+        Command::Run(args) => RunConfig::try_from(args).and_then(|config| runner::run(&config)),
+    };
+    match result {
+        Ok(report) if report.all_clean() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(EXIT_GUEST_FAILED),
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::from(EXIT_SETUP_FAILED)
+        }
+    }
+}

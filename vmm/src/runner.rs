@@ -1,0 +1,236 @@
+//! `vmm run`: many guests of one configuration in one process.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::devices::console::Console;
+use crate::guest::{Guest, GuestConfig};
+use crate::host::HostKind;
+use crate::hypervisor::Hypervisor;
+use crate::memory::{host_available_memory, MIB};
+use crate::outcome::GuestEnd;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunConfig {
+    pub guest: GuestConfig,
+    pub guests: usize,
+    /// Where per-guest console logs go; `None`: the terminal for one guest,
+    /// a fresh temporary directory for several.
+    pub console_dir: Option<PathBuf>,
+    /// Start even if the guests' RAM exceeds what the host has available.
+    pub overcommit: bool,
+    /// Stop every guest after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How every guest ended.
+pub struct RunReport {
+    pub ends: Vec<GuestEnd>,
+}
+
+impl RunReport {
+    pub fn all_clean(&self) -> bool {
+        self.ends.iter().all(GuestEnd::is_clean)
+    }
+}
+
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+fn install_stop_handlers() -> Result<(), String> {
+    extern "C" fn on_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        STOP_REQUESTED.store(true, Ordering::SeqCst);
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_stop)
+            .map_err(|e| format!("cannot install the handler for signal {sig}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Refuses to start guests whose RAM the host cannot hold, unless told to.
+pub fn check_memory_fits(
+    guests: usize,
+    memory_mib: u64,
+    available: u64,
+    overcommit: bool,
+) -> Result<(), String> {
+    let wanted = guests as u64 * memory_mib * MIB;
+    if wanted > available && !overcommit {
+        return Err(format!(
+            "{guests} guests x {memory_mib} MiB = {} MiB is more than the {} MiB of memory this host has \
+             available; use fewer or smaller guests, or pass --overcommit to start anyway \
+             (page sharing may make them fit)",
+            wanted / MIB,
+            available / MIB
+        ));
+    }
+    Ok(())
+}
+
+/// Sets up and runs every guest until all have ended.
+pub fn run(config: &RunConfig) -> Result<RunReport, String> {
+    let hv = Hypervisor::open()?;
+    if hv.host == HostKind::Pvm {
+        eprintln!(
+            "vmm: KVM-on-PVM host (kvm_pvm): guest kernel code is emulated (slow); \
+             Linux guests without --cmdline get PVM-safe parameters"
+        );
+    }
+    let available = host_available_memory().map_err(|e| format!("cannot read host memory: {e}"))?;
+    check_memory_fits(
+        config.guests,
+        config.guest.memory_mib,
+        available,
+        config.overcommit,
+    )?;
+
+    let consoles = consoles(config)?;
+    let mut guests = Vec::with_capacity(config.guests);
+    for (id, console) in consoles.into_iter().enumerate() {
+        let guest = Guest::create(&hv, id, &config.guest, console).map_err(|e| {
+            if config.guests == 1 {
+                e
+            } else {
+                format!("guest {id}: {e}")
+            }
+        })?;
+        guests.push(guest);
+    }
+
+    crate::vstate::control::install_kick_handler();
+    install_stop_handlers()?;
+    let (finished_tx, finished_rx) = mpsc::channel();
+    let started = Instant::now();
+    for i in 0..guests.len() {
+        if let Err(e) = guests[i].start(finished_tx.clone()) {
+            for guest in guests {
+                guest.stop(GuestEnd::Stopped);
+                guest.join();
+            }
+            return Err(format!("cannot start guest {i}: {e}"));
+        }
+    }
+    drop(finished_tx);
+
+    let mut slots: Vec<Option<Guest>> = guests.into_iter().map(Some).collect();
+    let mut ends: Vec<Option<GuestEnd>> = vec![None; slots.len()];
+    let mut remaining = slots.len();
+    let mut stop_sent = false;
+    while remaining > 0 {
+        match finished_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(id) => {
+                let guest = slots[id].take().expect("a guest finished twice");
+                let end = guest.join();
+                report_end(id, config.guests, &end);
+                ends[id] = Some(end);
+                remaining -= 1;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if stop_sent {
+            continue;
+        }
+        let reason = if STOP_REQUESTED.load(Ordering::SeqCst) {
+            Some(GuestEnd::Stopped)
+        } else {
+            config
+                .timeout
+                .filter(|t| started.elapsed() >= *t)
+                .map(GuestEnd::TimedOut)
+        };
+        if let Some(reason) = reason {
+            eprintln!("vmm: stopping {remaining} guest(s): {reason}");
+            slots.iter().flatten().for_each(|g| g.stop(reason.clone()));
+            stop_sent = true;
+        }
+    }
+    Ok(RunReport {
+        ends: ends
+            .into_iter()
+            .map(|e| e.unwrap_or(GuestEnd::Stopped))
+            .collect(),
+    })
+}
+
+fn report_end(id: usize, total: usize, end: &GuestEnd) {
+    if total > 1 {
+        eprintln!("vmm: guest {id}: {end}");
+    } else {
+        eprintln!("vmm: {end}");
+    }
+}
+
+/// One console per guest: the terminal for a single guest without a
+/// console directory, else a log file per guest.
+fn consoles(config: &RunConfig) -> Result<Vec<Console>, String> {
+    if config.guests == 1 && config.console_dir.is_none() {
+        return Ok(vec![Console::stdout()]);
+    }
+    let dir = match &config.console_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create console directory {}: {e}", dir.display()))?;
+            dir.clone()
+        }
+        None => fresh_temp_dir()?,
+    };
+    eprintln!("vmm: guest consoles in {}", dir.display());
+    (0..config.guests)
+        .map(|id| {
+            let path = console_path(&dir, id);
+            Console::file(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))
+        })
+        .collect()
+}
+
+pub fn console_path(dir: &Path, id: usize) -> PathBuf {
+    dir.join(format!("guest-{id}.log"))
+}
+
+fn fresh_temp_dir() -> Result<PathBuf, String> {
+    let template = std::env::temp_dir().join("vmm-consoles-XXXXXX");
+    let mut bytes = template.into_os_string().into_encoded_bytes();
+    bytes.push(0);
+    // SAFETY: `bytes` is a writable NUL-terminated template, as mkdtemp needs.
+    let ptr = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if ptr.is_null() {
+        return Err(format!(
+            "cannot create a console directory: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    bytes.pop();
+    // SAFETY: mkdtemp only replaced the X's with ASCII characters.
+    Ok(PathBuf::from(unsafe {
+        std::ffi::OsString::from_encoded_bytes_unchecked(bytes)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_check_refuses_unless_overcommitting() {
+        let err = check_memory_fits(8, 4096, 16 << 30, false).unwrap_err();
+        assert!(
+            err.contains("8 guests x 4096 MiB = 32768 MiB") && err.contains("--overcommit"),
+            "{err}"
+        );
+        assert!(check_memory_fits(8, 4096, 16 << 30, true).is_ok());
+        assert!(check_memory_fits(4, 1024, 16 << 30, false).is_ok());
+    }
+
+    #[test]
+    fn temp_console_dirs_are_fresh() {
+        let a = fresh_temp_dir().unwrap();
+        let b = fresh_temp_dir().unwrap();
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
+        std::fs::remove_dir(a).unwrap();
+        std::fs::remove_dir(b).unwrap();
+    }
+}

@@ -1,0 +1,216 @@
+//! Stopping and parking vCPU threads from other threads.
+//!
+//! A vCPU thread calls [`VcpuGate::checkpoint`] before every `KVM_RUN`. To
+//! stop or pause, another thread changes the gate's state and kicks every
+//! vCPU out of `KVM_RUN`: it sets `immediate_exit` in the vCPU's `kvm_run`
+//! page and sends it a signal. The signal interrupts a `KVM_RUN` in progress;
+//! `immediate_exit` catches a vCPU that was about to enter one, so no kick is
+//! ever lost. `pause` returns only once every live vCPU is parked, which is
+//! what a memory merge needs to be sure no vCPU is writing guest memory.
+
+use std::sync::{Condvar, Mutex, Once};
+use std::time::Duration;
+
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal, once per process.
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        register_signal_handler(kick_signal(), on_kick)
+            .expect("cannot install the vCPU kick handler");
+    });
+}
+
+/// One vCPU thread's kick target, registered while it runs.
+struct KickTarget {
+    thread: libc::pthread_t,
+    immediate_exit: *mut u8,
+}
+
+struct PthreadKill(libc::pthread_t);
+
+// SAFETY: `Killable` only needs the pthread id, which stays valid while the
+// thread is registered (it unregisters before it exits).
+unsafe impl Killable for PthreadKill {
+    fn pthread_handle(&self) -> libc::pthread_t {
+        self.0
+    }
+}
+
+#[derive(Default)]
+struct GateState {
+    stop: bool,
+    pause_depth: u32,
+    parked: usize,
+    /// vCPU threads that have not left their run loop.
+    live: usize,
+    targets: Vec<Option<KickTarget>>,
+}
+
+/// Shared by a guest's vCPU threads and whoever controls them.
+#[derive(Default)]
+pub struct VcpuGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+// SAFETY: the raw `immediate_exit` pointers in `KickTarget` are only
+// dereferenced under the mutex, while their vCPU thread is registered, i.e.
+// while the `kvm_run` mapping they point into is alive.
+unsafe impl Send for VcpuGate {}
+// SAFETY: as above; all access goes through the mutex.
+unsafe impl Sync for VcpuGate {}
+
+impl VcpuGate {
+    pub fn new(vcpus: usize) -> Self {
+        let gate = VcpuGate::default();
+        {
+            let mut s = gate.state.lock().unwrap();
+            s.live = vcpus;
+            s.targets = (0..vcpus).map(|_| None).collect();
+        }
+        gate
+    }
+
+    /// Called by vCPU `index`'s own thread before its first `KVM_RUN`.
+    /// `immediate_exit` must stay valid until [`VcpuGate::leave`].
+    pub fn register(&self, index: usize, immediate_exit: *mut u8) {
+        // SAFETY: pthread_self has no preconditions.
+        let thread = unsafe { libc::pthread_self() };
+        self.state.lock().unwrap().targets[index] = Some(KickTarget {
+            thread,
+            immediate_exit,
+        });
+    }
+
+    /// Called by vCPU `index`'s thread when it leaves its run loop for good.
+    /// Returns true for the last vCPU to leave.
+    pub fn leave(&self, index: usize) -> bool {
+        let mut s = self.state.lock().unwrap();
+        s.targets[index] = None;
+        s.live -= 1;
+        self.changed.notify_all();
+        s.live == 0
+    }
+
+    /// Blocks while the vCPUs are paused. Returns false once they must stop.
+    pub fn checkpoint(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        loop {
+            if s.stop {
+                return false;
+            }
+            if s.pause_depth == 0 {
+                return true;
+            }
+            s.parked += 1;
+            self.changed.notify_all();
+            s = self.changed.wait(s).unwrap();
+            s.parked -= 1;
+        }
+    }
+
+    /// Tells every vCPU to leave its run loop; does not wait for it.
+    pub fn stop(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.stop = true;
+        self.changed.notify_all();
+        Self::kick_all(&s);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.state.lock().unwrap().stop
+    }
+
+    /// Parks every live vCPU outside `KVM_RUN`; returns once they all are.
+    /// Pauses nest: each needs its own [`VcpuGate::resume`].
+    pub fn pause(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.pause_depth += 1;
+        while s.parked < s.live && !s.stop {
+            Self::kick_all(&s);
+            // Re-kick now and then: a vCPU may have been between its
+            // checkpoint and KVM_RUN when immediate_exit was cleared.
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(5))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.pause_depth = s.pause_depth.checked_sub(1).expect("resume without pause");
+        self.changed.notify_all();
+    }
+
+    pub fn live_vcpus(&self) -> usize {
+        self.state.lock().unwrap().live
+    }
+
+    fn kick_all(s: &GateState) {
+        for target in s.targets.iter().flatten() {
+            // SAFETY: the target is registered, so its kvm_run page is mapped;
+            // a volatile byte store is what KVM reads on the next KVM_RUN.
+            unsafe { std::ptr::write_volatile(target.immediate_exit, 1) };
+            // The thread may be exiting; a failed kill is harmless.
+            let _ = PthreadKill(target.thread).kill(kick_signal());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::Arc;
+
+    /// Threads that spin like vCPUs; pausing must stop their progress.
+    #[test]
+    fn pause_parks_every_vcpu_and_stop_ends_them() {
+        install_kick_handler();
+        let gate = Arc::new(VcpuGate::new(3));
+        let work = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|i| {
+                let (gate, work) = (gate.clone(), work.clone());
+                std::thread::spawn(move || {
+                    let exit_flag = Box::new(AtomicU8::new(0));
+                    gate.register(i, exit_flag.as_ptr());
+                    while gate.checkpoint() {
+                        work.fetch_add(1, Ordering::SeqCst);
+                        std::thread::yield_now();
+                    }
+                    gate.leave(i);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(20));
+        gate.pause();
+        let frozen = work.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            work.load(Ordering::SeqCst),
+            frozen,
+            "a vCPU ran while paused"
+        );
+        gate.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(work.load(Ordering::SeqCst) > frozen, "vCPUs did not resume");
+        gate.stop();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(gate.live_vcpus(), 0);
+        // Pausing a guest whose vCPUs are all gone returns at once.
+        gate.pause();
+    }
+}

@@ -1,0 +1,6 @@
+//! KVM state: the VM (memory slots, irqchip, PIT), its vCPUs, and the gate
+//! through which other threads stop or park them.
+
+pub mod control;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,153 @@
+//! One vCPU: its initial state, and the loop its thread runs.
+
+use kvm_bindings::{kvm_fpu, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::control::VcpuGate;
+use crate::boot::long_mode;
+use crate::boot::BootInfo;
+use crate::devices::{Action, Devices};
+use crate::outcome::GuestEnd;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
+
+/// Sets up vCPU `index`: CPUID with its APIC ID, FPU, the LAPIC's legacy
+/// interrupt lines, and, for the vCPUs that start at the entry point, long
+/// mode and the boot registers. Other vCPUs wait for INIT/SIPI (Linux APs).
+pub fn configure(
+    fd: &VcpuFd,
+    index: u8,
+    supported_cpuid: &CpuId,
+    boot: &BootInfo,
+) -> Result<(), kvm_ioctls::Error> {
+    let mut cpuid = supported_cpuid.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+                entry.ecx |= CPUID_HYPERVISOR_BIT;
+            }
+            0xb | 0x1f => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+    fd.set_cpuid2(&cpuid)?;
+    fd.set_fpu(&kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    })?;
+
+    let mut lapic = fd.get_lapic()?;
+    set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+    set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+    fd.set_lapic(&lapic)?;
+
+    if index == 0 || boot.all_vcpus_at_entry {
+        let mut sregs = fd.get_sregs()?;
+        long_mode::configure_sregs(&mut sregs);
+        fd.set_sregs(&sregs)?;
+        fd.set_regs(&long_mode::boot_regs(boot.entry, index))?;
+        if index != 0 {
+            fd.set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets the delivery mode (bits 8-10) of a LAPIC local vector table entry.
+fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
+    let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as libc::c_char;
+    }
+}
+
+/// Runs vCPU `index` until the gate stops it, its work is done, or it ends
+/// the guest. Returns the reason when it is this vCPU that ends the guest,
+/// and whether it was the guest's last vCPU to leave.
+pub fn run(
+    mut fd: VcpuFd,
+    index: u8,
+    gate: &VcpuGate,
+    devices: &Devices,
+) -> (Option<GuestEnd>, bool) {
+    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+    gate.register(index as usize, immediate_exit);
+    let end = loop {
+        if !gate.checkpoint() {
+            break None;
+        }
+        match handle_exit(&mut fd, index, devices) {
+            Action::Continue => {}
+            Action::VcpuFinished => break None,
+            Action::EndGuest(end) => break Some(end),
+        }
+    };
+    (end, gate.leave(index as usize))
+}
+
+fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices) -> Action {
+    match fd.run() {
+        Ok(exit) => match exit {
+            VcpuExit::IoIn(port, data) => {
+                devices.pio_read(port, data);
+                Action::Continue
+            }
+            VcpuExit::IoOut(port, data) => devices.pio_write(port, data),
+            VcpuExit::MmioRead(addr, data) => {
+                devices.mmio_read(index, addr, data);
+                Action::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => devices.mmio_write(index, addr, data),
+            // With the in-kernel irqchip HLT stays in the kernel; an exit is harmless.
+            VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Action::Continue,
+            VcpuExit::Shutdown => Action::EndGuest(GuestEnd::TripleFault),
+            VcpuExit::SystemEvent(..) => Action::EndGuest(GuestEnd::Reset),
+            VcpuExit::FailEntry(reason, _) => Action::EndGuest(GuestEnd::FailEntry { reason }),
+            VcpuExit::InternalError => Action::EndGuest(internal_error(fd)),
+            other => Action::EndGuest(GuestEnd::VmmError(format!(
+                "vCPU {index}: unexpected KVM exit {other:?}"
+            ))),
+        },
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            // Kicked: clear the flag and go back to the gate.
+            fd.set_kvm_immediate_exit(0);
+            Action::Continue
+        }
+        Err(e) => Action::EndGuest(GuestEnd::VmmError(format!(
+            "vCPU {index}: KVM_RUN failed: {e}"
+        ))),
+    }
+}
+
+fn internal_error(fd: &mut VcpuFd) -> GuestEnd {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member of the
+    // exit union is the one KVM filled in.
+    let suberror = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+    GuestEnd::InternalError { suberror, rip }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lvt_mode_keeps_other_bits() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[APIC_LVT0] = 0x30;
+        regs[APIC_LVT0 + 2] = 0x01; // masked bit 16
+        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
+        assert_eq!(regs[APIC_LVT0] as u8, 0x30);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x07);
+        assert_eq!(regs[APIC_LVT0 + 2] as u8, 0x01);
+    }
+}

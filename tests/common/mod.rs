@@ -1,0 +1,113 @@
+//! Helpers shared by the end-to-end tests: run the vmm binary, find images.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A guest image from guest-images/out/, or a failure saying how to build it.
+pub fn image(name: &str) -> PathBuf {
+    let path = repo_root().join("guest-images/out").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the guest images first with guest-images/build.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn resource(name: &str) -> PathBuf {
+    repo_root().join("resources").join(name)
+}
+
+/// These tests need KVM; without it they fail and say so.
+pub fn require_kvm() {
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
+    if let Err(e) = kvm {
+        panic!("this test needs read-write access to /dev/kvm (run as root on a KVM host): {e}");
+    }
+}
+
+pub fn is_pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+pub struct Outcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn describe(&self) -> String {
+        format!(
+            "exit code {:?} after {:.1} s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+pub fn vmm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs vmm to completion, killing it (and failing) if it outlives `limit`.
+pub fn run_vmm(args: &[&str], limit: Duration) -> Outcome {
+    let child = vmm(args).spawn().expect("cannot start the vmm binary");
+    wait_with_limit(child, limit)
+}
+
+fn read_all<R: Read + Send + 'static>(mut pipe: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = pipe.read_to_string(&mut s);
+        s
+    })
+}
+
+pub fn wait_with_limit(mut child: Child, limit: Duration) -> Outcome {
+    let start = Instant::now();
+    let out_reader = read_all(child.stdout.take().unwrap());
+    let err_reader = read_all(child.stderr.take().unwrap());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (stdout, stderr) = (out_reader.join().unwrap(), err_reader.join().unwrap());
+            panic!(
+                "vmm hung: still running after {} s\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Outcome {
+        code: status.code(),
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// A fresh, empty directory for one test.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,572 @@
+//! The scanner and the merge step. See the crate documentation for the
+//! algorithm and docs/dedup.md for why a merge cannot lose a write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::os::{self, PageMap, PageMapEntry, PAGE_SIZE};
+use crate::stats::{FreezeTimes, GuestStats, Stats};
+use crate::store::{FrameId, GroupId, StableStore};
+
+pub type GuestId = u32;
+
+/// Stops and restarts everything that can write one guest's memory: its
+/// vCPUs and its device threads. `freeze` returns only once none can write.
+pub trait Freezer: Send + Sync {
+    fn freeze(&self);
+    fn thaw(&self);
+}
+
+/// A contiguous piece of guest RAM: a `MAP_SHARED` mapping of the guest's
+/// memfd at `file_offset`, `len` bytes long at host address `host`.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    pub host: *mut u8,
+    pub len: usize,
+    pub file_offset: u64,
+}
+
+/// What the engine needs to share one guest's pages.
+pub struct GuestMemory {
+    /// The memfd behind every region (its frames are punched out on merge).
+    pub memfd: File,
+    pub regions: Vec<Region>,
+    pub group: GroupId,
+    pub freezer: Arc<dyn Freezer>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Pages looked at per `scan` call.
+    pub pages_to_scan: usize,
+    /// Most guest pages one frame may serve (KSM's max_page_sharing).
+    pub max_page_sharing: u32,
+    /// Map zero pages to the kernel's zero page.
+    pub zero_pages: bool,
+    /// Most pages merged under one freeze of a guest.
+    pub batch: usize,
+    /// Stop creating mappings this close to `vm.max_map_count`.
+    pub map_count_margin: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            pages_to_scan: 4096,
+            max_page_sharing: 256,
+            zero_pages: true,
+            batch: 1024,
+            map_count_margin: 4096,
+        }
+    }
+}
+
+/// A page's sharing state, packed in a u32: a frame id, or one of these.
+const UNMERGED: u32 = u32::MAX;
+const ZERO: u32 = u32::MAX - 1;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Frame(FrameId),
+    Zero,
+}
+
+struct Guest {
+    mem: GuestMemory,
+    /// Page index at which each region starts.
+    region_start: Vec<usize>,
+    pages: usize,
+    state: Vec<u32>,
+    /// Content hash at the last look (0: never looked): a changed hash means
+    /// the page is volatile and not worth merging yet.
+    last_hash: Vec<u64>,
+    stats: GuestStats,
+}
+
+impl Guest {
+    fn locate(&self, page: usize) -> (usize, usize) {
+        let r = self.region_start.partition_point(|&s| s <= page) - 1;
+        (r, page - self.region_start[r])
+    }
+
+    fn host(&self, page: usize) -> *mut u8 {
+        let (r, off) = self.locate(page);
+        // SAFETY: `off` is inside region `r` by construction of `locate`.
+        unsafe { self.mem.regions[r].host.add(off * PAGE_SIZE) }
+    }
+
+    fn file_offset(&self, page: usize) -> u64 {
+        let (r, off) = self.locate(page);
+        self.mem.regions[r].file_offset + (off * PAGE_SIZE) as u64
+    }
+
+    /// Copies a page that its guest may be writing meanwhile. A stale copy
+    /// only ever leads to a failed re-compare under the freeze.
+    fn copy_page(&self, page: usize, out: &mut [u8]) {
+        // SAFETY: the page stays mapped while the guest is registered, and
+        // `out` is a page-sized buffer of our own.
+        unsafe { std::ptr::copy_nonoverlapping(self.host(page), out.as_mut_ptr(), PAGE_SIZE) };
+    }
+
+    /// The page itself; only while the guest is frozen, when nobody writes it.
+    fn frozen_content(&self, page: usize) -> &[u8] {
+        // SAFETY: mapped while registered; the caller holds the freeze.
+        unsafe { std::slice::from_raw_parts(self.host(page), PAGE_SIZE) }
+    }
+}
+
+/// The in-process samepage merging engine.
+pub struct Engine {
+    config: Config,
+    store: StableStore,
+    guests: BTreeMap<GuestId, Guest>,
+    next_guest: GuestId,
+    /// Pages seen once this pass, by (group, hash): KSM's unstable tree.
+    unstable: HashMap<(GroupId, u64), (GuestId, usize)>,
+    /// Merges waiting for their guest's next freeze.
+    pending: BTreeMap<GuestId, Vec<(usize, Target)>>,
+    cursor: (GuestId, usize),
+    pagemap: PageMap,
+    stats: Stats,
+    freezes: FreezeTimes,
+    map_limit: usize,
+    scratch: Box<[u8]>,
+    scratch_other: Box<[u8]>,
+    /// At least as many mappings as the process has (0: not read yet).
+    mappings_bound: u64,
+}
+
+// SAFETY: the raw region pointers refer to guest mappings that stay valid
+// while their guest is registered; the engine is used by one thread at a time.
+unsafe impl Send for Engine {}
+
+fn zero_hash() -> u64 {
+    static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    xxh3_64(&ZERO_PAGE)
+}
+
+impl Engine {
+    pub fn new(config: Config) -> io::Result<Self> {
+        Ok(Engine {
+            config,
+            store: StableStore::new()?,
+            guests: BTreeMap::new(),
+            next_guest: 0,
+            unstable: HashMap::new(),
+            pending: BTreeMap::new(),
+            cursor: (0, 0),
+            pagemap: PageMap::open()?,
+            stats: Stats::default(),
+            freezes: FreezeTimes::default(),
+            map_limit: os::max_map_count().unwrap_or(65530),
+            scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
+            scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
+            mappings_bound: 0,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn set_config(&mut self, config: Config) {
+        self.config = config;
+    }
+
+    /// Re-reads `vm.max_map_count` (after the user raised it).
+    pub fn refresh_map_limit(&mut self) {
+        self.map_limit = os::max_map_count().unwrap_or(self.map_limit);
+    }
+
+    /// Starts sharing `mem`'s pages. Its regions must stay mapped until
+    /// [`Engine::remove_guest`].
+    pub fn add_guest(&mut self, mem: GuestMemory) -> GuestId {
+        let mut region_start = Vec::new();
+        let mut pages = 0;
+        for r in &mem.regions {
+            assert!(
+                (r.host as usize).is_multiple_of(PAGE_SIZE) && r.len.is_multiple_of(PAGE_SIZE),
+                "unaligned guest region"
+            );
+            region_start.push(pages);
+            pages += r.len / PAGE_SIZE;
+        }
+        let id = self.next_guest;
+        self.next_guest += 1;
+        let group = mem.group;
+        self.guests.insert(
+            id,
+            Guest {
+                mem,
+                region_start,
+                pages,
+                state: vec![UNMERGED; pages],
+                last_hash: vec![0; pages],
+                stats: GuestStats {
+                    group,
+                    ..Default::default()
+                },
+            },
+        );
+        id
+    }
+
+    /// Stops sharing a guest's pages and drops its users of stable frames.
+    /// Call before its memory is unmapped.
+    pub fn remove_guest(&mut self, id: GuestId) -> io::Result<()> {
+        self.pending.remove(&id);
+        self.unstable.retain(|_, (g, _)| *g != id);
+        if let Some(guest) = self.guests.remove(&id) {
+            for &s in &guest.state {
+                if s != UNMERGED && s != ZERO {
+                    self.store.drop_user(s)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks at up to `config.pages_to_scan` pages, continuing where the last
+    /// call stopped, and merges what it can; stops early at the end of a
+    /// full pass. Returns the pages looked at.
+    pub fn scan(&mut self) -> io::Result<usize> {
+        let mut budget = self.config.pages_to_scan;
+        let mut scanned = 0;
+        while budget > 0 && !self.guests.is_empty() {
+            let Some((&id, guest)) = self.guests.range(self.cursor.0..).next() else {
+                // A call never runs into the next pass: callers pace by passes.
+                self.finish_pass()?;
+                break;
+            };
+            let start = if id == self.cursor.0 {
+                self.cursor.1
+            } else {
+                0
+            };
+            let end = guest.pages.min(start + budget);
+            for page in start..end {
+                self.look_at(id, page)?;
+            }
+            budget -= end - start;
+            scanned += end - start;
+            self.cursor = if end == self.guests[&id].pages {
+                (id + 1, 0)
+            } else {
+                (id, end)
+            };
+        }
+        self.flush_all()?;
+        self.stats.pages_scanned += scanned as u64;
+        Ok(scanned)
+    }
+
+    /// Merges everything it can in one guest now (SKSM's synchronous merge):
+    /// one full look at its pages against every frame and page seen so far.
+    pub fn merge_now(&mut self, id: GuestId) -> io::Result<()> {
+        let pages = self.guests.get(&id).map_or(0, |g| g.pages);
+        for page in 0..pages {
+            self.look_at(id, page)?;
+        }
+        self.flush_all()
+    }
+
+    /// End of a full pass over every guest: forget the unstable tree (its
+    /// entries may be stale) and notice pages whose sharing was broken.
+    fn finish_pass(&mut self) -> io::Result<()> {
+        self.flush_all()?;
+        self.stats.pages_unshared = self.unstable.len() as u64;
+        self.unstable.clear();
+        self.stats.pages_volatile = self
+            .guests
+            .values()
+            .map(|g| g.stats.volatile_this_pass)
+            .sum();
+        for g in self.guests.values_mut() {
+            g.stats.volatile_this_pass = 0;
+        }
+        self.collect_cow_breaks()?;
+        self.mappings_bound = os::mapping_count()? as u64;
+        self.stats.mappings_used = self.mappings_bound;
+        self.stats.full_scans += 1;
+        self.cursor = (0, 0);
+        Ok(())
+    }
+
+    fn look_at(&mut self, id: GuestId, page: usize) -> io::Result<()> {
+        let guest = self.guests.get_mut(&id).unwrap();
+        if guest.state[page] != UNMERGED {
+            return Ok(());
+        }
+        // Work on a copy: the guest may be writing the page right now.
+        guest.copy_page(page, &mut self.scratch);
+        let content: &[u8] = &self.scratch;
+        let hash = xxh3_64(content);
+        let last = std::mem::replace(&mut guest.last_hash[page], hash);
+        if last != 0 && last != hash {
+            guest.stats.volatile_this_pass += 1;
+            return Ok(());
+        }
+        let group = guest.mem.group;
+        if hash == zero_hash() && self.config.zero_pages && content.iter().all(|&b| b == 0) {
+            return self.queue(id, page, Target::Zero);
+        }
+        if let Some(frame) = self
+            .store
+            .find(group, hash, content, self.config.max_page_sharing)
+        {
+            self.store.add_user(frame);
+            return self.queue(id, page, Target::Frame(frame));
+        }
+        let twin = match self.unstable.get(&(group, hash)).copied() {
+            Some((other_id, other_page)) if (other_id, other_page) != (id, page) => {
+                let other = &self.guests[&other_id];
+                let unmerged = other.state[other_page] == UNMERGED;
+                if unmerged {
+                    other.copy_page(other_page, &mut self.scratch_other);
+                }
+                (unmerged && self.scratch_other == self.scratch).then_some((other_id, other_page))
+            }
+            _ => None,
+        };
+        let Some((other_id, other_page)) = twin else {
+            self.unstable.insert((group, hash), (id, page));
+            return Ok(());
+        };
+        self.unstable.remove(&(group, hash));
+        let frame = self.store.insert(group, hash, &self.scratch)?;
+        // Both users are reserved now; a failed re-compare drops one.
+        self.store.add_user(frame);
+        self.store.add_user(frame);
+        self.queue(other_id, other_page, Target::Frame(frame))?;
+        self.queue(id, page, Target::Frame(frame))
+    }
+
+    fn queue(&mut self, id: GuestId, page: usize, target: Target) -> io::Result<()> {
+        let q = self.pending.entry(id).or_default();
+        q.push((page, target));
+        if q.len() >= self.config.batch {
+            self.flush(id)?;
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> io::Result<()> {
+        let ids: Vec<GuestId> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.flush(id)?;
+        }
+        Ok(())
+    }
+
+    /// The merge step: freeze the guest, re-compare every queued page with
+    /// its target, remap the ones still equal, thaw. See docs/dedup.md.
+    fn flush(&mut self, id: GuestId) -> io::Result<()> {
+        let Some(mut queue) = self.pending.remove(&id) else {
+            return Ok(());
+        };
+        queue.sort_unstable_by_key(|&(page, _)| page);
+        // Each merged run may split one mapping into three.
+        let over_limit = self.mappings_would_exceed(queue.len());
+        let guest = self.guests.get(&id).unwrap();
+
+        let started = Instant::now();
+        guest.mem.freezer.freeze();
+        let mut merged: Vec<(usize, Target)> = Vec::with_capacity(queue.len());
+        let mut failed: Vec<Target> = Vec::new();
+        for &(page, target) in &queue {
+            let same = !over_limit
+                && match target {
+                    Target::Zero => guest.frozen_content(page).iter().all(|&b| b == 0),
+                    Target::Frame(f) => guest.frozen_content(page) == self.store.page(f),
+                };
+            if same {
+                merged.push((page, target));
+            } else {
+                failed.push(target);
+            }
+        }
+        let remap = remap_runs(guest, &self.store, &merged);
+        guest.mem.freezer.thaw();
+        self.freezes.record(started.elapsed());
+        remap?;
+
+        for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
+            os::punch_hole(
+                &guest.mem.memfd,
+                guest.file_offset(start),
+                (len * PAGE_SIZE) as u64,
+            )?;
+        }
+        let guest = self.guests.get_mut(&id).unwrap();
+        for &(page, target) in &merged {
+            guest.state[page] = match target {
+                Target::Zero => ZERO,
+                Target::Frame(f) => f,
+            };
+            match target {
+                Target::Zero => guest.stats.zero_pages += 1,
+                Target::Frame(_) => guest.stats.merged_pages += 1,
+            }
+        }
+        for target in failed {
+            if let Target::Frame(f) = target {
+                self.store.drop_user(f)?;
+            }
+        }
+        if over_limit && !self.stats.map_limit_reached {
+            log::warn!(
+                "page sharing paused: the process is close to vm.max_map_count ({}); raise it to share more",
+                self.map_limit
+            );
+        }
+        self.stats.map_limit_reached |= over_limit;
+        Ok(())
+    }
+
+    /// Whether merging `new_runs` more runs could pass `vm.max_map_count`.
+    /// Reading /proc/self/maps is slow with many mappings, so an upper bound
+    /// (each run adds at most two) is kept, and re-read only near the limit.
+    fn mappings_would_exceed(&mut self, new_runs: usize) -> bool {
+        let fits = |used: u64| {
+            used as usize + 2 * new_runs + self.config.map_count_margin <= self.map_limit
+        };
+        if self.mappings_bound == 0 || !fits(self.mappings_bound) {
+            self.mappings_bound = os::mapping_count().unwrap_or(usize::MAX / 4) as u64;
+            self.stats.mappings_used = self.mappings_bound;
+        }
+        if !fits(self.mappings_bound) {
+            return true;
+        }
+        self.mappings_bound += 2 * new_runs as u64;
+        false
+    }
+
+    /// Finds merged pages that were written since (the kernel copied them on
+    /// write, so they no longer map the frame) and releases their frames.
+    fn collect_cow_breaks(&mut self) -> io::Result<()> {
+        let mut entries = vec![PageMapEntry(0); 512];
+        for guest in self.guests.values_mut() {
+            let mut page = 0;
+            while page < guest.pages {
+                let (r, off) = guest.locate(page);
+                let region_pages = guest.mem.regions[r].len / PAGE_SIZE;
+                let n = entries.len().min(region_pages - off);
+                if guest.state[page..page + n].iter().all(|&s| s == UNMERGED) {
+                    page += n;
+                    continue;
+                }
+                self.pagemap.read(guest.host(page), &mut entries[..n])?;
+                for (i, e) in entries[..n].iter().enumerate() {
+                    let s = guest.state[page + i];
+                    let broken = match s {
+                        UNMERGED => false,
+                        // A written zero page is an anonymous page of its own.
+                        ZERO => e.present() && e.exclusive(),
+                        // A written frame page is no longer the file's page.
+                        _ => e.present() && !e.file_or_shared(),
+                    };
+                    if broken {
+                        guest.state[page + i] = UNMERGED;
+                        guest.stats.cow_breaks += 1;
+                        if s == ZERO {
+                            guest.stats.zero_pages -= 1;
+                        } else {
+                            guest.stats.merged_pages -= 1;
+                            self.store.drop_user(s)?;
+                        }
+                    }
+                }
+                page += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counters for everything, like KSM's sysfs files.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.pages_shared = self.store.live_frames() as u64;
+        let merged: u64 = self.guests.values().map(|g| g.stats.merged_pages).sum();
+        s.pages_sharing = merged.saturating_sub(s.pages_shared);
+        s.zero_pages = self.guests.values().map(|g| g.stats.zero_pages).sum();
+        s.cow_breaks = self.guests.values().map(|g| g.stats.cow_breaks).sum();
+        let metadata = self.store.metadata_bytes()
+            + self.guests.values().map(|g| g.pages * 12).sum::<usize>()
+            + self.unstable.capacity() * 24;
+        s.general_profit =
+            ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64 - metadata as i64;
+        s.freeze = self.freezes.summary();
+        s
+    }
+
+    pub fn guest_stats(&self, id: GuestId) -> Option<GuestStats> {
+        self.guests.get(&id).map(|g| g.stats.clone())
+    }
+
+    pub fn guest_ids(&self) -> Vec<GuestId> {
+        self.guests.keys().copied().collect()
+    }
+
+    /// How long guests were frozen for merges, recently.
+    pub fn freeze_times(&self) -> &FreezeTimes {
+        &self.freezes
+    }
+
+    /// A sleep that keeps the scanner near `pages_per_second`.
+    pub fn pace(&self, pages_per_second: u64) -> Duration {
+        Duration::from_secs_f64(self.config.pages_to_scan as f64 / pages_per_second.max(1) as f64)
+    }
+}
+
+/// Consecutive page indexes, as (first, count) runs.
+fn page_runs(pages: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == p => *len += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
+}
+
+/// Maps each run of merged pages in one call: consecutive guest pages with
+/// consecutive frames (or all zero) and in one region become one mapping.
+fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) -> io::Result<()> {
+    let mut i = 0;
+    while i < merged.len() {
+        let (first, target) = merged[i];
+        let region = guest.locate(first).0;
+        let mut n = 1;
+        while let Some(&(p, t)) = merged.get(i + n) {
+            let next = match (target, t) {
+                (Target::Zero, Target::Zero) => true,
+                (Target::Frame(a), Target::Frame(b)) => b as usize == a as usize + n,
+                _ => false,
+            };
+            if p != first + n || !next || guest.locate(p).0 != region {
+                break;
+            }
+            n += 1;
+        }
+        let addr = guest.host(first);
+        // SAFETY: the pages belong to a registered guest whose writers are
+        // frozen, and were just found equal to their target: replacing the
+        // mapping loses nothing.
+        unsafe {
+            match target {
+                Target::Zero => os::map_zero(addr, n * PAGE_SIZE)?,
+                Target::Frame(f) => {
+                    os::map_private(addr, n * PAGE_SIZE, store.file(), StableStore::offset(f))?
+                }
+            }
+        }
+        i += n;
+    }
+    Ok(())
+}

@@ -453,7 +453,7 @@ fn concurrent_writes_are_never_lost() {
                         shadow[gi * PAGES + page].store(seed, Ordering::SeqCst);
                     });
                     writes += 1;
-                    if writes % 64 == 0 {
+                    if writes.is_multiple_of(64) {
                         std::thread::yield_now();
                     }
                 }

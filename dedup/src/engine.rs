@@ -40,7 +40,7 @@ pub struct GuestMemory {
     pub freezer: Arc<dyn Freezer>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Pages looked at per `scan` call.
     pub pages_to_scan: usize,
@@ -506,6 +506,11 @@ impl Engine {
 
     pub fn guest_stats(&self, id: GuestId) -> Option<GuestStats> {
         self.guests.get(&id).map(|g| g.stats.clone())
+    }
+
+    /// Pages of every registered guest: one full pass.
+    pub fn total_pages(&self) -> usize {
+        self.guests.values().map(|g| g.pages).sum()
     }
 
     pub fn guest_ids(&self) -> Vec<GuestId> {

@@ -9,6 +9,7 @@ use crate::boot::MAX_VCPUS;
 use crate::guest::GuestConfig;
 use crate::memory::{MemoryBackend, MIN_MEMORY_MIB};
 use crate::runner::RunConfig;
+use crate::sharing::{DedupMode, ScanPace, SharingConfig};
 
 /// A KVM hypervisor that runs many guests in one process.
 #[derive(Parser, Debug)]
@@ -47,9 +48,10 @@ pub struct RunArgs {
     /// vCPUs per guest.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u8,
-    /// How guest RAM is backed: a shared memfd (for page sharing) or anonymous memory (for kernel KSM).
-    #[arg(long, value_enum, default_value_t = MemoryBackend::Memfd)]
-    pub memory_backend: MemoryBackend,
+    /// How guest RAM is backed: a shared memfd (in-process sharing) or
+    /// anonymous memory (kernel KSM). Default: what --dedup needs.
+    #[arg(long, value_enum)]
+    pub memory_backend: Option<MemoryBackend>,
     /// Directory for per-guest console logs (default with several guests: a fresh temp dir).
     #[arg(long, value_name = "DIR")]
     pub console_dir: Option<PathBuf>,
@@ -59,6 +61,124 @@ pub struct RunArgs {
     /// Stop all guests after this many seconds (they then count as failed).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+}
+
+/// Page sharing flags.
+#[derive(Args, Debug)]
+pub struct SharingArgs {
+    /// Who merges identical guest pages.
+    #[arg(long, value_enum, default_value_t = DedupMode::Inprocess)]
+    pub dedup: DedupMode,
+    /// Pages the scanner looks at per step.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub scan_pages: usize,
+    /// Sleep between scanner steps.
+    #[arg(long, default_value_t = 20, value_name = "MS")]
+    pub scan_sleep_ms: u64,
+    /// Advisor: pace the scanner to finish a full pass in this many seconds
+    /// (overrides --scan-sleep-ms), within --scan-cpu-cap.
+    #[arg(long, value_name = "SECS")]
+    pub scan_target_secs: Option<f64>,
+    /// Most CPU the advisor lets the scanner use, in percent of one core.
+    #[arg(long, default_value_t = 100.0, value_name = "PCT")]
+    pub scan_cpu_cap: f64,
+    /// Most guest pages one shared frame may serve.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_page_sharing: u32,
+    /// Do not map zero pages to the kernel's zero page.
+    #[arg(long)]
+    pub no_zero_pages: bool,
+    /// Merge groups (trust domains): pages merge only within a group. `all`
+    /// (one group), `per-guest` (no sharing between guests), or one group
+    /// number per guest, comma separated (e.g. 0,0,1,1).
+    #[arg(long, default_value = "all", value_name = "SPEC")]
+    pub merge_group: String,
+    /// Guests (by index, comma separated) whose pages are never merged.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub dedup_opt_out: Vec<usize>,
+    /// Raise vm.max_map_count to this first (needs root): merged pages cost
+    /// mappings, and the scanner stops short of the limit.
+    #[arg(long, value_name = "N")]
+    pub raise_max_map_count: Option<usize>,
+}
+
+impl SharingArgs {
+    fn into_config(self, guests: usize) -> Result<SharingConfig, String> {
+        let groups = parse_merge_groups(&self.merge_group, guests)?;
+        if let Some(bad) = self.dedup_opt_out.iter().find(|&&g| g >= guests) {
+            return Err(format!(
+                "--dedup-opt-out {bad}: there are only {guests} guests (0 to {})",
+                guests - 1
+            ));
+        }
+        if self.scan_pages == 0 {
+            return Err("--scan-pages must be at least 1".into());
+        }
+        if self.max_page_sharing < 2 {
+            return Err("--max-page-sharing must be at least 2".into());
+        }
+        if !(self.scan_cpu_cap > 0.0 && self.scan_cpu_cap <= 100.0) {
+            return Err(format!(
+                "--scan-cpu-cap must be in (0, 100] percent (got {})",
+                self.scan_cpu_cap
+            ));
+        }
+        let target_pass = match self.scan_target_secs {
+            Some(s) if !(s > 0.0 && s.is_finite()) => {
+                return Err(format!(
+                    "--scan-target-secs must be a positive number of seconds (got {s})"
+                ))
+            }
+            s => s.map(Duration::from_secs_f64),
+        };
+        Ok(SharingConfig {
+            mode: self.dedup,
+            engine: dedup::Config {
+                pages_to_scan: self.scan_pages,
+                max_page_sharing: self.max_page_sharing,
+                zero_pages: !self.no_zero_pages,
+                ..Default::default()
+            },
+            pace: ScanPace {
+                pages_per_step: self.scan_pages,
+                sleep: Duration::from_millis(self.scan_sleep_ms),
+                target_pass,
+                cpu_cap: self.scan_cpu_cap / 100.0,
+            },
+            groups,
+            opt_out: (0..guests)
+                .map(|g| self.dedup_opt_out.contains(&g))
+                .collect(),
+            raise_max_map_count: self.raise_max_map_count,
+        })
+    }
+}
+
+fn parse_merge_groups(spec: &str, guests: usize) -> Result<Vec<u32>, String> {
+    match spec {
+        "all" => Ok(vec![0; guests]),
+        "per-guest" => Ok((0..guests as u32).collect()),
+        list => {
+            let groups = list
+                .split(',')
+                .map(|g| g.trim().parse::<u32>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    format!(
+                        "--merge-group '{spec}': expected all, per-guest, or numbers like 0,0,1,1"
+                    )
+                })?;
+            if groups.len() != guests {
+                return Err(format!(
+                    "--merge-group '{spec}' names {} groups for {guests} guests",
+                    groups.len()
+                ));
+            }
+            Ok(groups)
+        }
+    }
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
@@ -94,14 +214,31 @@ impl TryFrom<RunArgs> for RunConfig {
         if args.timeout == Some(0) {
             return Err("--timeout must be at least 1 second".into());
         }
+        let backend = match (args.sharing.dedup, args.memory_backend) {
+            (DedupMode::Inprocess, Some(MemoryBackend::Anon)) => {
+                return Err(
+                    "--dedup inprocess needs --memory-backend memfd (or --dedup ksm/off)".into(),
+                )
+            }
+            (DedupMode::Ksm, Some(MemoryBackend::Memfd)) => {
+                return Err(
+                    "--dedup ksm needs --memory-backend anon: KSM merges anonymous memory only"
+                        .into(),
+                )
+            }
+            (DedupMode::Ksm, None) => MemoryBackend::Anon,
+            (_, chosen) => chosen.unwrap_or(MemoryBackend::Memfd),
+        };
+        let sharing = args.sharing.into_config(args.guests)?;
         Ok(RunConfig {
+            sharing,
             guest: GuestConfig {
                 kernel: args.kernel,
                 initrd: args.initrd,
                 cmdline: args.cmdline,
                 memory_mib: args.memory,
                 vcpus: args.vcpus,
-                backend: args.memory_backend,
+                backend,
             },
             guests: args.guests,
             console_dir: args.console_dir,
@@ -132,6 +269,55 @@ mod tests {
         assert_eq!(c.guest.cmdline, None);
         assert!(!c.overcommit);
         assert_eq!(c.timeout, None);
+        assert_eq!(c.sharing.mode, DedupMode::Inprocess);
+        assert_eq!(c.sharing.groups, vec![0]);
+        assert_eq!(c.sharing.opt_out, vec![false]);
+        assert_eq!(c.sharing.pace.target_pass, None);
+    }
+
+    #[test]
+    fn ksm_mode_picks_anonymous_memory() {
+        let c = run_config(&["--kernel", "k", "--dedup", "ksm"]).unwrap();
+        assert_eq!(c.guest.backend, MemoryBackend::Anon);
+    }
+
+    #[test]
+    fn sharing_flags() {
+        let c = run_config(&[
+            "--kernel",
+            "k",
+            "--guests",
+            "4",
+            "--merge-group",
+            "per-guest",
+            "--dedup-opt-out",
+            "1,3",
+            "--scan-pages",
+            "100",
+            "--scan-target-secs",
+            "2.5",
+            "--scan-cpu-cap",
+            "50",
+            "--max-page-sharing",
+            "8",
+            "--no-zero-pages",
+            "--raise-max-map-count",
+            "1000000",
+        ])
+        .unwrap();
+        assert_eq!(c.sharing.groups, vec![0, 1, 2, 3]);
+        assert_eq!(c.sharing.opt_out, vec![false, true, false, true]);
+        assert_eq!(c.sharing.engine.pages_to_scan, 100);
+        assert_eq!(c.sharing.engine.max_page_sharing, 8);
+        assert!(!c.sharing.engine.zero_pages);
+        assert_eq!(
+            c.sharing.pace.target_pass,
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(c.sharing.pace.cpu_cap, 0.5);
+        assert_eq!(c.sharing.raise_max_map_count, Some(1_000_000));
+        let c = run_config(&["--kernel", "k", "--guests", "3", "--merge-group", "5,5,6"]).unwrap();
+        assert_eq!(c.sharing.groups, vec![5, 5, 6]);
     }
 
     #[test]
@@ -151,6 +337,8 @@ mod tests {
             "rounds=3 share=0.5",
             "--memory-backend",
             "anon",
+            "--dedup",
+            "off",
             "--console-dir",
             "/tmp/c",
             "--overcommit",
@@ -183,6 +371,38 @@ mod tests {
                 "--memory-backend",
             ),
             (&["--memory", "64"], "--kernel"),
+            (
+                &["--kernel", "k", "--memory-backend", "anon"],
+                "--dedup inprocess",
+            ),
+            (
+                &[
+                    "--kernel",
+                    "k",
+                    "--dedup",
+                    "ksm",
+                    "--memory-backend",
+                    "memfd",
+                ],
+                "--dedup ksm",
+            ),
+            (
+                &["--kernel", "k", "--guests", "2", "--merge-group", "0,1,2"],
+                "--merge-group",
+            ),
+            (
+                &["--kernel", "k", "--guests", "2", "--merge-group", "a,b"],
+                "--merge-group",
+            ),
+            (
+                &["--kernel", "k", "--guests", "2", "--dedup-opt-out", "2"],
+                "--dedup-opt-out",
+            ),
+            (&["--kernel", "k", "--scan-cpu-cap", "0"], "--scan-cpu-cap"),
+            (
+                &["--kernel", "k", "--scan-target-secs", "0"],
+                "--scan-target-secs",
+            ),
         ] {
             let err = run_config(args).unwrap_err();
             assert!(err.contains(flag), "{args:?}: {err}");

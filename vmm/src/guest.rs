@@ -45,6 +45,17 @@ impl Shared {
     }
 }
 
+/// A merge freezes the guest by parking its vCPUs (there are no device
+/// threads that write guest memory yet).
+impl dedup::Freezer for Shared {
+    fn freeze(&self) {
+        self.gate.pause();
+    }
+    fn thaw(&self) {
+        self.gate.resume();
+    }
+}
+
 pub struct Guest {
     pub id: usize,
     shared: Arc<Shared>,
@@ -168,6 +179,11 @@ impl Guest {
         // All vCPUs left on their own (e.g. every memtest vCPU finished) but
         // nobody said why: that cannot happen by design, so say so loudly.
         end.unwrap_or_else(|| GuestEnd::VmmError("every vCPU stopped without a reason".into()))
+    }
+
+    /// What page sharing uses to stop this guest's writers during a merge.
+    pub fn freezer(&self) -> Arc<dyn dedup::Freezer> {
+        self.shared.clone()
     }
 
     pub fn console_tail(&self) -> String {

@@ -15,4 +15,5 @@ pub mod hypervisor;
 pub mod memory;
 pub mod outcome;
 pub mod runner;
+pub mod sharing;
 pub mod vstate;

@@ -103,6 +103,52 @@ impl GuestRam {
     }
 }
 
+impl GuestRam {
+    /// This RAM as the page-sharing engine sees it (memfd backend only).
+    pub fn sharing_view(
+        &self,
+        group: u32,
+        freezer: std::sync::Arc<dyn dedup::Freezer>,
+    ) -> Result<dedup::GuestMemory, String> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let memfd = self
+            .memfd
+            .as_ref()
+            .ok_or("in-process page sharing needs memfd-backed guest RAM")?;
+        let regions = self
+            .memory
+            .iter()
+            .map(|r| dedup::Region {
+                host: r.as_ptr(),
+                len: r.len() as usize,
+                file_offset: r.file_offset().map_or(0, |f| f.start()),
+            })
+            .collect();
+        Ok(dedup::GuestMemory {
+            memfd: memfd
+                .try_clone()
+                .map_err(|e| format!("cannot share guest memory: {e}"))?,
+            regions,
+            group,
+            freezer,
+        })
+    }
+
+    /// Lets kernel KSM merge this RAM (anonymous backend).
+    pub fn mark_mergeable(&self) -> io::Result<()> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        for r in self.memory.iter() {
+            // SAFETY: madvise on a mapping we own; MADV_MERGEABLE changes no contents.
+            if unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_MERGEABLE) }
+                != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
 fn create_memfd(name: &str, size: u64) -> io::Result<File> {
     let cname = std::ffi::CString::new(format!("vmm-{name}")).map_err(io::Error::other)?;
     // SAFETY: `cname` is a valid NUL-terminated string; the flags are plain constants.

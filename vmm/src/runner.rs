@@ -11,6 +11,7 @@ use crate::host::HostKind;
 use crate::hypervisor::Hypervisor;
 use crate::memory::{host_available_memory, MIB};
 use crate::outcome::GuestEnd;
+use crate::sharing::{DedupMode, Sharing, SharingConfig};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunConfig {
@@ -23,6 +24,7 @@ pub struct RunConfig {
     pub overcommit: bool,
     /// Stop every guest after this long.
     pub timeout: Option<Duration>,
+    pub sharing: SharingConfig,
 }
 
 /// How every guest ended.
@@ -86,16 +88,19 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         config.overcommit,
     )?;
 
+    let sharing = start_sharing(&config.sharing)?;
     let consoles = consoles(config)?;
     let mut guests = Vec::with_capacity(config.guests);
     for (id, console) in consoles.into_iter().enumerate() {
-        let guest = Guest::create(&hv, id, &config.guest, console).map_err(|e| {
+        let in_guest = |e: String| {
             if config.guests == 1 {
                 e
             } else {
                 format!("guest {id}: {e}")
             }
-        })?;
+        };
+        let guest = Guest::create(&hv, id, &config.guest, console).map_err(in_guest)?;
+        share_guest(&config.sharing, sharing.as_ref(), &guest).map_err(in_guest)?;
         guests.push(guest);
     }
 
@@ -107,6 +112,9 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         if let Err(e) = guests[i].start(finished_tx.clone()) {
             for guest in guests {
                 guest.stop(GuestEnd::Stopped);
+                if let Some(s) = &sharing {
+                    s.remove_guest(guest.id);
+                }
                 guest.join();
             }
             return Err(format!("cannot start guest {i}: {e}"));
@@ -122,6 +130,10 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         match finished_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(id) => {
                 let guest = slots[id].take().expect("a guest finished twice");
+                // Its vCPUs are gone; release its pages before its RAM is unmapped.
+                if let Some(s) = &sharing {
+                    s.remove_guest(id);
+                }
                 let end = guest.join();
                 report_end(id, config.guests, &end);
                 ends[id] = Some(end);
@@ -147,12 +159,84 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
             stop_sent = true;
         }
     }
+    if let Some(sharing) = sharing {
+        let (uptime, cpu) = (sharing.uptime(), sharing.scanner_cpu());
+        report_sharing(&sharing.stop(), uptime, cpu);
+    }
     Ok(RunReport {
         ends: ends
             .into_iter()
             .map(|e| e.unwrap_or(GuestEnd::Stopped))
             .collect(),
     })
+}
+
+fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
+    if config.mode != DedupMode::Inprocess {
+        if config.mode == DedupMode::Ksm && ksm_is_off() {
+            eprintln!("vmm: guest RAM is MADV_MERGEABLE, but kernel KSM is off (/sys/kernel/mm/ksm/run is 0)");
+        }
+        return Ok(None);
+    }
+    if let Some(n) = config.raise_max_map_count {
+        if dedup::os::max_map_count().unwrap_or(0) < n {
+            dedup::os::set_max_map_count(n)
+                .map_err(|e| format!("cannot raise vm.max_map_count to {n}: {e} (needs root)"))?;
+        }
+    }
+    Sharing::start(config.engine.clone(), config.pace.clone())
+        .map(Some)
+        .map_err(|e| format!("cannot start page sharing: {e}"))
+}
+
+fn share_guest(
+    config: &SharingConfig,
+    sharing: Option<&Sharing>,
+    guest: &Guest,
+) -> Result<(), String> {
+    match (config.mode, sharing) {
+        (DedupMode::Ksm, _) => guest
+            .ram()
+            .mark_mergeable()
+            .map_err(|e| format!("MADV_MERGEABLE failed: {e}")),
+        (DedupMode::Inprocess, Some(s)) if !config.opt_out[guest.id] => s.add_guest(
+            guest.id,
+            guest.ram(),
+            config.groups[guest.id],
+            guest.freezer(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn ksm_is_off() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/ksm/run").is_ok_and(|s| s.trim() == "0")
+}
+
+fn report_sharing(s: &dedup::Stats, uptime: Duration, cpu: Duration) {
+    let mib = |pages: u64| pages as f64 * 4096.0 / (1 << 20) as f64;
+    eprintln!(
+        "vmm: page sharing: {:.1} MiB saved ({} pages: {} sharing {} frames, {} zero), \
+         {} full scans in {:.1} s using {:.2} CPU-s, {} pages unshared, {} volatile, {} copy-on-write breaks, \
+         {} mappings{}; freezes: {} (p50 {} us, p99 {} us, max {} us)",
+        mib(s.pages_saved()),
+        s.pages_saved(),
+        s.pages_sharing,
+        s.pages_shared,
+        s.zero_pages,
+        s.full_scans,
+        uptime.as_secs_f64(),
+        cpu.as_secs_f64(),
+        s.pages_unshared,
+        s.pages_volatile,
+        s.cow_breaks,
+        s.mappings_used,
+        if s.map_limit_reached { " (vm.max_map_count reached: raise it with --raise-max-map-count)" } else { "" },
+        s.freeze.count,
+        s.freeze.p50.as_micros(),
+        s.freeze.p99.as_micros(),
+        s.freeze.max.as_micros(),
+    );
 }
 
 fn report_end(id: usize, total: usize, end: &GuestEnd) {

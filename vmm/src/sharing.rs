@@ -1,0 +1,247 @@
+//! Page sharing for the guests of this process: the glue between the VMM
+//! and the dedup engine, and the scanner thread that drives it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dedup::{Engine, Freezer, GuestId, Stats};
+
+use crate::memory::GuestRam;
+
+/// Who merges guest pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupMode {
+    /// Our own scanner, in this process (memfd-backed RAM).
+    Inprocess,
+    /// The kernel's KSM: anonymous RAM marked MADV_MERGEABLE; ksmd does the work.
+    Ksm,
+    /// No sharing.
+    Off,
+}
+
+/// Everything about page sharing for one `vmm run`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharingConfig {
+    pub mode: DedupMode,
+    pub engine: dedup::Config,
+    pub pace: ScanPace,
+    /// Merge group of each guest.
+    pub groups: Vec<u32>,
+    /// Guests whose pages are never merged.
+    pub opt_out: Vec<bool>,
+    pub raise_max_map_count: Option<usize>,
+}
+
+/// How fast the scanner works.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScanPace {
+    /// Pages per scan step.
+    pub pages_per_step: usize,
+    /// Sleep between steps.
+    pub sleep: Duration,
+    /// Advisor: pace the scan to finish a full pass in this time...
+    pub target_pass: Option<Duration>,
+    /// ...while using at most this fraction of one CPU.
+    pub cpu_cap: f64,
+}
+
+impl Default for ScanPace {
+    fn default() -> Self {
+        ScanPace {
+            pages_per_step: 4096,
+            sleep: Duration::from_millis(20),
+            target_pass: None,
+            cpu_cap: 1.0,
+        }
+    }
+}
+
+impl ScanPace {
+    /// The sleep after a step of `pages` that took `busy`, out of `total` pages.
+    pub fn sleep_after(&self, busy: Duration, pages: usize, total: usize) -> Duration {
+        let Some(target) = self.target_pass else {
+            return self.sleep;
+        };
+        // Steps per pass at this step size, and the time each may take.
+        let per_step = target.mul_f64(pages.max(1) as f64 / total.max(1) as f64);
+        let for_target = per_step.saturating_sub(busy);
+        // busy / (busy + sleep) <= cap
+        let for_cap =
+            busy.mul_f64((1.0 - self.cpu_cap.clamp(0.01, 1.0)) / self.cpu_cap.clamp(0.01, 1.0));
+        for_target.max(for_cap)
+    }
+}
+
+/// The running scanner and the engine it drives.
+pub struct Sharing {
+    engine: Arc<Mutex<Engine>>,
+    ids: Mutex<HashMap<usize, GuestId>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    started: Instant,
+    cpu_at_start: Duration,
+}
+
+impl Sharing {
+    pub fn start(config: dedup::Config, pace: ScanPace) -> std::io::Result<Sharing> {
+        let engine = Arc::new(Mutex::new(Engine::new(config)?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("dedup-scanner".into())
+                .spawn(move || scan_loop(&engine, &stop, &pace))?
+        };
+        Ok(Sharing {
+            engine,
+            ids: Mutex::new(HashMap::new()),
+            stop,
+            thread: Some(thread),
+            started: Instant::now(),
+            cpu_at_start: thread_cpu_time_of("dedup-scanner").unwrap_or_default(),
+        })
+    }
+
+    /// Starts sharing guest `guest`'s RAM within merge group `group`.
+    pub fn add_guest(
+        &self,
+        guest: usize,
+        ram: &GuestRam,
+        group: u32,
+        freezer: Arc<dyn Freezer>,
+    ) -> Result<(), String> {
+        let memory = ram.sharing_view(group, freezer)?;
+        let id = self.engine.lock().unwrap().add_guest(memory);
+        self.ids.lock().unwrap().insert(guest, id);
+        Ok(())
+    }
+
+    /// Stops sharing a guest's RAM; call before the RAM is unmapped.
+    pub fn remove_guest(&self, guest: usize) {
+        if let Some(id) = self.ids.lock().unwrap().remove(&guest) {
+            if let Err(e) = self.engine.lock().unwrap().remove_guest(id) {
+                log::warn!("page sharing: releasing guest {guest}: {e}");
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.engine.lock().unwrap().stats()
+    }
+
+    /// Merges what it can in one guest right now.
+    pub fn merge_now(&self, guest: usize) -> std::io::Result<()> {
+        let id = self.ids.lock().unwrap().get(&guest).copied();
+        match id {
+            Some(id) => self.engine.lock().unwrap().merge_now(id),
+            None => Ok(()),
+        }
+    }
+
+    /// Time since the scanner started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// CPU time the scanner thread has used.
+    pub fn scanner_cpu(&self) -> Duration {
+        thread_cpu_time_of("dedup-scanner")
+            .unwrap_or_default()
+            .saturating_sub(self.cpu_at_start)
+    }
+
+    pub fn stop(mut self) -> Stats {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stats()
+    }
+}
+
+fn scan_loop(engine: &Mutex<Engine>, stop: &AtomicBool, pace: &ScanPace) {
+    while !stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let (scanned, total) = {
+            let mut e = engine.lock().unwrap();
+            let mut config = e.config().clone();
+            config.pages_to_scan = pace.pages_per_step;
+            e.set_config(config);
+            let total = e.total_pages();
+            match e.scan() {
+                Ok(n) => (n, total),
+                Err(err) => {
+                    log::error!("page sharing stopped: {err}");
+                    return;
+                }
+            }
+        };
+        let sleep = pace.sleep_after(started.elapsed(), scanned, total);
+        // Sleep in short slices so stopping is prompt.
+        let wake = Instant::now() + sleep;
+        while !stop.load(Ordering::SeqCst) && Instant::now() < wake {
+            std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// CPU time of this process's thread named `name` (from /proc/self/task).
+fn thread_cpu_time_of(name: &str) -> Option<Duration> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the ")" of the command: utime and stime are the 12th and 13th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime): (f64, f64) =
+            (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        return Some(Duration::from_secs_f64((utime + stime) / ticks));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixed_pace_without_advisor() {
+        let p = ScanPace::default();
+        assert_eq!(
+            p.sleep_after(Duration::from_millis(3), 4096, 100_000),
+            Duration::from_millis(20)
+        );
+    }
+
+    #[test]
+    fn advisor_meets_the_target_pass_time() {
+        let p = ScanPace {
+            target_pass: Some(Duration::from_secs(10)),
+            cpu_cap: 1.0,
+            ..Default::default()
+        };
+        // 1000 of 100k pages per step: 100 steps, 100 ms each; busy 30 ms leaves 70 ms.
+        let s = p.sleep_after(Duration::from_millis(30), 1000, 100_000);
+        assert_eq!(s, Duration::from_millis(70));
+    }
+
+    #[test]
+    fn advisor_respects_the_cpu_cap() {
+        let p = ScanPace {
+            target_pass: Some(Duration::from_millis(1)),
+            cpu_cap: 0.25,
+            ..Default::default()
+        };
+        // Target wants no sleep at all; a 25% cap needs 3x the busy time asleep.
+        let s = p.sleep_after(Duration::from_millis(10), 1000, 1000);
+        assert_eq!(s, Duration::from_millis(30));
+    }
+}

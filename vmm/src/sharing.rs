@@ -78,6 +78,9 @@ impl ScanPace {
 /// The running scanner and the engine it drives.
 pub struct Sharing {
     engine: Arc<Mutex<Engine>>,
+    /// The stats when the most pages were saved: guests that ended take
+    /// their counters with them, so this is what a run reports at exit.
+    peak: Arc<Mutex<Stats>>,
     ids: Mutex<HashMap<usize, GuestId>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -88,15 +91,17 @@ pub struct Sharing {
 impl Sharing {
     pub fn start(config: dedup::Config, pace: ScanPace) -> std::io::Result<Sharing> {
         let engine = Arc::new(Mutex::new(Engine::new(config)?));
+        let peak = Arc::new(Mutex::new(Stats::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (engine, stop) = (engine.clone(), stop.clone());
+            let (engine, peak, stop) = (engine.clone(), peak.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("dedup-scanner".into())
-                .spawn(move || scan_loop(&engine, &stop, &pace))?
+                .spawn(move || scan_loop(&engine, &peak, &stop, &pace))?
         };
         Ok(Sharing {
             engine,
+            peak,
             ids: Mutex::new(HashMap::new()),
             stop,
             thread: Some(thread),
@@ -153,16 +158,24 @@ impl Sharing {
             .saturating_sub(self.cpu_at_start)
     }
 
+    /// The stats at the moment the most pages were saved.
+    pub fn peak_stats(&self) -> Stats {
+        self.peak.lock().unwrap().clone()
+    }
+
+    /// Stops the scanner; returns the peak stats with the final pass count.
     pub fn stop(mut self) -> Stats {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.stats()
+        let mut peak = self.peak_stats();
+        peak.full_scans = self.stats().full_scans;
+        peak
     }
 }
 
-fn scan_loop(engine: &Mutex<Engine>, stop: &AtomicBool, pace: &ScanPace) {
+fn scan_loop(engine: &Mutex<Engine>, peak: &Mutex<Stats>, stop: &AtomicBool, pace: &ScanPace) {
     while !stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let (scanned, total) = {
@@ -172,7 +185,14 @@ fn scan_loop(engine: &Mutex<Engine>, stop: &AtomicBool, pace: &ScanPace) {
             e.set_config(config);
             let total = e.total_pages();
             match e.scan() {
-                Ok(n) => (n, total),
+                Ok(n) => {
+                    let now = e.stats();
+                    let mut peak = peak.lock().unwrap();
+                    if now.pages_saved() >= peak.pages_saved() {
+                        *peak = now;
+                    }
+                    (n, total)
+                }
                 Err(err) => {
                     log::error!("page sharing stopped: {err}");
                     return;

@@ -27,11 +27,7 @@ fn assert_all_passed(out: &Outcome, guests: usize) {
 fn memtest_one_guest_verifies_its_memory() {
     let out = memtest(&["--memory", "128", "--cmdline", "rounds=2 volatile=64"]);
     assert_all_passed(&out, 1);
-    assert!(
-        out.stderr.contains("2 rounds verified"),
-        "{}",
-        out.describe()
-    );
+    assert!(out.stderr.contains("2 rounds verified"), "{}", out.describe());
     // One guest: its console is the terminal.
     assert!(out.stdout.contains("memtest"), "{}", out.describe());
 }
@@ -54,10 +50,7 @@ fn memtest_four_guests_two_vcpus_each() {
     assert_all_passed(&out, 4);
     for id in 0..4 {
         let log = std::fs::read_to_string(dir.join(format!("guest-{id}.log"))).unwrap();
-        assert!(
-            log.contains("ideal mergeable pages"),
-            "guest {id} console:\n{log}"
-        );
+        assert!(log.contains("ideal mergeable pages"), "guest {id} console:\n{log}");
     }
 }
 
@@ -93,22 +86,14 @@ fn sigint_stops_every_guest_and_exits_cleanly() {
         let log = std::fs::read_to_string(dir.join(format!("guest-{id}.log"))).unwrap_or_default();
         !log.contains("ideal mergeable pages")
     }) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "guests did not start"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "guests did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let out = wait_with_limit(child, Duration::from_secs(30));
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    assert_eq!(
-        out.stderr.matches(": stopped").count(),
-        3,
-        "{}",
-        out.describe()
-    );
+    assert_eq!(out.stderr.matches(": stopped").count(), 3, "{}", out.describe());
 }
 
 #[test]
@@ -120,11 +105,7 @@ fn tiny_linux_boots_to_its_marker() {
     // On PVM hosts guest kernel code is emulated: booting takes minutes, and
     // user space cannot make system calls, so the kernel's own line is the
     // marker there.
-    let marker = if is_pvm_host() {
-        "Run /init as init process"
-    } else {
-        "VMM-TINY-LINUX: init reached user space"
-    };
+    let marker = if is_pvm_host() { "Run /init as init process" } else { "VMM-TINY-LINUX: init reached user space" };
     let out = run_vmm(
         &[
             "run",
@@ -142,11 +123,7 @@ fn tiny_linux_boots_to_its_marker() {
         Duration::from_secs(480),
     );
     let log = std::fs::read_to_string(consoles.join("guest-0.log")).unwrap();
-    assert!(
-        log.contains(marker),
-        "no '{marker}' in the console:\n{log}\n{}",
-        out.describe()
-    );
+    assert!(log.contains(marker), "no '{marker}' in the console:\n{log}\n{}", out.describe());
     // After its init, the guest resets (its init exits or reboots): a clean end.
     assert!(out.stderr.contains("guest reset"), "{}", out.describe());
     assert_eq!(out.code, Some(0), "{}", out.describe());

@@ -22,6 +22,14 @@ pub trait Freezer: Send + Sync {
     fn thaw(&self);
 }
 
+/// Tells which guest pages were written since the last call: KVM's dirty
+/// log, cheaper and more exact than comparing checksums.
+pub trait DirtyTracker: Send + Sync {
+    /// A bitmap over the guest's pages (regions in order, bit i of word
+    /// i / 64) of the pages written since the previous call.
+    fn take_dirty(&self) -> io::Result<Vec<u64>>;
+}
+
 /// A contiguous piece of guest RAM: a `MAP_SHARED` mapping of the guest's
 /// memfd at `file_offset`, `len` bytes long at host address `host`.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +46,8 @@ pub struct GuestMemory {
     pub regions: Vec<Region>,
     pub group: GroupId,
     pub freezer: Arc<dyn Freezer>,
+    /// Without one, volatility is judged by content checksums.
+    pub dirty: Option<Arc<dyn DirtyTracker>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -56,13 +66,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            pages_to_scan: 4096,
-            max_page_sharing: 256,
-            zero_pages: true,
-            batch: 1024,
-            map_count_margin: 4096,
-        }
+        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 1024, map_count_margin: 4096 }
     }
 }
 
@@ -83,8 +87,10 @@ struct Guest {
     pages: usize,
     state: Vec<u32>,
     /// Content hash at the last look (0: never looked): a changed hash means
-    /// the page is volatile and not worth merging yet.
+    /// the page is volatile and not worth merging yet. Unused with a dirty log.
     last_hash: Vec<u64>,
+    /// Pages written during the previous pass, from the dirty log.
+    dirty: Vec<u64>,
     stats: GuestStats,
 }
 
@@ -103,6 +109,18 @@ impl Guest {
     fn file_offset(&self, page: usize) -> u64 {
         let (r, off) = self.locate(page);
         self.mem.regions[r].file_offset + (off * PAGE_SIZE) as u64
+    }
+
+    /// Reads the dirty log at the start of a pass over this guest.
+    fn refresh_dirty(&mut self) -> io::Result<()> {
+        if let Some(tracker) = &self.mem.dirty {
+            self.dirty = tracker.take_dirty()?;
+        }
+        Ok(())
+    }
+
+    fn written_last_pass(&self, page: usize) -> bool {
+        self.dirty.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
     /// Copies a page that its guest may be writing meanwhile. A stale copy
@@ -207,10 +225,8 @@ impl Engine {
                 pages,
                 state: vec![UNMERGED; pages],
                 last_hash: vec![0; pages],
-                stats: GuestStats {
-                    group,
-                    ..Default::default()
-                },
+                dirty: Vec::new(),
+                stats: GuestStats { group, ..Default::default() },
             },
         );
         id
@@ -243,22 +259,17 @@ impl Engine {
                 self.finish_pass()?;
                 break;
             };
-            let start = if id == self.cursor.0 {
-                self.cursor.1
-            } else {
-                0
-            };
+            let start = if id == self.cursor.0 { self.cursor.1 } else { 0 };
             let end = guest.pages.min(start + budget);
+            if start == 0 {
+                self.guests.get_mut(&id).unwrap().refresh_dirty()?;
+            }
             for page in start..end {
                 self.look_at(id, page)?;
             }
             budget -= end - start;
             scanned += end - start;
-            self.cursor = if end == self.guests[&id].pages {
-                (id + 1, 0)
-            } else {
-                (id, end)
-            };
+            self.cursor = if end == self.guests[&id].pages { (id + 1, 0) } else { (id, end) };
         }
         self.flush_all()?;
         self.stats.pages_scanned += scanned as u64;
@@ -268,7 +279,9 @@ impl Engine {
     /// Merges everything it can in one guest now (SKSM's synchronous merge):
     /// one full look at its pages against every frame and page seen so far.
     pub fn merge_now(&mut self, id: GuestId) -> io::Result<()> {
-        let pages = self.guests.get(&id).map_or(0, |g| g.pages);
+        let Some(guest) = self.guests.get_mut(&id) else { return Ok(()) };
+        guest.refresh_dirty()?;
+        let pages = guest.pages;
         for page in 0..pages {
             self.look_at(id, page)?;
         }
@@ -281,11 +294,7 @@ impl Engine {
         self.flush_all()?;
         self.stats.pages_unshared = self.unstable.len() as u64;
         self.unstable.clear();
-        self.stats.pages_volatile = self
-            .guests
-            .values()
-            .map(|g| g.stats.volatile_this_pass)
-            .sum();
+        self.stats.pages_volatile = self.guests.values().map(|g| g.stats.volatile_this_pass).sum();
         for g in self.guests.values_mut() {
             g.stats.volatile_this_pass = 0;
         }
@@ -302,12 +311,16 @@ impl Engine {
         if guest.state[page] != UNMERGED {
             return Ok(());
         }
+        if guest.written_last_pass(page) {
+            guest.stats.volatile_this_pass += 1;
+            return Ok(());
+        }
         // Work on a copy: the guest may be writing the page right now.
         guest.copy_page(page, &mut self.scratch);
         let content: &[u8] = &self.scratch;
         let hash = xxh3_64(content);
         let last = std::mem::replace(&mut guest.last_hash[page], hash);
-        if last != 0 && last != hash {
+        if guest.mem.dirty.is_none() && last != 0 && last != hash {
             guest.stats.volatile_this_pass += 1;
             return Ok(());
         }
@@ -315,10 +328,7 @@ impl Engine {
         if hash == zero_hash() && self.config.zero_pages && content.iter().all(|&b| b == 0) {
             return self.queue(id, page, Target::Zero);
         }
-        if let Some(frame) = self
-            .store
-            .find(group, hash, content, self.config.max_page_sharing)
-        {
+        if let Some(frame) = self.store.find(group, hash, content, self.config.max_page_sharing) {
             self.store.add_user(frame);
             return self.queue(id, page, Target::Frame(frame));
         }
@@ -396,11 +406,7 @@ impl Engine {
         remap?;
 
         for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
-            os::punch_hole(
-                &guest.mem.memfd,
-                guest.file_offset(start),
-                (len * PAGE_SIZE) as u64,
-            )?;
+            os::punch_hole(&guest.mem.memfd, guest.file_offset(start), (len * PAGE_SIZE) as u64)?;
         }
         let guest = self.guests.get_mut(&id).unwrap();
         for &(page, target) in &merged {
@@ -432,9 +438,7 @@ impl Engine {
     /// Reading /proc/self/maps is slow with many mappings, so an upper bound
     /// (each run adds at most two) is kept, and re-read only near the limit.
     fn mappings_would_exceed(&mut self, new_runs: usize) -> bool {
-        let fits = |used: u64| {
-            used as usize + 2 * new_runs + self.config.map_count_margin <= self.map_limit
-        };
+        let fits = |used: u64| used as usize + 2 * new_runs + self.config.map_count_margin <= self.map_limit;
         if self.mappings_bound == 0 || !fits(self.mappings_bound) {
             self.mappings_bound = os::mapping_count().unwrap_or(usize::MAX / 4) as u64;
             self.stats.mappings_used = self.mappings_bound;
@@ -498,8 +502,7 @@ impl Engine {
         let metadata = self.store.metadata_bytes()
             + self.guests.values().map(|g| g.pages * 12).sum::<usize>()
             + self.unstable.capacity() * 24;
-        s.general_profit =
-            ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64 - metadata as i64;
+        s.general_profit = ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64 - metadata as i64;
         s.freeze = self.freezes.summary();
         s
     }
@@ -566,9 +569,7 @@ fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) ->
         unsafe {
             match target {
                 Target::Zero => os::map_zero(addr, n * PAGE_SIZE)?,
-                Target::Frame(f) => {
-                    os::map_private(addr, n * PAGE_SIZE, store.file(), StableStore::offset(f))?
-                }
+                Target::Frame(f) => os::map_private(addr, n * PAGE_SIZE, store.file(), StableStore::offset(f))?,
             }
         }
         i += n;

@@ -7,9 +7,10 @@
 //! every guest's pages in turn, a few thousand per [`Engine::scan`] call, and
 //! for each page not yet merged:
 //!
-//! 1. copies it and hashes the copy (xxh3). A page whose hash changed since
-//!    the engine last looked is *volatile*: merging it would only be undone by
-//!    the next write, so it waits for a later pass.
+//! 1. skips it if it is *volatile*: written since the engine last looked,
+//!    by KVM's dirty log (or, without one, because its content hash
+//!    changed). Merging it would only be undone by the next write. Otherwise
+//!    the engine copies the page and hashes the copy (xxh3).
 //! 2. A page of zeros is queued to become the kernel's zero page.
 //! 3. Otherwise the *stable store* is asked for a frame with the same content
 //!    in the same merge group (hash, then full compare: a hash alone is never
@@ -39,6 +40,6 @@ pub mod os;
 pub mod stats;
 pub mod store;
 
-pub use engine::{Config, Engine, Freezer, GuestId, GuestMemory, Region};
+pub use engine::{Config, DirtyTracker, Engine, Freezer, GuestId, GuestMemory, Region};
 pub use stats::{FreezeSummary, GuestStats, Stats};
 pub use store::GroupId;

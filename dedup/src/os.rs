@@ -114,9 +114,7 @@ pub struct PageMap {
 
 impl PageMap {
     pub fn open() -> io::Result<Self> {
-        Ok(PageMap {
-            file: File::open("/proc/self/pagemap")?,
-        })
+        Ok(PageMap { file: File::open("/proc/self/pagemap")? })
     }
 
     pub fn read(&mut self, addr: *const u8, out: &mut [PageMapEntry]) -> io::Result<()> {
@@ -140,10 +138,7 @@ pub fn mapping_count() -> io::Result<usize> {
 
 /// The kernel's limit on mappings per process (`vm.max_map_count`).
 pub fn max_map_count() -> io::Result<usize> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")?
-        .trim()
-        .parse()
-        .map_err(io::Error::other)
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")?.trim().parse().map_err(io::Error::other)
 }
 
 /// Raises `vm.max_map_count` (needs root); only when the user asked.

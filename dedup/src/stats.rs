@@ -76,17 +76,8 @@ impl FreezeTimes {
     pub fn summary(&self) -> FreezeSummary {
         let mut v: Vec<Duration> = self.recent.iter().copied().collect();
         v.sort_unstable();
-        let pct = |p: f64| {
-            v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-                .copied()
-                .unwrap_or_default()
-        };
-        FreezeSummary {
-            count: self.count,
-            p50: pct(0.5),
-            p99: pct(0.99),
-            max: self.max,
-        }
+        let pct = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
+        FreezeSummary { count: self.count, p50: pct(0.5), p99: pct(0.99), max: self.max }
     }
 }
 

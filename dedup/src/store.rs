@@ -44,14 +44,7 @@ impl StableStore {
     pub fn new() -> io::Result<Self> {
         let file = os::memfd("vmm-stable-store")?;
         let view = os::map_shared(&file, VIEW_BYTES, 0)?;
-        Ok(StableStore {
-            file,
-            view,
-            frames: Vec::new(),
-            index: HashMap::new(),
-            live: 0,
-            file_len: 0,
-        })
+        Ok(StableStore { file, view, frames: Vec::new(), index: HashMap::new(), live: 0, file_len: 0 })
     }
 
     pub fn file(&self) -> &File {
@@ -67,20 +60,12 @@ impl StableStore {
         debug_assert!(self.frames[frame as usize].is_some());
         // SAFETY: the frame lies below `file_len`, inside the view, and frame
         // contents never change while a frame is live.
-        unsafe {
-            std::slice::from_raw_parts(self.view.add(Self::offset(frame) as usize), PAGE_SIZE)
-        }
+        unsafe { std::slice::from_raw_parts(self.view.add(Self::offset(frame) as usize), PAGE_SIZE) }
     }
 
     /// A live frame in `group` holding exactly `content`, with room for one
     /// more user under `max_users`.
-    pub fn find(
-        &self,
-        group: GroupId,
-        hash: u64,
-        content: &[u8],
-        max_users: u32,
-    ) -> Option<FrameId> {
+    pub fn find(&self, group: GroupId, hash: u64, content: &[u8], max_users: u32) -> Option<FrameId> {
         self.index.get(&(group, hash))?.iter().copied().find(|&f| {
             let frame = self.frames[f as usize].as_ref().unwrap();
             frame.users < max_users && self.page(f) == content
@@ -89,8 +74,7 @@ impl StableStore {
 
     /// A new frame holding a copy of `content`, with no users yet.
     pub fn insert(&mut self, group: GroupId, hash: u64, content: &[u8]) -> io::Result<FrameId> {
-        let id = FrameId::try_from(self.frames.len())
-            .map_err(|_| io::Error::other("stable store full"))?;
+        let id = FrameId::try_from(self.frames.len()).map_err(|_| io::Error::other("stable store full"))?;
         let end = Self::offset(id) + PAGE_SIZE as u64;
         if end as usize > VIEW_BYTES {
             return Err(io::Error::other("stable store full"));
@@ -102,18 +86,8 @@ impl StableStore {
         }
         // SAFETY: the frame is inside the file and the view, and not yet
         // mapped by any guest, so nobody else can observe the write.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                content.as_ptr(),
-                self.view.add(Self::offset(id) as usize),
-                PAGE_SIZE,
-            )
-        };
-        self.frames.push(Some(Frame {
-            users: 0,
-            hash,
-            group,
-        }));
+        unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), self.view.add(Self::offset(id) as usize), PAGE_SIZE) };
+        self.frames.push(Some(Frame { users: 0, hash, group }));
         self.index.entry((group, hash)).or_default().push(id);
         self.live += 1;
         Ok(id)
@@ -124,17 +98,12 @@ impl StableStore {
     }
 
     pub fn add_user(&mut self, frame: FrameId) {
-        self.frames[frame as usize]
-            .as_mut()
-            .expect("user added to a freed frame")
-            .users += 1;
+        self.frames[frame as usize].as_mut().expect("user added to a freed frame").users += 1;
     }
 
     /// Drops one user; the frame is freed (its memory returned) with the last.
     pub fn drop_user(&mut self, frame: FrameId) -> io::Result<()> {
-        let f = self.frames[frame as usize]
-            .as_mut()
-            .expect("user dropped from a freed frame");
+        let f = self.frames[frame as usize].as_mut().expect("user dropped from a freed frame");
         f.users -= 1;
         if f.users == 0 {
             self.free(frame)?;
@@ -144,10 +113,7 @@ impl StableStore {
 
     /// Frees a frame nobody maps (also one that never got a user).
     pub fn free_if_unused(&mut self, frame: FrameId) -> io::Result<()> {
-        if self.frames[frame as usize]
-            .as_ref()
-            .is_some_and(|f| f.users == 0)
-        {
+        if self.frames[frame as usize].as_ref().is_some_and(|f| f.users == 0) {
             self.free(frame)?;
         }
         Ok(())
@@ -198,11 +164,7 @@ mod tests {
         let f = s.insert(0, 42, &page(1)).unwrap();
         assert_eq!(s.find(0, 42, &page(1), 10), Some(f));
         assert_eq!(s.find(1, 42, &page(1), 10), None, "other group");
-        assert_eq!(
-            s.find(0, 42, &page(2), 10),
-            None,
-            "hash collision, other content"
-        );
+        assert_eq!(s.find(0, 42, &page(2), 10), None, "hash collision, other content");
         assert_eq!(s.page(f), &page(1)[..]);
     }
 

@@ -62,24 +62,16 @@ impl TestGuest {
         let memfd = os::memfd("test-guest").unwrap();
         memfd.set_len((pages * PAGE_SIZE) as u64).unwrap();
         let base = os::map_shared(&memfd, pages * PAGE_SIZE, 0).unwrap();
-        TestGuest {
-            memfd,
-            base,
-            pages,
-            gate: Arc::new(WriterGate::default()),
-        }
+        TestGuest { memfd, base, pages, gate: Arc::new(WriterGate::default()) }
     }
 
     fn memory(&self, group: u32) -> GuestMemory {
         GuestMemory {
             memfd: self.memfd.try_clone().unwrap(),
-            regions: vec![Region {
-                host: self.base,
-                len: self.pages * PAGE_SIZE,
-                file_offset: 0,
-            }],
+            regions: vec![Region { host: self.base, len: self.pages * PAGE_SIZE, file_offset: 0 }],
             group,
             freezer: self.gate.clone(),
+            dirty: None,
         }
     }
 
@@ -90,9 +82,8 @@ impl TestGuest {
 
     fn fill(&self, i: usize, seed: u64) {
         let words = fill_words(seed);
-        self.gate.write(|| unsafe {
-            std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), self.page(i), PAGE_SIZE)
-        });
+        self.gate
+            .write(|| unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), self.page(i), PAGE_SIZE) });
     }
 
     fn read(&self, i: usize) -> Vec<u8> {
@@ -123,27 +114,18 @@ fn fill_words(seed: u64) -> Vec<u64> {
             if seed == 0 {
                 return 0;
             }
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407 ^ i as u64);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 ^ i as u64);
             x ^ (x >> 29)
         })
         .collect()
 }
 
 fn expected(seed: u64) -> Vec<u8> {
-    fill_words(seed)
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .collect()
+    fill_words(seed).iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 fn engine() -> Engine {
-    Engine::new(Config {
-        pages_to_scan: 1 << 20,
-        ..Config::default()
-    })
-    .unwrap()
+    Engine::new(Config { pages_to_scan: 1 << 20, ..Config::default() }).unwrap()
 }
 
 /// Two full passes: the first finds twins, the second sees the rest settle.
@@ -158,22 +140,8 @@ fn scan_passes(e: &mut Engine, passes: u64) {
 fn identical_pages_merge_and_read_back() {
     let (a, b) = (TestGuest::new(64), TestGuest::new(64));
     for i in 0..64 {
-        a.fill(
-            i,
-            if i < 32 {
-                1000 + i as u64
-            } else {
-                5000 + i as u64
-            },
-        );
-        b.fill(
-            i,
-            if i < 32 {
-                1000 + i as u64
-            } else {
-                9000 + i as u64
-            },
-        );
+        a.fill(i, if i < 32 { 1000 + i as u64 } else { 5000 + i as u64 });
+        b.fill(i, if i < 32 { 1000 + i as u64 } else { 9000 + i as u64 });
     }
     let before = a.resident_bytes() + b.resident_bytes();
     let mut e = engine();
@@ -184,20 +152,12 @@ fn identical_pages_merge_and_read_back() {
     assert_eq!(s.pages_shared, 32, "{s:?}");
     assert_eq!(s.pages_sharing, 32, "{s:?}");
     for i in 0..64 {
-        let (sa, sb) = if i < 32 {
-            (1000 + i, 1000 + i)
-        } else {
-            (5000 + i, 9000 + i)
-        };
+        let (sa, sb) = if i < 32 { (1000 + i, 1000 + i) } else { (5000 + i, 9000 + i) };
         assert_eq!(a.read(i as usize), expected(sa as u64));
         assert_eq!(b.read(i as usize), expected(sb as u64));
     }
     let after = a.resident_bytes() + b.resident_bytes();
-    assert_eq!(
-        before - after,
-        64 * PAGE_SIZE as u64,
-        "both guests' merged frames were punched out"
-    );
+    assert_eq!(before - after, 64 * PAGE_SIZE as u64, "both guests' merged frames were punched out");
     assert!(s.freeze.count >= 1);
 }
 
@@ -216,11 +176,7 @@ fn write_after_merge_makes_a_private_copy_and_spares_the_frame() {
 
     a.fill(3, 4242);
     assert_eq!(a.read(3), expected(4242));
-    assert_eq!(
-        b.read(3),
-        expected(77 + 3),
-        "a write in one guest reached the other"
-    );
+    assert_eq!(b.read(3), expected(77 + 3), "a write in one guest reached the other");
     scan_passes(&mut e, 1);
     let s = e.stats();
     assert_eq!(s.cow_breaks, 1, "{s:?}");
@@ -293,16 +249,8 @@ fn mappings_within(g: &TestGuest) -> usize {
         .unwrap()
         .lines()
         .filter(|l| {
-            let (start, end) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            let (start, end) = (
-                u64::from_str_radix(start, 16).unwrap(),
-                u64::from_str_radix(end, 16).unwrap(),
-            );
+            let (start, end) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+            let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
             start >= lo && end <= hi
         })
         .count()
@@ -314,14 +262,7 @@ fn adjacent_merged_pages_share_one_mapping() {
     for i in 0..512 {
         // Every 8th page stays private: 64 runs of 7 merged pages per guest.
         a.fill(i, 1 + i as u64);
-        b.fill(
-            i,
-            if i % 8 == 7 {
-                100_000 + i as u64
-            } else {
-                1 + i as u64
-            },
-        );
+        b.fill(i, if i % 8 == 7 { 100_000 + i as u64 } else { 1 + i as u64 });
     }
     let mut e = engine();
     e.add_guest(a.memory(0));
@@ -330,11 +271,7 @@ fn adjacent_merged_pages_share_one_mapping() {
     assert_eq!(e.stats().pages_sharing, 448);
     // One mapping per merged run and one per private page between runs.
     for g in [&a, &b] {
-        assert_eq!(
-            mappings_within(g),
-            128,
-            "merged runs were not mapped as one each"
-        );
+        assert_eq!(mappings_within(g), 128, "merged runs were not mapped as one each");
     }
 }
 
@@ -366,21 +303,13 @@ fn max_page_sharing_caps_users_per_frame() {
     for g in &guests {
         g.fill(0, 31337);
     }
-    let mut e = Engine::new(Config {
-        max_page_sharing: 2,
-        pages_to_scan: 1 << 20,
-        ..Config::default()
-    })
-    .unwrap();
+    let mut e = Engine::new(Config { max_page_sharing: 2, pages_to_scan: 1 << 20, ..Config::default() }).unwrap();
     for g in &guests {
         e.add_guest(g.memory(0));
     }
     scan_passes(&mut e, 3);
     let s = e.stats();
-    assert_eq!(
-        s.pages_shared, 2,
-        "5 users at 2 per frame: two full frames, one page left over: {s:?}"
-    );
+    assert_eq!(s.pages_shared, 2, "5 users at 2 per frame: two full frames, one page left over: {s:?}");
     assert_eq!(s.pages_sharing, 2, "{s:?}");
 }
 
@@ -408,21 +337,14 @@ fn removing_a_guest_releases_its_frames() {
 fn concurrent_writes_are_never_lost() {
     const GUESTS: usize = 3;
     const PAGES: usize = 256;
-    let guests: Arc<Vec<TestGuest>> =
-        Arc::new((0..GUESTS).map(|_| TestGuest::new(PAGES)).collect());
-    let shadow: Arc<Vec<AtomicU64>> =
-        Arc::new((0..GUESTS * PAGES).map(|_| AtomicU64::new(0)).collect());
+    let guests: Arc<Vec<TestGuest>> = Arc::new((0..GUESTS).map(|_| TestGuest::new(PAGES)).collect());
+    let shadow: Arc<Vec<AtomicU64>> = Arc::new((0..GUESTS * PAGES).map(|_| AtomicU64::new(0)).collect());
     for g in guests.iter() {
         for i in 0..PAGES {
             g.fill(i, 0);
         }
     }
-    let mut e = Engine::new(Config {
-        pages_to_scan: 97,
-        batch: 16,
-        ..Config::default()
-    })
-    .unwrap();
+    let mut e = Engine::new(Config { pages_to_scan: 97, batch: 16, ..Config::default() }).unwrap();
     for g in guests.iter() {
         e.add_guest(g.memory(0));
     }
@@ -443,13 +365,7 @@ fn concurrent_writes_are_never_lost() {
                     // Write and record under one pass, as a vCPU would.
                     g.gate.write(|| {
                         let words = fill_words(seed);
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                words.as_ptr().cast::<u8>(),
-                                g.page(page),
-                                PAGE_SIZE,
-                            )
-                        };
+                        unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), g.page(page), PAGE_SIZE) };
                         shadow[gi * PAGES + page].store(seed, Ordering::SeqCst);
                     });
                     writes += 1;
@@ -479,8 +395,5 @@ fn concurrent_writes_are_never_lost() {
     }
     assert_eq!(bad, 0, "{bad} pages lost a write ({writes} writes, {s:?})");
     assert!(writes > 10_000, "writers barely ran: {writes}");
-    assert!(
-        s.cow_breaks > 0 && s.pages_sharing + s.zero_pages > 0,
-        "nothing merged or broken: {s:?}"
-    );
+    assert!(s.cow_breaks > 0 && s.pages_sharing + s.zero_pages > 0, "nothing merged or broken: {s:?}");
 }

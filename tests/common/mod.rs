@@ -8,20 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// A guest image from guest-images/out/, or a failure saying how to build it.
 pub fn image(name: &str) -> PathBuf {
     let path = repo_root().join("guest-images/out").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the guest images first with guest-images/build.sh",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing: build the guest images first with guest-images/build.sh", path.display());
     path
 }
 
@@ -31,10 +24,7 @@ pub fn resource(name: &str) -> PathBuf {
 
 /// These tests need KVM; without it they fail and say so.
 pub fn require_kvm() {
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm");
     if let Err(e) = kvm {
         panic!("this test needs read-write access to /dev/kvm (run as root on a KVM host): {e}");
     }
@@ -65,10 +55,7 @@ impl Outcome {
 
 pub fn vmm(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmm"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 

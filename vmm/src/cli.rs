@@ -108,10 +108,7 @@ impl SharingArgs {
     fn into_config(self, guests: usize) -> Result<SharingConfig, String> {
         let groups = parse_merge_groups(&self.merge_group, guests)?;
         if let Some(bad) = self.dedup_opt_out.iter().find(|&&g| g >= guests) {
-            return Err(format!(
-                "--dedup-opt-out {bad}: there are only {guests} guests (0 to {})",
-                guests - 1
-            ));
+            return Err(format!("--dedup-opt-out {bad}: there are only {guests} guests (0 to {})", guests - 1));
         }
         if self.scan_pages == 0 {
             return Err("--scan-pages must be at least 1".into());
@@ -120,16 +117,11 @@ impl SharingArgs {
             return Err("--max-page-sharing must be at least 2".into());
         }
         if !(self.scan_cpu_cap > 0.0 && self.scan_cpu_cap <= 100.0) {
-            return Err(format!(
-                "--scan-cpu-cap must be in (0, 100] percent (got {})",
-                self.scan_cpu_cap
-            ));
+            return Err(format!("--scan-cpu-cap must be in (0, 100] percent (got {})", self.scan_cpu_cap));
         }
         let target_pass = match self.scan_target_secs {
             Some(s) if !(s > 0.0 && s.is_finite()) => {
-                return Err(format!(
-                    "--scan-target-secs must be a positive number of seconds (got {s})"
-                ))
+                return Err(format!("--scan-target-secs must be a positive number of seconds (got {s})"))
             }
             s => s.map(Duration::from_secs_f64),
         };
@@ -148,9 +140,7 @@ impl SharingArgs {
                 cpu_cap: self.scan_cpu_cap / 100.0,
             },
             groups,
-            opt_out: (0..guests)
-                .map(|g| self.dedup_opt_out.contains(&g))
-                .collect(),
+            opt_out: (0..guests).map(|g| self.dedup_opt_out.contains(&g)).collect(),
             raise_max_map_count: self.raise_max_map_count,
         })
     }
@@ -165,16 +155,9 @@ fn parse_merge_groups(spec: &str, guests: usize) -> Result<Vec<u32>, String> {
                 .split(',')
                 .map(|g| g.trim().parse::<u32>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    format!(
-                        "--merge-group '{spec}': expected all, per-guest, or numbers like 0,0,1,1"
-                    )
-                })?;
+                .map_err(|_| format!("--merge-group '{spec}': expected all, per-guest, or numbers like 0,0,1,1"))?;
             if groups.len() != guests {
-                return Err(format!(
-                    "--merge-group '{spec}' names {} groups for {guests} guests",
-                    groups.len()
-                ));
+                return Err(format!("--merge-group '{spec}' names {} groups for {guests} guests", groups.len()));
             }
             Ok(groups)
         }
@@ -182,8 +165,7 @@ fn parse_merge_groups(spec: &str, guests: usize) -> Result<Vec<u32>, String> {
 }
 
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
-    text.parse()
-        .map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
+    text.parse().map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
 }
 
 impl TryFrom<RunArgs> for RunConfig {
@@ -194,42 +176,29 @@ impl TryFrom<RunArgs> for RunConfig {
             return Err("--guests must be at least 1".into());
         }
         if args.memory < MIN_MEMORY_MIB {
-            return Err(format!(
-                "--memory must be at least {MIN_MEMORY_MIB} MiB (got {})",
-                args.memory
-            ));
+            return Err(format!("--memory must be at least {MIN_MEMORY_MIB} MiB (got {})", args.memory));
         }
         if args.memory > 1 << 20 {
-            return Err(format!(
-                "--memory {} MiB is more than the 1 TiB vmm supports per guest",
-                args.memory
-            ));
+            return Err(format!("--memory {} MiB is more than the 1 TiB vmm supports per guest", args.memory));
         }
         if args.vcpus == 0 || args.vcpus > MAX_VCPUS {
-            return Err(format!(
-                "--vcpus must be between 1 and {MAX_VCPUS} (got {})",
-                args.vcpus
-            ));
+            return Err(format!("--vcpus must be between 1 and {MAX_VCPUS} (got {})", args.vcpus));
         }
         if args.timeout == Some(0) {
             return Err("--timeout must be at least 1 second".into());
         }
         let backend = match (args.sharing.dedup, args.memory_backend) {
             (DedupMode::Inprocess, Some(MemoryBackend::Anon)) => {
-                return Err(
-                    "--dedup inprocess needs --memory-backend memfd (or --dedup ksm/off)".into(),
-                )
+                return Err("--dedup inprocess needs --memory-backend memfd (or --dedup ksm/off)".into())
             }
             (DedupMode::Ksm, Some(MemoryBackend::Memfd)) => {
-                return Err(
-                    "--dedup ksm needs --memory-backend anon: KSM merges anonymous memory only"
-                        .into(),
-                )
+                return Err("--dedup ksm needs --memory-backend anon: KSM merges anonymous memory only".into())
             }
             (DedupMode::Ksm, None) => MemoryBackend::Anon,
             (_, chosen) => chosen.unwrap_or(MemoryBackend::Memfd),
         };
         let sharing = args.sharing.into_config(args.guests)?;
+        let dirty_log = sharing.mode == DedupMode::Inprocess;
         Ok(RunConfig {
             sharing,
             guest: GuestConfig {
@@ -239,6 +208,7 @@ impl TryFrom<RunArgs> for RunConfig {
                 memory_mib: args.memory,
                 vcpus: args.vcpus,
                 backend,
+                dirty_log,
             },
             guests: args.guests,
             console_dir: args.console_dir,
@@ -253,8 +223,7 @@ mod tests {
     use super::*;
 
     fn run_config(args: &[&str]) -> Result<RunConfig, String> {
-        let cli =
-            Cli::try_parse_from(["vmm", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(["vmm", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
         let Command::Run(run) = cli.command;
         RunConfig::try_from(run)
     }
@@ -310,10 +279,7 @@ mod tests {
         assert_eq!(c.sharing.engine.pages_to_scan, 100);
         assert_eq!(c.sharing.engine.max_page_sharing, 8);
         assert!(!c.sharing.engine.zero_pages);
-        assert_eq!(
-            c.sharing.pace.target_pass,
-            Some(Duration::from_millis(2500))
-        );
+        assert_eq!(c.sharing.pace.target_pass, Some(Duration::from_millis(2500)));
         assert_eq!(c.sharing.pace.cpu_cap, 0.5);
         assert_eq!(c.sharing.raise_max_map_count, Some(1_000_000));
         let c = run_config(&["--kernel", "k", "--guests", "3", "--merge-group", "5,5,6"]).unwrap();
@@ -366,43 +332,15 @@ mod tests {
             (&["--kernel", "k", "--vcpus", "33"], "--vcpus"),
             (&["--kernel", "k", "--timeout", "0"], "--timeout"),
             (&["--kernel", "k", "--memory", "lots"], "--memory"),
-            (
-                &["--kernel", "k", "--memory-backend", "disk"],
-                "--memory-backend",
-            ),
+            (&["--kernel", "k", "--memory-backend", "disk"], "--memory-backend"),
             (&["--memory", "64"], "--kernel"),
-            (
-                &["--kernel", "k", "--memory-backend", "anon"],
-                "--dedup inprocess",
-            ),
-            (
-                &[
-                    "--kernel",
-                    "k",
-                    "--dedup",
-                    "ksm",
-                    "--memory-backend",
-                    "memfd",
-                ],
-                "--dedup ksm",
-            ),
-            (
-                &["--kernel", "k", "--guests", "2", "--merge-group", "0,1,2"],
-                "--merge-group",
-            ),
-            (
-                &["--kernel", "k", "--guests", "2", "--merge-group", "a,b"],
-                "--merge-group",
-            ),
-            (
-                &["--kernel", "k", "--guests", "2", "--dedup-opt-out", "2"],
-                "--dedup-opt-out",
-            ),
+            (&["--kernel", "k", "--memory-backend", "anon"], "--dedup inprocess"),
+            (&["--kernel", "k", "--dedup", "ksm", "--memory-backend", "memfd"], "--dedup ksm"),
+            (&["--kernel", "k", "--guests", "2", "--merge-group", "0,1,2"], "--merge-group"),
+            (&["--kernel", "k", "--guests", "2", "--merge-group", "a,b"], "--merge-group"),
+            (&["--kernel", "k", "--guests", "2", "--dedup-opt-out", "2"], "--dedup-opt-out"),
             (&["--kernel", "k", "--scan-cpu-cap", "0"], "--scan-cpu-cap"),
-            (
-                &["--kernel", "k", "--scan-target-secs", "0"],
-                "--scan-target-secs",
-            ),
+            (&["--kernel", "k", "--scan-target-secs", "0"], "--scan-target-secs"),
         ] {
             let err = run_config(args).unwrap_err();
             assert!(err.contains(flag), "{args:?}: {err}");

@@ -28,6 +28,8 @@ pub struct GuestConfig {
     pub memory_mib: u64,
     pub vcpus: u8,
     pub backend: MemoryBackend,
+    /// Keep KVM's dirty log (in-process page sharing reads it).
+    pub dirty_log: bool,
 }
 
 /// State the vCPU threads of one guest share.
@@ -62,71 +64,40 @@ pub struct Guest {
     vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
     // Dropped after the vCPUs: the VM, then the memory it maps.
-    _vm: VmFd,
+    vm: Arc<VmFd>,
+    dirty_log: bool,
     ram: GuestRam,
 }
 
 impl Guest {
     /// Builds guest `id` from `config`, ready to start.
-    pub fn create(
-        hv: &Hypervisor,
-        id: usize,
-        config: &GuestConfig,
-        console: Console,
-    ) -> Result<Guest, String> {
-        let ram = GuestRam::new(
-            &format!("guest{id}"),
-            config.memory_mib * MIB,
-            config.backend,
-        )
-        .map_err(|e| {
-            format!(
-                "cannot allocate {} MiB of guest memory: {e}",
-                config.memory_mib
-            )
-        })?;
+    pub fn create(hv: &Hypervisor, id: usize, config: &GuestConfig, console: Console) -> Result<Guest, String> {
+        let ram = GuestRam::new(&format!("guest{id}"), config.memory_mib * MIB, config.backend)
+            .map_err(|e| format!("cannot allocate {} MiB of guest memory: {e}", config.memory_mib))?;
         let source = BootSource {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
             cmdline: config.cmdline.as_deref(),
             default_linux_cmdline: hv.host.default_linux_cmdline(),
         };
-        let boot = boot::load(ram.memory(), config.memory_mib * MIB, config.vcpus, &source)
-            .map_err(|e| e.to_string())?;
+        let boot =
+            boot::load(ram.memory(), config.memory_mib * MIB, config.vcpus, &source).map_err(|e| e.to_string())?;
 
         let kvm_err = |what: &str, e: kvm_ioctls::Error| format!("{what}: {e}");
-        let vm = vm::create(&hv.kvm, &ram).map_err(|e| kvm_err("cannot create the VM", e))?;
+        let vm = Arc::new(vm::create(&hv.kvm, &ram, config.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        vm.register_irqfd(&serial_irq, serial::COM1_IRQ)
-            .map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
-        let devices = Devices::new(
-            serial::new(serial_irq, console.clone()),
-            Doorbell::new(id as u64, config.vcpus),
-            console,
-        );
+        vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
+        let devices =
+            Devices::new(serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, config.vcpus), console);
         let vcpus = (0..config.vcpus)
             .map(|i| {
-                let fd = vm
-                    .create_vcpu(u64::from(i))
-                    .map_err(|e| kvm_err("cannot create a vCPU", e))?;
-                vcpu::configure(&fd, i, &hv.cpuid, &boot)
-                    .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
+                let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
+                vcpu::configure(&fd, i, &hv.cpuid, &boot).map_err(|e| kvm_err("cannot set up a vCPU", e))?;
                 Ok(fd)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let shared = Arc::new(Shared {
-            gate: VcpuGate::new(vcpus.len()),
-            devices,
-            end: Mutex::new(None),
-        });
-        Ok(Guest {
-            id,
-            shared,
-            vcpus,
-            threads: Vec::new(),
-            _vm: vm,
-            ram,
-        })
+        let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), devices, end: Mutex::new(None) });
+        Ok(Guest { id, shared, vcpus, threads: Vec::new(), vm, dirty_log: config.dirty_log, ram })
     }
 
     /// Starts one thread per vCPU; `finished` receives the guest id once the
@@ -138,23 +109,19 @@ impl Guest {
             let shared = self.shared.clone();
             let finished = finished.clone();
             let id = self.id;
-            let thread = std::thread::Builder::new()
-                .name(format!("guest{id}-vcpu{index}"))
-                .spawn(move || {
-                    let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
-                    if let Some(end) = end {
-                        shared.end_guest(end);
-                    }
-                    if last {
-                        let _ = finished.send(id);
-                    }
-                });
+            let thread = std::thread::Builder::new().name(format!("guest{id}-vcpu{index}")).spawn(move || {
+                let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
+                if let Some(end) = end {
+                    shared.end_guest(end);
+                }
+                if last {
+                    let _ = finished.send(id);
+                }
+            });
             match thread {
                 Ok(t) => self.threads.push(t),
                 Err(e) => {
-                    self.stop(GuestEnd::VmmError(format!(
-                        "cannot start a vCPU thread: {e}"
-                    )));
+                    self.stop(GuestEnd::VmmError(format!("cannot start a vCPU thread: {e}")));
                     return Err(e);
                 }
             }
@@ -171,8 +138,7 @@ impl Guest {
     pub fn join(mut self) -> GuestEnd {
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                self.shared
-                    .end_guest(GuestEnd::VmmError("a vCPU thread panicked".into()));
+                self.shared.end_guest(GuestEnd::VmmError("a vCPU thread panicked".into()));
             }
         }
         let end = self.shared.end.lock().unwrap().take();
@@ -184,6 +150,11 @@ impl Guest {
     /// What page sharing uses to stop this guest's writers during a merge.
     pub fn freezer(&self) -> Arc<dyn dedup::Freezer> {
         self.shared.clone()
+    }
+
+    /// KVM's dirty log for page sharing, if this guest keeps one.
+    pub fn dirty_tracker(&self) -> Option<Arc<dyn dedup::DirtyTracker>> {
+        self.dirty_log.then(|| Arc::new(vm::DirtyLog::new(self.vm.clone(), &self.ram)) as Arc<dyn dedup::DirtyTracker>)
     }
 
     pub fn console_tail(&self) -> String {

@@ -56,11 +56,7 @@ mod tests {
     use super::*;
 
     fn fake_modules(names: &[&str]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-host-test-{}-{}",
-            std::process::id(),
-            names.join("-")
-        ));
+        let dir = std::env::temp_dir().join(format!("vmm-host-test-{}-{}", std::process::id(), names.join("-")));
         for n in names {
             std::fs::create_dir_all(dir.join(n)).unwrap();
         }
@@ -70,35 +66,18 @@ mod tests {
 
     #[test]
     fn detects_each_kind() {
-        assert_eq!(
-            HostKind::detect_in(&fake_modules(&["kvm", "kvm_pvm"])),
-            HostKind::Pvm
-        );
-        assert_eq!(
-            HostKind::detect_in(&fake_modules(&["kvm", "kvm_amd"])),
-            HostKind::Hardware
-        );
-        assert_eq!(
-            HostKind::detect_in(&fake_modules(&["kvm"])),
-            HostKind::Unknown
-        );
+        assert_eq!(HostKind::detect_in(&fake_modules(&["kvm", "kvm_pvm"])), HostKind::Pvm);
+        assert_eq!(HostKind::detect_in(&fake_modules(&["kvm", "kvm_amd"])), HostKind::Hardware);
+        assert_eq!(HostKind::detect_in(&fake_modules(&["kvm"])), HostKind::Unknown);
     }
 
     #[test]
     fn pvm_cmdline_avoids_what_stops_the_guest() {
         let c = HostKind::Pvm.default_linux_cmdline();
-        for word in [
-            "noxsave",
-            "nopv",
-            "clearcpuid=smap",
-            "console=ttyS0",
-            "reboot=k",
-        ] {
+        for word in ["noxsave", "nopv", "clearcpuid=smap", "console=ttyS0", "reboot=k"] {
             assert!(c.contains(word), "{word} missing from {c}");
         }
         assert!(!c.contains("  "));
-        assert!(!HostKind::Hardware
-            .default_linux_cmdline()
-            .contains("clearcpuid"));
+        assert!(!HostKind::Hardware.default_linux_cmdline().contains("clearcpuid"));
     }
 }

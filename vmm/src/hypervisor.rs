@@ -14,13 +14,9 @@ pub struct Hypervisor {
 
 impl Hypervisor {
     pub fn open() -> Result<Self, String> {
-        let kvm = Kvm::new().map_err(|e| {
-            format!("cannot open /dev/kvm: {e} (is KVM available, and may this user use it?)")
-        })?;
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        ] {
+        let kvm = Kvm::new()
+            .map_err(|e| format!("cannot open /dev/kvm: {e} (is KVM available, and may this user use it?)"))?;
+        for (cap, name) in [(Cap::Irqchip, "KVM_CAP_IRQCHIP"), (Cap::UserMemory, "KVM_CAP_USER_MEMORY")] {
             if !kvm.check_extension(cap) {
                 return Err(format!("this KVM lacks {name}, which vmm needs"));
             }
@@ -28,10 +24,6 @@ impl Hypervisor {
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
-        Ok(Hypervisor {
-            kvm,
-            cpuid,
-            host: HostKind::detect(),
-        })
+        Ok(Hypervisor { kvm, cpuid, host: HostKind::detect() })
     }
 }

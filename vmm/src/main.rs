@@ -21,12 +21,7 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "[vmm {}] {}",
-                record.level(),
-                record.args()
-            );
+            let _ = writeln!(std::io::stderr(), "[vmm {}] {}", record.level(), record.args());
         }
     }
 

@@ -38,10 +38,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(GuestAddress(0), size)]
     } else {
-        vec![
-            (GuestAddress(0), MMIO_HOLE_START),
-            (GuestAddress(MMIO_HOLE_END), size - MMIO_HOLE_START),
-        ]
+        vec![(GuestAddress(0), MMIO_HOLE_START), (GuestAddress(MMIO_HOLE_END), size - MMIO_HOLE_START)]
     }
 }
 
@@ -56,10 +53,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Maps `size` bytes (a multiple of the page size) of fresh, zeroed RAM.
     pub fn new(name: &str, size: u64, backend: MemoryBackend) -> io::Result<Self> {
-        assert!(
-            size > 0 && size.is_multiple_of(PAGE_SIZE),
-            "guest RAM size {size} must be whole pages"
-        );
+        assert!(size > 0 && size.is_multiple_of(PAGE_SIZE), "guest RAM size {size} must be whole pages");
         let memfd = match backend {
             MemoryBackend::Memfd => Some(create_memfd(name, size)?),
             MemoryBackend::Anon => None,
@@ -67,27 +61,22 @@ impl GuestRam {
         let mut regions = Vec::new();
         let mut file_offset = 0;
         for (base, len) in ram_ranges(size) {
-            let builder = MmapRegionBuilder::new(len as usize)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            let builder = MmapRegionBuilder::new(len as usize).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             let builder = match &memfd {
                 Some(file) => builder
                     .with_file_offset(FileOffset::new(file.try_clone()?, file_offset))
                     .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE),
-                None => builder
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+                None => builder.with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
             };
             let mapping = builder.build().map_err(io::Error::other)?;
-            regions.push(GuestRegionMmap::new(mapping, base).ok_or_else(|| {
-                io::Error::other(format!("guest RAM range at {:#x} overflows", base.0))
-            })?);
+            regions.push(
+                GuestRegionMmap::new(mapping, base)
+                    .ok_or_else(|| io::Error::other(format!("guest RAM range at {:#x} overflows", base.0)))?,
+            );
             file_offset += len;
         }
         let memory = GuestMemoryMmap::from_regions(regions).map_err(io::Error::other)?;
-        Ok(GuestRam {
-            memory,
-            backend,
-            memfd,
-        })
+        Ok(GuestRam { memory, backend, memfd })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
@@ -109,12 +98,10 @@ impl GuestRam {
         &self,
         group: u32,
         freezer: std::sync::Arc<dyn dedup::Freezer>,
+        dirty: Option<std::sync::Arc<dyn dedup::DirtyTracker>>,
     ) -> Result<dedup::GuestMemory, String> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let memfd = self
-            .memfd
-            .as_ref()
-            .ok_or("in-process page sharing needs memfd-backed guest RAM")?;
+        let memfd = self.memfd.as_ref().ok_or("in-process page sharing needs memfd-backed guest RAM")?;
         let regions = self
             .memory
             .iter()
@@ -125,12 +112,11 @@ impl GuestRam {
             })
             .collect();
         Ok(dedup::GuestMemory {
-            memfd: memfd
-                .try_clone()
-                .map_err(|e| format!("cannot share guest memory: {e}"))?,
+            memfd: memfd.try_clone().map_err(|e| format!("cannot share guest memory: {e}"))?,
             regions,
             group,
             freezer,
+            dirty,
         })
     }
 
@@ -139,9 +125,7 @@ impl GuestRam {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         for r in self.memory.iter() {
             // SAFETY: madvise on a mapping we own; MADV_MERGEABLE changes no contents.
-            if unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_MERGEABLE) }
-                != 0
-            {
+            if unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_MERGEABLE) } != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
@@ -181,10 +165,7 @@ mod tests {
     #[test]
     fn small_guest_is_one_range_below_the_hole() {
         assert_eq!(ram_ranges(256 * MIB), vec![(GuestAddress(0), 256 * MIB)]);
-        assert_eq!(
-            ram_ranges(MMIO_HOLE_START),
-            vec![(GuestAddress(0), MMIO_HOLE_START)]
-        );
+        assert_eq!(ram_ranges(MMIO_HOLE_START), vec![(GuestAddress(0), MMIO_HOLE_START)]);
     }
 
     #[test]
@@ -199,14 +180,9 @@ mod tests {
     fn memfd_ram_is_shared_with_its_file() {
         use std::os::unix::fs::FileExt;
         let ram = GuestRam::new("test", 16 * MIB, MemoryBackend::Memfd).unwrap();
-        ram.memory()
-            .write_obj(0xabcd_u32, GuestAddress(0x3000))
-            .unwrap();
+        ram.memory().write_obj(0xabcd_u32, GuestAddress(0x3000)).unwrap();
         let mut buf = [0u8; 4];
-        ram.memfd()
-            .unwrap()
-            .read_exact_at(&mut buf, 0x3000)
-            .unwrap();
+        ram.memfd().unwrap().read_exact_at(&mut buf, 0x3000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xabcd);
         assert_eq!(ram.memory().last_addr(), GuestAddress(16 * MIB - 1));
     }
@@ -215,9 +191,6 @@ mod tests {
     fn anon_ram_has_no_file() {
         let ram = GuestRam::new("test", 8 * MIB, MemoryBackend::Anon).unwrap();
         assert!(ram.memfd().is_none());
-        assert_eq!(
-            ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(),
-            0
-        );
+        assert_eq!(ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
     }
 }

@@ -17,10 +17,7 @@ pub enum GuestEnd {
     /// memtest verified every page in every round.
     MemtestPassed(MemtestReport),
     /// memtest found pages whose contents were not what it wrote.
-    MemtestFailed {
-        mismatches: u64,
-        report: MemtestReport,
-    },
+    MemtestFailed { mismatches: u64, report: MemtestReport },
     /// Our test guest took an exception it did not expect.
     GuestException { vector: u64, rip: u64 },
     /// The guest asked for a reset (i8042 or KVM system event): it is over.
@@ -42,10 +39,7 @@ pub enum GuestEnd {
 impl GuestEnd {
     /// Clean ends leave the process exit code at 0.
     pub fn is_clean(&self) -> bool {
-        matches!(
-            self,
-            GuestEnd::MemtestPassed(_) | GuestEnd::Reset | GuestEnd::Stopped
-        )
+        matches!(self, GuestEnd::MemtestPassed(_) | GuestEnd::Reset | GuestEnd::Stopped)
     }
 }
 
@@ -63,11 +57,9 @@ impl fmt::Display for GuestEnd {
                 secs(r.fill_time),
                 secs(r.verify_time_per_round)
             ),
-            GuestEnd::MemtestFailed { mismatches, report } => write!(
-                f,
-                "memtest FAILED: {mismatches} corrupted pages after {} rounds",
-                report.rounds
-            ),
+            GuestEnd::MemtestFailed { mismatches, report } => {
+                write!(f, "memtest FAILED: {mismatches} corrupted pages after {} rounds", report.rounds)
+            }
             GuestEnd::GuestException { vector, rip } => {
                 write!(f, "guest exception: vector {vector} at rip {rip:#x}")
             }
@@ -93,38 +85,19 @@ mod tests {
 
     #[test]
     fn only_pass_reset_and_stop_are_clean() {
-        let report = MemtestReport {
-            rounds: 1,
-            fill_time: None,
-            verify_time_per_round: None,
-        };
+        let report = MemtestReport { rounds: 1, fill_time: None, verify_time_per_round: None };
         assert!(GuestEnd::MemtestPassed(report.clone()).is_clean());
         assert!(GuestEnd::Reset.is_clean());
         assert!(GuestEnd::Stopped.is_clean());
-        assert!(!GuestEnd::MemtestFailed {
-            mismatches: 1,
-            report
-        }
-        .is_clean());
+        assert!(!GuestEnd::MemtestFailed { mismatches: 1, report }.is_clean());
         assert!(!GuestEnd::TripleFault.is_clean());
-        assert!(!GuestEnd::InternalError {
-            suberror: 1,
-            rip: 0
-        }
-        .is_clean());
+        assert!(!GuestEnd::InternalError { suberror: 1, rip: 0 }.is_clean());
         assert!(!GuestEnd::TimedOut(Duration::from_secs(1)).is_clean());
     }
 
     #[test]
     fn internal_error_names_suberror_and_rip() {
-        let s = GuestEnd::InternalError {
-            suberror: 1,
-            rip: 0xffff_ffff_8100_0000,
-        }
-        .to_string();
-        assert!(
-            s.contains("suberror 1") && s.contains("0xffffffff81000000"),
-            "{s}"
-        );
+        let s = GuestEnd::InternalError { suberror: 1, rip: 0xffff_ffff_8100_0000 }.to_string();
+        assert!(s.contains("suberror 1") && s.contains("0xffffffff81000000"), "{s}");
     }
 }

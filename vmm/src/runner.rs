@@ -52,12 +52,7 @@ fn install_stop_handlers() -> Result<(), String> {
 }
 
 /// Refuses to start guests whose RAM the host cannot hold, unless told to.
-pub fn check_memory_fits(
-    guests: usize,
-    memory_mib: u64,
-    available: u64,
-    overcommit: bool,
-) -> Result<(), String> {
+pub fn check_memory_fits(guests: usize, memory_mib: u64, available: u64, overcommit: bool) -> Result<(), String> {
     let wanted = guests as u64 * memory_mib * MIB;
     if wanted > available && !overcommit {
         return Err(format!(
@@ -81,12 +76,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         );
     }
     let available = host_available_memory().map_err(|e| format!("cannot read host memory: {e}"))?;
-    check_memory_fits(
-        config.guests,
-        config.guest.memory_mib,
-        available,
-        config.overcommit,
-    )?;
+    check_memory_fits(config.guests, config.guest.memory_mib, available, config.overcommit)?;
 
     let sharing = start_sharing(&config.sharing)?;
     let consoles = consoles(config)?;
@@ -148,10 +138,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         let reason = if STOP_REQUESTED.load(Ordering::SeqCst) {
             Some(GuestEnd::Stopped)
         } else {
-            config
-                .timeout
-                .filter(|t| started.elapsed() >= *t)
-                .map(GuestEnd::TimedOut)
+            config.timeout.filter(|t| started.elapsed() >= *t).map(GuestEnd::TimedOut)
         };
         if let Some(reason) = reason {
             eprintln!("vmm: stopping {remaining} guest(s): {reason}");
@@ -163,12 +150,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         let (uptime, cpu) = (sharing.uptime(), sharing.scanner_cpu());
         report_sharing(&sharing.stop(), uptime, cpu);
     }
-    Ok(RunReport {
-        ends: ends
-            .into_iter()
-            .map(|e| e.unwrap_or(GuestEnd::Stopped))
-            .collect(),
-    })
+    Ok(RunReport { ends: ends.into_iter().map(|e| e.unwrap_or(GuestEnd::Stopped)).collect() })
 }
 
 fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
@@ -189,22 +171,10 @@ fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
         .map_err(|e| format!("cannot start page sharing: {e}"))
 }
 
-fn share_guest(
-    config: &SharingConfig,
-    sharing: Option<&Sharing>,
-    guest: &Guest,
-) -> Result<(), String> {
+fn share_guest(config: &SharingConfig, sharing: Option<&Sharing>, guest: &Guest) -> Result<(), String> {
     match (config.mode, sharing) {
-        (DedupMode::Ksm, _) => guest
-            .ram()
-            .mark_mergeable()
-            .map_err(|e| format!("MADV_MERGEABLE failed: {e}")),
-        (DedupMode::Inprocess, Some(s)) if !config.opt_out[guest.id] => s.add_guest(
-            guest.id,
-            guest.ram(),
-            config.groups[guest.id],
-            guest.freezer(),
-        ),
+        (DedupMode::Ksm, _) => guest.ram().mark_mergeable().map_err(|e| format!("MADV_MERGEABLE failed: {e}")),
+        (DedupMode::Inprocess, Some(s)) if !config.opt_out[guest.id] => s.add_guest(guest, config.groups[guest.id]),
         _ => Ok(()),
     }
 }
@@ -281,16 +251,11 @@ fn fresh_temp_dir() -> Result<PathBuf, String> {
     // SAFETY: `bytes` is a writable NUL-terminated template, as mkdtemp needs.
     let ptr = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
     if ptr.is_null() {
-        return Err(format!(
-            "cannot create a console directory: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(format!("cannot create a console directory: {}", std::io::Error::last_os_error()));
     }
     bytes.pop();
     // SAFETY: mkdtemp only replaced the X's with ASCII characters.
-    Ok(PathBuf::from(unsafe {
-        std::ffi::OsString::from_encoded_bytes_unchecked(bytes)
-    }))
+    Ok(PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) }))
 }
 
 #[cfg(test)]
@@ -300,10 +265,7 @@ mod tests {
     #[test]
     fn memory_check_refuses_unless_overcommitting() {
         let err = check_memory_fits(8, 4096, 16 << 30, false).unwrap_err();
-        assert!(
-            err.contains("8 guests x 4096 MiB = 32768 MiB") && err.contains("--overcommit"),
-            "{err}"
-        );
+        assert!(err.contains("8 guests x 4096 MiB = 32768 MiB") && err.contains("--overcommit"), "{err}");
         assert!(check_memory_fits(8, 4096, 16 << 30, true).is_ok());
         assert!(check_memory_fits(4, 1024, 16 << 30, false).is_ok());
     }

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dedup::{Engine, Freezer, GuestId, Stats};
+use dedup::{Engine, GuestId, Stats};
 
-use crate::memory::GuestRam;
+use crate::guest::Guest;
 
 /// Who merges guest pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -50,12 +50,7 @@ pub struct ScanPace {
 
 impl Default for ScanPace {
     fn default() -> Self {
-        ScanPace {
-            pages_per_step: 4096,
-            sleep: Duration::from_millis(20),
-            target_pass: None,
-            cpu_cap: 1.0,
-        }
+        ScanPace { pages_per_step: 4096, sleep: Duration::from_millis(20), target_pass: None, cpu_cap: 1.0 }
     }
 }
 
@@ -69,8 +64,7 @@ impl ScanPace {
         let per_step = target.mul_f64(pages.max(1) as f64 / total.max(1) as f64);
         let for_target = per_step.saturating_sub(busy);
         // busy / (busy + sleep) <= cap
-        let for_cap =
-            busy.mul_f64((1.0 - self.cpu_cap.clamp(0.01, 1.0)) / self.cpu_cap.clamp(0.01, 1.0));
+        let for_cap = busy.mul_f64((1.0 - self.cpu_cap.clamp(0.01, 1.0)) / self.cpu_cap.clamp(0.01, 1.0));
         for_target.max(for_cap)
     }
 }
@@ -111,16 +105,10 @@ impl Sharing {
     }
 
     /// Starts sharing guest `guest`'s RAM within merge group `group`.
-    pub fn add_guest(
-        &self,
-        guest: usize,
-        ram: &GuestRam,
-        group: u32,
-        freezer: Arc<dyn Freezer>,
-    ) -> Result<(), String> {
-        let memory = ram.sharing_view(group, freezer)?;
+    pub fn add_guest(&self, guest: &Guest, group: u32) -> Result<(), String> {
+        let memory = guest.ram().sharing_view(group, guest.freezer(), guest.dirty_tracker())?;
         let id = self.engine.lock().unwrap().add_guest(memory);
-        self.ids.lock().unwrap().insert(guest, id);
+        self.ids.lock().unwrap().insert(guest.id, id);
         Ok(())
     }
 
@@ -153,9 +141,7 @@ impl Sharing {
 
     /// CPU time the scanner thread has used.
     pub fn scanner_cpu(&self) -> Duration {
-        thread_cpu_time_of("dedup-scanner")
-            .unwrap_or_default()
-            .saturating_sub(self.cpu_at_start)
+        thread_cpu_time_of("dedup-scanner").unwrap_or_default().saturating_sub(self.cpu_at_start)
     }
 
     /// The stats at the moment the most pages were saved.
@@ -221,8 +207,7 @@ fn thread_cpu_time_of(name: &str) -> Option<Duration> {
         // Fields after the ")" of the command: utime and stime are the 12th and 13th.
         let rest = &stat[stat.rfind(')')? + 2..];
         let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (utime, stime): (f64, f64) =
-            (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+        let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
         return Some(Duration::from_secs_f64((utime + stime) / ticks));
     }
     None
@@ -235,19 +220,12 @@ mod tests {
     #[test]
     fn fixed_pace_without_advisor() {
         let p = ScanPace::default();
-        assert_eq!(
-            p.sleep_after(Duration::from_millis(3), 4096, 100_000),
-            Duration::from_millis(20)
-        );
+        assert_eq!(p.sleep_after(Duration::from_millis(3), 4096, 100_000), Duration::from_millis(20));
     }
 
     #[test]
     fn advisor_meets_the_target_pass_time() {
-        let p = ScanPace {
-            target_pass: Some(Duration::from_secs(10)),
-            cpu_cap: 1.0,
-            ..Default::default()
-        };
+        let p = ScanPace { target_pass: Some(Duration::from_secs(10)), cpu_cap: 1.0, ..Default::default() };
         // 1000 of 100k pages per step: 100 steps, 100 ms each; busy 30 ms leaves 70 ms.
         let s = p.sleep_after(Duration::from_millis(30), 1000, 100_000);
         assert_eq!(s, Duration::from_millis(70));
@@ -255,11 +233,7 @@ mod tests {
 
     #[test]
     fn advisor_respects_the_cpu_cap() {
-        let p = ScanPace {
-            target_pass: Some(Duration::from_millis(1)),
-            cpu_cap: 0.25,
-            ..Default::default()
-        };
+        let p = ScanPace { target_pass: Some(Duration::from_millis(1)), cpu_cap: 0.25, ..Default::default() };
         // Target wants no sleep at all; a 25% cap needs 3x the busy time asleep.
         let s = p.sleep_after(Duration::from_millis(10), 1000, 1000);
         assert_eq!(s, Duration::from_millis(30));

@@ -79,16 +79,8 @@ mod tests {
 
     #[test]
     fn ignores_other_notes_and_truncation() {
-        assert!(!has_note(
-            &note(b"Xen\0", NOTE_ALL_VCPUS_AT_ENTRY),
-            NOTE_NAME,
-            NOTE_ALL_VCPUS_AT_ENTRY
-        ));
+        assert!(!has_note(&note(b"Xen\0", NOTE_ALL_VCPUS_AT_ENTRY), NOTE_NAME, NOTE_ALL_VCPUS_AT_ENTRY));
         let full = note(NOTE_NAME, NOTE_ALL_VCPUS_AT_ENTRY);
-        assert!(!has_note(
-            &full[..full.len() - 2],
-            NOTE_NAME,
-            NOTE_ALL_VCPUS_AT_ENTRY
-        ));
+        assert!(!has_note(&full[..full.len() - 2], NOTE_NAME, NOTE_ALL_VCPUS_AT_ENTRY));
     }
 }

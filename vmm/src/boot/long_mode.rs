@@ -44,11 +44,7 @@ fn kvm_segment_from(index: usize) -> kvm_segment {
     let granular = flags & 0x8 != 0;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
-        limit: if granular {
-            (limit << 12) | 0xfff
-        } else {
-            limit
-        },
+        limit: if granular { (limit << 12) | 0xfff } else { limit },
         selector: (index * 8) as u16,
         type_: access & 0xf,
         present: access >> 7,
@@ -67,28 +63,19 @@ fn kvm_segment_from(index: usize) -> kvm_segment {
 pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), String> {
     let err = |what: &str, e: vm_memory::GuestMemoryError| format!("{what}: {e}");
     for (i, entry) in GDT.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_START + i as u64 * 8))
-            .map_err(|e| err("GDT", e))?;
+        mem.write_obj(*entry, GuestAddress(GDT_START + i as u64 * 8)).map_err(|e| err("GDT", e))?;
     }
-    mem.write_obj(0u64, GuestAddress(IDT_START))
-        .map_err(|e| err("IDT", e))?;
+    mem.write_obj(0u64, GuestAddress(IDT_START)).map_err(|e| err("IDT", e))?;
 
     const PRESENT_WRITABLE: u64 = 0x3;
     const HUGE_PAGE: u64 = 0x80;
-    mem.write_obj(PDPT_START | PRESENT_WRITABLE, GuestAddress(PML4_START))
-        .map_err(|e| err("PML4", e))?;
+    mem.write_obj(PDPT_START | PRESENT_WRITABLE, GuestAddress(PML4_START)).map_err(|e| err("PML4", e))?;
     for pd in 0..PD_COUNT {
         let pd_addr = PD_START + pd * 0x1000;
-        mem.write_obj(
-            pd_addr | PRESENT_WRITABLE,
-            GuestAddress(PDPT_START + pd * 8),
-        )
-        .map_err(|e| err("PDPT", e))?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| (((pd * 512 + i) << 21) | PRESENT_WRITABLE | HUGE_PAGE).to_le_bytes())
-            .collect();
-        mem.write_slice(&entries, GuestAddress(pd_addr))
-            .map_err(|e| err("PD", e))?;
+        mem.write_obj(pd_addr | PRESENT_WRITABLE, GuestAddress(PDPT_START + pd * 8)).map_err(|e| err("PDPT", e))?;
+        let entries: Vec<u8> =
+            (0..512u64).flat_map(|i| (((pd * 512 + i) << 21) | PRESENT_WRITABLE | HUGE_PAGE).to_le_bytes()).collect();
+        mem.write_slice(&entries, GuestAddress(pd_addr)).map_err(|e| err("PD", e))?;
     }
     Ok(())
 }
@@ -144,10 +131,7 @@ mod tests {
     #[test]
     fn data_segment_is_flat() {
         let ds = kvm_segment_from(DATA_SELECTOR);
-        assert_eq!(
-            (ds.base, ds.limit, ds.db, ds.g, ds.type_),
-            (0, 0xffff_ffff, 1, 1, 3)
-        );
+        assert_eq!((ds.base, ds.limit, ds.db, ds.g, ds.type_), (0, 0xffff_ffff, 1, 1, 3));
         assert_eq!(ds.selector, 0x18);
     }
 
@@ -156,18 +140,10 @@ mod tests {
         let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
         let mem = ram.memory();
         write_tables(mem).unwrap();
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(),
-            PDPT_START | 3
-        );
-        assert_eq!(
-            mem.read_obj::<u64>(GuestAddress(PDPT_START + 24)).unwrap(),
-            (PD_START + 0x3000) | 3
-        );
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPT_START | 3);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(PDPT_START + 24)).unwrap(), (PD_START + 0x3000) | 3);
         // The last 2 MiB page below 4 GiB maps itself.
-        let last = mem
-            .read_obj::<u64>(GuestAddress(PD_START + 0x3000 + 511 * 8))
-            .unwrap();
+        let last = mem.read_obj::<u64>(GuestAddress(PD_START + 0x3000 + 511 * 8)).unwrap();
         assert_eq!(last, ((4 << 30) - (2 << 20)) | 0x83);
     }
 

@@ -54,17 +54,11 @@ impl std::fmt::Display for BootError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
             BootError::OpenKernel(p, e) => write!(f, "cannot open kernel {}: {e}", p.display()),
-            BootError::NotAKernel(p) => write!(
-                f,
-                "{} is not a kernel: expected an x86-64 ELF (vmlinux) or a bzImage",
-                p.display()
-            ),
+            BootError::NotAKernel(p) => {
+                write!(f, "{} is not a kernel: expected an x86-64 ELF (vmlinux) or a bzImage", p.display())
+            }
             BootError::LoadKernel(p, e) => {
-                write!(
-                    f,
-                    "cannot load kernel {}: {e} (does it fit in guest memory?)",
-                    p.display()
-                )
+                write!(f, "cannot load kernel {}: {e} (does it fit in guest memory?)", p.display())
             }
             BootError::OpenInitrd(p, e) => write!(f, "cannot open initrd {}: {e}", p.display()),
             BootError::InitrdTooLarge { path, size, room } => write!(
@@ -95,12 +89,7 @@ pub struct BootSource<'a> {
 
 /// Loads `source` into `mem` (a guest of `ram_size` bytes with `vcpus` vCPUs)
 /// and writes every boot structure except the per-vCPU registers.
-pub fn load(
-    mem: &GuestMemoryMmap,
-    ram_size: u64,
-    vcpus: u8,
-    source: &BootSource,
-) -> Result<BootInfo, BootError> {
+pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource) -> Result<BootInfo, BootError> {
     let kernel = source.kernel;
     let mut file = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.into(), e))?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
@@ -109,14 +98,12 @@ pub fn load(
     let load_err = |e| BootError::LoadKernel(kernel.into(), e);
     let (entry, setup_header, all_vcpus_at_entry) = match kernel_format(&mut file) {
         Some(KernelFormat::Elf) => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_err)?;
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
             let all = elf_note::starts_all_vcpus(&mut file).unwrap_or(false);
             (r.kernel_load, None, all)
         }
         Some(KernelFormat::BzImage) => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_err)?;
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
             // The 64-bit entry sits 0x200 bytes into the protected-mode code.
             (r.kernel_load.unchecked_add(0x200), r.setup_header, false)
         }
@@ -139,8 +126,7 @@ pub fn load(
         None => source.default_linux_cmdline,
     };
     let cmdline = build_cmdline(text)?;
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = text.len() as u32 + 1;
 
@@ -155,19 +141,13 @@ pub fn load(
     for (slot, entry) in params.e820_table.iter_mut().zip(&e820) {
         *slot = *entry;
     }
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE_START)),
-        mem,
-    )
-    .map_err(|e| BootError::BootStructures(e.to_string()))?;
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE_START)), mem)
+        .map_err(|e| BootError::BootStructures(e.to_string()))?;
 
     mptable::write(mem, vcpus).map_err(BootError::BootStructures)?;
     long_mode::write_tables(mem).map_err(BootError::BootStructures)?;
 
-    Ok(BootInfo {
-        entry,
-        all_vcpus_at_entry,
-    })
+    Ok(BootInfo { entry, all_vcpus_at_entry })
 }
 
 enum KernelFormat {
@@ -189,41 +169,24 @@ fn kernel_format(file: &mut File) -> Option<KernelFormat> {
 }
 
 fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
-    let mut cmdline =
-        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !text.trim().is_empty() {
-        cmdline
-            .insert_str(text.trim())
-            .map_err(|e| BootError::Cmdline(e.to_string()))?;
+        cmdline.insert_str(text.trim()).map_err(|e| BootError::Cmdline(e.to_string()))?;
     }
     Ok(cmdline)
 }
 
 /// Places the initrd at the top of low RAM, page aligned, as bootloaders do.
-fn load_initrd(
-    mem: &GuestMemoryMmap,
-    ram_size: u64,
-    path: &Path,
-) -> Result<(GuestAddress, u64), BootError> {
+fn load_initrd(mem: &GuestMemoryMmap, ram_size: u64, path: &Path) -> Result<(GuestAddress, u64), BootError> {
     let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(path.into(), e))?;
     let size = file
         .metadata()
-        .and_then(|m| {
-            if m.is_dir() {
-                Err(io::Error::other("is a directory"))
-            } else {
-                Ok(m.len())
-            }
-        })
+        .and_then(|m| if m.is_dir() { Err(io::Error::other("is a directory")) } else { Ok(m.len()) })
         .map_err(|e| BootError::OpenInitrd(path.into(), e))?;
     let low_ram_end = ram_ranges(ram_size)[0].1;
     let room = low_ram_end.saturating_sub(INITRD_MIN_ADDR);
     if size > room {
-        return Err(BootError::InitrdTooLarge {
-            path: path.into(),
-            size,
-            room,
-        });
+        return Err(BootError::InitrdTooLarge { path: path.into(), size, room });
     }
     let addr = GuestAddress((low_ram_end - size) & !(crate::memory::PAGE_SIZE - 1));
     mem.read_exact_volatile_from(addr, &mut file, size as usize)
@@ -234,11 +197,7 @@ fn load_initrd(
 /// The e820 map: base memory below the EBDA, then everything from 1 MiB.
 pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
     const E820_RAM: u32 = 1;
-    let ram = |addr, size| boot_e820_entry {
-        addr,
-        size,
-        r#type: E820_RAM,
-    };
+    let ram = |addr, size| boot_e820_entry { addr, size, r#type: E820_RAM };
     let mut map = vec![ram(0, EBDA_START)];
     for (base, len) in ram_ranges(ram_size) {
         let start = base.raw_value().max(HIMEM_START);
@@ -257,21 +216,12 @@ mod tests {
     use vm_memory::Bytes;
 
     fn entries(ram: u64) -> Vec<(u64, u64, u32)> {
-        e820_map(ram)
-            .iter()
-            .map(|e| (e.addr, e.size, e.r#type))
-            .collect()
+        e820_map(ram).iter().map(|e| (e.addr, e.size, e.r#type)).collect()
     }
 
     #[test]
     fn e820_small_guest() {
-        assert_eq!(
-            entries(128 * MIB),
-            vec![
-                (0, EBDA_START, 1),
-                (HIMEM_START, 128 * MIB - HIMEM_START, 1)
-            ]
-        );
+        assert_eq!(entries(128 * MIB), vec![(0, EBDA_START, 1), (HIMEM_START, 128 * MIB - HIMEM_START, 1)]);
     }
 
     #[test]
@@ -284,22 +234,12 @@ mod tests {
         assert_eq!(total, 5 * 1024 * MIB - (HIMEM_START - EBDA_START));
     }
 
-    fn source<'a>(
-        kernel: &'a Path,
-        initrd: Option<&'a Path>,
-        cmdline: Option<&'a str>,
-    ) -> BootSource<'a> {
-        BootSource {
-            kernel,
-            initrd,
-            cmdline,
-            default_linux_cmdline: "console=ttyS0 default",
-        }
+    fn source<'a>(kernel: &'a Path, initrd: Option<&'a Path>, cmdline: Option<&'a str>) -> BootSource<'a> {
+        BootSource { kernel, initrd, cmdline, default_linux_cmdline: "console=ttyS0 default" }
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
-        let path =
-            std::env::temp_dir().join(format!("vmm-boot-test-{}-{name}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("vmm-boot-test-{}-{name}", std::process::id()));
         std::fs::write(&path, bytes).unwrap();
         path
     }
@@ -356,25 +296,17 @@ mod tests {
         let initrd = temp_file("initrd", &[7u8; 5000]);
         let src = source(&kernel, Some(&initrd), Some("console=ttyS0 quiet"));
         let info = load(ram.memory(), 32 * MIB, 2, &src).unwrap();
-        assert_eq!(
-            info,
-            BootInfo {
-                entry: GuestAddress(HIMEM_START),
-                all_vcpus_at_entry: false
-            }
-        );
+        assert_eq!(info, BootInfo { entry: GuestAddress(HIMEM_START), all_vcpus_at_entry: false });
         let mem = ram.memory();
         let mut code = [0u8; 16];
-        mem.read_slice(&mut code, GuestAddress(HIMEM_START))
-            .unwrap();
+        mem.read_slice(&mut code, GuestAddress(HIMEM_START)).unwrap();
         assert_eq!(&code, b"0123456789abcdef");
 
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         let cmd_ptr = params.hdr.cmd_line_ptr;
         assert_eq!(cmd_ptr as u64, CMDLINE_START);
         let mut cmd = [0u8; 20];
-        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START))
-            .unwrap();
+        mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&cmd, b"console=ttyS0 quiet\0");
         assert_eq!(params.e820_entries, 2);
         let (rd_addr, rd_size) = (params.hdr.ramdisk_image as u64, params.hdr.ramdisk_size);

@@ -79,8 +79,7 @@ pub fn build(vcpus: u8) -> Vec<u8> {
 pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), String> {
     let bytes = build(vcpus);
     debug_assert!(bytes.len() <= 1024);
-    mem.write_slice(&bytes, GuestAddress(EBDA_START))
-        .map_err(|e| format!("MP table: {e}"))
+    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(|e| format!("MP table: {e}"))
 }
 
 #[cfg(test)]

@@ -30,12 +30,7 @@ impl Console {
     }
 
     pub fn with_sink(sink: Box<dyn Write + Send>) -> Self {
-        Console {
-            inner: Arc::new(Mutex::new(Inner {
-                sink,
-                tail: VecDeque::new(),
-            })),
-        }
+        Console { inner: Arc::new(Mutex::new(Inner { sink, tail: VecDeque::new() })) }
     }
 
     /// The last bytes written, lossily decoded.

@@ -25,9 +25,7 @@ pub const VCPU_COUNT: u64 = 0x38;
 
 /// The register offset of `addr`, if it is in the doorbell page.
 pub fn offset(addr: u64) -> Option<u64> {
-    (DOORBELL_BASE..DOORBELL_BASE + DOORBELL_SIZE)
-        .contains(&addr)
-        .then(|| addr - DOORBELL_BASE)
+    (DOORBELL_BASE..DOORBELL_BASE + DOORBELL_SIZE).contains(&addr).then(|| addr - DOORBELL_BASE)
 }
 
 pub struct Doorbell {
@@ -103,16 +101,8 @@ impl Doorbell {
                 return Action::EndGuest(state.verdict());
             }
             FAULT_RIP => state.fault_rip = value,
-            FAULT => {
-                return Action::EndGuest(GuestEnd::GuestException {
-                    vector: value,
-                    rip: state.fault_rip,
-                })
-            }
-            _ => log::warn!(
-                "guest {}: write to unknown doorbell register {offset:#x}",
-                self.guest_id
-            ),
+            FAULT => return Action::EndGuest(GuestEnd::GuestException { vector: value, rip: state.fault_rip }),
+            _ => log::warn!("guest {}: write to unknown doorbell register {offset:#x}", self.guest_id),
         }
         Action::Continue
     }
@@ -153,10 +143,7 @@ impl State {
         if self.mismatches == 0 && self.reported_mismatches == 0 {
             GuestEnd::MemtestPassed(report)
         } else {
-            GuestEnd::MemtestFailed {
-                mismatches: self.mismatches.max(self.reported_mismatches),
-                report,
-            }
+            GuestEnd::MemtestFailed { mismatches: self.mismatches.max(self.reported_mismatches), report }
         }
     }
 }
@@ -195,10 +182,7 @@ mod tests {
         let c = console();
         d.write(0, MISMATCH, 0x20_0000, &c);
         d.write(0, DONE, 1, &c);
-        assert!(matches!(
-            d.write(1, DONE, 0, &c),
-            Action::EndGuest(GuestEnd::MemtestFailed { mismatches: 1, .. })
-        ));
+        assert!(matches!(d.write(1, DONE, 0, &c), Action::EndGuest(GuestEnd::MemtestFailed { mismatches: 1, .. })));
     }
 
     #[test]
@@ -208,10 +192,7 @@ mod tests {
         d.write(0, FAULT_RIP, 0x10_1234, &c);
         assert_eq!(
             d.write(0, FAULT, 14, &c),
-            Action::EndGuest(GuestEnd::GuestException {
-                vector: 14,
-                rip: 0x10_1234
-            })
+            Action::EndGuest(GuestEnd::GuestException { vector: 14, rip: 0x10_1234 })
         );
     }
 

@@ -32,11 +32,7 @@ pub struct Devices {
 
 impl Devices {
     pub fn new(serial: Serial, doorbell: Doorbell, console: Console) -> Self {
-        Devices {
-            serial: Mutex::new(serial),
-            doorbell,
-            console,
-        }
+        Devices { serial: Mutex::new(serial), doorbell, console }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -77,9 +73,7 @@ impl Devices {
             let mut value = [0u8; 8];
             let n = data.len().min(8);
             value[..n].copy_from_slice(&data[..n]);
-            return self
-                .doorbell
-                .write(vcpu, offset, u64::from_le_bytes(value), &self.console);
+            return self.doorbell.write(vcpu, offset, u64::from_le_bytes(value), &self.console);
         }
         log::debug!("guest write to unknown MMIO address {addr:#x}");
         Action::Continue

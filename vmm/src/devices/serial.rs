@@ -31,7 +31,5 @@ pub fn new(irq: EventFd, console: Console) -> Serial {
 
 /// The register offset for `port`, if it belongs to COM1.
 pub fn offset(port: u16) -> Option<u8> {
-    (COM1_BASE..COM1_BASE + 8)
-        .contains(&port)
-        .then(|| (port - COM1_BASE) as u8)
+    (COM1_BASE..COM1_BASE + 8).contains(&port).then(|| (port - COM1_BASE) as u8)
 }

@@ -23,8 +23,7 @@ pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        register_signal_handler(kick_signal(), on_kick)
-            .expect("cannot install the vCPU kick handler");
+        register_signal_handler(kick_signal(), on_kick).expect("cannot install the vCPU kick handler");
     });
 }
 
@@ -84,10 +83,7 @@ impl VcpuGate {
     pub fn register(&self, index: usize, immediate_exit: *mut u8) {
         // SAFETY: pthread_self has no preconditions.
         let thread = unsafe { libc::pthread_self() };
-        self.state.lock().unwrap().targets[index] = Some(KickTarget {
-            thread,
-            immediate_exit,
-        });
+        self.state.lock().unwrap().targets[index] = Some(KickTarget { thread, immediate_exit });
     }
 
     /// Called by vCPU `index`'s thread when it leaves its run loop for good.
@@ -138,11 +134,7 @@ impl VcpuGate {
             Self::kick_all(&s);
             // Re-kick now and then: a vCPU may have been between its
             // checkpoint and KVM_RUN when immediate_exit was cleared.
-            s = self
-                .changed
-                .wait_timeout(s, Duration::from_millis(5))
-                .unwrap()
-                .0;
+            s = self.changed.wait_timeout(s, Duration::from_millis(5)).unwrap().0;
         }
     }
 
@@ -197,11 +189,7 @@ mod tests {
         gate.pause();
         let frozen = work.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(
-            work.load(Ordering::SeqCst),
-            frozen,
-            "a vCPU ran while paused"
-        );
+        assert_eq!(work.load(Ordering::SeqCst), frozen, "a vCPU ran while paused");
         gate.resume();
         std::thread::sleep(Duration::from_millis(20));
         assert!(work.load(Ordering::SeqCst) > frozen, "vCPUs did not resume");

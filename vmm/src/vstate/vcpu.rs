@@ -18,12 +18,7 @@ const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
 /// Sets up vCPU `index`: CPUID with its APIC ID, FPU, the LAPIC's legacy
 /// interrupt lines, and, for the vCPUs that start at the entry point, long
 /// mode and the boot registers. Other vCPUs wait for INIT/SIPI (Linux APs).
-pub fn configure(
-    fd: &VcpuFd,
-    index: u8,
-    supported_cpuid: &CpuId,
-    boot: &BootInfo,
-) -> Result<(), kvm_ioctls::Error> {
+pub fn configure(fd: &VcpuFd, index: u8, supported_cpuid: &CpuId, boot: &BootInfo) -> Result<(), kvm_ioctls::Error> {
     let mut cpuid = supported_cpuid.clone();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -36,11 +31,7 @@ pub fn configure(
         }
     }
     fd.set_cpuid2(&cpuid)?;
-    fd.set_fpu(&kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    })?;
+    fd.set_fpu(&kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() })?;
 
     let mut lapic = fd.get_lapic()?;
     set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
@@ -53,9 +44,7 @@ pub fn configure(
         fd.set_sregs(&sregs)?;
         fd.set_regs(&long_mode::boot_regs(boot.entry, index))?;
         if index != 0 {
-            fd.set_mp_state(kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            })?;
+            fd.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })?;
         }
     }
     Ok(())
@@ -73,12 +62,7 @@ fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
 /// Runs vCPU `index` until the gate stops it, its work is done, or it ends
 /// the guest. Returns the reason when it is this vCPU that ends the guest,
 /// and whether it was the guest's last vCPU to leave.
-pub fn run(
-    mut fd: VcpuFd,
-    index: u8,
-    gate: &VcpuGate,
-    devices: &Devices,
-) -> (Option<GuestEnd>, bool) {
+pub fn run(mut fd: VcpuFd, index: u8, gate: &VcpuGate, devices: &Devices) -> (Option<GuestEnd>, bool) {
     let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
     gate.register(index as usize, immediate_exit);
     let end = loop {
@@ -113,18 +97,14 @@ fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices) -> Action {
             VcpuExit::SystemEvent(..) => Action::EndGuest(GuestEnd::Reset),
             VcpuExit::FailEntry(reason, _) => Action::EndGuest(GuestEnd::FailEntry { reason }),
             VcpuExit::InternalError => Action::EndGuest(internal_error(fd)),
-            other => Action::EndGuest(GuestEnd::VmmError(format!(
-                "vCPU {index}: unexpected KVM exit {other:?}"
-            ))),
+            other => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: unexpected KVM exit {other:?}"))),
         },
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             // Kicked: clear the flag and go back to the gate.
             fd.set_kvm_immediate_exit(0);
             Action::Continue
         }
-        Err(e) => Action::EndGuest(GuestEnd::VmmError(format!(
-            "vCPU {index}: KVM_RUN failed: {e}"
-        ))),
+        Err(e) => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: KVM_RUN failed: {e}"))),
     }
 }
 

@@ -39,9 +39,21 @@ fn memtest_guests_share_pages_and_verify_clean() {
     let dir = scratch_dir("sharing-4");
     let out = run_vmm(
         &[
-            "run", "--guests", "4", "--memory", "64", "--kernel", memtest.to_str().unwrap(),
-            "--console-dir", dir.to_str().unwrap(), "--scan-pages", "16384", "--scan-sleep-ms", "5",
-            "--cmdline", "rounds=40 seed=7 share=0.8 zero=0.1 volatile=64",
+            "run",
+            "--guests",
+            "4",
+            "--memory",
+            "64",
+            "--kernel",
+            memtest.to_str().unwrap(),
+            "--console-dir",
+            dir.to_str().unwrap(),
+            "--scan-pages",
+            "16384",
+            "--scan-sleep-ms",
+            "5",
+            "--cmdline",
+            "rounds=40 seed=7 share=0.8 zero=0.1 volatile=64",
         ],
         Duration::from_secs(300),
     );
@@ -60,10 +72,24 @@ fn separate_merge_groups_share_nothing_between_guests() {
     let dir = scratch_dir("sharing-groups");
     let out = run_vmm(
         &[
-            "run", "--guests", "2", "--memory", "64", "--kernel", memtest.to_str().unwrap(),
-            "--console-dir", dir.to_str().unwrap(), "--scan-pages", "16384", "--scan-sleep-ms", "5",
-            "--merge-group", "per-guest", "--no-zero-pages",
-            "--cmdline", "rounds=30 seed=7 share=0.8 zero=0 volatile=0",
+            "run",
+            "--guests",
+            "2",
+            "--memory",
+            "64",
+            "--kernel",
+            memtest.to_str().unwrap(),
+            "--console-dir",
+            dir.to_str().unwrap(),
+            "--scan-pages",
+            "16384",
+            "--scan-sleep-ms",
+            "5",
+            "--merge-group",
+            "per-guest",
+            "--no-zero-pages",
+            "--cmdline",
+            "rounds=30 seed=7 share=0.8 zero=0 volatile=0",
         ],
         Duration::from_secs(300),
     );

@@ -109,6 +109,7 @@ impl Guest {
             let shared = self.shared.clone();
             let finished = finished.clone();
             let id = self.id;
+            self.shared.gate.starting();
             let thread = std::thread::Builder::new().name(format!("guest{id}-vcpu{index}")).spawn(move || {
                 let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
                 if let Some(end) = end {
@@ -121,6 +122,7 @@ impl Guest {
             match thread {
                 Ok(t) => self.threads.push(t),
                 Err(e) => {
+                    self.shared.gate.leave(index);
                     self.stop(GuestEnd::VmmError(format!("cannot start a vCPU thread: {e}")));
                     return Err(e);
                 }

@@ -70,12 +70,15 @@ unsafe impl Sync for VcpuGate {}
 impl VcpuGate {
     pub fn new(vcpus: usize) -> Self {
         let gate = VcpuGate::default();
-        {
-            let mut s = gate.state.lock().unwrap();
-            s.live = vcpus;
-            s.targets = (0..vcpus).map(|_| None).collect();
-        }
+        gate.state.lock().unwrap().targets = (0..vcpus).map(|_| None).collect();
         gate
+    }
+
+    /// Counts a vCPU thread as live; call before spawning it. A pause waits
+    /// for live vCPUs only, so a guest not yet started pauses at once, and a
+    /// vCPU counted here parks at its first checkpoint if a pause is on.
+    pub fn starting(&self) {
+        self.state.lock().unwrap().live += 1;
     }
 
     /// Called by vCPU `index`'s own thread before its first `KVM_RUN`.
@@ -86,8 +89,8 @@ impl VcpuGate {
         self.state.lock().unwrap().targets[index] = Some(KickTarget { thread, immediate_exit });
     }
 
-    /// Called by vCPU `index`'s thread when it leaves its run loop for good.
-    /// Returns true for the last vCPU to leave.
+    /// Called by vCPU `index`'s thread when it leaves its run loop for good
+    /// (after [`VcpuGate::starting`]). Returns true for the last vCPU to leave.
     pub fn leave(&self, index: usize) -> bool {
         let mut s = self.state.lock().unwrap();
         s.targets[index] = None;
@@ -170,10 +173,14 @@ mod tests {
     fn pause_parks_every_vcpu_and_stop_ends_them() {
         install_kick_handler();
         let gate = Arc::new(VcpuGate::new(3));
+        // Not started yet: nothing to wait for.
+        gate.pause();
+        gate.resume();
         let work = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..3)
             .map(|i| {
                 let (gate, work) = (gate.clone(), work.clone());
+                gate.starting();
                 std::thread::spawn(move || {
                     let exit_flag = Box::new(AtomicU8::new(0));
                     gate.register(i, exit_flag.as_ptr());

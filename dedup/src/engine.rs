@@ -66,7 +66,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 1024, map_count_margin: 4096 }
+        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 16384, map_count_margin: 4096 }
     }
 }
 
@@ -151,7 +151,10 @@ pub struct Engine {
     cursor: (GuestId, usize),
     pagemap: PageMap,
     stats: Stats,
+    /// How long each guest was stopped for a merge batch.
     freezes: FreezeTimes,
+    /// How long it took its vCPUs to park (they run meanwhile).
+    park_waits: FreezeTimes,
     map_limit: usize,
     scratch: Box<[u8]>,
     scratch_other: Box<[u8]>,
@@ -181,6 +184,7 @@ impl Engine {
             pagemap: PageMap::open()?,
             stats: Stats::default(),
             freezes: FreezeTimes::default(),
+            park_waits: FreezeTimes::default(),
             map_limit: os::max_map_count().unwrap_or(65530),
             scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
@@ -235,7 +239,11 @@ impl Engine {
     /// Stops sharing a guest's pages and drops its users of stable frames.
     /// Call before its memory is unmapped.
     pub fn remove_guest(&mut self, id: GuestId) -> io::Result<()> {
-        self.pending.remove(&id);
+        for (_, target) in self.pending.remove(&id).unwrap_or_default() {
+            if let Target::Frame(f) = target {
+                self.store.drop_user(f)?;
+            }
+        }
         self.unstable.retain(|_, (g, _)| *g != id);
         if let Some(guest) = self.guests.remove(&id) {
             for &s in &guest.state {
@@ -271,7 +279,8 @@ impl Engine {
             scanned += end - start;
             self.cursor = if end == self.guests[&id].pages { (id + 1, 0) } else { (id, end) };
         }
-        self.flush_all()?;
+        // Queued merges wait for a full batch or the end of the pass: every
+        // freeze costs the guest a stop, so each should carry many merges.
         self.stats.pages_scanned += scanned as u64;
         Ok(scanned)
     }
@@ -320,7 +329,12 @@ impl Engine {
         let content: &[u8] = &self.scratch;
         let hash = xxh3_64(content);
         let last = std::mem::replace(&mut guest.last_hash[page], hash);
-        if guest.mem.dirty.is_none() && last != 0 && last != hash {
+        if last == 0 {
+            // First look: a page is a candidate only once it has stayed
+            // unchanged for a whole pass (a fresh guest is still writing).
+            return Ok(());
+        }
+        if guest.mem.dirty.is_none() && last != hash {
             guest.stats.volatile_this_pass += 1;
             return Ok(());
         }
@@ -386,6 +400,7 @@ impl Engine {
 
         let started = Instant::now();
         guest.mem.freezer.freeze();
+        let parked = Instant::now();
         let mut merged: Vec<(usize, Target)> = Vec::with_capacity(queue.len());
         let mut failed: Vec<Target> = Vec::new();
         for &(page, target) in &queue {
@@ -402,7 +417,8 @@ impl Engine {
         }
         let remap = remap_runs(guest, &self.store, &merged);
         guest.mem.freezer.thaw();
-        self.freezes.record(started.elapsed());
+        self.freezes.record(parked.elapsed());
+        self.park_waits.record(parked - started);
         remap?;
 
         for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
@@ -504,6 +520,7 @@ impl Engine {
             + self.unstable.capacity() * 24;
         s.general_profit = ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64 - metadata as i64;
         s.freeze = self.freezes.summary();
+        s.park_wait = self.park_waits.summary();
         s
     }
 

@@ -25,7 +25,10 @@ pub struct Stats {
     pub cow_breaks: u64,
     /// Whether merging stopped short of vm.max_map_count.
     pub map_limit_reached: bool,
+    /// How long guests stayed stopped for merge batches.
     pub freeze: FreezeSummary,
+    /// How long stopping them took (their vCPUs still ran meanwhile).
+    pub park_wait: FreezeSummary,
 }
 
 impl Stats {

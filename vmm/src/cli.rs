@@ -9,7 +9,7 @@ use crate::boot::MAX_VCPUS;
 use crate::guest::GuestConfig;
 use crate::memory::{MemoryBackend, MIN_MEMORY_MIB};
 use crate::runner::RunConfig;
-use crate::sharing::{DedupMode, ScanPace, SharingConfig};
+use crate::sharing::{DedupMode, ScanPace, SharingConfig, DEFAULT_SCAN_NICE};
 
 /// A KVM hypervisor that runs many guests in one process.
 #[derive(Parser, Debug)]
@@ -72,10 +72,10 @@ pub struct SharingArgs {
     #[arg(long, value_enum, default_value_t = DedupMode::Inprocess)]
     pub dedup: DedupMode,
     /// Pages the scanner looks at per step.
-    #[arg(long, default_value_t = 4096, value_name = "N")]
+    #[arg(long, default_value_t = 16384, value_name = "N")]
     pub scan_pages: usize,
     /// Sleep between scanner steps.
-    #[arg(long, default_value_t = 20, value_name = "MS")]
+    #[arg(long, default_value_t = 10, value_name = "MS")]
     pub scan_sleep_ms: u64,
     /// Advisor: pace the scanner to finish a full pass in this many seconds
     /// (overrides --scan-sleep-ms), within --scan-cpu-cap.
@@ -84,6 +84,9 @@ pub struct SharingArgs {
     /// Most CPU the advisor lets the scanner use, in percent of one core.
     #[arg(long, default_value_t = 100.0, value_name = "PCT")]
     pub scan_cpu_cap: f64,
+    /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
+    #[arg(long, default_value_t = DEFAULT_SCAN_NICE, value_name = "N", allow_negative_numbers = true)]
+    pub scan_nice: i32,
     /// Most guest pages one shared frame may serve.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_page_sharing: u32,
@@ -113,6 +116,9 @@ impl SharingArgs {
         if self.scan_pages == 0 {
             return Err("--scan-pages must be at least 1".into());
         }
+        if !(-20..=19).contains(&self.scan_nice) {
+            return Err(format!("--scan-nice must be between -20 and 19 (got {})", self.scan_nice));
+        }
         if self.max_page_sharing < 2 {
             return Err("--max-page-sharing must be at least 2".into());
         }
@@ -138,6 +144,7 @@ impl SharingArgs {
                 sleep: Duration::from_millis(self.scan_sleep_ms),
                 target_pass,
                 cpu_cap: self.scan_cpu_cap / 100.0,
+                nice: self.scan_nice,
             },
             groups,
             opt_out: (0..guests).map(|g| self.dedup_opt_out.contains(&g)).collect(),

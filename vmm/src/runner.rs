@@ -148,7 +148,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
     }
     if let Some(sharing) = sharing {
         let (uptime, cpu) = (sharing.uptime(), sharing.scanner_cpu());
-        report_sharing(&sharing.stop(), uptime, cpu);
+        report_sharing(&sharing.stop().stats, uptime, cpu);
     }
     Ok(RunReport { ends: ends.into_iter().map(|e| e.unwrap_or(GuestEnd::Stopped)).collect() })
 }
@@ -188,7 +188,7 @@ fn report_sharing(s: &dedup::Stats, uptime: Duration, cpu: Duration) {
     eprintln!(
         "vmm: page sharing: {:.1} MiB saved ({} pages: {} sharing {} frames, {} zero), \
          {} full scans in {:.1} s using {:.2} CPU-s, {} pages unshared, {} volatile, {} copy-on-write breaks, \
-         {} mappings{}; freezes: {} (p50 {} us, p99 {} us, max {} us)",
+         {} mappings{}; freezes: {} (p50 {} us, p99 {} us, max {} us; parking p50 {} us, p99 {} us)",
         mib(s.pages_saved()),
         s.pages_saved(),
         s.pages_sharing,
@@ -206,6 +206,8 @@ fn report_sharing(s: &dedup::Stats, uptime: Duration, cpu: Duration) {
         s.freeze.p50.as_micros(),
         s.freeze.p99.as_micros(),
         s.freeze.max.as_micros(),
+        s.park_wait.p50.as_micros(),
+        s.park_wait.p99.as_micros(),
     );
 }
 

@@ -35,6 +35,8 @@ pub struct SharingConfig {
     pub raise_max_map_count: Option<usize>,
 }
 
+pub const DEFAULT_SCAN_NICE: i32 = -10;
+
 /// How fast the scanner works.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScanPace {
@@ -46,11 +48,22 @@ pub struct ScanPace {
     pub target_pass: Option<Duration>,
     /// ...while using at most this fraction of one CPU.
     pub cpu_cap: f64,
+    /// Scheduling priority of the scanner thread (nice value). Below zero by
+    /// default: guests whose vCPUs keep every core busy would otherwise
+    /// starve it, and the memory it frees pays for its CPU; the pace and
+    /// the CPU cap bound what it takes.
+    pub nice: i32,
 }
 
 impl Default for ScanPace {
     fn default() -> Self {
-        ScanPace { pages_per_step: 4096, sleep: Duration::from_millis(20), target_pass: None, cpu_cap: 1.0 }
+        ScanPace {
+            pages_per_step: 16384,
+            sleep: Duration::from_millis(10),
+            target_pass: None,
+            cpu_cap: 1.0,
+            nice: DEFAULT_SCAN_NICE,
+        }
     }
 }
 
@@ -69,12 +82,22 @@ impl ScanPace {
     }
 }
 
+/// What a run reports about sharing when it ends.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The stats after the last scan step while every guest was still
+    /// there: guests that end take their pages with them.
+    pub stats: Stats,
+    /// Pages saved at the end of each full pass, by time since the start.
+    pub timeline: Vec<(Duration, u64)>,
+    /// Set once the first guest is gone; `stats` no longer changes.
+    settled: bool,
+}
+
 /// The running scanner and the engine it drives.
 pub struct Sharing {
     engine: Arc<Mutex<Engine>>,
-    /// The stats when the most pages were saved: guests that ended take
-    /// their counters with them, so this is what a run reports at exit.
-    peak: Arc<Mutex<Stats>>,
+    report: Arc<Mutex<Report>>,
     ids: Mutex<HashMap<usize, GuestId>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -85,26 +108,27 @@ pub struct Sharing {
 impl Sharing {
     pub fn start(config: dedup::Config, pace: ScanPace) -> std::io::Result<Sharing> {
         let engine = Arc::new(Mutex::new(Engine::new(config)?));
-        let peak = Arc::new(Mutex::new(Stats::default()));
+        let report = Arc::new(Mutex::new(Report::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
         let thread = {
-            let (engine, peak, stop) = (engine.clone(), peak.clone(), stop.clone());
+            let (engine, report, stop) = (engine.clone(), report.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("dedup-scanner".into())
-                .spawn(move || scan_loop(&engine, &peak, &stop, &pace))?
+                .spawn(move || scan_loop(&engine, &report, &stop, &pace, started))?
         };
         Ok(Sharing {
             engine,
-            peak,
+            report,
             ids: Mutex::new(HashMap::new()),
             stop,
             thread: Some(thread),
-            started: Instant::now(),
+            started,
             cpu_at_start: thread_cpu_time_of("dedup-scanner").unwrap_or_default(),
         })
     }
 
-    /// Starts sharing guest `guest`'s RAM within merge group `group`.
+    /// Starts sharing `guest`'s RAM within merge group `group`.
     pub fn add_guest(&self, guest: &Guest, group: u32) -> Result<(), String> {
         let memory = guest.ram().sharing_view(group, guest.freezer(), guest.dirty_tracker())?;
         let id = self.engine.lock().unwrap().add_guest(memory);
@@ -114,6 +138,7 @@ impl Sharing {
 
     /// Stops sharing a guest's RAM; call before the RAM is unmapped.
     pub fn remove_guest(&self, guest: usize) {
+        self.report.lock().unwrap().settled = true;
         if let Some(id) = self.ids.lock().unwrap().remove(&guest) {
             if let Err(e) = self.engine.lock().unwrap().remove_guest(id) {
                 log::warn!("page sharing: releasing guest {guest}: {e}");
@@ -144,53 +169,70 @@ impl Sharing {
         thread_cpu_time_of("dedup-scanner").unwrap_or_default().saturating_sub(self.cpu_at_start)
     }
 
-    /// The stats at the moment the most pages were saved.
-    pub fn peak_stats(&self) -> Stats {
-        self.peak.lock().unwrap().clone()
-    }
-
-    /// Stops the scanner; returns the peak stats with the final pass count.
-    pub fn stop(mut self) -> Stats {
+    /// Stops the scanner and returns what the run should report.
+    pub fn stop(mut self) -> Report {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let mut peak = self.peak_stats();
-        peak.full_scans = self.stats().full_scans;
-        peak
+        let mut report = self.report.lock().unwrap().clone();
+        report.stats.full_scans = self.stats().full_scans;
+        report
     }
 }
 
-fn scan_loop(engine: &Mutex<Engine>, peak: &Mutex<Stats>, stop: &AtomicBool, pace: &ScanPace) {
+fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, pace: &ScanPace, started: Instant) {
+    set_thread_nice(pace.nice);
     while !stop.load(Ordering::SeqCst) {
-        let started = Instant::now();
+        let step_started = Instant::now();
         let (scanned, total) = {
             let mut e = engine.lock().unwrap();
             let mut config = e.config().clone();
             config.pages_to_scan = pace.pages_per_step;
             e.set_config(config);
             let total = e.total_pages();
-            match e.scan() {
-                Ok(n) => {
-                    let now = e.stats();
-                    let mut peak = peak.lock().unwrap();
-                    if now.pages_saved() >= peak.pages_saved() {
-                        *peak = now;
-                    }
-                    (n, total)
-                }
+            let passes = e.stats().full_scans;
+            let scanned = match e.scan() {
+                Ok(n) => n,
                 Err(err) => {
                     log::error!("page sharing stopped: {err}");
                     return;
                 }
+            };
+            let now = e.stats();
+            let mut report = report.lock().unwrap();
+            if now.full_scans > passes {
+                let t = started.elapsed();
+                log::info!(
+                    "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile",
+                    now.full_scans,
+                    t.as_secs_f64(),
+                    now.pages_saved(),
+                    now.pages_volatile
+                );
+                report.timeline.push((t, now.pages_saved()));
             }
+            if !report.settled {
+                report.stats = now;
+            }
+            (scanned, total)
         };
-        let sleep = pace.sleep_after(started.elapsed(), scanned, total);
+        let sleep = pace.sleep_after(step_started.elapsed(), scanned, total);
         // Sleep in short slices so stopping is prompt.
         let wake = Instant::now() + sleep;
         while !stop.load(Ordering::SeqCst) && Instant::now() < wake {
             std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(50)));
         }
+    }
+}
+
+/// Sets this thread's nice value; without the privilege for it, says so and
+/// goes on at the default priority.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: gettid and setpriority on our own thread id; no memory involved.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if ret != 0 {
+        log::warn!("page sharing: cannot set the scanner's nice value to {nice}: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -220,7 +262,7 @@ mod tests {
     #[test]
     fn fixed_pace_without_advisor() {
         let p = ScanPace::default();
-        assert_eq!(p.sleep_after(Duration::from_millis(3), 4096, 100_000), Duration::from_millis(20));
+        assert_eq!(p.sleep_after(Duration::from_millis(3), 4096, 100_000), Duration::from_millis(10));
     }
 
     #[test]

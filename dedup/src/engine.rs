@@ -158,6 +158,8 @@ pub struct Engine {
     map_limit: usize,
     scratch: Box<[u8]>,
     scratch_other: Box<[u8]>,
+    /// mincore's answer for the pages being looked at.
+    residency: Vec<u8>,
     /// At least as many mappings as the process has (0: not read yet).
     mappings_bound: u64,
 }
@@ -189,6 +191,7 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
             mappings_bound: 0,
+            residency: Vec::new(),
         })
     }
 
@@ -272,9 +275,7 @@ impl Engine {
             if start == 0 {
                 self.guests.get_mut(&id).unwrap().refresh_dirty()?;
             }
-            for page in start..end {
-                self.look_at(id, page)?;
-            }
+            self.look_at_range(id, start, end)?;
             budget -= end - start;
             scanned += end - start;
             self.cursor = if end == self.guests[&id].pages { (id + 1, 0) } else { (id, end) };
@@ -291,10 +292,28 @@ impl Engine {
         let Some(guest) = self.guests.get_mut(&id) else { return Ok(()) };
         guest.refresh_dirty()?;
         let pages = guest.pages;
-        for page in 0..pages {
-            self.look_at(id, page)?;
-        }
+        self.look_at_range(id, 0, pages)?;
         self.flush_all()
+    }
+
+    /// Looks at the guest's pages in `start..end` that have memory behind
+    /// them. A page never written is a hole in the memfd: it costs nothing,
+    /// and reading it would allocate it.
+    fn look_at_range(&mut self, id: GuestId, start: usize, end: usize) -> io::Result<()> {
+        let mut page = start;
+        while page < end {
+            let guest = &self.guests[&id];
+            let (r, off) = guest.locate(page);
+            let n = (guest.mem.regions[r].len / PAGE_SIZE - off).min(end - page);
+            os::resident(guest.host(page), n * PAGE_SIZE, &mut self.residency)?;
+            for i in 0..n {
+                if self.residency[i] & 1 != 0 {
+                    self.look_at(id, page + i)?;
+                }
+            }
+            page += n;
+        }
+        Ok(())
     }
 
     /// End of a full pass over every guest: forget the unstable tree (its

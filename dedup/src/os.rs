@@ -89,6 +89,15 @@ pub fn memfd(name: &str) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// Which pages of `addr..addr + len` have memory behind them (bit 0 of each
+/// byte, one byte per page, into `out`), without touching them.
+pub fn resident(addr: *const u8, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    out.resize(len.div_ceil(PAGE_SIZE), 0);
+    // SAFETY: mincore only reads the page tables of our own mapping and
+    // writes one byte per page into `out`, which is large enough.
+    check(unsafe { libc::mincore(addr as *mut libc::c_void, len, out.as_mut_ptr()) })
+}
+
 /// One page's entry in /proc/self/pagemap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageMapEntry(pub u64);

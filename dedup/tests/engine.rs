@@ -404,3 +404,23 @@ fn concurrent_writes_are_never_lost() {
     assert!(writes > 10_000, "writers barely ran: {writes}");
     assert!(s.cow_breaks > 0 && s.pages_sharing + s.zero_pages > 0, "nothing merged or broken: {s:?}");
 }
+
+#[test]
+fn never_written_pages_stay_unallocated() {
+    let (a, b) = (TestGuest::new(256), TestGuest::new(256));
+    for i in 0..8 {
+        a.fill(i, 900 + i as u64);
+        b.fill(i, 900 + i as u64);
+    }
+    let before = a.resident_bytes() + b.resident_bytes();
+    let mut e = engine();
+    e.add_guest(a.memory(0));
+    e.add_guest(b.memory(0));
+    settle(&mut e);
+    scan_passes(&mut e, 2);
+    // Scanning read no hole (which would allocate it): only the merged
+    // pages' frames left the guests.
+    assert_eq!(e.stats().pages_sharing, 8);
+    assert_eq!(before - (a.resident_bytes() + b.resident_bytes()), 16 * PAGE_SIZE as u64);
+    assert_eq!(e.stats().zero_pages, 0, "holes were read and merged as zero pages");
+}

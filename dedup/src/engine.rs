@@ -66,7 +66,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 16384, map_count_margin: 4096 }
+        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 8192, map_count_margin: 4096 }
     }
 }
 
@@ -348,9 +348,11 @@ impl Engine {
         let content: &[u8] = &self.scratch;
         let hash = xxh3_64(content);
         let last = std::mem::replace(&mut guest.last_hash[page], hash);
-        if last == 0 {
-            // First look: a page is a candidate only once it has stayed
-            // unchanged for a whole pass (a fresh guest is still writing).
+        if guest.mem.dirty.is_none() && last == 0 {
+            // First look without a dirty log: a page is a candidate only once
+            // it has stayed unchanged for a whole pass (a fresh guest is
+            // still writing). With a dirty log, not written since the last
+            // pass (or, at first, since the guest started) already says so.
             return Ok(());
         }
         if guest.mem.dirty.is_none() && last != hash {
@@ -442,6 +444,10 @@ impl Engine {
 
         for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
             os::punch_hole(&guest.mem.memfd, guest.file_offset(start), (len * PAGE_SIZE) as u64)?;
+            // Map the shared frames in now, in one go: otherwise each vCPU
+            // access faults them in one by one, every fault holding the
+            // process's mmap lock that the next remap needs.
+            os::populate_read(guest.host(start), len * PAGE_SIZE);
         }
         let guest = self.guests.get_mut(&id).unwrap();
         for &(page, target) in &merged {

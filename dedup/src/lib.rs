@@ -10,9 +10,10 @@
 //! 1. skips it if it is *volatile*: written since the engine last looked,
 //!    by KVM's dirty log (or, without one, because its content hash
 //!    changed). Merging it would only be undone by the next write. Otherwise
-//!    the engine copies the page and hashes the copy (xxh3). A page seen for
-//!    the first time only has its hash recorded: it becomes a candidate once
-//!    it has stayed unchanged for a whole pass.
+//!    the engine copies the page and hashes the copy (xxh3). Without a dirty
+//!    log, a page seen for the first time only has its hash recorded: it
+//!    becomes a candidate once it has stayed unchanged for a whole pass.
+//!    Pages never written (holes in the memfd) are not looked at at all.
 //! 2. A page of zeros is queued to become the kernel's zero page.
 //! 3. Otherwise the *stable store* is asked for a frame with the same content
 //!    in the same merge group (hash, then full compare: a hash alone is never

@@ -63,6 +63,13 @@ pub unsafe fn map_zero(addr: *mut u8, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Maps the pages of `addr..addr + len` in for reading, ahead of use. Best
+/// effort: older kernels lack MADV_POPULATE_READ, and then nothing happens.
+pub fn populate_read(addr: *mut u8, len: usize) {
+    // SAFETY: madvise on our own mapping; populating changes no contents.
+    unsafe { libc::madvise(addr.cast(), len, libc::MADV_POPULATE_READ) };
+}
+
 /// Frees the file's pages in `offset..offset + len` (they read back as zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain fallocate on a file descriptor we hold.

@@ -87,6 +87,10 @@ pub struct SharingArgs {
     /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
     #[arg(long, default_value_t = DEFAULT_SCAN_NICE, value_name = "N", allow_negative_numbers = true)]
     pub scan_nice: i32,
+    /// Most pages merged under one freeze of a guest: larger batches stop
+    /// guests less often, smaller ones for less time.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    pub merge_batch: usize,
     /// Most guest pages one shared frame may serve.
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_page_sharing: u32,
@@ -113,6 +117,9 @@ impl SharingArgs {
         if let Some(bad) = self.dedup_opt_out.iter().find(|&&g| g >= guests) {
             return Err(format!("--dedup-opt-out {bad}: there are only {guests} guests (0 to {})", guests - 1));
         }
+        if self.merge_batch == 0 {
+            return Err("--merge-batch must be at least 1".into());
+        }
         if self.scan_pages == 0 {
             return Err("--scan-pages must be at least 1".into());
         }
@@ -137,6 +144,7 @@ impl SharingArgs {
                 pages_to_scan: self.scan_pages,
                 max_page_sharing: self.max_page_sharing,
                 zero_pages: !self.no_zero_pages,
+                batch: self.merge_batch,
                 ..Default::default()
             },
             pace: ScanPace {

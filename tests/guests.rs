@@ -6,16 +6,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-const MEMTEST_LIMIT: Duration = Duration::from_secs(300);
-
-fn memtest(args: &[&str]) -> Outcome {
-    require_kvm();
-    let memtest = image("memtest");
-    let mut all = vec!["run", "--kernel", memtest.to_str().unwrap()];
-    all.extend_from_slice(args);
-    run_vmm(&all, MEMTEST_LIMIT)
-}
-
 fn assert_all_passed(out: &Outcome, guests: usize) {
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let passed = out.stderr.matches("memtest passed").count();
@@ -25,7 +15,7 @@ fn assert_all_passed(out: &Outcome, guests: usize) {
 
 #[test]
 fn memtest_one_guest_verifies_its_memory() {
-    let out = memtest(&["--memory", "128", "--cmdline", "rounds=2 volatile=64"]);
+    let out = run_memtest(&["--memory", "128", "--cmdline", "rounds=2 volatile=64"]);
     assert_all_passed(&out, 1);
     assert!(out.stderr.contains("2 rounds verified"), "{}", out.describe());
     // One guest: its console is the terminal.
@@ -35,7 +25,7 @@ fn memtest_one_guest_verifies_its_memory() {
 #[test]
 fn memtest_four_guests_two_vcpus_each() {
     let dir = scratch_dir("memtest-4x2");
-    let out = memtest(&[
+    let out = run_memtest(&[
         "--guests",
         "4",
         "--vcpus",
@@ -56,7 +46,7 @@ fn memtest_four_guests_two_vcpus_each() {
 
 #[test]
 fn memtest_guest_above_4g_verifies_memory_on_both_sides_of_the_hole() {
-    let out = memtest(&["--memory", "4608", "--cmdline", "rounds=1 volatile=0"]);
+    let out = run_memtest(&["--memory", "4608", "--cmdline", "rounds=1 volatile=0"]);
     assert_all_passed(&out, 1);
 }
 

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
 
 /// What memtest's consoles say it holds: (pages it tests, shared pages,
 /// zero pages) of guest `id`, from its lines
@@ -41,31 +40,19 @@ fn reported_saved(stderr: &str) -> u64 {
     rest.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// Runs `guests` x 64 MiB memtest guests with a fast scanner; returns the
+/// outcome and the console directory.
+fn shared_run(name: &str, guests: &str, cmdline: &str, extra: &[&str]) -> (Outcome, std::path::PathBuf) {
+    let dir = scratch_dir(name);
+    let mut args = vec!["--guests", guests, "--memory", "64", "--console-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(&["--scan-pages", "16384", "--scan-sleep-ms", "5", "--cmdline", cmdline]);
+    args.extend_from_slice(extra);
+    (run_memtest(&args), dir)
+}
+
 #[test]
 fn memtest_guests_share_pages_and_verify_clean() {
-    require_kvm();
-    let memtest = image("memtest");
-    let dir = scratch_dir("sharing-4");
-    let out = run_vmm(
-        &[
-            "run",
-            "--guests",
-            "4",
-            "--memory",
-            "64",
-            "--kernel",
-            memtest.to_str().unwrap(),
-            "--console-dir",
-            dir.to_str().unwrap(),
-            "--scan-pages",
-            "16384",
-            "--scan-sleep-ms",
-            "5",
-            "--cmdline",
-            "rounds=40 seed=7 share=0.8 zero=0.1 volatile=64",
-        ],
-        Duration::from_secs(300),
-    );
+    let (out, dir) = shared_run("sharing-4", "4", "rounds=40 seed=7 share=0.8 zero=0.1 volatile=64", &[]);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     assert_eq!(out.stderr.matches("memtest passed").count(), 4, "{}", out.describe());
     let ((ideal, untested), saved) = (ideal_saved(&dir, 4, 64), reported_saved(&out.stderr));
@@ -75,28 +62,7 @@ fn memtest_guests_share_pages_and_verify_clean() {
 }
 
 fn two_guests(name: &str, extra: &[&str]) -> (Outcome, std::path::PathBuf) {
-    require_kvm();
-    let memtest = image("memtest");
-    let dir = scratch_dir(name);
-    let mut args = vec![
-        "run",
-        "--guests",
-        "2",
-        "--memory",
-        "64",
-        "--kernel",
-        memtest.to_str().unwrap(),
-        "--console-dir",
-        dir.to_str().unwrap(),
-        "--scan-pages",
-        "16384",
-        "--scan-sleep-ms",
-        "5",
-        "--cmdline",
-        "rounds=30 seed=7 share=0.8 zero=0 volatile=0",
-    ];
-    args.extend_from_slice(extra);
-    (run_vmm(&args, Duration::from_secs(300)), dir)
+    shared_run(name, "2", "rounds=30 seed=7 share=0.8 zero=0 volatile=0", extra)
 }
 
 #[test]

@@ -100,6 +100,15 @@ pub fn wait_with_limit(mut child: Child, limit: Duration) -> Outcome {
     }
 }
 
+/// Runs memtest guests: `vmm run --kernel <memtest> ARGS...`.
+pub fn run_memtest(args: &[&str]) -> Outcome {
+    require_kvm();
+    let memtest = image("memtest");
+    let mut all = vec!["run", "--kernel", memtest.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_vmm(&all, Duration::from_secs(300))
+}
+
 /// A fresh, empty directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));

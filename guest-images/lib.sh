@@ -28,9 +28,14 @@ apt_need() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-# inputs_hash PATH...: a stable hash over the contents and names of files.
+# inputs_hash PATH...: a stable hash over the contents and names of files,
+# by their paths relative to guest-images/ (so every checkout agrees).
 inputs_hash() {
-    find "$@" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+    local f
+    find "$@" -type f -not -path "$OUT_DIR/*" -print0 | LC_ALL=C sort -z |
+        while IFS= read -r -d '' f; do
+            printf '%s %s\n' "$(realpath --relative-to="$IMAGES_DIR" "$f")" "$(sha256sum < "$f" | cut -c1-64)"
+        done | sha256sum | cut -c1-16
 }
 
 # cached_build NAME KEY BUILDER: run `BUILDER DIR` into a fresh cache directory

@@ -59,6 +59,9 @@ fn memtest_guests_share_pages_and_verify_clean() {
     assert!(ideal > 0);
     assert!(saved * 100 >= ideal * 90, "saved {saved} of an ideal {ideal} pages\n{}", out.describe());
     assert!(saved <= ideal + untested, "saved {saved}, more than the ideal {ideal} + {untested}: counting is off");
+    for id in 0..4 {
+        assert!(out.stderr.contains(&format!("vmm: guest {id} sharing: ")), "{}", out.describe());
+    }
 }
 
 fn two_guests(name: &str, extra: &[&str]) -> (Outcome, std::path::PathBuf) {
@@ -77,6 +80,7 @@ fn separate_merge_groups_share_nothing_between_guests() {
     let (apart, _) = two_guests("groups-two", &["--merge-group", "per-guest"]);
     assert_eq!(apart.code, Some(0), "{}", apart.describe());
     // Apart, only each guest's own untested memory (low memory, zeros) can merge.
+    assert!(apart.stderr.contains("vmm: merge group 1 (1 guests)"), "{}", apart.describe());
     let saved = reported_saved(&apart.stderr);
     assert!(saved <= untested, "saved {saved} pages across merge groups\n{}", apart.describe());
 }

@@ -148,7 +148,9 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
     }
     if let Some(sharing) = sharing {
         let (uptime, cpu) = (sharing.uptime(), sharing.scanner_cpu());
-        report_sharing(&sharing.stop().stats, uptime, cpu);
+        let report = sharing.stop();
+        report_sharing(&report.stats, uptime, cpu);
+        report_sharing_per_guest(&report.guests);
     }
     Ok(RunReport { ends: ends.into_iter().map(|e| e.unwrap_or(GuestEnd::Stopped)).collect() })
 }
@@ -176,6 +178,28 @@ fn share_guest(config: &SharingConfig, sharing: Option<&Sharing>, guest: &Guest)
         (DedupMode::Ksm, _) => guest.ram().mark_mergeable().map_err(|e| format!("MADV_MERGEABLE failed: {e}")),
         (DedupMode::Inprocess, Some(s)) if !config.opt_out[guest.id] => s.add_guest(guest, config.groups[guest.id]),
         _ => Ok(()),
+    }
+}
+
+/// One line per merge group, then one per guest when there are several.
+fn report_sharing_per_guest(guests: &std::collections::BTreeMap<usize, dedup::GuestStats>) {
+    let mut groups: std::collections::BTreeMap<u32, (usize, u64, u64, u64)> = Default::default();
+    for g in guests.values() {
+        let e = groups.entry(g.group).or_default();
+        *e = (e.0 + 1, e.1 + g.merged_pages, e.2 + g.zero_pages, e.3 + g.cow_breaks);
+    }
+    if groups.len() > 1 {
+        for (group, (n, merged, zero, cow)) in &groups {
+            eprintln!("vmm: merge group {group} ({n} guests): {merged} pages on shared frames, {zero} zero pages, {cow} copy-on-write breaks");
+        }
+    }
+    if guests.len() > 1 {
+        for (id, g) in guests {
+            eprintln!(
+                "vmm: guest {id} sharing: {} pages on shared frames, {} zero pages, {} copy-on-write breaks (group {})",
+                g.merged_pages, g.zero_pages, g.cow_breaks, g.group
+            );
+        }
     }
 }
 

@@ -88,8 +88,12 @@ pub struct Report {
     /// The stats after the last scan step while every guest was still
     /// there: guests that end take their pages with them.
     pub stats: Stats,
+    /// Per guest (by vmm guest id), at the same moment as `stats`.
+    pub guests: std::collections::BTreeMap<usize, dedup::GuestStats>,
     /// Pages saved at the end of each full pass, by time since the start.
     pub timeline: Vec<(Duration, u64)>,
+    /// Engine ids of the guests, to vmm guest ids.
+    names: HashMap<GuestId, usize>,
     /// Set once the first guest is gone; `stats` no longer changes.
     settled: bool,
 }
@@ -133,6 +137,7 @@ impl Sharing {
         let memory = guest.ram().sharing_view(group, guest.freezer(), guest.dirty_tracker())?;
         let id = self.engine.lock().unwrap().add_guest(memory);
         self.ids.lock().unwrap().insert(guest.id, id);
+        self.report.lock().unwrap().names.insert(id, guest.id);
         Ok(())
     }
 
@@ -214,6 +219,11 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
             }
             if !report.settled {
                 report.stats = now;
+                report.guests = e
+                    .guest_ids()
+                    .into_iter()
+                    .filter_map(|id| Some((*report.names.get(&id)?, e.guest_stats(id)?)))
+                    .collect();
             }
             (scanned, total)
         };

@@ -113,7 +113,11 @@ fn two_tiny_linux_guests_share_their_kernel_pages() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
     // The kernel image alone is thousands of identical pages (zero pages go
     // to the kernel's zero page and are counted apart).
-    let line = out.stderr.lines().find(|l| l.starts_with("vmm: guest 1 sharing: ")).expect(&out.describe());
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("vmm: guest 1 sharing: "))
+        .unwrap_or_else(|| panic!("{}", out.describe()));
     let on_frames: u64 = line["vmm: guest 1 sharing: ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!(on_frames >= 1000, "only {on_frames} pages of guest 1 shared\n{}", out.describe());
 }

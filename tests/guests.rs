@@ -89,30 +89,12 @@ fn sigint_stops_every_guest_and_exits_cleanly() {
 
 #[test]
 fn tiny_linux_boots_to_its_marker() {
-    require_kvm();
-    let dir = image("tiny-linux");
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
     let consoles = scratch_dir("tiny-linux");
     // On PVM hosts guest kernel code is emulated: booting takes minutes, and
     // user space cannot make system calls, so the kernel's own line is the
     // marker there.
     let marker = if is_pvm_host() { "Run /init as init process" } else { "VMM-TINY-LINUX: init reached user space" };
-    let out = run_vmm(
-        &[
-            "run",
-            "--memory",
-            "128",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--console-dir",
-            consoles.to_str().unwrap(),
-            "--timeout",
-            "400",
-        ],
-        Duration::from_secs(480),
-    );
+    let out = run_tiny_linux("1", &consoles);
     let log = std::fs::read_to_string(consoles.join("guest-0.log")).unwrap();
     assert!(log.contains(marker), "no '{marker}' in the console:\n{log}\n{}", out.describe());
     // After its init, the guest resets (its init exits or reboots): a clean end.

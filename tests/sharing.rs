@@ -87,29 +87,7 @@ fn separate_merge_groups_share_nothing_between_guests() {
 
 #[test]
 fn two_tiny_linux_guests_share_their_kernel_pages() {
-    require_kvm();
-    let dir = image("tiny-linux");
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
-    let consoles = scratch_dir("sharing-linux");
-    let out = run_vmm(
-        &[
-            "run",
-            "--guests",
-            "2",
-            "--memory",
-            "128",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--console-dir",
-            consoles.to_str().unwrap(),
-            "--no-zero-pages",
-            "--timeout",
-            "400",
-        ],
-        std::time::Duration::from_secs(480),
-    );
+    let out = run_tiny_linux("2", &scratch_dir("sharing-linux"));
     assert_eq!(out.code, Some(0), "{}", out.describe());
     // The kernel image alone is thousands of identical pages (zero pages go
     // to the kernel's zero page and are counted apart).

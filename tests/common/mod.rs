@@ -109,6 +109,30 @@ pub fn run_memtest(args: &[&str]) -> Outcome {
     run_vmm(&all, Duration::from_secs(300))
 }
 
+/// Boots `guests` tiny-linux guests of 128 MiB, consoles in `consoles`,
+/// stopping them after 400 s (on PVM hosts a boot takes minutes).
+pub fn run_tiny_linux(guests: &str, consoles: &Path) -> Outcome {
+    require_kvm();
+    let dir = image("tiny-linux");
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
+    let args = [
+        "run",
+        "--guests",
+        guests,
+        "--memory",
+        "128",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--console-dir",
+        consoles.to_str().unwrap(),
+        "--timeout",
+        "400",
+    ];
+    run_vmm(&args, Duration::from_secs(480))
+}
+
 /// A fresh, empty directory for one test.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()));

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -201,11 +201,6 @@ impl Engine {
 
     pub fn set_config(&mut self, config: Config) {
         self.config = config;
-    }
-
-    /// Re-reads `vm.max_map_count` (after the user raised it).
-    pub fn refresh_map_limit(&mut self) {
-        self.map_limit = os::max_map_count().unwrap_or(self.map_limit);
     }
 
     /// Starts sharing `mem`'s pages. Its regions must stay mapped until
@@ -560,16 +555,6 @@ impl Engine {
 
     pub fn guest_ids(&self) -> Vec<GuestId> {
         self.guests.keys().copied().collect()
-    }
-
-    /// How long guests were frozen for merges, recently.
-    pub fn freeze_times(&self) -> &FreezeTimes {
-        &self.freezes
-    }
-
-    /// A sleep that keeps the scanner near `pages_per_second`.
-    pub fn pace(&self, pages_per_second: u64) -> Duration {
-        Duration::from_secs_f64(self.config.pages_to_scan as f64 / pages_per_second.max(1) as f64)
     }
 }
 

@@ -45,7 +45,6 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 /// A guest's RAM, mapped into this process.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
-    backend: MemoryBackend,
     /// The memfd behind a `Memfd` guest; file offsets follow guest ranges in order.
     memfd: Option<File>,
 }
@@ -76,15 +75,11 @@ impl GuestRam {
             file_offset += len;
         }
         let memory = GuestMemoryMmap::from_regions(regions).map_err(io::Error::other)?;
-        Ok(GuestRam { memory, backend, memfd })
+        Ok(GuestRam { memory, memfd })
     }
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
-    }
-
-    pub fn backend(&self) -> MemoryBackend {
-        self.backend
     }
 
     pub fn memfd(&self) -> Option<&File> {

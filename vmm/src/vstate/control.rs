@@ -124,10 +124,6 @@ impl VcpuGate {
         Self::kick_all(&s);
     }
 
-    pub fn is_stopping(&self) -> bool {
-        self.state.lock().unwrap().stop
-    }
-
     /// Parks every live vCPU outside `KVM_RUN`; returns once they all are.
     /// Pauses nest: each needs its own [`VcpuGate::resume`].
     pub fn pause(&self) {

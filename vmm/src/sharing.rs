@@ -188,9 +188,10 @@ impl Sharing {
 
 fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, pace: &ScanPace, started: Instant) {
     set_thread_nice(pace.nice);
+    let (mut backoff, mut last_saved) = (Duration::ZERO, 0);
     while !stop.load(Ordering::SeqCst) {
         let step_started = Instant::now();
-        let (scanned, total) = {
+        let (scanned, total, pass_done) = {
             let mut e = engine.lock().unwrap();
             let mut config = e.config().clone();
             config.pages_to_scan = pace.pages_per_step;
@@ -205,8 +206,9 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
                 }
             };
             let now = e.stats();
+            let pass_done = now.full_scans > passes;
             let mut report = report.lock().unwrap();
-            if now.full_scans > passes {
+            if pass_done {
                 let t = started.elapsed();
                 log::info!(
                     "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile",
@@ -216,6 +218,8 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
                     now.pages_volatile
                 );
                 report.timeline.push((t, now.pages_saved()));
+                backoff = idle_backoff(backoff, now.pages_saved() != last_saved);
+                last_saved = now.pages_saved();
             }
             if !report.settled {
                 report.stats = now;
@@ -225,14 +229,30 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
                     .filter_map(|id| Some((*report.names.get(&id)?, e.guest_stats(id)?)))
                     .collect();
             }
-            (scanned, total)
+            (scanned, total, pass_done)
         };
-        let sleep = pace.sleep_after(step_started.elapsed(), scanned, total);
+        let mut sleep = pace.sleep_after(step_started.elapsed(), scanned, total);
+        if pass_done {
+            sleep += backoff;
+        }
         // Sleep in short slices so stopping is prompt.
         let wake = Instant::now() + sleep;
         while !stop.load(Ordering::SeqCst) && Instant::now() < wake {
             std::thread::sleep((wake - Instant::now()).min(Duration::from_millis(50)));
         }
+    }
+}
+
+/// The extra sleep after a full pass: it doubles (up to 1 s) while passes
+/// change nothing, so settled guests cost little CPU, and drops to zero as
+/// soon as a pass saves or loses pages.
+fn idle_backoff(previous: Duration, pass_changed_anything: bool) -> Duration {
+    const FIRST: Duration = Duration::from_millis(20);
+    const MAX: Duration = Duration::from_secs(1);
+    if pass_changed_anything {
+        Duration::ZERO
+    } else {
+        (previous * 2).clamp(FIRST, MAX)
     }
 }
 
@@ -281,6 +301,18 @@ mod tests {
         // 1000 of 100k pages per step: 100 steps, 100 ms each; busy 30 ms leaves 70 ms.
         let s = p.sleep_after(Duration::from_millis(30), 1000, 100_000);
         assert_eq!(s, Duration::from_millis(70));
+    }
+
+    #[test]
+    fn idle_passes_back_off_and_progress_resets() {
+        let mut b = Duration::ZERO;
+        for _ in 0..10 {
+            b = idle_backoff(b, false);
+        }
+        assert_eq!(b, Duration::from_secs(1));
+        assert_eq!(idle_backoff(Duration::ZERO, false), Duration::from_millis(20));
+        assert_eq!(idle_backoff(Duration::from_millis(40), false), Duration::from_millis(80));
+        assert_eq!(idle_backoff(b, true), Duration::ZERO);
     }
 
     #[test]

@@ -89,9 +89,18 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
                 format!("guest {id}: {e}")
             }
         };
-        let guest = Guest::create(&hv, id, &config.guest, console).map_err(in_guest)?;
-        share_guest(&config.sharing, sharing.as_ref(), &guest).map_err(in_guest)?;
-        guests.push(guest);
+        let created = Guest::create(&hv, id, &config.guest, console)
+            .and_then(|guest| share_guest(&config.sharing, sharing.as_ref(), &guest).map(|()| guest));
+        match created {
+            Ok(guest) => guests.push(guest),
+            Err(e) => {
+                // Release the guests made so far before their memory goes.
+                if let Some(s) = &sharing {
+                    guests.iter().for_each(|g| s.remove_guest(g.id));
+                }
+                return Err(in_guest(e));
+            }
+        }
     }
 
     crate::vstate::control::install_kick_handler();

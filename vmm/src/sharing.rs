@@ -186,6 +186,17 @@ impl Sharing {
     }
 }
 
+impl Drop for Sharing {
+    /// A run that ends early (an error while starting guests) still stops
+    /// the scanner before the guests' memory goes away.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, pace: &ScanPace, started: Instant) {
     set_thread_nice(pace.nice);
     let (mut backoff, mut last_saved) = (Duration::ZERO, 0);

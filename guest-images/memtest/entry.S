@@ -1,10 +1,11 @@
 /*
- * memtest's entry and the few CPU structures it needs at CPL 0.
- * Every vCPU enters at _start in 64-bit mode (the VMM's boot protocol):
- * RDI = vCPU index, RSI = boot_params. We set a per-vCPU kernel stack and
- * go to C (cpu_setup), which returns into user mode via enter_user.
+ * memtest's entry, its "start every vCPU here" note and the few instructions
+ * C cannot express. Every vCPU enters at _start in 64-bit mode at CPL 0
+ * (docs/memtest.md): RDI = vCPU index, RSI = boot params, RSP unusable.
+ * We switch to the vCPU's kernel stack and call
+ * cpu_setup(index, boot_params, kernel_stack_top), which leaves for CPL 3
+ * through enter_user and never returns.
  */
-#define KSTACK_SIZE 16384
 
     .section .note.vmm, "a"
     .balign 4
@@ -19,12 +20,12 @@
     .code64
 _start:
     cli
+    lea 1(%rdi), %rax
+    imul kernel_stack_size(%rip), %rax
     lea kernel_stacks(%rip), %rsp
-    mov %rdi, %rax
-    inc %rax
-    shl $14, %rax               /* (index + 1) * KSTACK_SIZE */
-    add %rax, %rsp
-    call cpu_setup              /* (index, boot_params); does not return */
+    add %rax, %rsp              /* the top of kernel_stacks[index] */
+    mov %rsp, %rdx
+    call cpu_setup
 1:  hlt
     jmp 1b
 
@@ -83,9 +84,3 @@ fault_common:
     call fault_entry
 2:  hlt
     jmp 2b
-
-    .section .bss
-    .balign 4096
-    .globl kernel_stacks
-kernel_stacks:
-    .skip KSTACK_SIZE * 32

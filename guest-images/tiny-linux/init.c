@@ -10,10 +10,13 @@
  */
 
 #define SYS_write 1
+#define SYS_open 2
 #define SYS_reboot 169
 #define LINUX_REBOOT_MAGIC1 0xfee1deadL
 #define LINUX_REBOOT_MAGIC2 672274793L
 #define LINUX_REBOOT_CMD_RESTART 0x01234567L
+#define O_WRONLY 01
+#define O_NOCTTY 0400
 
 static long syscall3(long nr, long a, long b, long c)
 {
@@ -40,7 +43,15 @@ static const char marker[] = "VMM-TINY-LINUX: init reached user space\n";
 
 void _start(void)
 {
-	syscall3(SYS_write, 1, (long)marker, sizeof(marker) - 1);
+	/*
+	 * The kernel opens /dev/console (in our initramfs) as fds 0, 1 and 2;
+	 * should fd 1 be unusable anyway, open the console ourselves.
+	 */
+	if (syscall3(SYS_write, 1, (long)marker, sizeof(marker) - 1) < 0) {
+		long fd = syscall3(SYS_open, (long)"/dev/console", O_WRONLY | O_NOCTTY, 0);
+		if (fd >= 0)
+			syscall3(SYS_write, fd, (long)marker, sizeof(marker) - 1);
+	}
 	syscall4(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_RESTART, 0);
 	for (;;)
 		;

@@ -148,7 +148,6 @@ impl SharingArgs {
                 ..Default::default()
             },
             pace: ScanPace {
-                pages_per_step: self.scan_pages,
                 sleep: Duration::from_millis(self.scan_sleep_ms),
                 target_pass,
                 cpu_cap: self.scan_cpu_cap / 100.0,

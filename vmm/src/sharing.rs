@@ -40,8 +40,6 @@ pub const DEFAULT_SCAN_NICE: i32 = -10;
 /// How fast the scanner works.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScanPace {
-    /// Pages per scan step.
-    pub pages_per_step: usize,
     /// Sleep between steps.
     pub sleep: Duration,
     /// Advisor: pace the scan to finish a full pass in this time...
@@ -57,13 +55,7 @@ pub struct ScanPace {
 
 impl Default for ScanPace {
     fn default() -> Self {
-        ScanPace {
-            pages_per_step: 16384,
-            sleep: Duration::from_millis(10),
-            target_pass: None,
-            cpu_cap: 1.0,
-            nice: DEFAULT_SCAN_NICE,
-        }
+        ScanPace { sleep: Duration::from_millis(10), target_pass: None, cpu_cap: 1.0, nice: DEFAULT_SCAN_NICE }
     }
 }
 
@@ -204,9 +196,6 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
         let step_started = Instant::now();
         let (scanned, total, pass_done) = {
             let mut e = engine.lock().unwrap();
-            let mut config = e.config().clone();
-            config.pages_to_scan = pace.pages_per_step;
-            e.set_config(config);
             let total = e.total_pages();
             let passes = e.stats().full_scans;
             let scanned = match e.scan() {

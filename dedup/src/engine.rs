@@ -86,8 +86,10 @@ struct Guest {
     region_start: Vec<usize>,
     pages: usize,
     state: Vec<u32>,
-    /// Content hash at the last look (0: never looked): a changed hash means
-    /// the page is volatile and not worth merging yet. Unused with a dirty log.
+    /// Content hash at the last look (0: unknown). Without a dirty log, a
+    /// changed hash means the page is volatile and not worth merging yet.
+    /// With one, a page not written since keeps its hash, so a pass need not
+    /// read it again unless the hash matches something.
     last_hash: Vec<u64>,
     /// Pages written during the previous pass, from the dirty log.
     dirty: Vec<u64>,
@@ -162,6 +164,10 @@ pub struct Engine {
     residency: Vec<u8>,
     /// At least as many mappings as the process has (0: not read yet).
     mappings_bound: u64,
+    /// Whether mappings may have changed since `mappings_bound` was read
+    /// (a merge, a guest added or removed): reading /proc/self/maps costs
+    /// time in proportion to the mappings, so settled passes skip it.
+    mappings_changed: bool,
 }
 
 // SAFETY: the raw region pointers refer to guest mappings that stay valid
@@ -191,6 +197,7 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
             mappings_bound: 0,
+            mappings_changed: true,
             residency: Vec::new(),
         })
     }
@@ -206,6 +213,7 @@ impl Engine {
     /// Starts sharing `mem`'s pages. Its regions must stay mapped until
     /// [`Engine::remove_guest`].
     pub fn add_guest(&mut self, mem: GuestMemory) -> GuestId {
+        self.mappings_changed = true;
         let mut region_start = Vec::new();
         let mut pages = 0;
         for r in &mem.regions {
@@ -237,6 +245,7 @@ impl Engine {
     /// Stops sharing a guest's pages and drops its users of stable frames.
     /// Call before its memory is unmapped.
     pub fn remove_guest(&mut self, id: GuestId) -> io::Result<()> {
+        self.mappings_changed = true;
         for (_, target) in self.pending.remove(&id).unwrap_or_default() {
             if let Target::Frame(f) = target {
                 self.store.drop_user(f)?;
@@ -322,8 +331,10 @@ impl Engine {
             g.stats.volatile_this_pass = 0;
         }
         self.collect_cow_breaks()?;
-        self.mappings_bound = os::mapping_count()? as u64;
-        self.stats.mappings_used = self.mappings_bound;
+        if std::mem::take(&mut self.mappings_changed) {
+            self.mappings_bound = os::mapping_count()? as u64;
+            self.stats.mappings_used = self.mappings_bound;
+        }
         self.stats.full_scans += 1;
         self.cursor = (0, 0);
         Ok(())
@@ -336,10 +347,24 @@ impl Engine {
         }
         if guest.written_last_pass(page) {
             guest.stats.volatile_this_pass += 1;
+            guest.last_hash[page] = 0;
             return Ok(());
+        }
+        // The dirty log says the page has not changed since its hash was
+        // taken: reuse the hash, and read the page only if that hash has a
+        // match. (The hash only picks candidates; every merge compares bytes.)
+        let known = Some(guest.last_hash[page]).filter(|&h| h != 0 && guest.mem.dirty.is_some());
+        if let Some(hash) = known {
+            let group = guest.mem.group;
+            let maybe_zero = hash == zero_hash() && self.config.zero_pages;
+            if !maybe_zero && !self.store.has_hash(group, hash) && !self.unstable.contains_key(&(group, hash)) {
+                self.unstable.insert((group, hash), (id, page));
+                return Ok(());
+            }
         }
         // Work on a copy: the guest may be writing the page right now.
         guest.copy_page(page, &mut self.scratch);
+        self.stats.pages_hashed += 1;
         let content: &[u8] = &self.scratch;
         let hash = xxh3_64(content);
         let last = std::mem::replace(&mut guest.last_hash[page], hash);
@@ -418,7 +443,7 @@ impl Engine {
         guest.mem.freezer.freeze();
         let parked = Instant::now();
         let mut merged: Vec<(usize, Target)> = Vec::with_capacity(queue.len());
-        let mut failed: Vec<Target> = Vec::new();
+        let mut failed: Vec<(usize, Target)> = Vec::new();
         for &(page, target) in &queue {
             let same = !over_limit
                 && match target {
@@ -428,10 +453,11 @@ impl Engine {
             if same {
                 merged.push((page, target));
             } else {
-                failed.push(target);
+                failed.push((page, target));
             }
         }
         let remap = remap_runs(guest, &self.store, &merged);
+        self.mappings_changed |= !merged.is_empty();
         guest.mem.freezer.thaw();
         self.freezes.record(parked.elapsed());
         self.park_waits.record(parked - started);
@@ -455,7 +481,9 @@ impl Engine {
                 Target::Frame(_) => guest.stats.merged_pages += 1,
             }
         }
-        for target in failed {
+        for (page, target) in failed {
+            // It changed since it was hashed.
+            guest.last_hash[page] = 0;
             if let Target::Frame(f) = target {
                 self.store.drop_user(f)?;
             }
@@ -512,6 +540,7 @@ impl Engine {
                     };
                     if broken {
                         guest.state[page + i] = UNMERGED;
+                        guest.last_hash[page + i] = 0;
                         guest.stats.cow_breaks += 1;
                         if s == ZERO {
                             guest.stats.zero_pages -= 1;

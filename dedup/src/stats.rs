@@ -14,6 +14,9 @@ pub struct Stats {
     /// Pages that changed between two looks in the last pass.
     pub pages_volatile: u64,
     pub pages_scanned: u64,
+    /// Pages read and hashed (the rest of those scanned kept a known hash
+    /// or were merged already).
+    pub pages_hashed: u64,
     pub full_scans: u64,
     /// Guest pages mapped to the kernel's zero page: each saves a page.
     pub zero_pages: u64,

@@ -63,6 +63,11 @@ impl StableStore {
         unsafe { std::slice::from_raw_parts(self.view.add(Self::offset(frame) as usize), PAGE_SIZE) }
     }
 
+    /// Whether some frame of `group` has this content hash.
+    pub fn has_hash(&self, group: GroupId, hash: u64) -> bool {
+        self.index.contains_key(&(group, hash))
+    }
+
     /// A live frame in `group` holding exactly `content`, with room for one
     /// more user under `max_users`.
     pub fn find(&self, group: GroupId, hash: u64, content: &[u8], max_users: u32) -> Option<FrameId> {

@@ -32,7 +32,8 @@
  * Rounds: each vCPU fills its slice (PROGRESS 0), then in round n rewrites its
  * volatile pages, verifies every page it owns and reports PROGRESS n. After
  * `rounds=` rounds (0: forever) it writes DONE with its mismatch count.
- * Command line: seed= share= zero= volatile= rounds= run=; other words are
+ * Command line: seed= share= zero= volatile= rounds= run= idle= (ms to idle
+ * after each round, like a mostly idle OS; 0 by default); other words are
  * ignored (a Linux-style command line may hold anything).
  */
 
@@ -68,6 +69,7 @@ enum {
 	DB_FAULT_RIP = 0x28,
 	DB_GUEST_ID = 0x30,
 	DB_VCPU_COUNT = 0x38,
+	DB_IDLE = 0x40,
 };
 
 static inline void db_write(u64 reg, u64 value)
@@ -156,6 +158,8 @@ struct e820_entry {
 } __attribute__((packed));
 
 #define BP_E820_ENTRIES 0x1e8
+#define BP_RAMDISK_IMAGE 0x218
+#define BP_RAMDISK_SIZE 0x21c
 #define BP_CMDLINE_PTR 0x228
 #define BP_E820_TABLE 0x2d0
 #define E820_RAM 1
@@ -172,6 +176,15 @@ static const struct e820_entry *e820(int i)
 	return (const struct e820_entry *)(boot_params + BP_E820_TABLE) + i;
 }
 
+/* The initrd the VMM loaded, [start, end) page aligned; empty if none. */
+static void initrd_pages(u64 *start, u64 *end)
+{
+	u64 addr = *(const u32 *)(boot_params + BP_RAMDISK_IMAGE);
+	u64 size = *(const u32 *)(boot_params + BP_RAMDISK_SIZE);
+	*start = addr & ~(PAGE_SIZE - 1);
+	*end = size ? align_up(addr + size, PAGE_SIZE) : *start;
+}
+
 static const char *cmdline(void)
 {
 	return (const char *)(u64) * (const u32 *)(boot_params + BP_CMDLINE_PTR);
@@ -182,7 +195,7 @@ static const char *cmdline(void)
 #define ONE (1UL << 32) /* fractions are in parts per 2^32 */
 
 struct params {
-	u64 seed, volatile_pages, rounds, run;
+	u64 seed, volatile_pages, rounds, run, idle_ms;
 	u64 share, zero;
 };
 
@@ -232,6 +245,8 @@ static struct params parse_params(const char *w)
 			p.rounds = parse_uint(w + 7);
 		else if (word_is(w, "run="))
 			p.run = parse_uint(w + 4);
+		else if (word_is(w, "idle="))
+			p.idle_ms = parse_uint(w + 5);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')
@@ -258,9 +273,20 @@ static struct params params;
 static u64 guest_id, vcpu_count;
 static u64 test_floor, mapped_top; /* set by build_page_tables() */
 
+static void add_range(u64 start, u64 end)
+{
+	if (end <= start || nranges == MAX_RANGES)
+		return;
+	ranges[nranges++] = (struct range){ start, (end - start) / PAGE_SIZE, total_pages };
+	total_pages += (end - start) / PAGE_SIZE;
+}
+
+/* The e820 RAM above the image, minus the initrd (left as loaded). */
 static void find_test_pages(void)
 {
-	for (int i = 0; i < e820_count() && nranges < MAX_RANGES; i++) {
+	u64 rd_start, rd_end;
+	initrd_pages(&rd_start, &rd_end);
+	for (int i = 0; i < e820_count(); i++) {
 		const struct e820_entry *e = e820(i);
 		if (e->type != E820_RAM)
 			continue;
@@ -268,10 +294,12 @@ static void find_test_pages(void)
 		u64 end = (e->addr + e->size) & ~(PAGE_SIZE - 1);
 		if (end > mapped_top)
 			end = mapped_top;
-		if (end <= start)
-			continue;
-		ranges[nranges++] = (struct range){ start, (end - start) / PAGE_SIZE, total_pages };
-		total_pages += (end - start) / PAGE_SIZE;
+		if (rd_start < rd_end && rd_start < end && rd_end > start) {
+			add_range(start, rd_start);
+			add_range(rd_end, end);
+		} else {
+			add_range(start, end);
+		}
 	}
 }
 
@@ -373,6 +401,33 @@ static int check_page(u64 page, u64 round, int report)
 	return 0;
 }
 
+/* The initrd is data the guest keeps but never writes, like an OS's kernel
+ * image: identical in every guest. vCPU 0 hashes it once and checks it every
+ * round. */
+static u64 initrd_hash_at_boot;
+
+static u64 initrd_hash(void)
+{
+	u64 start, end, h = 0;
+	initrd_pages(&start, &end);
+	for (const u64 *p = (const u64 *)start; p < (const u64 *)end; p++)
+		h = mix(h ^ *p);
+	return h;
+}
+
+static u64 check_initrd(void)
+{
+	if (initrd_hash() == initrd_hash_at_boot)
+		return 0;
+	u64 start, end;
+	initrd_pages(&start, &end);
+	db_write(DB_MISMATCH, start);
+	console_lock();
+	puts("memtest: MISMATCH in the initrd: its hash changed\n");
+	console_unlock();
+	return 1;
+}
+
 /* ---- CPL 3: the work ---- */
 
 /* Setup stages: vCPU 0 reaches each, the others wait for it. */
@@ -419,12 +474,19 @@ static void print_plan(void)
 	putdec(params.rounds);
 	puts(" run=");
 	putdec(params.run);
+	puts(" idle=");
+	putdec(params.idle_ms);
+	u64 rd_start, rd_end;
+	initrd_pages(&rd_start, &rd_end);
+	u64 image = (rd_end - rd_start) / PAGE_SIZE;
 	puts("\nmemtest: ideal mergeable pages ");
-	putdec(shared + zero);
+	putdec(shared + zero + image);
 	puts(" (shared ");
 	putdec(shared);
 	puts(", zero ");
 	putdec(zero);
+	puts(", initrd ");
+	putdec(image);
 	puts(")\n");
 	console_unlock();
 }
@@ -436,6 +498,7 @@ static void plan(void)
 	vcpu_count = db_read(DB_VCPU_COUNT);
 	params = parse_params(cmdline());
 	find_test_pages();
+	initrd_hash_at_boot = initrd_hash();
 	print_plan();
 }
 
@@ -486,9 +549,13 @@ void user_main(u64 vcpu)
 	u64 mismatches = 0;
 	for (u64 round = 1; params.rounds == 0 || round <= params.rounds; round++) {
 		u64 bad = run_round(first, end, round, mismatches);
+		if (vcpu == 0)
+			bad += check_initrd();
 		mismatches += bad;
 		print_round(vcpu, round, bad);
 		db_write(DB_PROGRESS, round);
+		if (params.idle_ms)
+			db_write(DB_IDLE, params.idle_ms);
 	}
 	db_write(DB_DONE, mismatches);
 	for (;;)

@@ -26,6 +26,130 @@ pub struct Cli {
 pub enum Command {
     /// Start guests and run them until they end (Ctrl-C stops them all).
     Run(RunArgs),
+    /// Run the same guests with no sharing, in-process sharing and kernel
+    /// KSM in turn, and compare host memory, speed and CPU (needs root for KSM).
+    Bench(BenchArgs),
+}
+
+/// What the bench guests run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchImage {
+    /// memtest with an OS-like profile, preloaded with a real kernel image
+    /// (docs/benchmarks.md); verifies its memory twice a second.
+    Memtest,
+    /// Real Linux guests (tiny-linux): minutes to boot on PVM hosts.
+    TinyLinux,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub guests: usize,
+    /// Guest RAM per guest.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub memory: u64,
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub vcpus: u8,
+    #[arg(long, value_enum, default_value_t = BenchImage::Memtest)]
+    pub image: BenchImage,
+    /// Where guest-images/build.sh put the images.
+    #[arg(long, default_value = "guest-images/out", value_name = "DIR")]
+    pub images_dir: PathBuf,
+    /// Kernel to boot instead of the image's.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initrd instead of the image's.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Guest command line instead of the image's profile.
+    #[arg(long, value_name = "TEXT")]
+    pub cmdline: Option<String>,
+    /// Modes to run, comma separated; they run in the order off, inprocess,
+    /// ksm-matched, ksm-default (ksm-matched needs inprocess).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off,inprocess,ksm-matched,ksm-default")]
+    pub modes: Vec<crate::bench::Mode>,
+    /// Seconds each mode runs (default 40 for memtest, 150 for tiny-linux).
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<u64>,
+    /// Write every sample and figure as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Draw host memory over time per mode as SVG here.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+    /// Consoles, stats and logs of each run (default: a fresh temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// The memtest profile of `vmm bench`: docs/benchmarks.md says what it
+/// models and why.
+pub const BENCH_MEMTEST_CMDLINE: &str = "seed=1 share=0.35 zero=0.2 volatile=1024 idle=400 rounds=0";
+
+impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
+    type Error = String;
+
+    fn try_from(args: BenchArgs) -> Result<Self, String> {
+        check_guest_shape(args.guests, args.memory, args.vcpus)?;
+        let mut modes = args.modes;
+        modes.sort();
+        modes.dedup();
+        if modes.contains(&crate::bench::Mode::KsmMatched) && !modes.contains(&crate::bench::Mode::Inprocess) {
+            return Err("--modes ksm-matched needs inprocess too: it runs KSM at the CPU rate inprocess used".into());
+        }
+        let image = |rel: &str| args.images_dir.join(rel);
+        let (name, kernel, initrd_parts, cmdline, duration) = match args.image {
+            BenchImage::Memtest => (
+                "memtest",
+                image("memtest"),
+                // The "OS image" every guest holds: a real kernel and its initramfs.
+                vec![image("tiny-linux/vmlinux"), image("tiny-linux/initramfs.cpio.gz")],
+                BENCH_MEMTEST_CMDLINE.to_string(),
+                40,
+            ),
+            BenchImage::TinyLinux => (
+                "tiny-linux",
+                image("tiny-linux/vmlinux"),
+                vec![image("tiny-linux/initramfs.cpio.gz")],
+                // panic=0: a guest whose init cannot run stays up, holding its memory.
+                crate::host::HostKind::detect().default_linux_cmdline().replace("panic=-1", "panic=0"),
+                150,
+            ),
+        };
+        let initrd_parts = args.initrd.map_or(initrd_parts, |p| vec![p]);
+        let kernel = args.kernel.unwrap_or(kernel);
+        for path in std::iter::once(&kernel).chain(&initrd_parts) {
+            if !path.is_file() {
+                return Err(format!(
+                    "{} not found: build the guest images with guest-images/build.sh (from the repository root, \
+                     or pass --images-dir), or pass --kernel/--initrd",
+                    path.display()
+                ));
+            }
+        }
+        let duration = args.duration.unwrap_or(duration);
+        if duration < 5 {
+            return Err(format!("--duration must be at least 5 seconds (got {duration})"));
+        }
+        let work_dir = match args.work_dir {
+            Some(dir) => dir,
+            None => crate::runner::fresh_temp_dir("vmm-bench")?,
+        };
+        Ok(crate::bench::BenchConfig {
+            guests: args.guests,
+            memory_mib: args.memory,
+            vcpus: args.vcpus,
+            image: name.into(),
+            kernel,
+            initrd_parts,
+            cmdline: args.cmdline.unwrap_or(cmdline),
+            modes,
+            duration: Duration::from_secs(duration),
+            json: args.json,
+            plot: args.plot,
+            work_dir,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +185,10 @@ pub struct RunArgs {
     /// Stop all guests after this many seconds (they then count as failed).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
+    /// Keep a JSON snapshot of the run (guests, failures, sharing stats) in
+    /// this file, rewritten twice a second.
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
     #[command(flatten)]
     pub sharing: SharingArgs,
 }
@@ -182,22 +310,28 @@ fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
     text.parse().map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
 }
 
+/// What `run` and `bench` both check about --guests, --memory and --vcpus.
+fn check_guest_shape(guests: usize, memory_mib: u64, vcpus: u8) -> Result<(), String> {
+    if guests == 0 {
+        return Err("--guests must be at least 1".into());
+    }
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(format!("--memory must be at least {MIN_MEMORY_MIB} MiB (got {memory_mib})"));
+    }
+    if memory_mib > 1 << 20 {
+        return Err(format!("--memory {memory_mib} MiB is more than the 1 TiB vmm supports per guest"));
+    }
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(format!("--vcpus must be between 1 and {MAX_VCPUS} (got {vcpus})"));
+    }
+    Ok(())
+}
+
 impl TryFrom<RunArgs> for RunConfig {
     type Error = String;
 
     fn try_from(args: RunArgs) -> Result<Self, String> {
-        if args.guests == 0 {
-            return Err("--guests must be at least 1".into());
-        }
-        if args.memory < MIN_MEMORY_MIB {
-            return Err(format!("--memory must be at least {MIN_MEMORY_MIB} MiB (got {})", args.memory));
-        }
-        if args.memory > 1 << 20 {
-            return Err(format!("--memory {} MiB is more than the 1 TiB vmm supports per guest", args.memory));
-        }
-        if args.vcpus == 0 || args.vcpus > MAX_VCPUS {
-            return Err(format!("--vcpus must be between 1 and {MAX_VCPUS} (got {})", args.vcpus));
-        }
+        check_guest_shape(args.guests, args.memory, args.vcpus)?;
         if args.timeout == Some(0) {
             return Err("--timeout must be at least 1 second".into());
         }
@@ -228,6 +362,7 @@ impl TryFrom<RunArgs> for RunConfig {
             console_dir: args.console_dir,
             overcommit: args.overcommit,
             timeout: args.timeout.map(Duration::from_secs),
+            stats_file: args.stats_file,
         })
     }
 }
@@ -238,8 +373,26 @@ mod tests {
 
     fn run_config(args: &[&str]) -> Result<RunConfig, String> {
         let cli = Cli::try_parse_from(["vmm", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else { unreachable!("parsed as run") };
         RunConfig::try_from(run)
+    }
+
+    fn bench_args(args: &[&str]) -> BenchArgs {
+        let cli = Cli::try_parse_from(["vmm", "bench"].iter().chain(args)).unwrap();
+        let Command::Bench(bench) = cli.command else { unreachable!("parsed as bench") };
+        bench
+    }
+
+    #[test]
+    fn bench_defaults_and_mode_order() {
+        let args = bench_args(&["--modes", "ksm-default,inprocess,off,inprocess"]);
+        assert_eq!((args.guests, args.memory, args.image), (8, 256, BenchImage::Memtest));
+        // The images may not be built where unit tests run: check up to the files.
+        let err =
+            crate::bench::BenchConfig::try_from(BenchArgs { images_dir: "/nonexistent".into(), ..args }).unwrap_err();
+        assert!(err.contains("/nonexistent/memtest not found") && err.contains("guest-images/build.sh"), "{err}");
+        let err = crate::bench::BenchConfig::try_from(bench_args(&["--modes", "ksm-matched"])).unwrap_err();
+        assert!(err.contains("needs inprocess"), "{err}");
     }
 
     #[test]

@@ -146,7 +146,13 @@ impl Guest {
         let end = self.shared.end.lock().unwrap().take();
         // All vCPUs left on their own (e.g. every memtest vCPU finished) but
         // nobody said why: that cannot happen by design, so say so loudly.
-        end.unwrap_or_else(|| GuestEnd::VmmError("every vCPU stopped without a reason".into()))
+        let end = end.unwrap_or_else(|| GuestEnd::VmmError("every vCPU stopped without a reason".into()));
+        self.shared.devices.doorbell.judge_stop(end)
+    }
+
+    /// Corrupted pages a memtest guest has reported so far (0 for others).
+    pub fn reported_mismatches(&self) -> u64 {
+        self.shared.devices.doorbell.reported_mismatches()
     }
 
     /// What page sharing uses to stop this guest's writers during a merge.

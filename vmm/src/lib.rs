@@ -6,6 +6,7 @@
 //! ([`vstate`]) and devices ([`devices`]). Each vCPU has its own thread; a
 //! guest ends with a [`outcome::GuestEnd`]. See docs/design.md.
 
+pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;
@@ -14,6 +15,9 @@ pub mod host;
 pub mod hypervisor;
 pub mod memory;
 pub mod outcome;
+pub mod proc;
 pub mod runner;
 pub mod sharing;
+pub mod signals;
+pub mod snapshot;
 pub mod vstate;

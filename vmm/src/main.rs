@@ -4,11 +4,13 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmm::bench::{self, BenchConfig};
 use vmm::cli::{Cli, Command};
 use vmm::runner::{self, RunConfig};
 
 /// Exit codes: 0 every guest ended cleanly, 1 some guest did not, 2 the
-/// VMM could not start its guests (bad input or host problem).
+/// VMM could not start its guests (bad input or host problem) or a bench
+/// could not finish.
 const EXIT_GUEST_FAILED: u8 = 1;
 const EXIT_SETUP_FAILED: u8 = 2;
 
@@ -33,10 +35,14 @@ fn main() -> ExitCode {
     log::set_max_level(cli.log_level);
     let _ = log::set_logger(&StderrLogger);
     let result = match cli.command {
-        Command::Run(args) => RunConfig::try_from(args).and_then(|config| runner::run(&config)),
+        Command::Run(args) => RunConfig::try_from(args).and_then(|config| runner::run(&config)).map(|r| r.all_clean()),
+        Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
+            println!("{}", report.table());
+            report.failures() == 0
+        }),
     };
     match result {
-        Ok(report) if report.all_clean() => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
         Ok(_) => ExitCode::from(EXIT_GUEST_FAILED),
         Err(e) => {
             eprintln!("vmm: error: {e}");

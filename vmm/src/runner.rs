@@ -1,7 +1,6 @@
 //! `vmm run`: many guests of one configuration in one process.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use crate::hypervisor::Hypervisor;
 use crate::memory::{host_available_memory, MIB};
 use crate::outcome::GuestEnd;
 use crate::sharing::{DedupMode, Sharing, SharingConfig};
+use crate::snapshot::{self, RunSnapshot, SharingSnapshot};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunConfig {
@@ -25,6 +25,8 @@ pub struct RunConfig {
     /// Stop every guest after this long.
     pub timeout: Option<Duration>,
     pub sharing: SharingConfig,
+    /// Rewrite a JSON [`RunSnapshot`] here every [`snapshot::INTERVAL`].
+    pub stats_file: Option<PathBuf>,
 }
 
 /// How every guest ended.
@@ -36,19 +38,6 @@ impl RunReport {
     pub fn all_clean(&self) -> bool {
         self.ends.iter().all(GuestEnd::is_clean)
     }
-}
-
-static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-fn install_stop_handlers() -> Result<(), String> {
-    extern "C" fn on_stop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        STOP_REQUESTED.store(true, Ordering::SeqCst);
-    }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        vmm_sys_util::signal::register_signal_handler(sig, on_stop)
-            .map_err(|e| format!("cannot install the handler for signal {sig}: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Refuses to start guests whose RAM the host cannot hold, unless told to.
@@ -104,7 +93,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
     }
 
     crate::vstate::control::install_kick_handler();
-    install_stop_handlers()?;
+    crate::signals::install_stop_handlers()?;
     let (finished_tx, finished_rx) = mpsc::channel();
     let started = Instant::now();
     for i in 0..guests.len() {
@@ -125,7 +114,14 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
     let mut ends: Vec<Option<GuestEnd>> = vec![None; slots.len()];
     let mut remaining = slots.len();
     let mut stop_sent = false;
+    let mut last_snapshot = Instant::now();
     while remaining > 0 {
+        if let Some(path) = &config.stats_file {
+            if last_snapshot.elapsed() >= snapshot::INTERVAL {
+                last_snapshot = Instant::now();
+                write_snapshot(path, &take_snapshot(started, &slots, &ends, sharing.as_ref()));
+            }
+        }
         match finished_rx.recv_timeout(Duration::from_millis(50)) {
             Ok(id) => {
                 let guest = slots[id].take().expect("a guest finished twice");
@@ -144,7 +140,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
         if stop_sent {
             continue;
         }
-        let reason = if STOP_REQUESTED.load(Ordering::SeqCst) {
+        let reason = if crate::signals::stop_requested() {
             Some(GuestEnd::Stopped)
         } else {
             config.timeout.filter(|t| started.elapsed() >= *t).map(GuestEnd::TimedOut)
@@ -155,13 +151,54 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
             stop_sent = true;
         }
     }
+    let mut last = RunSnapshot { finished: true, ..take_snapshot(started, &slots, &ends, None) };
     if let Some(sharing) = sharing {
         let (uptime, cpu) = (sharing.uptime(), sharing.scanner_cpu());
         let report = sharing.stop();
         report_sharing(&report.stats, uptime, cpu);
         report_sharing_per_guest(&report.guests);
+        // What sharing had reached while every guest was still there.
+        last.sharing = Some(SharingSnapshot::new(&report.stats, cpu));
+    }
+    if let Some(path) = &config.stats_file {
+        write_snapshot(path, &last);
     }
     Ok(RunReport { ends: ends.into_iter().map(|e| e.unwrap_or(GuestEnd::Stopped)).collect() })
+}
+
+/// The run as it stands: `slots` holds the guests still running, `ends`
+/// how the others ended.
+fn take_snapshot(
+    started: Instant,
+    slots: &[Option<Guest>],
+    ends: &[Option<GuestEnd>],
+    sharing: Option<&Sharing>,
+) -> RunSnapshot {
+    let running = slots.iter().flatten();
+    let ended = ends.iter().flatten();
+    let ended_corrupted: u64 = ended
+        .clone()
+        .map(|e| match e {
+            GuestEnd::MemtestFailed { mismatches, .. } => *mismatches,
+            _ => 0,
+        })
+        .sum();
+    RunSnapshot {
+        elapsed_s: started.elapsed().as_secs_f64(),
+        guests: slots.len(),
+        guests_running: running.clone().count(),
+        guests_failed: ended.clone().filter(|e| !e.is_clean()).count()
+            + running.clone().filter(|g| g.reported_mismatches() > 0).count(),
+        corrupted_pages: ended_corrupted + running.map(Guest::reported_mismatches).sum::<u64>(),
+        sharing: sharing.map(|s| SharingSnapshot::new(&s.stats(), s.scanner_cpu())),
+        finished: false,
+    }
+}
+
+fn write_snapshot(path: &Path, snapshot: &RunSnapshot) {
+    if let Err(e) = snapshot.write_to(path) {
+        log::warn!("cannot write the stats file {}: {e}", path.display());
+    }
 }
 
 fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
@@ -264,7 +301,7 @@ fn consoles(config: &RunConfig) -> Result<Vec<Console>, String> {
                 .map_err(|e| format!("cannot create console directory {}: {e}", dir.display()))?;
             dir.clone()
         }
-        None => fresh_temp_dir()?,
+        None => fresh_temp_dir("vmm-consoles")?,
     };
     eprintln!("vmm: guest consoles in {}", dir.display());
     (0..config.guests)
@@ -279,14 +316,15 @@ pub fn console_path(dir: &Path, id: usize) -> PathBuf {
     dir.join(format!("guest-{id}.log"))
 }
 
-fn fresh_temp_dir() -> Result<PathBuf, String> {
-    let template = std::env::temp_dir().join("vmm-consoles-XXXXXX");
+/// A new directory in the temp dir, named `prefix` and a random suffix.
+pub fn fresh_temp_dir(prefix: &str) -> Result<PathBuf, String> {
+    let template = std::env::temp_dir().join(format!("{prefix}-XXXXXX"));
     let mut bytes = template.into_os_string().into_encoded_bytes();
     bytes.push(0);
     // SAFETY: `bytes` is a writable NUL-terminated template, as mkdtemp needs.
     let ptr = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
     if ptr.is_null() {
-        return Err(format!("cannot create a console directory: {}", std::io::Error::last_os_error()));
+        return Err(format!("cannot create a {prefix} directory: {}", std::io::Error::last_os_error()));
     }
     bytes.pop();
     // SAFETY: mkdtemp only replaced the X's with ASCII characters.
@@ -307,8 +345,8 @@ mod tests {
 
     #[test]
     fn temp_console_dirs_are_fresh() {
-        let a = fresh_temp_dir().unwrap();
-        let b = fresh_temp_dir().unwrap();
+        let a = fresh_temp_dir("vmm-test").unwrap();
+        let b = fresh_temp_dir("vmm-test").unwrap();
         assert_ne!(a, b);
         assert!(a.is_dir() && b.is_dir());
         std::fs::remove_dir(a).unwrap();

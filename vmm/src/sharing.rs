@@ -120,7 +120,7 @@ impl Sharing {
             stop,
             thread: Some(thread),
             started,
-            cpu_at_start: thread_cpu_time_of("dedup-scanner").unwrap_or_default(),
+            cpu_at_start: crate::proc::thread_cpu_time("dedup-scanner").unwrap_or_default(),
         })
     }
 
@@ -163,7 +163,7 @@ impl Sharing {
 
     /// CPU time the scanner thread has used.
     pub fn scanner_cpu(&self) -> Duration {
-        thread_cpu_time_of("dedup-scanner").unwrap_or_default().saturating_sub(self.cpu_at_start)
+        crate::proc::thread_cpu_time("dedup-scanner").unwrap_or_default().saturating_sub(self.cpu_at_start)
     }
 
     /// Stops the scanner and returns what the run should report.
@@ -211,11 +211,12 @@ fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, 
             if pass_done {
                 let t = started.elapsed();
                 log::info!(
-                    "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile",
+                    "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile, {} hashed so far",
                     now.full_scans,
                     t.as_secs_f64(),
                     now.pages_saved(),
-                    now.pages_volatile
+                    now.pages_volatile,
+                    now.pages_hashed
                 );
                 report.timeline.push((t, now.pages_saved()));
                 backoff = idle_backoff(backoff, now.pages_saved() != last_saved);
@@ -264,25 +265,6 @@ fn set_thread_nice(nice: i32) {
     if ret != 0 {
         log::warn!("page sharing: cannot set the scanner's nice value to {nice}: {}", std::io::Error::last_os_error());
     }
-}
-
-/// CPU time of this process's thread named `name` (from /proc/self/task).
-fn thread_cpu_time_of(name: &str) -> Option<Duration> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
-        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-        // Fields after the ")" of the command: utime and stime are the 12th and 13th.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
-        return Some(Duration::from_secs_f64((utime + stime) / ticks));
-    }
-    None
 }
 
 #[cfg(test)]

@@ -22,6 +22,11 @@ pub const FAULT: u64 = 0x20;
 pub const FAULT_RIP: u64 = 0x28;
 pub const GUEST_ID: u64 = 0x30;
 pub const VCPU_COUNT: u64 = 0x38;
+/// Write: idle this vCPU for that many milliseconds, as a guest with
+/// nothing to do would halt (memtest's `idle=`, between rounds).
+pub const IDLE: u64 = 0x40;
+/// The longest idle one write asks for.
+pub const MAX_IDLE: Duration = Duration::from_secs(10);
 
 /// The register offset of `addr`, if it is in the doorbell page.
 pub fn offset(addr: u64) -> Option<u64> {
@@ -78,6 +83,21 @@ impl Doorbell {
         }
     }
 
+    /// Corrupted pages the guest has reported so far.
+    pub fn reported_mismatches(&self) -> u64 {
+        self.state.lock().unwrap().reported_mismatches
+    }
+
+    /// How a guest stopped from outside really ended: a memtest that had
+    /// reported corrupted pages failed, whatever stopped it.
+    pub fn judge_stop(&self, end: GuestEnd) -> GuestEnd {
+        let state = self.state.lock().unwrap();
+        match end {
+            GuestEnd::Stopped | GuestEnd::TimedOut(_) if state.reported_mismatches > 0 => state.verdict(),
+            end => end,
+        }
+    }
+
     pub fn write(&self, vcpu: u8, offset: u64, value: u64, console: &Console) -> Action {
         let mut state = self.state.lock().unwrap();
         match offset {
@@ -101,6 +121,7 @@ impl Doorbell {
                 return Action::EndGuest(state.verdict());
             }
             FAULT_RIP => state.fault_rip = value,
+            IDLE => return Action::Idle(Duration::from_millis(value).min(MAX_IDLE)),
             FAULT => return Action::EndGuest(GuestEnd::GuestException { vector: value, rip: state.fault_rip }),
             _ => log::warn!("guest {}: write to unknown doorbell register {offset:#x}", self.guest_id),
         }
@@ -183,6 +204,23 @@ mod tests {
         d.write(0, MISMATCH, 0x20_0000, &c);
         d.write(0, DONE, 1, &c);
         assert!(matches!(d.write(1, DONE, 0, &c), Action::EndGuest(GuestEnd::MemtestFailed { mismatches: 1, .. })));
+    }
+
+    #[test]
+    fn a_stopped_guest_that_saw_corruption_failed() {
+        let d = Doorbell::new(0, 1);
+        assert_eq!(d.judge_stop(GuestEnd::Stopped), GuestEnd::Stopped);
+        d.write(0, MISMATCH, 0x20_0000, &console());
+        assert_eq!(d.reported_mismatches(), 1);
+        assert!(matches!(d.judge_stop(GuestEnd::Stopped), GuestEnd::MemtestFailed { mismatches: 1, .. }));
+        assert_eq!(d.judge_stop(GuestEnd::Reset), GuestEnd::Reset);
+    }
+
+    #[test]
+    fn idle_is_capped() {
+        let d = Doorbell::new(0, 1);
+        assert_eq!(d.write(0, IDLE, 5, &console()), Action::Idle(Duration::from_millis(5)));
+        assert_eq!(d.write(0, IDLE, u64::MAX, &console()), Action::Idle(MAX_IDLE));
     }
 
     #[test]

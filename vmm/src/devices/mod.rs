@@ -17,6 +17,8 @@ use serial::Serial;
 #[derive(Debug, PartialEq)]
 pub enum Action {
     Continue,
+    /// This vCPU idles for up to this long (a pause or stop cuts it short).
+    Idle(std::time::Duration),
     /// This vCPU has finished its work and must not run again.
     VcpuFinished,
     /// The whole guest ends.

@@ -116,6 +116,20 @@ impl VcpuGate {
         }
     }
 
+    /// Waits up to `time` on a vCPU thread that has nothing to run, like a
+    /// halted CPU; returns early when a pause or stop comes, so neither
+    /// waits for an idle vCPU.
+    pub fn idle(&self, time: Duration) {
+        let deadline = std::time::Instant::now() + time;
+        let mut s = self.state.lock().unwrap();
+        while !s.stop && s.pause_depth == 0 {
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+                return;
+            };
+            s = self.changed.wait_timeout(s, left).unwrap().0;
+        }
+    }
+
     /// Tells every vCPU to leave its run loop; does not wait for it.
     pub fn stop(&self) {
         let mut s = self.state.lock().unwrap();
@@ -129,6 +143,7 @@ impl VcpuGate {
     pub fn pause(&self) {
         let mut s = self.state.lock().unwrap();
         s.pause_depth += 1;
+        self.changed.notify_all(); // wakes idle vCPUs
         while s.parked < s.live && !s.stop {
             Self::kick_all(&s);
             // Re-kick now and then: a vCPU may have been between its
@@ -203,5 +218,35 @@ mod tests {
         assert_eq!(gate.live_vcpus(), 0);
         // Pausing a guest whose vCPUs are all gone returns at once.
         gate.pause();
+    }
+
+    #[test]
+    fn idle_times_out_and_a_pause_or_stop_cuts_it_short() {
+        let gate = Arc::new(VcpuGate::new(1));
+        let t = std::time::Instant::now();
+        gate.idle(Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+
+        gate.starting();
+        let idler = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                gate.idle(Duration::from_secs(30));
+                let woke = t.elapsed();
+                // The pause below waits for this vCPU to park.
+                assert!(gate.checkpoint());
+                gate.idle(Duration::from_secs(30));
+                gate.leave(0);
+                woke
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        gate.pause();
+        gate.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        gate.stop();
+        let woke = idler.join().unwrap();
+        assert!(woke < Duration::from_secs(5), "idle ignored the pause for {woke:?}");
     }
 }

@@ -71,6 +71,7 @@ pub fn run(mut fd: VcpuFd, index: u8, gate: &VcpuGate, devices: &Devices) -> (Op
         }
         match handle_exit(&mut fd, index, devices) {
             Action::Continue => {}
+            Action::Idle(time) => gate.idle(time),
             Action::VcpuFinished => break None,
             Action::EndGuest(end) => break Some(end),
         }

@@ -1,0 +1,368 @@
+//! `vmm bench`: the same guests under each page-sharing mode in turn, one
+//! `vmm run` child process per mode, measured from outside every 0.5 s.
+//!
+//! Modes run in a fixed order: `off` (no sharing), `inprocess` (our
+//! scanner), `ksm-matched` (kernel KSM at about the CPU rate our scanner
+//! used while converging, held there by a feedback loop on ksmd's CPU
+//! time) and `ksm-default` (KSM at its own defaults). docs/benchmarks.md
+//! explains the method and the guest profile.
+
+mod ksm;
+mod meter;
+mod plot;
+pub mod report;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::memory::{host_available_memory, MIB};
+use crate::snapshot::RunSnapshot;
+use ksm::Ksm;
+use meter::Meter;
+use report::{BenchReport, ModeResult, Sample};
+
+/// Page-sharing setups the bench compares, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Off,
+    Inprocess,
+    KsmMatched,
+    KsmDefault,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Inprocess => "inprocess",
+            Mode::KsmMatched => "ksm-matched",
+            Mode::KsmDefault => "ksm-default",
+        }
+    }
+
+    fn dedup_flag(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Inprocess => "inprocess",
+            Mode::KsmMatched | Mode::KsmDefault => "ksm",
+        }
+    }
+
+    fn is_ksm(self) -> bool {
+        matches!(self, Mode::KsmMatched | Mode::KsmDefault)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchConfig {
+    pub guests: usize,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    /// What the guests run, for the report (`memtest`, `tiny-linux`, a path).
+    pub image: String,
+    pub kernel: PathBuf,
+    /// Files the initrd is made of, concatenated page by page in order.
+    pub initrd_parts: Vec<PathBuf>,
+    pub cmdline: String,
+    /// Sorted, no repeats.
+    pub modes: Vec<Mode>,
+    /// How long each mode runs once its child has started.
+    pub duration: Duration,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+    /// Consoles, stats files and child logs go here, one directory per mode.
+    pub work_dir: PathBuf,
+}
+
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
+/// The stretch at the end of a run that counts as its steady state.
+const STEADY: Duration = Duration::from_secs(5);
+/// Where the KSM feedback loop starts.
+const KSM_FIRST_PAGES_TO_SCAN: u64 = 1000;
+
+/// Runs every mode and writes the report where asked.
+pub fn run(config: &BenchConfig) -> Result<BenchReport, String> {
+    check_fits(config)?;
+    crate::signals::install_stop_handlers()?;
+    std::fs::create_dir_all(&config.work_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.work_dir.display()))?;
+    // Taken once for every KSM mode; dropping it unmerges and restores.
+    let ksm = match config.modes.iter().any(|m| m.is_ksm()) {
+        true => Some(Ksm::take().map_err(|e| format!("kernel KSM is needed for the ksm modes: {e}"))?),
+        false => None,
+    };
+    let initrd = build_initrd(config)?;
+    let mut results: Vec<ModeResult> = Vec::new();
+    let mut memory_measure = String::new();
+    for &mode in &config.modes {
+        let target_cpu = match mode {
+            Mode::KsmMatched => Some(
+                results
+                    .iter()
+                    .find(|r| r.mode == Mode::Inprocess)
+                    .and_then(ModeResult::converging_cpu_rate)
+                    .ok_or("ksm-matched needs an inprocess run that saved memory first")?,
+            ),
+            _ => None,
+        };
+        let meter = Meter::new(&format!("vmm-bench-{}-{}", std::process::id(), mode.name()));
+        memory_measure = meter.describe();
+        let result = run_mode(config, initrd.as_deref(), mode, &meter, ksm.as_ref(), target_cpu)?;
+        if let Some(ksm) = &ksm {
+            ksm.unmerge().map_err(|e| e.to_string())?;
+        }
+        results.push(result);
+    }
+    drop(ksm);
+    let report = BenchReport::new(config, memory_measure, results);
+    if let Some(path) = &config.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &config.plot {
+        std::fs::write(path, plot::svg(&report)).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// Every mode fills all its guests' RAM before sharing catches up (`off`
+/// never does), so the host must hold all of it.
+fn check_fits(config: &BenchConfig) -> Result<(), String> {
+    let available = host_available_memory().map_err(|e| format!("cannot read host memory: {e}"))?;
+    let wanted = config.guests as u64 * config.memory_mib * MIB;
+    if wanted > available {
+        return Err(format!(
+            "{} guests x {} MiB = {} MiB is more than the {} MiB this host has available; every mode (and \
+             `off` throughout) needs all of it, so use fewer guests or less --memory",
+            config.guests,
+            config.memory_mib,
+            wanted / MIB,
+            available / MIB
+        ));
+    }
+    Ok(())
+}
+
+/// The guests' initrd: the one file, or the parts joined, each starting on
+/// a page boundary (as files lie in a guest's page cache).
+fn build_initrd(config: &BenchConfig) -> Result<Option<PathBuf>, String> {
+    match config.initrd_parts.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(one.clone())),
+        parts => {
+            let mut image = Vec::new();
+            for part in parts {
+                image.extend(std::fs::read(part).map_err(|e| format!("cannot read {}: {e}", part.display()))?);
+                image.resize(image.len().next_multiple_of(4096), 0);
+            }
+            let path = config.work_dir.join("initrd.img");
+            std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            Ok(Some(path))
+        }
+    }
+}
+
+fn run_mode(
+    config: &BenchConfig,
+    initrd: Option<&std::path::Path>,
+    mode: Mode,
+    meter: &Meter,
+    ksm: Option<&Ksm>,
+    target_cpu: Option<f64>,
+) -> Result<ModeResult, String> {
+    let dir = config.work_dir.join(mode.name());
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let stats_file = dir.join("stats.json");
+    let _ = std::fs::remove_file(&stats_file);
+    let mut ksm_pages = None;
+    if let Some(ksm) = ksm.filter(|_| mode.is_ksm()) {
+        let pages = if mode == Mode::KsmDefault { ksm::DEFAULT_PAGES_TO_SCAN } else { KSM_FIRST_PAGES_TO_SCAN };
+        ksm.start(pages, ksm::DEFAULT_SLEEP_MS).map_err(|e| e.to_string())?;
+        ksm_pages = Some(pages);
+    }
+    let ksmd_at_start = ksm::ksmd_cpu().unwrap_or_default();
+    let mut child = spawn_child(config, initrd, mode, meter, &dir, &stats_file)?;
+    let started = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut progress = Progress::new(mode, config.duration);
+    let mut last_snapshot = RunSnapshot::default();
+    let mut pss_at_end = None;
+    let exited_early = loop {
+        // Sample on a fixed grid, whatever the sampling itself costs.
+        let next = SAMPLE_EVERY * (samples.len() as u32 + 1);
+        std::thread::sleep(next.saturating_sub(started.elapsed()));
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if crate::signals::stop_requested() {
+            stop_child(&mut child);
+            return Err("interrupted; KSM settings restored".into());
+        }
+        if let Ok(snap) = RunSnapshot::read_from(&stats_file) {
+            last_snapshot = snap;
+        }
+        let cpu = match mode {
+            Mode::Inprocess => last_snapshot.sharing.as_ref().map_or(0.0, |s| s.scanner_cpu_s),
+            Mode::KsmMatched | Mode::KsmDefault => {
+                ksm::ksmd_cpu().unwrap_or_default().saturating_sub(ksmd_at_start).as_secs_f64()
+            }
+            Mode::Off => 0.0,
+        };
+        let saved_pages = match (mode, ksm) {
+            (Mode::Inprocess, _) => last_snapshot.sharing.as_ref().map_or(0, |s| s.pages_saved),
+            (Mode::KsmMatched | Mode::KsmDefault, Some(k)) => k.pages_saved(),
+            _ => 0,
+        };
+        let sample = Sample {
+            t: started.elapsed().as_secs_f64(),
+            memory_mib: meter.bytes(child.id()).unwrap_or(0) as f64 / MIB as f64,
+            saved_mib: saved_pages as f64 * 4096.0 / MIB as f64,
+            cpu_s: cpu,
+        };
+        progress.show(&sample);
+        if let (Some(target), Some(ksm), Some(pages)) = (target_cpu, ksm, ksm_pages.as_mut()) {
+            steer_ksm(ksm, pages, target, &samples, &sample);
+        }
+        samples.push(sample);
+        if started.elapsed() >= config.duration {
+            pss_at_end = crate::proc::pss_bytes(child.id()).map(|b| b as f64 / MIB as f64);
+            break None;
+        }
+    };
+    progress.finish();
+    let status = match exited_early {
+        Some(status) => status,
+        None => stop_child(&mut child),
+    };
+    if let Ok(snap) = RunSnapshot::read_from(&stats_file) {
+        last_snapshot = snap;
+    }
+    let log = dir.join("vmm.log");
+    if status.code() == Some(2) || (exited_early.is_some() && samples.len() < 2) {
+        return Err(format!("{} run failed ({status}); its log {}:\n{}", mode.name(), log.display(), tail(&log)));
+    }
+    Ok(ModeResult::new(mode, config, samples, pss_at_end, &last_snapshot, ksm_pages, exited_early.is_some()))
+}
+
+fn spawn_child(
+    config: &BenchConfig,
+    initrd: Option<&std::path::Path>,
+    mode: Mode,
+    meter: &Meter,
+    dir: &std::path::Path,
+    stats_file: &std::path::Path,
+) -> Result<Child, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
+    let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| format!("cannot create a log in {dir:?}: {e}"))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("run")
+        .args(["--guests", &config.guests.to_string()])
+        .args(["--memory", &config.memory_mib.to_string()])
+        .args(["--vcpus", &config.vcpus.to_string()])
+        .arg("--kernel")
+        .arg(&config.kernel)
+        .args(["--cmdline", &config.cmdline])
+        .args(["--dedup", mode.dedup_flag()])
+        .arg("--console-dir")
+        .arg(dir)
+        .arg("--stats-file")
+        .arg(stats_file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    if let Some(initrd) = initrd {
+        command.arg("--initrd").arg(initrd);
+    }
+    meter.enroll(&mut command);
+    command.spawn().map_err(|e| format!("cannot start vmm run for {}: {e}", mode.name()))
+}
+
+/// SIGTERM (the child stops its guests and exits), then SIGKILL if it
+/// takes more than 30 s.
+fn stop_child(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().expect("wait for a killed child");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Holds ksmd near `target` CPU-seconds per second: each second, scales
+/// pages_to_scan by how far off the last second was (at most 2x a step).
+fn steer_ksm(ksm: &Ksm, pages: &mut u64, target: f64, samples: &[Sample], now: &Sample) {
+    let Some(before) = samples.iter().rev().find(|s| now.t - s.t >= 0.99) else {
+        return;
+    };
+    if !samples.len().is_multiple_of(2) {
+        return;
+    }
+    let used = (now.cpu_s - before.cpu_s) / (now.t - before.t);
+    let factor = (target / used.max(1e-3)).clamp(0.5, 2.0);
+    let next = ((*pages as f64 * factor) as u64).clamp(10, 200_000);
+    if next != *pages && ksm.set_pages_to_scan(next).is_ok() {
+        *pages = next;
+    }
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// One line, redrawn in place on a terminal; a line per mode otherwise.
+struct Progress {
+    mode: Mode,
+    duration: Duration,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(mode: Mode, duration: Duration) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        if !tty {
+            eprintln!("vmm bench: {} for {} s", mode.name(), duration.as_secs());
+        }
+        Progress { mode, duration, tty }
+    }
+
+    fn show(&mut self, s: &Sample) {
+        if !self.tty {
+            return;
+        }
+        const WIDTH: usize = 30;
+        let done = ((s.t / self.duration.as_secs_f64()) * WIDTH as f64).min(WIDTH as f64) as usize;
+        eprint!(
+            "\r{:<12} [{}{}] {:>4.0}/{} s  host memory {:>7.0} MiB  saved {:>7.0} MiB  CPU {:>5.1} s ",
+            self.mode.name(),
+            "#".repeat(done),
+            "-".repeat(WIDTH - done),
+            s.t,
+            self.duration.as_secs(),
+            s.memory_mib,
+            s.saved_mib,
+            s.cpu_s
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! What `vmm bench` measured, the figures derived from it, and the table.
+
+use serde::Serialize;
+
+use super::{BenchConfig, Mode, STEADY};
+use crate::snapshot::RunSnapshot;
+
+/// One measurement, every 0.5 s.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Sample {
+    /// Seconds since the mode's `vmm run` started.
+    pub t: f64,
+    /// Host memory the run uses.
+    pub memory_mib: f64,
+    /// Memory the sharing mode says it saves.
+    pub saved_mib: f64,
+    /// CPU seconds the scanner (our thread, or ksmd) has used.
+    pub cpu_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeResult {
+    pub mode: Mode,
+    /// Mean host memory over the last 5 s.
+    pub steady_memory_mib: f64,
+    /// The run's Pss at the end, a cross-check of the memory measurement.
+    pub pss_at_end_mib: Option<f64>,
+    /// Guest RAM configured / steady host memory.
+    pub overcommit_ratio: f64,
+    /// Savings at the end, as the mode counts them.
+    pub saved_mib: f64,
+    /// When savings first reached 95% of `saved_mib`.
+    pub time_to_95_s: Option<f64>,
+    pub cpu_s: f64,
+    /// False when savings still grew over the last 5 s (the run ended
+    /// before sharing converged).
+    pub settled: bool,
+    pub guests_failed: usize,
+    pub corrupted_pages: u64,
+    /// ksmd's pages_to_scan at the end (KSM modes).
+    pub ksm_pages_to_scan: Option<u64>,
+    /// The guests ended before the run's time was up.
+    pub ended_early: bool,
+    pub samples: Vec<Sample>,
+}
+
+impl ModeResult {
+    pub fn new(
+        mode: Mode,
+        config: &BenchConfig,
+        samples: Vec<Sample>,
+        pss_at_end_mib: Option<f64>,
+        last: &RunSnapshot,
+        ksm_pages_to_scan: Option<u64>,
+        ended_early: bool,
+    ) -> ModeResult {
+        let end = samples.last().map_or(0.0, |s| s.t);
+        let steady: Vec<&Sample> = samples.iter().filter(|s| s.t >= end - STEADY.as_secs_f64()).collect();
+        let steady_memory_mib = steady.iter().map(|s| s.memory_mib).sum::<f64>() / steady.len().max(1) as f64;
+        let saved_mib = samples.last().map_or(0.0, |s| s.saved_mib);
+        let time_to_95_s =
+            (saved_mib > 0.0).then(|| samples.iter().find(|s| s.saved_mib >= 0.95 * saved_mib).map(|s| s.t)).flatten();
+        let saved_at_steady_start = steady.first().map_or(0.0, |s| s.saved_mib);
+        let configured = (config.guests as u64 * config.memory_mib) as f64;
+        ModeResult {
+            mode,
+            steady_memory_mib,
+            pss_at_end_mib,
+            overcommit_ratio: if steady_memory_mib > 0.0 { configured / steady_memory_mib } else { 0.0 },
+            saved_mib,
+            time_to_95_s,
+            cpu_s: samples.last().map_or(0.0, |s| s.cpu_s),
+            settled: saved_mib <= saved_at_steady_start * 1.02 + 1.0,
+            guests_failed: last.guests_failed,
+            corrupted_pages: last.corrupted_pages,
+            ksm_pages_to_scan,
+            ended_early,
+            samples,
+        }
+    }
+
+    /// CPU-seconds per second the scanner spent until it reached 95%.
+    pub fn converging_cpu_rate(&self) -> Option<f64> {
+        let t95 = self.time_to_95_s?;
+        let at = self.samples.iter().find(|s| s.t >= t95)?;
+        (at.t > 0.0 && at.cpu_s > 0.0).then(|| at.cpu_s / at.t)
+    }
+}
+
+/// In-process against one KSM mode: each figure is how many times better
+/// in-process does (above 1: in-process wins).
+#[derive(Clone, Debug, Serialize)]
+pub struct Ratios {
+    pub versus: Mode,
+    /// KSM's time to 95% / ours.
+    pub time_to_95: Option<f64>,
+    /// Our final savings / KSM's.
+    pub savings: Option<f64>,
+    /// KSM's CPU-seconds / ours, over the same length of run.
+    pub cpu: Option<f64>,
+    /// Our overcommit ratio / KSM's.
+    pub overcommit: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub host: String,
+    pub guests: usize,
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub image: String,
+    pub cmdline: String,
+    pub duration_s: f64,
+    pub memory_measure: String,
+    pub modes: Vec<ModeResult>,
+    pub ratios: Vec<Ratios>,
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+impl BenchReport {
+    pub fn new(config: &BenchConfig, memory_measure: String, modes: Vec<ModeResult>) -> BenchReport {
+        let ours = modes.iter().find(|m| m.mode == Mode::Inprocess);
+        let ratios = match ours {
+            None => Vec::new(),
+            Some(ours) => modes
+                .iter()
+                .filter(|m| matches!(m.mode, Mode::KsmMatched | Mode::KsmDefault))
+                .map(|ksm| Ratios {
+                    versus: ksm.mode,
+                    time_to_95: ratio(ksm.time_to_95_s, ours.time_to_95_s),
+                    savings: ratio(Some(ours.saved_mib), Some(ksm.saved_mib)),
+                    cpu: ratio(Some(ksm.cpu_s), Some(ours.cpu_s)),
+                    overcommit: ratio(Some(ours.overcommit_ratio), Some(ksm.overcommit_ratio)),
+                })
+                .collect(),
+        };
+        BenchReport {
+            host: format!("{:?}", crate::host::HostKind::detect()),
+            guests: config.guests,
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            image: config.image.clone(),
+            cmdline: config.cmdline.clone(),
+            duration_s: config.duration.as_secs_f64(),
+            memory_measure,
+            modes,
+            ratios,
+        }
+    }
+
+    /// Guests that failed or corrupted pages, over every mode.
+    pub fn failures(&self) -> usize {
+        self.modes.iter().map(|m| m.guests_failed).sum()
+    }
+
+    /// The result table and the ratios, for the terminal.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{} guests x {} MiB ({}), {} s per mode, host memory from {}\n\n",
+            self.guests, self.memory_mib, self.image, self.duration_s, self.memory_measure
+        );
+        out += "| mode | host memory (MiB) | overcommit | saved (MiB) | time to 95% (s) | scanner CPU (s) | failed guests |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|\n";
+        for m in &self.modes {
+            let t95 = match (m.mode, m.time_to_95_s) {
+                (Mode::Off, _) | (_, None) => "-".to_string(),
+                (_, Some(t)) if !m.settled => format!("{t:.1} (not settled)"),
+                (_, Some(t)) => format!("{t:.1}"),
+            };
+            out += &format!(
+                "| {} | {:.0} | {:.2}x | {:.0} | {} | {:.2} | {} |\n",
+                m.mode.name(),
+                m.steady_memory_mib,
+                m.overcommit_ratio,
+                m.saved_mib,
+                t95,
+                m.cpu_s,
+                m.guests_failed
+            );
+        }
+        for r in &self.ratios {
+            let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
+            out += &format!(
+                "\ninprocess vs {}: time to 95% {} faster, savings {}, CPU {} less, overcommit {}",
+                r.versus.name(),
+                x(r.time_to_95),
+                x(r.savings),
+                x(r.cpu),
+                x(r.overcommit)
+            );
+        }
+        out + "\n"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn config() -> BenchConfig {
+        BenchConfig {
+            guests: 4,
+            memory_mib: 100,
+            vcpus: 1,
+            image: "memtest".into(),
+            kernel: "k".into(),
+            initrd_parts: vec![],
+            cmdline: String::new(),
+            modes: vec![Mode::Inprocess],
+            duration: Duration::from_secs(10),
+            json: None,
+            plot: None,
+            work_dir: "w".into(),
+        }
+    }
+
+    /// Savings ramp from 0 at 1 s to 100 MiB at 3 s; memory falls to 200.
+    fn ramp() -> Vec<Sample> {
+        (0..=20)
+            .map(|i| {
+                let t = i as f64 * 0.5;
+                let saved = ((t - 1.0) * 50.0).clamp(0.0, 100.0);
+                Sample { t, memory_mib: 300.0 - saved, saved_mib: saved, cpu_s: t.min(3.0) * 0.5 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn figures_from_samples() {
+        let r = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &RunSnapshot::default(), None, false);
+        assert_eq!(r.saved_mib, 100.0);
+        assert_eq!(r.time_to_95_s, Some(3.0)); // 95 at 2.9 s: the first sample at or above is 3.0
+        assert_eq!(r.steady_memory_mib, 200.0);
+        assert_eq!(r.overcommit_ratio, 2.0);
+        assert!(r.settled);
+        assert_eq!(r.converging_cpu_rate(), Some(0.5));
+    }
+
+    #[test]
+    fn still_growing_is_not_settled_and_ratios_compare() {
+        let growing: Vec<Sample> = (0..=20)
+            .map(|i| Sample { t: i as f64 * 0.5, memory_mib: 300.0, saved_mib: i as f64 * 5.0, cpu_s: 1.0 })
+            .collect();
+        let snap = RunSnapshot::default();
+        let ksm = ModeResult::new(Mode::KsmDefault, &config(), growing, None, &snap, Some(100), false);
+        assert!(!ksm.settled);
+        let ours = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &snap, None, false);
+        let report = BenchReport::new(&config(), "test".into(), vec![ours, ksm]);
+        let r = &report.ratios[0];
+        assert_eq!(r.versus, Mode::KsmDefault);
+        assert_eq!(r.savings, Some(1.0));
+        assert_eq!(r.cpu, Some(1.0 / 1.5));
+        assert_eq!(r.time_to_95, Some(9.5 / 3.0));
+        let table = report.table();
+        assert!(table.contains("| ksm-default |") && table.contains("not settled"), "{table}");
+    }
+}

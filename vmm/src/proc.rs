@@ -1,0 +1,64 @@
+//! Reading /proc: CPU time of a task, proportional memory of a process.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// User plus system CPU time from a `/proc/.../stat` file.
+pub fn cpu_time(stat: &Path) -> Option<Duration> {
+    parse_cpu_time(&std::fs::read_to_string(stat).ok()?)
+}
+
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // Fields after the ")" that ends the command name (which may hold
+    // spaces): utime and stime are the 12th and 13th.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (f64, f64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
+    Some(Duration::from_secs_f64((utime + stime) / ticks))
+}
+
+/// CPU time of this process's thread named `name`.
+pub fn thread_cpu_time(name: &str) -> Option<Duration> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        if std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name) {
+            return cpu_time(&task.path().join("stat"));
+        }
+    }
+    None
+}
+
+/// Proportional set size of process `pid` in bytes: each page it maps
+/// counted once, divided among the mappings that share it.
+pub fn pss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_after_a_name_with_spaces() {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let stat = format!("42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 {} {} 0 0", 3 * hz, hz);
+        assert_eq!(parse_cpu_time(&stat), Some(Duration::from_secs(4)));
+        assert_eq!(parse_cpu_time("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_has_cpu_time_and_pss() {
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_time(Path::new("/proc/self/stat")).is_some());
+        assert!(pss_bytes(std::process::id()).unwrap() > 0);
+    }
+}

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod devices;
+pub mod disk;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;

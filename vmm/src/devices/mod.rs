@@ -5,6 +5,7 @@ pub mod console;
 pub mod doorbell;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Mutex;
 

@@ -1,0 +1,295 @@
+//! virtio-blk request handling: read, write, flush and get-id against a
+//! [`Disk`]. A malformed request fails with an error status (or, without
+//! even a status byte, is returned unused); it never fails the VMM.
+//!
+//! Writes into guest memory (read data, status, id) go through the
+//! virtio-queue `Writer` on the guest's memory: the one path a merge freeze
+//! must hold off (docs/dedup.md), taken only inside `process_queue`.
+
+use std::io::{Read, Write};
+
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use vm_memory::GuestMemory;
+
+use super::VIRTIO_F_VERSION_1;
+use crate::disk::{Disk, SECTOR_SIZE};
+
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+const VIRTIO_BLK_T_IN: u32 = 0;
+const VIRTIO_BLK_T_OUT: u32 = 1;
+const VIRTIO_BLK_T_FLUSH: u32 = 4;
+const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Largest data part of one request we accept (Linux sends at most 1 MiB
+/// by default); larger is answered with an error, not an allocation.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// Why a request failed, for the status byte and the log.
+#[derive(Debug)]
+enum Failure {
+    Unsupported(u32),
+    Bad(String),
+}
+
+pub struct Block {
+    disk: Disk,
+}
+
+impl Block {
+    pub fn new(disk: Disk) -> Block {
+        Block { disk }
+    }
+
+    pub fn features(&self) -> u64 {
+        let ro = if self.disk.is_read_only() { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    /// `struct virtio_blk_config` up to what we offer: the capacity in sectors.
+    pub fn config_space(&self) -> [u8; 8] {
+        (self.disk.len() / SECTOR_SIZE).to_le_bytes()
+    }
+
+    /// Serves every request the driver has made available; returns whether
+    /// any was completed (the caller then asks the queue whether to notify).
+    pub fn process_queue<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> Result<bool, virtio_queue::Error> {
+        let mut completed = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let written = self.execute(mem, chain);
+            queue.add_used(mem, head, written)?;
+            completed = true;
+        }
+        Ok(completed)
+    }
+
+    /// One request; returns the bytes written into the guest's buffers.
+    fn execute<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        let (reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+            (Ok(r), Ok(w)) => (r, w),
+            (Err(e), _) | (_, Err(e)) => {
+                log::warn!("virtio-blk: unusable descriptor chain: {e}");
+                return 0;
+            }
+        };
+        let mut data = writer;
+        let Some(status_at) = data.available_bytes().checked_sub(1) else {
+            log::warn!("virtio-blk: request without room for a status byte");
+            return 0;
+        };
+        let Ok(mut status) = data.split_at(status_at) else {
+            return 0;
+        };
+        let mut reader = reader;
+        let code = match self.request(&mut reader, &mut data) {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(Failure::Unsupported(t)) => {
+                log::debug!("virtio-blk: unsupported request type {t}");
+                VIRTIO_BLK_S_UNSUPP
+            }
+            Err(Failure::Bad(why)) => {
+                log::warn!("virtio-blk: request failed: {why}");
+                VIRTIO_BLK_S_IOERR
+            }
+        };
+        if status.write_all(&[code]).is_err() {
+            return data.bytes_written() as u32;
+        }
+        (data.bytes_written() + 1) as u32
+    }
+
+    fn request<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        reader: &mut Reader<'_, B>,
+        data: &mut Writer<'_, B>,
+    ) -> Result<(), Failure> {
+        let mut header = [0u8; 16];
+        reader.read_exact(&mut header).map_err(|_| Failure::Bad("request header shorter than 16 bytes".into()))?;
+        let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+        let offset =
+            || sector.checked_mul(SECTOR_SIZE).ok_or_else(|| Failure::Bad(format!("sector {sector} is out of range")));
+        let io = |what: &str, e: std::io::Error| Failure::Bad(format!("{what} at sector {sector}: {e}"));
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let mut buf = vec![0u8; checked_len(data.available_bytes())?];
+                self.disk.read_at(&mut buf, offset()?).map_err(|e| io("read", e))?;
+                data.write_all(&buf).map_err(|e| io("copy to guest", e))
+            }
+            VIRTIO_BLK_T_OUT => {
+                let mut buf = vec![0u8; checked_len(reader.available_bytes())?];
+                reader.read_exact(&mut buf).map_err(|e| io("copy from guest", e))?;
+                self.disk.write_at(&buf, offset()?).map_err(|e| io("write", e))
+            }
+            VIRTIO_BLK_T_FLUSH => self.disk.flush().map_err(|e| io("flush", e)),
+            VIRTIO_BLK_T_GET_ID => {
+                let id = self.disk.id();
+                let n = id.len().min(data.available_bytes());
+                data.write_all(&id[..n]).map_err(|e| io("copy id to guest", e))
+            }
+            other => Err(Failure::Unsupported(other)),
+        }
+    }
+}
+
+/// Data parts must be whole sectors and of a sane size.
+fn checked_len(len: usize) -> Result<usize, Failure> {
+    if len as u64 % SECTOR_SIZE != 0 {
+        return Err(Failure::Bad(format!("{len} data bytes are not whole sectors")));
+    }
+    if len > MAX_REQUEST_BYTES {
+        return Err(Failure::Bad(format!("{len} data bytes in one request is more than {MAX_REQUEST_BYTES}")));
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::BaseImage;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const WRITE: u16 = 2; // VRING_DESC_F_WRITE
+    const HEADER: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-blk-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn base(dir: &std::path::Path, sectors: usize) -> Arc<BaseImage> {
+        let path = dir.join("base.img");
+        std::fs::write(&path, (0..sectors * 512).map(|i| (i % 253) as u8).collect::<Vec<u8>>()).unwrap();
+        BaseImage::open(&path).unwrap()
+    }
+
+    /// Puts one request on a fresh queue: a header (kind, sector), then
+    /// `data` bytes (device-writable if `to_guest`), then a status byte if
+    /// `status`. Returns (status byte, used length).
+    fn submit(
+        block: &mut Block,
+        mem: &GuestMemoryMmap,
+        kind: u32,
+        sector: u64,
+        data: &[u8],
+        to_guest: bool,
+    ) -> (u8, u32) {
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        mem.write_slice(data, GuestAddress(DATA)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(HEADER, 16, 0, 0))];
+        if !data.is_empty() {
+            let flags = if to_guest { WRITE } else { 0 };
+            descs.push(RawDescriptor::from(SplitDescriptor::new(DATA, data.len() as u32, flags, 0)));
+        }
+        descs.push(RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)));
+        run_chain(block, mem, &descs)
+    }
+
+    fn run_chain(block: &mut Block, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u8, u32) {
+        let vq = MockSplitQueue::new(mem, 16);
+        vq.build_desc_chain(descs).unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        assert!(block.process_queue(mem, &mut queue).unwrap());
+        assert_eq!(vq.used().idx().load(), 1, "the request was not returned");
+        let used = vq.used().ring().ref_at(0).unwrap().load();
+        (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
+    }
+
+    fn read_back(mem: &GuestMemoryMmap, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(DATA)).unwrap();
+        v
+    }
+
+    #[test]
+    fn read_write_flush_and_id_round_trip() {
+        let dir = scratch("rw");
+        let mem = memory();
+        let mut blk = Block::new(Disk::with_overlay(base(&dir, 64), &dir.join("o")).unwrap());
+        assert_eq!(blk.config_space(), 64u64.to_le_bytes());
+        assert_eq!(blk.features() & VIRTIO_BLK_F_RO, 0);
+
+        let payload: Vec<u8> = (0..8192).map(|i| (i * 13 % 256) as u8).collect();
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_OUT, 3, &payload, false), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_IN, 3, &[0; 8192], true), (VIRTIO_BLK_S_OK, 8193));
+        assert_eq!(read_back(&mem, 8192), payload);
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_FLUSH, 0, &[], false).0, VIRTIO_BLK_S_OK);
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_GET_ID, 0, &[0; 20], true), (VIRTIO_BLK_S_OK, 21));
+        assert_eq!(&read_back(&mem, 8), b"base.img");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn two_devices_on_one_base_never_see_each_others_writes() {
+        let dir = scratch("iso");
+        let mem = memory();
+        let base = base(&dir, 16);
+        let before = std::fs::read(base.path()).unwrap();
+        let mut a = Block::new(Disk::with_overlay(base.clone(), &dir.join("a")).unwrap());
+        let mut b = Block::new(Disk::with_overlay(base.clone(), &dir.join("b")).unwrap());
+        assert_eq!(submit(&mut a, &mem, VIRTIO_BLK_T_OUT, 0, &[0xAA; 512], false).0, VIRTIO_BLK_S_OK);
+        assert_eq!(submit(&mut b, &mem, VIRTIO_BLK_T_IN, 0, &[0; 512], true).0, VIRTIO_BLK_S_OK);
+        assert_eq!(read_back(&mem, 512), before[..512], "b sees a's write");
+        assert_eq!(submit(&mut a, &mem, VIRTIO_BLK_T_IN, 0, &[0; 512], true).0, VIRTIO_BLK_S_OK);
+        assert_eq!(read_back(&mem, 512), [0xAA; 512]);
+        assert_eq!(std::fs::read(base.path()).unwrap(), before, "the base changed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn malformed_requests_get_an_error_status() {
+        let dir = scratch("bad");
+        let mem = memory();
+        let mut blk = Block::new(Disk::with_overlay(base(&dir, 8), &dir.join("o")).unwrap());
+        let io = VIRTIO_BLK_S_IOERR;
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_IN, 8, &[0; 512], true).0, io, "past the end");
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_IN, u64::MAX, &[0; 512], true).0, io, "sector overflow");
+        assert_eq!(submit(&mut blk, &mem, VIRTIO_BLK_T_OUT, 0, &[0; 100], false).0, io, "partial sector");
+        assert_eq!(submit(&mut blk, &mem, 99, 0, &[], false).0, VIRTIO_BLK_S_UNSUPP);
+        // A header of 8 bytes instead of 16.
+        let short = [
+            RawDescriptor::from(SplitDescriptor::new(HEADER, 8, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        assert_eq!(run_chain(&mut blk, &mem, &short).0, io);
+        // No writable descriptor at all: nowhere to put a status; returned unused.
+        let no_status = [RawDescriptor::from(SplitDescriptor::new(HEADER, 16, 0, 0))];
+        assert_eq!(run_chain(&mut blk, &mem, &no_status).1, 0);
+        // A buffer outside guest memory.
+        let outside = [
+            RawDescriptor::from(SplitDescriptor::new(HEADER, 16, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(0x1000_0000, 512, WRITE, 0)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        assert_eq!(run_chain(&mut blk, &mem, &outside).1, 0);
+        // Writes to a read-only disk fail; reads work.
+        let mut ro = Block::new(Disk::read_only(base(&dir, 8)));
+        assert_ne!(ro.features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(submit(&mut ro, &mem, VIRTIO_BLK_T_OUT, 0, &[1; 512], false).0, io);
+        assert_eq!(submit(&mut ro, &mem, VIRTIO_BLK_T_IN, 0, &[0; 512], true).0, VIRTIO_BLK_S_OK);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

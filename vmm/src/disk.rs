@@ -1,0 +1,288 @@
+//! Disk images for guests: one read-only base image shared by every guest,
+//! and a copy-on-write overlay per guest so guests never see each other's
+//! writes and the base never changes.
+//!
+//! The overlay is a sparse file as large as the base, written in clusters of
+//! 4 KiB: the first write to a cluster copies it from the base (if the write
+//! does not cover it whole) and from then on the cluster is read from the
+//! overlay. A bitmap in memory says which clusters the overlay holds.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const SECTOR_SIZE: u64 = 512;
+const CLUSTER: u64 = 4096;
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+#[derive(Debug)]
+pub enum DiskError {
+    Open(PathBuf, io::Error),
+    NotAFile(PathBuf),
+    BadSize(PathBuf, u64),
+    Qcow2(PathBuf),
+    Overlay(PathBuf, io::Error),
+}
+
+impl fmt::Display for DiskError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            DiskError::Open(p, e) => write!(f, "cannot open disk image {}: {e}", p.display()),
+            DiskError::NotAFile(p) => write!(f, "disk image {} is not a regular file", p.display()),
+            DiskError::BadSize(p, n) => {
+                write!(f, "disk image {} is {n} bytes, not a multiple of the 512-byte sector", p.display())
+            }
+            DiskError::Qcow2(p) => write!(
+                f,
+                "disk image {} is qcow2, which vmm does not read yet; convert it with \
+                 `qemu-img convert -O raw IN OUT`",
+                p.display()
+            ),
+            DiskError::Overlay(p, e) => write!(f, "cannot create overlay {}: {e}", p.display()),
+        }
+    }
+}
+
+/// The shared, read-only base image.
+#[derive(Debug)]
+pub struct BaseImage {
+    file: File,
+    len: u64,
+    path: PathBuf,
+}
+
+impl BaseImage {
+    /// Opens and checks `path`; every error names the file and the problem.
+    pub fn open(path: &Path) -> Result<Arc<BaseImage>, DiskError> {
+        let file = File::open(path).map_err(|e| DiskError::Open(path.into(), e))?;
+        let meta = file.metadata().map_err(|e| DiskError::Open(path.into(), e))?;
+        if !meta.is_file() {
+            return Err(DiskError::NotAFile(path.into()));
+        }
+        let len = meta.len();
+        let mut magic = [0u8; 4];
+        if file.read_exact_at(&mut magic, 0).is_ok() && &magic == QCOW2_MAGIC {
+            return Err(DiskError::Qcow2(path.into()));
+        }
+        if len == 0 || len % SECTOR_SIZE != 0 {
+            return Err(DiskError::BadSize(path.into(), len));
+        }
+        Ok(Arc::new(BaseImage { file, len, path: path.into() }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+/// What one guest sees as its disk.
+#[derive(Debug)]
+pub struct Disk {
+    base: Arc<BaseImage>,
+    overlay: Option<Overlay>,
+}
+
+#[derive(Debug)]
+struct Overlay {
+    file: File,
+    /// Clusters the overlay holds, one bit each.
+    present: Vec<u64>,
+}
+
+impl Overlay {
+    fn has(&self, cluster: u64) -> bool {
+        self.present[(cluster / 64) as usize] & (1 << (cluster % 64)) != 0
+    }
+
+    fn mark(&mut self, cluster: u64) {
+        self.present[(cluster / 64) as usize] |= 1 << (cluster % 64);
+    }
+}
+
+fn out_of_range(offset: u64, len: usize, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{len} bytes at offset {offset} are beyond the end of the {size}-byte disk"),
+    )
+}
+
+impl Disk {
+    /// A disk that refuses writes.
+    pub fn read_only(base: Arc<BaseImage>) -> Disk {
+        Disk { base, overlay: None }
+    }
+
+    /// A disk whose writes go to a fresh sparse overlay at `path` (an old
+    /// file there is replaced).
+    pub fn with_overlay(base: Arc<BaseImage>, path: &Path) -> Result<Disk, DiskError> {
+        let overlay_err = |e| DiskError::Overlay(path.into(), e);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(overlay_err)?;
+        file.set_len(base.len).map_err(overlay_err)?;
+        let clusters = base.len.div_ceil(CLUSTER);
+        let present = vec![0; clusters.div_ceil(64) as usize];
+        Ok(Disk { base, overlay: Some(Overlay { file, present }) })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.base.len
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.overlay.is_none()
+    }
+
+    /// A serial number for the guest (virtio-blk GET_ID): 20 bytes.
+    pub fn id(&self) -> [u8; 20] {
+        let mut id = [0u8; 20];
+        let name = self.base.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let n = name.len().min(20);
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        id
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> io::Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.base.len => Ok(()),
+            _ => Err(out_of_range(offset, len, self.base.len)),
+        }
+    }
+
+    /// Fills `buf` from `offset`, cluster by cluster from the overlay or the base.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let n = ((CLUSTER - at % CLUSTER) as usize).min(buf.len() - done);
+            let file = match &self.overlay {
+                Some(o) if o.has(at / CLUSTER) => &o.file,
+                _ => &self.base.file,
+            };
+            file.read_exact_at(&mut buf[done..done + n], at)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` into the overlay.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        let base = self.base.clone();
+        let Some(overlay) = self.overlay.as_mut() else {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the disk is read-only"));
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let cluster = at / CLUSTER;
+            let n = ((CLUSTER - at % CLUSTER) as usize).min(buf.len() - done);
+            if !overlay.has(cluster) && n as u64 != CLUSTER {
+                // First write to this cluster, and only part of it: bring
+                // the rest over from the base first.
+                let start = cluster * CLUSTER;
+                let mut whole = vec![0u8; (CLUSTER.min(base.len - start)) as usize];
+                base.file.read_exact_at(&mut whole, start)?;
+                let within = (at - start) as usize;
+                whole[within..within + n].copy_from_slice(&buf[done..done + n]);
+                overlay.file.write_all_at(&whole, start)?;
+            } else {
+                overlay.file.write_all_at(&buf[done..done + n], at)?;
+            }
+            overlay.mark(cluster);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes the overlay's writes durable.
+    pub fn flush(&self) -> io::Result<()> {
+        match &self.overlay {
+            Some(o) => o.file.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmm-disk-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn overlays_isolate_guests_and_spare_the_base() {
+        let dir = scratch("overlay");
+        let base_path = dir.join("base.img");
+        std::fs::write(&base_path, pattern(64 * 1024)).unwrap();
+        let base = BaseImage::open(&base_path).unwrap();
+        let mut a = Disk::with_overlay(base.clone(), &dir.join("a.overlay")).unwrap();
+        let b = Disk::with_overlay(base.clone(), &dir.join("b.overlay")).unwrap();
+
+        // A partial-cluster write spanning two clusters.
+        a.write_at(&[0xAA; 1000], 4096 - 500).unwrap();
+        let mut got = vec![0u8; 8192];
+        a.read_at(&mut got, 0).unwrap();
+        let mut want = pattern(8192);
+        want[4096 - 500..4096 + 500].fill(0xAA);
+        assert_eq!(got, want, "a reads its write, and the base around it");
+        b.read_at(&mut got, 0).unwrap();
+        assert_eq!(got, pattern(8192), "b does not see a's write");
+        assert_eq!(std::fs::read(&base_path).unwrap(), pattern(64 * 1024), "the base changed");
+        a.flush().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn read_only_disks_and_ranges() {
+        let dir = scratch("ro");
+        let path = dir.join("base.img");
+        std::fs::write(&path, pattern(4096)).unwrap();
+        let mut disk = Disk::read_only(BaseImage::open(&path).unwrap());
+        assert!(disk.is_read_only());
+        assert_eq!(disk.write_at(&[1], 0).unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        let mut buf = [0u8; 16];
+        assert_eq!(disk.read_at(&mut buf, 4090).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(disk.read_at(&mut buf, u64::MAX).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(&disk.id()[..8], b"base.img");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_images_are_named() {
+        let dir = scratch("bad");
+        let err = |p: &Path| BaseImage::open(p).unwrap_err().to_string();
+        assert!(err(&dir.join("missing")).contains("cannot open disk image"));
+        assert!(err(&dir).contains("is not a regular file"));
+        std::fs::write(dir.join("odd"), [0u8; 1000]).unwrap();
+        assert!(err(&dir.join("odd")).contains("1000 bytes, not a multiple of the 512-byte sector"));
+        std::fs::write(dir.join("empty"), []).unwrap();
+        assert!(err(&dir.join("empty")).contains("0 bytes"));
+        let mut qcow = b"QFI\xfb".to_vec();
+        qcow.resize(1024, 0);
+        std::fs::write(dir.join("q"), qcow).unwrap();
+        assert!(err(&dir.join("q")).contains("qemu-img convert"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -77,7 +77,7 @@ impl BaseImage {
         &self.path
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 }
@@ -136,7 +136,7 @@ impl Disk {
         Ok(Disk { base, overlay: Some(Overlay { file, present }) })
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.base.len
     }
 

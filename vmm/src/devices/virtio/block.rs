@@ -53,7 +53,7 @@ impl Block {
 
     /// `struct virtio_blk_config` up to what we offer: the capacity in sectors.
     pub fn config_space(&self) -> [u8; 8] {
-        (self.disk.len() / SECTOR_SIZE).to_le_bytes()
+        (self.disk.size() / SECTOR_SIZE).to_le_bytes()
     }
 
     /// Serves every request the driver has made available; returns whether
@@ -140,7 +140,7 @@ impl Block {
 
 /// Data parts must be whole sectors and of a sane size.
 fn checked_len(len: usize) -> Result<usize, Failure> {
-    if len as u64 % SECTOR_SIZE != 0 {
+    if !(len as u64).is_multiple_of(SECTOR_SIZE) {
         return Err(Failure::Bad(format!("{len} data bytes are not whole sectors")));
     }
     if len > MAX_REQUEST_BYTES {

@@ -67,3 +67,28 @@ fn too_many_guests_for_host_ram() {
     assert!(out.stderr.contains("64 guests x 65536 MiB"), "{}", out.describe());
     assert!(out.stderr.contains("--overcommit"), "{}", out.describe());
 }
+
+#[test]
+fn bad_disk_images_are_refused_before_any_guest_starts() {
+    require_kvm();
+    let dir = scratch_dir("bad-disks");
+    std::fs::write(dir.join("odd.img"), [0u8; 1000]).unwrap();
+    let mut qcow = b"QFI\xfb".to_vec();
+    qcow.resize(4096, 0);
+    std::fs::write(dir.join("disk.qcow2"), qcow).unwrap();
+    let memtest = image("memtest");
+    let cases = [
+        (dir.join("missing.img"), "cannot open disk image"),
+        (dir.clone(), "is not a regular file"),
+        (dir.join("odd.img"), "not a multiple of the 512-byte sector"),
+        (dir.join("disk.qcow2"), "qemu-img convert"),
+    ];
+    for (path, expected) in cases {
+        let out =
+            run_vmm(&["run", "--kernel", memtest.to_str().unwrap(), path.to_str().unwrap()], Duration::from_secs(30));
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+        assert!(out.stderr.contains(expected) && out.stderr.contains(path.to_str().unwrap()), "{}", out.describe());
+        assert!(!out.stdout.contains("memtest:"), "a guest ran: {}", out.describe());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

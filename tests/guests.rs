@@ -94,7 +94,7 @@ fn tiny_linux_boots_to_its_marker() {
     // user space cannot make system calls, so the kernel's own line is the
     // marker there.
     let marker = if is_pvm_host() { "Run /init as init process" } else { "VMM-TINY-LINUX: init reached user space" };
-    let out = run_tiny_linux("1", &consoles);
+    let out = run_tiny_linux("1", &consoles, &[]);
     let log = std::fs::read_to_string(consoles.join("guest-0.log")).unwrap();
     assert!(log.contains(marker), "no '{marker}' in the console:\n{log}\n{}", out.describe());
     // After its init, the guest resets (its init exits or reboots): a clean end.

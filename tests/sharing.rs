@@ -87,7 +87,7 @@ fn separate_merge_groups_share_nothing_between_guests() {
 
 #[test]
 fn two_tiny_linux_guests_share_their_kernel_pages() {
-    let out = run_tiny_linux("2", &scratch_dir("sharing-linux"));
+    let out = run_tiny_linux("2", &scratch_dir("sharing-linux"), &[]);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     // The kernel image alone is thousands of identical pages (zero pages go
     // to the kernel's zero page and are counted apart).

@@ -110,11 +110,15 @@ pub fn run_memtest(args: &[&str]) -> Outcome {
 }
 
 /// Boots `guests` tiny-linux guests of 128 MiB, consoles in `consoles`,
-/// stopping them after 400 s (on PVM hosts a boot takes minutes).
-pub fn run_tiny_linux(guests: &str, consoles: &Path) -> Outcome {
+/// stopping them after 200 s per guest plus 200 (on PVM hosts one boot
+/// takes about 90 s of emulated kernel code, and the guests share two
+/// cores); `extra` goes at the end of the command line.
+pub fn run_tiny_linux(guests: &str, consoles: &Path, extra: &[&str]) -> Outcome {
     require_kvm();
     let dir = image("tiny-linux");
     let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
+    let timeout = 200 * guests.parse::<u64>().unwrap() + 200;
+    let timeout_arg = timeout.to_string();
     let args = [
         "run",
         "--guests",
@@ -128,9 +132,10 @@ pub fn run_tiny_linux(guests: &str, consoles: &Path) -> Outcome {
         "--console-dir",
         consoles.to_str().unwrap(),
         "--timeout",
-        "400",
+        &timeout_arg,
     ];
-    run_vmm(&args, Duration::from_secs(480))
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+    run_vmm(&args, Duration::from_secs(timeout + 80))
 }
 
 /// A fresh, empty directory for one test.
@@ -139,4 +144,20 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A raw disk image of `mib` MiB with an MBR holding one Linux partition
+/// from 1 MiB to the end, as a partitioning tool would write it.
+pub fn write_mbr_image(path: &Path, mib: u64) {
+    let sectors = mib * 2048;
+    let mut image = vec![0u8; (mib << 20) as usize];
+    let entry = &mut image[446..462];
+    entry[4] = 0x83; // Linux
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&((sectors - 2048) as u32).to_le_bytes());
+    image[510] = 0x55;
+    image[511] = 0xaa;
+    // Something to read back beyond the table.
+    image[1 << 20..(1 << 20) + 16].copy_from_slice(b"VMM-DISK-CONTENT");
+    std::fs::write(path, image).unwrap();
 }

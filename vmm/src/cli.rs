@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::boot::MAX_VCPUS;
 use crate::guest::GuestConfig;
 use crate::memory::{MemoryBackend, MIN_MEMORY_MIB};
-use crate::runner::RunConfig;
+use crate::runner::{DiskConfig, RunConfig};
 use crate::sharing::{DedupMode, ScanPace, SharingConfig, DEFAULT_SCAN_NICE};
 
 /// A KVM hypervisor that runs many guests in one process.
@@ -160,6 +160,17 @@ pub struct RunArgs {
     /// Kernel to boot: a vmlinux ELF, a bzImage, or one of our test guests.
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
+    /// Raw disk image every guest gets as its virtio-blk disk (/dev/vda):
+    /// opened read-only and shared; each guest writes to its own overlay.
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Keep the per-guest disk overlays in this directory (default: a
+    /// temporary one, removed at exit).
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Give guests the image as a read-only disk, without overlays.
+    #[arg(long)]
+    pub disk_readonly: bool,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -345,6 +356,14 @@ impl TryFrom<RunArgs> for RunConfig {
             (DedupMode::Ksm, None) => MemoryBackend::Anon,
             (_, chosen) => chosen.unwrap_or(MemoryBackend::Memfd),
         };
+        let disk = match (args.image, args.disk_readonly, args.overlay_dir) {
+            (None, true, _) | (None, _, Some(_)) => {
+                return Err("--disk-readonly and --overlay-dir need a disk IMAGE".into())
+            }
+            (Some(_), true, Some(_)) => return Err("--disk-readonly disks have no overlays: drop --overlay-dir".into()),
+            (Some(image), read_only, overlay_dir) => Some(DiskConfig { image, read_only, overlay_dir }),
+            (None, false, None) => None,
+        };
         let sharing = args.sharing.into_config(args.guests)?;
         let dirty_log = sharing.mode == DedupMode::Inprocess;
         Ok(RunConfig {
@@ -363,6 +382,7 @@ impl TryFrom<RunArgs> for RunConfig {
             overcommit: args.overcommit,
             timeout: args.timeout.map(Duration::from_secs),
             stats_file: args.stats_file,
+            disk,
         })
     }
 }

@@ -11,7 +11,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootSource};
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
+use crate::devices::virtio::{BlockDevice, BLOCK_GSI};
 use crate::devices::{serial, Devices};
+use crate::disk::Disk;
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend, MIB};
 use crate::outcome::GuestEnd;
@@ -47,8 +49,9 @@ impl Shared {
     }
 }
 
-/// A merge freezes the guest by parking its vCPUs (there are no device
-/// threads that write guest memory yet).
+/// A merge freezes the guest by parking its vCPUs. That also holds off its
+/// devices: the disk serves requests on the vCPU thread that kicked it, so
+/// no device writes guest memory while every vCPU is parked.
 impl dedup::Freezer for Shared {
     fn freeze(&self) {
         self.gate.pause();
@@ -71,14 +74,23 @@ pub struct Guest {
 
 impl Guest {
     /// Builds guest `id` from `config`, ready to start.
-    pub fn create(hv: &Hypervisor, id: usize, config: &GuestConfig, console: Console) -> Result<Guest, String> {
+    /// `disk`, if any, becomes its virtio-blk disk (`/dev/vda` in Linux).
+    pub fn create(
+        hv: &Hypervisor,
+        id: usize,
+        config: &GuestConfig,
+        console: Console,
+        disk: Option<Disk>,
+    ) -> Result<Guest, String> {
         let ram = GuestRam::new(&format!("guest{id}"), config.memory_mib * MIB, config.backend)
             .map_err(|e| format!("cannot allocate {} MiB of guest memory: {e}", config.memory_mib))?;
+        let device_args = if disk.is_some() { BlockDevice::cmdline_arg() } else { String::new() };
         let source = BootSource {
             kernel: &config.kernel,
             initrd: config.initrd.as_deref(),
             cmdline: config.cmdline.as_deref(),
             default_linux_cmdline: hv.host.default_linux_cmdline(),
+            device_args: &device_args,
         };
         let boot =
             boot::load(ram.memory(), config.memory_mib * MIB, config.vcpus, &source).map_err(|e| e.to_string())?;
@@ -87,8 +99,20 @@ impl Guest {
         let vm = Arc::new(vm::create(&hv.kvm, &ram, config.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
-        let devices =
-            Devices::new(serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, config.vcpus), console);
+        let disk = match disk {
+            Some(disk) => {
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+                vm.register_irqfd(&irq, BLOCK_GSI).map_err(|e| kvm_err("cannot wire the disk interrupt", e))?;
+                Some(BlockDevice::new(disk, irq, ram.memory().clone()))
+            }
+            None => None,
+        };
+        let devices = Devices::new(
+            serial::new(serial_irq, console.clone()),
+            Doorbell::new(id as u64, config.vcpus),
+            console,
+            disk,
+        );
         let vcpus = (0..config.vcpus)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;

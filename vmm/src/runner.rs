@@ -1,10 +1,11 @@
 //! `vmm run`: many guests of one configuration in one process.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::devices::console::Console;
+use crate::disk::{BaseImage, Disk};
 use crate::guest::{Guest, GuestConfig};
 use crate::host::HostKind;
 use crate::hypervisor::Hypervisor;
@@ -27,6 +28,19 @@ pub struct RunConfig {
     pub sharing: SharingConfig,
     /// Rewrite a JSON [`RunSnapshot`] here every [`snapshot::INTERVAL`].
     pub stats_file: Option<PathBuf>,
+    /// The disk image every guest gets, if any.
+    pub disk: Option<DiskConfig>,
+}
+
+/// One base image for all guests, read-only, and how guests write to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DiskConfig {
+    pub image: PathBuf,
+    /// A plain read-only disk: no overlays.
+    pub read_only: bool,
+    /// Keep the per-guest overlays here (default: a temporary directory,
+    /// removed at exit).
+    pub overlay_dir: Option<PathBuf>,
 }
 
 /// How every guest ended.
@@ -67,6 +81,8 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
     let available = host_available_memory().map_err(|e| format!("cannot read host memory: {e}"))?;
     check_memory_fits(config.guests, config.guest.memory_mib, available, config.overcommit)?;
 
+    // Bad images are refused before any guest exists.
+    let disks = Disks::open(config.disk.as_ref())?;
     let sharing = start_sharing(&config.sharing)?;
     let consoles = consoles(config)?;
     let mut guests = Vec::with_capacity(config.guests);
@@ -78,7 +94,9 @@ pub fn run(config: &RunConfig) -> Result<RunReport, String> {
                 format!("guest {id}: {e}")
             }
         };
-        let created = Guest::create(&hv, id, &config.guest, console)
+        let created = disks
+            .for_guest(id)
+            .and_then(|disk| Guest::create(&hv, id, &config.guest, console, disk))
             .and_then(|guest| share_guest(&config.sharing, sharing.as_ref(), &guest).map(|()| guest));
         match created {
             Ok(guest) => guests.push(guest),
@@ -198,6 +216,51 @@ fn take_snapshot(
 fn write_snapshot(path: &Path, snapshot: &RunSnapshot) {
     if let Err(e) = snapshot.write_to(path) {
         log::warn!("cannot write the stats file {}: {e}", path.display());
+    }
+}
+
+/// The shared base image and where each guest's overlay goes.
+struct Disks {
+    base: Option<Arc<BaseImage>>,
+    read_only: bool,
+    overlay_dir: PathBuf,
+    /// The overlay directory is ours to remove at the end.
+    temporary: bool,
+}
+
+impl Disks {
+    fn open(config: Option<&DiskConfig>) -> Result<Disks, String> {
+        let Some(config) = config else {
+            return Ok(Disks { base: None, read_only: true, overlay_dir: PathBuf::new(), temporary: false });
+        };
+        let base = BaseImage::open(&config.image).map_err(|e| e.to_string())?;
+        let (overlay_dir, temporary) = match (&config.overlay_dir, config.read_only) {
+            (_, true) => (PathBuf::new(), false),
+            (Some(dir), false) => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create overlay directory {}: {e}", dir.display()))?;
+                (dir.clone(), false)
+            }
+            (None, false) => (fresh_temp_dir("vmm-overlays")?, true),
+        };
+        Ok(Disks { base: Some(base), read_only: config.read_only, overlay_dir, temporary })
+    }
+
+    fn for_guest(&self, id: usize) -> Result<Option<Disk>, String> {
+        let Some(base) = &self.base else { return Ok(None) };
+        if self.read_only {
+            return Ok(Some(Disk::read_only(base.clone())));
+        }
+        let path = self.overlay_dir.join(format!("guest-{id}.overlay"));
+        Disk::with_overlay(base.clone(), &path).map(Some).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Disks {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.overlay_dir);
+        }
     }
 }
 

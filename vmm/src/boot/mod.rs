@@ -85,6 +85,9 @@ pub struct BootSource<'a> {
     pub cmdline: Option<&'a str>,
     /// Used for a Linux kernel when the user gave no command line.
     pub default_linux_cmdline: &'a str,
+    /// Appended to any command line: the devices the guest has
+    /// (`virtio_mmio.device=...`).
+    pub device_args: &'a str,
 }
 
 /// Loads `source` into `mem` (a guest of `ram_size` bytes with `vcpus` vCPUs)
@@ -125,10 +128,11 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
         None if all_vcpus_at_entry => "",
         None => source.default_linux_cmdline,
     };
-    let cmdline = build_cmdline(text)?;
+    let text = format!("{} {}", text.trim(), source.device_args.trim());
+    let cmdline = build_cmdline(&text)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = text.len() as u32 + 1;
+    params.hdr.cmdline_size = text.trim().len() as u32 + 1;
 
     if let Some(initrd) = source.initrd {
         let (addr, size) = load_initrd(mem, ram_size, initrd)?;
@@ -235,7 +239,7 @@ mod tests {
     }
 
     fn source<'a>(kernel: &'a Path, initrd: Option<&'a Path>, cmdline: Option<&'a str>) -> BootSource<'a> {
-        BootSource { kernel, initrd, cmdline, default_linux_cmdline: "console=ttyS0 default" }
+        BootSource { kernel, initrd, cmdline, default_linux_cmdline: "console=ttyS0 default", device_args: "" }
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {

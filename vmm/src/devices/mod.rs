@@ -31,11 +31,12 @@ pub struct Devices {
     serial: Mutex<Serial>,
     pub doorbell: Doorbell,
     pub console: Console,
+    pub disk: Option<virtio::BlockDevice>,
 }
 
 impl Devices {
-    pub fn new(serial: Serial, doorbell: Doorbell, console: Console) -> Self {
-        Devices { serial: Mutex::new(serial), doorbell, console }
+    pub fn new(serial: Serial, doorbell: Doorbell, console: Console, disk: Option<virtio::BlockDevice>) -> Self {
+        Devices { serial: Mutex::new(serial), doorbell, console, disk }
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
@@ -65,6 +66,8 @@ impl Devices {
             let value = self.doorbell.read(vcpu, offset).to_le_bytes();
             let n = data.len().min(8);
             data[..n].copy_from_slice(&value[..n]);
+        } else if let (Some(disk), Some(offset)) = (&self.disk, virtio::BlockDevice::offset(addr)) {
+            disk.read(offset, data);
         } else {
             log::debug!("guest read of unknown MMIO address {addr:#x}");
             data.fill(0xff);
@@ -77,6 +80,10 @@ impl Devices {
             let n = data.len().min(8);
             value[..n].copy_from_slice(&data[..n]);
             return self.doorbell.write(vcpu, offset, u64::from_le_bytes(value), &self.console);
+        }
+        if let (Some(disk), Some(offset)) = (&self.disk, virtio::BlockDevice::offset(addr)) {
+            disk.write(offset, data);
+            return Action::Continue;
         }
         log::debug!("guest write to unknown MMIO address {addr:#x}");
         Action::Continue

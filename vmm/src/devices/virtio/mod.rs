@@ -1,9 +1,88 @@
-//! virtio devices (virtio 1.x). The block device handles requests from a
-//! queue; the virtio-mmio transport that connects it to guests is still to
-//! come (issue 4).
+//! virtio devices (virtio 1.x) on the virtio-mmio transport. Linux learns
+//! of them from its command line (`virtio_mmio.device=`).
 
 pub mod block;
 pub mod mmio;
 
+use std::sync::Mutex;
+
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::disk::Disk;
+use block::Block;
+use mmio::{MmioEvent, MmioTransport, INT_VRING, MMIO_SIZE};
+
 /// Feature bit: virtio 1.x (modern) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+const VIRTIO_ID_BLOCK: u32 = 2;
+/// Where the disk's registers are (the page after the doorbell) and its
+/// interrupt line.
+pub const BLOCK_MMIO_BASE: u64 = 0xD000_1000;
+pub const BLOCK_GSI: u32 = 5;
+const QUEUE_SIZE: u16 = 256;
+
+/// A guest's disk: the virtio-mmio registers, the request handler and the
+/// interrupt.
+///
+/// Requests are served on the vCPU thread whose register write kicked the
+/// queue, before it goes back into the guest. So the device's writes into
+/// guest memory happen while that vCPU is not parked, and a merge freeze
+/// (which waits for every vCPU to park) can never overlap them.
+pub struct BlockDevice {
+    state: Mutex<(MmioTransport, Block)>,
+    irq: EventFd,
+    mem: GuestMemoryMmap,
+}
+
+impl BlockDevice {
+    pub fn new(disk: Disk, irq: EventFd, mem: GuestMemoryMmap) -> BlockDevice {
+        let block = Block::new(disk);
+        let transport =
+            MmioTransport::new(VIRTIO_ID_BLOCK, block.features(), block.config_space().to_vec(), QUEUE_SIZE);
+        BlockDevice { state: Mutex::new((transport, block)), irq, mem }
+    }
+
+    /// The kernel parameter that announces the device to Linux.
+    pub fn cmdline_arg() -> String {
+        format!("virtio_mmio.device=4K@{BLOCK_MMIO_BASE:#x}:{BLOCK_GSI}")
+    }
+
+    /// The register offset of `addr`, if it is this device's.
+    pub fn offset(addr: u64) -> Option<u64> {
+        (BLOCK_MMIO_BASE..BLOCK_MMIO_BASE + MMIO_SIZE).contains(&addr).then(|| addr - BLOCK_MMIO_BASE)
+    }
+
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        self.state.lock().unwrap().0.read(offset, data);
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let mut state = self.state.lock().unwrap();
+        let (transport, block) = &mut *state;
+        if transport.write(offset, data) == MmioEvent::QueueNotify {
+            self.serve(transport, block);
+        }
+    }
+
+    fn serve(&self, transport: &mut MmioTransport, block: &mut Block) {
+        if !transport.is_live() || !transport.queue_mut().is_valid(&self.mem) {
+            log::warn!("virtio-blk: queue kicked before the driver set it up; ignored");
+            return;
+        }
+        match block.process_queue(&self.mem, transport.queue_mut()) {
+            Ok(false) => {}
+            Ok(true) => {
+                if transport.queue_mut().needs_notification(&self.mem).unwrap_or(true) {
+                    transport.interrupt_status |= INT_VRING;
+                    if let Err(e) = self.irq.write(1) {
+                        log::warn!("virtio-blk: cannot raise the interrupt: {e}");
+                    }
+                }
+            }
+            Err(e) => log::warn!("virtio-blk: the queue is broken: {e}"),
+        }
+    }
+}

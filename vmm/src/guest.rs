@@ -1,23 +1,25 @@
 //! One guest: its memory, VM, devices and vCPU threads.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use kvm_ioctls::{VcpuFd, VmFd};
+use event_manager::{EventManager, EventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootSource};
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
-use crate::devices::virtio::{BlockDevice, BLOCK_GSI};
+use crate::devices::virtio::{BlockDevice, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
 use crate::devices::{serial, Devices};
 use crate::disk::Disk;
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend, MIB};
 use crate::outcome::GuestEnd;
-use crate::vstate::control::VcpuGate;
+use crate::vstate::control::{IoGate, VcpuGate};
 use crate::vstate::{vcpu, vm};
 
 /// Everything that describes one guest.
@@ -37,6 +39,8 @@ pub struct GuestConfig {
 /// State the vCPU threads of one guest share.
 struct Shared {
     gate: VcpuGate,
+    /// Device threads touching guest memory hold it.
+    io_gate: Arc<IoGate>,
     devices: Devices,
     end: Mutex<Option<GuestEnd>>,
 }
@@ -49,14 +53,16 @@ impl Shared {
     }
 }
 
-/// A merge freezes the guest by parking its vCPUs. That also holds off its
-/// devices: the disk serves requests on the vCPU thread that kicked it, so
-/// no device writes guest memory while every vCPU is parked.
+/// A merge freezes the guest by parking its vCPUs, then closing its I/O
+/// gate: no vCPU runs and no device request touches guest memory until the
+/// thaw. (A request served on a vCPU thread is done before that vCPU parks.)
 impl dedup::Freezer for Shared {
     fn freeze(&self) {
         self.gate.pause();
+        self.io_gate.freeze();
     }
     fn thaw(&self) {
+        self.io_gate.thaw();
         self.gate.resume();
     }
 }
@@ -66,6 +72,8 @@ pub struct Guest {
     shared: Arc<Shared>,
     vcpus: Vec<VcpuFd>,
     threads: Vec<JoinHandle<()>>,
+    /// The device I/O thread and its stop flag, when the guest has a disk.
+    io: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
     // Dropped after the vCPUs: the VM, then the memory it maps.
     vm: Arc<VmFd>,
     dirty_log: bool,
@@ -99,11 +107,19 @@ impl Guest {
         let vm = Arc::new(vm::create(&hv.kvm, &ram, config.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
+        let io_gate = Arc::new(IoGate::default());
         let disk = match disk {
             Some(disk) => {
                 let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
                 vm.register_irqfd(&irq, BLOCK_GSI).map_err(|e| kvm_err("cannot wire the disk interrupt", e))?;
-                Some(BlockDevice::new(disk, irq, ram.memory().clone()))
+                let device = BlockDevice::new(disk, irq, io_gate.clone(), ram.memory().clone())
+                    .map_err(|e| format!("eventfd: {e}"))?;
+                let kick = IoEventAddress::Mmio(BLOCK_QUEUE_NOTIFY);
+                if let Err(e) = vm.register_ioevent(&device.notify, &kick, NoDatamatch) {
+                    // Kicks then exit to the vCPU thread, which serves them.
+                    log::warn!("guest {id}: no ioeventfd for the disk ({e}); serving it on vCPU exits");
+                }
+                Some(Arc::new(device))
             }
             None => None,
         };
@@ -120,14 +136,17 @@ impl Guest {
                 Ok(fd)
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), devices, end: Mutex::new(None) });
-        Ok(Guest { id, shared, vcpus, threads: Vec::new(), vm, dirty_log: config.dirty_log, ram })
+        let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
+        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: config.dirty_log, ram })
     }
 
     /// Starts one thread per vCPU; `finished` receives the guest id once the
     /// last of them has left.
     pub fn start(&mut self, finished: Sender<usize>) -> std::io::Result<()> {
         self.shared.devices.doorbell.mark_start();
+        if let Some(disk) = &self.shared.devices.disk {
+            self.io = Some(spawn_io_thread(self.id, disk.clone())?);
+        }
         let vcpus: Vec<VcpuFd> = self.vcpus.drain(..).collect();
         for (index, fd) in vcpus.into_iter().enumerate() {
             let shared = self.shared.clone();
@@ -167,6 +186,12 @@ impl Guest {
                 self.shared.end_guest(GuestEnd::VmmError("a vCPU thread panicked".into()));
             }
         }
+        if let Some((thread, stop)) = self.io.take() {
+            stop.store(true, Ordering::SeqCst);
+            if thread.join().is_err() {
+                self.shared.end_guest(GuestEnd::VmmError("the I/O thread panicked".into()));
+            }
+        }
         let end = self.shared.end.lock().unwrap().take();
         // All vCPUs left on their own (e.g. every memtest vCPU finished) but
         // nobody said why: that cannot happen by design, so say so loudly.
@@ -196,4 +221,36 @@ impl Guest {
     pub fn ram(&self) -> &GuestRam {
         &self.ram
     }
+}
+
+impl Drop for Guest {
+    /// A guest dropped without `join` (an error while starting others)
+    /// still stops its I/O thread before its memory goes.
+    fn drop(&mut self) {
+        if let Some((thread, stop)) = self.io.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The guest's device event loop: serves its disk's queue kicks (ioeventfd)
+/// until told to stop.
+fn spawn_io_thread(id: usize, disk: Arc<BlockDevice>) -> std::io::Result<(JoinHandle<()>, Arc<AtomicBool>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut events = EventManager::<Arc<dyn EventSubscriber + Send + Sync>>::new()
+        .map_err(|e| std::io::Error::other(format!("event loop: {e}")))?;
+    events.add_subscriber(disk);
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new().name(format!("guest{id}-io")).spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Err(e) = events.run_with_timeout(50) {
+                    log::error!("guest {id}: device event loop failed: {e}");
+                    return;
+                }
+            }
+        })?
+    };
+    Ok((thread, stop))
 }

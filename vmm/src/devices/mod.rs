@@ -31,11 +31,16 @@ pub struct Devices {
     serial: Mutex<Serial>,
     pub doorbell: Doorbell,
     pub console: Console,
-    pub disk: Option<virtio::BlockDevice>,
+    pub disk: Option<std::sync::Arc<virtio::BlockDevice>>,
 }
 
 impl Devices {
-    pub fn new(serial: Serial, doorbell: Doorbell, console: Console, disk: Option<virtio::BlockDevice>) -> Self {
+    pub fn new(
+        serial: Serial,
+        doorbell: Doorbell,
+        console: Console,
+        disk: Option<std::sync::Arc<virtio::BlockDevice>>,
+    ) -> Self {
         Devices { serial: Mutex::new(serial), doorbell, console, disk }
     }
 

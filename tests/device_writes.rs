@@ -1,0 +1,150 @@
+//! A merge never loses a device write: the virtio disk reads blocks into a
+//! guest's pages (through its queue, its I/O gate and vm-memory, as in a
+//! running guest) while the page-sharing engine merges those same pages
+//! with another guest's as fast as it can. Every page must end with exactly
+//! what the device last put there, and the other guest's pages must never
+//! change. No KVM needed: the engine and the device work on memfd RAM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::devices::virtio::BlockDevice;
+use vmm::disk::{BaseImage, Disk};
+use vmm::memory::{GuestRam, MemoryBackend};
+use vmm::vstate::control::IoGate;
+use vmm_sys_util::eventfd::EventFd;
+
+const PAGES: u64 = 64;
+const FIRST_PAGE: u64 = 0x10_0000;
+const QUEUE: u64 = 0x1000;
+const HEADER: u64 = 0x8000;
+const STATUS: u64 = 0x9000;
+const WRITE: u16 = 2;
+
+/// The content of block `b` of the disk: page p's two versions are blocks
+/// 2p (the one the other guest holds too) and 2p + 1.
+fn block(b: u64) -> Vec<u8> {
+    (0..4096u64).map(|i| (b.wrapping_mul(0x9e37_79b9) ^ (i * 31)) as u8).collect()
+}
+
+struct GateFreezer(Arc<IoGate>);
+
+impl dedup::Freezer for GateFreezer {
+    fn freeze(&self) {
+        self.0.freeze();
+    }
+    fn thaw(&self) {
+        self.0.thaw();
+    }
+}
+
+fn reg(dev: &BlockDevice, offset: u64, value: u32) {
+    dev.write(offset, &value.to_le_bytes());
+}
+
+/// Sets the device up as a driver would, with its queue where `vq` lies.
+fn set_up_queue(dev: &BlockDevice, vq: &MockSplitQueue<GuestMemoryMmap>) {
+    reg(dev, 0x070, 0); // reset
+    reg(dev, 0x070, 1 | 2);
+    reg(dev, 0x024, 1);
+    reg(dev, 0x020, 1); // VIRTIO_F_VERSION_1
+    reg(dev, 0x070, 1 | 2 | 8);
+    reg(dev, 0x038, 16);
+    for (offset, addr) in [(0x080, vq.desc_table_addr()), (0x090, vq.avail_addr()), (0x0a0, vq.used_addr())] {
+        reg(dev, offset, addr.0 as u32);
+        reg(dev, offset + 4, (addr.0 >> 32) as u32);
+    }
+    reg(dev, 0x044, 1);
+    reg(dev, 0x070, 1 | 2 | 8 | 4);
+}
+
+#[test]
+fn device_writes_survive_concurrent_merges() {
+    let dir = std::env::temp_dir().join(format!("vmm-device-writes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::write(&image, (0..2 * PAGES).flat_map(block).collect::<Vec<u8>>()).unwrap();
+
+    let a = GuestRam::new("a", 4 << 20, MemoryBackend::Memfd).unwrap();
+    let b = GuestRam::new("b", 4 << 20, MemoryBackend::Memfd).unwrap();
+    let page = |p: u64| GuestAddress(FIRST_PAGE + p * 4096);
+    for p in 0..PAGES {
+        b.memory().write_slice(&block(2 * p), page(p)).unwrap();
+        a.memory().write_slice(&block(2 * p + 1), page(p)).unwrap();
+    }
+    let gate = Arc::new(IoGate::default());
+    let dev = BlockDevice::new(
+        Disk::read_only(BaseImage::open(&image).unwrap()),
+        EventFd::new(0).unwrap(),
+        gate.clone(),
+        a.memory().clone(),
+    )
+    .unwrap();
+
+    let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
+    let engine = Arc::new(Mutex::new(dedup::Engine::new(config).unwrap()));
+    {
+        let mut e = engine.lock().unwrap();
+        e.add_guest(a.sharing_view(0, Arc::new(GateFreezer(gate.clone())), None).unwrap());
+        let idle = Arc::new(GateFreezer(Arc::new(IoGate::default())));
+        e.add_guest(b.sharing_view(0, idle, None).unwrap());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let scanner = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                engine.lock().unwrap().scan().unwrap();
+            }
+        })
+    };
+
+    let mut last = vec![0u64; PAGES as usize];
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..200_000u64 {
+        // A fresh queue each round (the mock does not wrap its ring).
+        a.memory().write_slice(&[0u8; 1024], GuestAddress(QUEUE)).unwrap();
+        let vq = MockSplitQueue::create(a.memory(), GuestAddress(QUEUE), 16);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let p = rng % PAGES;
+        // Mostly the version guest b holds (so it merges), sometimes the other.
+        let b_version = (rng >> 32) % 4 != 0;
+        let blk = 2 * p + u64::from(!b_version);
+        let mut header = [0u8; 16];
+        header[8..16].copy_from_slice(&(blk * 8).to_le_bytes());
+        a.memory().write_slice(&header, GuestAddress(HEADER)).unwrap();
+        set_up_queue(&dev, &vq);
+        vq.build_desc_chain(&[
+            RawDescriptor::from(Descriptor::new(HEADER, 16, 0, 0)),
+            RawDescriptor::from(Descriptor::new(page(p).0, 4096, WRITE, 0)),
+            RawDescriptor::from(Descriptor::new(STATUS, 1, WRITE, 0)),
+        ])
+        .unwrap();
+        reg(&dev, 0x050, 0); // kick: served on this thread, inside the gate
+        assert_eq!(a.memory().read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0, "round {round}: request failed");
+        last[p as usize] = blk;
+        let mut now = vec![0u8; 4096];
+        a.memory().read_slice(&mut now, page(p)).unwrap();
+        assert!(now == block(blk), "round {round}: the device's write to page {p} is not there");
+    }
+    stop.store(true, Ordering::SeqCst);
+    scanner.join().unwrap();
+
+    let stats = engine.lock().unwrap().stats();
+    // Merges happened, and device writes landed on merged pages.
+    assert!(stats.cow_breaks > 0 && stats.freeze.count > 0, "nothing merged, so nothing was tested: {stats:?}");
+    for p in 0..PAGES {
+        let mut got = vec![0u8; 4096];
+        a.memory().read_slice(&mut got, page(p)).unwrap();
+        assert!(got == block(last[p as usize]), "page {p} of guest a lost a device write");
+        b.memory().read_slice(&mut got, page(p)).unwrap();
+        assert!(got == block(2 * p), "page {p} of guest b changed");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -114,7 +114,7 @@ fn device_writes_survive_concurrent_merges() {
         rng ^= rng << 17;
         let p = rng % PAGES;
         // Mostly the version guest b holds (so it merges), sometimes the other.
-        let b_version = (rng >> 32) % 4 != 0;
+        let b_version = !(rng >> 32).is_multiple_of(4);
         let blk = 2 * p + u64::from(!b_version);
         let mut header = [0u8; 16];
         header[8..16].copy_from_slice(&(blk * 8).to_le_bytes());

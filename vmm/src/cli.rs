@@ -80,6 +80,11 @@ pub struct BenchArgs {
     /// Consoles, stats and logs of each run (default: a fresh temp dir).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
+    /// For the inprocess run: raise vm.max_map_count to N first (as `vmm
+    /// run --raise-max-map-count`; many guests need more mappings than the
+    /// default 65530 allows).
+    #[arg(long, value_name = "N")]
+    pub raise_max_map_count: Option<usize>,
 }
 
 /// The memtest profile of `vmm bench`: docs/benchmarks.md says what it
@@ -148,6 +153,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             json: args.json,
             plot: args.plot,
             work_dir,
+            raise_max_map_count: args.raise_max_map_count,
         })
     }
 }

@@ -37,6 +37,8 @@ pub struct SharingSnapshot {
     pub scanner_cpu_s: f64,
     pub freeze_p50_us: u64,
     pub freeze_p99_us: u64,
+    /// Merging stopped short of vm.max_map_count.
+    pub map_limit_reached: bool,
 }
 
 impl SharingSnapshot {
@@ -51,6 +53,7 @@ impl SharingSnapshot {
             scanner_cpu_s: scanner_cpu.as_secs_f64(),
             freeze_p50_us: stats.freeze.p50.as_micros() as u64,
             freeze_p99_us: stats.freeze.p99.as_micros() as u64,
+            map_limit_reached: stats.map_limit_reached,
         }
     }
 }

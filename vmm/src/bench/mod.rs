@@ -77,6 +77,8 @@ pub struct BenchConfig {
     pub plot: Option<PathBuf>,
     /// Consoles, stats files and child logs go here, one directory per mode.
     pub work_dir: PathBuf,
+    /// Passed to the inprocess run.
+    pub raise_max_map_count: Option<usize>,
 }
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -278,6 +280,9 @@ fn spawn_child(
         .stderr(log);
     if let Some(initrd) = initrd {
         command.arg("--initrd").arg(initrd);
+    }
+    if let (Mode::Inprocess, Some(n)) = (mode, config.raise_max_map_count) {
+        command.args(["--raise-max-map-count", &n.to_string()]);
     }
     meter.enroll(&mut command);
     command.spawn().map_err(|e| format!("cannot start vmm run for {}: {e}", mode.name()))

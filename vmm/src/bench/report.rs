@@ -41,6 +41,8 @@ pub struct ModeResult {
     pub ksm_pages_to_scan: Option<u64>,
     /// The guests ended before the run's time was up.
     pub ended_early: bool,
+    /// In-process merging stopped short of vm.max_map_count.
+    pub map_limit_reached: bool,
     pub samples: Vec<Sample>,
 }
 
@@ -75,6 +77,7 @@ impl ModeResult {
             corrupted_pages: last.corrupted_pages,
             ksm_pages_to_scan,
             ended_early,
+            map_limit_reached: last.sharing.as_ref().is_some_and(|s| s.map_limit_reached),
             samples,
         }
     }
@@ -184,6 +187,9 @@ impl BenchReport {
                 m.guests_failed
             );
         }
+        if self.modes.iter().any(|m| m.map_limit_reached) {
+            out += "\ninprocess stopped merging at vm.max_map_count: pass --raise-max-map-count to go further\n";
+        }
         for r in &self.ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
             out += &format!(
@@ -218,6 +224,7 @@ mod tests {
             json: None,
             plot: None,
             work_dir: "w".into(),
+            raise_max_map_count: None,
         }
     }
 

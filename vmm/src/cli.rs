@@ -29,6 +29,24 @@ pub enum Command {
     /// Run the same guests with no sharing, in-process sharing and kernel
     /// KSM in turn, and compare host memory, speed and CPU (needs root for KSM).
     Bench(BenchArgs),
+    /// Serve the REST API on a Unix socket, starting with no guests.
+    Serve(ServeArgs),
+    /// Talk to a running vmm's API.
+    Ctl(crate::ctl::CtlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+}
+
+impl ServeArgs {
+    pub fn sharing_config(self) -> Result<SharingConfig, String> {
+        self.sharing.into_config(0)
+    }
 }
 
 /// What the bench guests run.
@@ -206,6 +224,9 @@ pub struct RunArgs {
     /// this file, rewritten twice a second.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+    /// Serve the REST API on this Unix socket while the guests run.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     #[command(flatten)]
     pub sharing: SharingArgs,
 }
@@ -389,6 +410,7 @@ impl TryFrom<RunArgs> for RunConfig {
             timeout: args.timeout.map(Duration::from_secs),
             stats_file: args.stats_file,
             disk,
+            api_socket: args.api_socket,
         })
     }
 }

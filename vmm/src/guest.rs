@@ -174,6 +174,17 @@ impl Guest {
         Ok(())
     }
 
+    /// Parks every vCPU outside the guest until `resume`; its memory stays
+    /// mapped (and mergeable). Pauses nest.
+    pub fn pause(&self) {
+        self.shared.gate.pause();
+    }
+
+    /// Undoes one `pause`.
+    pub fn resume(&self) {
+        self.shared.gate.resume();
+    }
+
     /// Ends the guest for `reason` unless it already ended for another.
     pub fn stop(&self, reason: GuestEnd) {
         self.shared.end_guest(reason);

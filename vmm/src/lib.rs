@@ -6,14 +6,17 @@
 //! ([`vstate`]) and devices ([`devices`]). Each vCPU has its own thread; a
 //! guest ends with a [`outcome::GuestEnd`]. See docs/design.md.
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod cli;
+pub mod ctl;
 pub mod devices;
 pub mod disk;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;
+pub mod manager;
 pub mod memory;
 pub mod outcome;
 pub mod proc;

@@ -36,6 +36,11 @@ fn main() -> ExitCode {
     let _ = log::set_logger(&StderrLogger);
     let result = match cli.command {
         Command::Run(args) => RunConfig::try_from(args).and_then(|config| runner::run(&config)).map(|r| r.all_clean()),
+        Command::Serve(args) => {
+            let socket = args.api_socket.clone();
+            args.sharing_config().and_then(|s| vmm::api::serve(&socket, &s)).map(|()| true)
+        }
+        Command::Ctl(args) => vmm::ctl::run(args),
         Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
             println!("{}", report.table());
             report.failures() == 0

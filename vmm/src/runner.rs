@@ -30,6 +30,8 @@ pub struct RunConfig {
     pub stats_file: Option<PathBuf>,
     /// The disk image every guest gets, if any.
     pub disk: Option<DiskConfig>,
+    /// Serve the API here (the guests are then managed through it).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// One base image for all guests, read-only, and how guests write to it.
@@ -71,6 +73,9 @@ pub fn check_memory_fits(guests: usize, memory_mib: u64, available: u64, overcom
 
 /// Sets up and runs every guest until all have ended.
 pub fn run(config: &RunConfig) -> Result<RunReport, String> {
+    if let Some(socket) = &config.api_socket {
+        return crate::api::run_with_api(config, socket);
+    }
     let hv = Hypervisor::open()?;
     if hv.host == HostKind::Pvm {
         eprintln!(
@@ -264,7 +269,7 @@ impl Drop for Disks {
     }
 }
 
-fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
+pub(crate) fn start_sharing(config: &SharingConfig) -> Result<Option<Sharing>, String> {
     if config.mode != DedupMode::Inprocess {
         if config.mode == DedupMode::Ksm && ksm_is_off() {
             eprintln!("vmm: guest RAM is MADV_MERGEABLE, but kernel KSM is off (/sys/kernel/mm/ksm/run is 0)");

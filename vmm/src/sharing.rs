@@ -94,6 +94,10 @@ pub struct Report {
 pub struct Sharing {
     engine: Arc<Mutex<Engine>>,
     report: Arc<Mutex<Report>>,
+    /// Read by the scanner before every step: changes apply at once.
+    pace: Arc<Mutex<ScanPace>>,
+    /// While false the scanner only sleeps.
+    enabled: Arc<AtomicBool>,
     ids: Mutex<HashMap<usize, GuestId>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -107,15 +111,20 @@ impl Sharing {
         let report = Arc::new(Mutex::new(Report::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
+        let pace = Arc::new(Mutex::new(pace));
+        let enabled = Arc::new(AtomicBool::new(true));
         let thread = {
             let (engine, report, stop) = (engine.clone(), report.clone(), stop.clone());
+            let (pace, enabled) = (pace.clone(), enabled.clone());
             std::thread::Builder::new()
                 .name("dedup-scanner".into())
-                .spawn(move || scan_loop(&engine, &report, &stop, &pace, started))?
+                .spawn(move || scan_loop(&engine, &report, &stop, &pace, &enabled, started))?
         };
         Ok(Sharing {
             engine,
             report,
+            pace,
+            enabled,
             ids: Mutex::new(HashMap::new()),
             stop,
             thread: Some(thread),
@@ -145,6 +154,37 @@ impl Sharing {
 
     pub fn stats(&self) -> Stats {
         self.engine.lock().unwrap().stats()
+    }
+
+    /// A guest's sharing counters, while it is registered.
+    pub fn guest_stats(&self, guest: usize) -> Option<dedup::GuestStats> {
+        let id = *self.ids.lock().unwrap().get(&guest)?;
+        self.engine.lock().unwrap().guest_stats(id)
+    }
+
+    pub fn pace(&self) -> ScanPace {
+        self.pace.lock().unwrap().clone()
+    }
+
+    pub fn set_pace(&self, pace: ScanPace) {
+        *self.pace.lock().unwrap() = pace;
+    }
+
+    pub fn engine_config(&self) -> dedup::Config {
+        self.engine.lock().unwrap().config().clone()
+    }
+
+    pub fn set_engine_config(&self, config: dedup::Config) {
+        self.engine.lock().unwrap().set_config(config);
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Turns scanning off (merged pages stay merged) or back on.
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::SeqCst);
     }
 
     /// Merges what it can in one guest right now.
@@ -189,10 +229,22 @@ impl Drop for Sharing {
     }
 }
 
-fn scan_loop(engine: &Mutex<Engine>, report: &Mutex<Report>, stop: &AtomicBool, pace: &ScanPace, started: Instant) {
-    set_thread_nice(pace.nice);
+fn scan_loop(
+    engine: &Mutex<Engine>,
+    report: &Mutex<Report>,
+    stop: &AtomicBool,
+    pace: &Mutex<ScanPace>,
+    enabled: &AtomicBool,
+    started: Instant,
+) {
+    set_thread_nice(pace.lock().unwrap().nice);
     let (mut backoff, mut last_saved) = (Duration::ZERO, 0);
     while !stop.load(Ordering::SeqCst) {
+        if !enabled.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let pace = pace.lock().unwrap().clone();
         let step_started = Instant::now();
         let (scanned, total, pass_done) = {
             let mut e = engine.lock().unwrap();

@@ -1,0 +1,342 @@
+//! The API's routes and handlers. docs/api.json is the OpenAPI description;
+//! a test keeps it and [`ROUTES`] the same.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::manager::{Error, GuestSharing, GuestSpec, GuestState, Manager};
+use crate::snapshot::SharingSnapshot;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Every route the server answers: (method, path).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/guests"),
+    ("POST", "/guests"),
+    ("GET", "/guests/{id}"),
+    ("DELETE", "/guests/{id}"),
+    ("POST", "/guests/{id}/start"),
+    ("POST", "/guests/{id}/pause"),
+    ("POST", "/guests/{id}/resume"),
+    ("POST", "/guests/{id}/stop"),
+    ("POST", "/guests/{id}/merge"),
+    ("GET", "/guests/{id}/console"),
+    ("GET", "/dedup/stats"),
+    ("GET", "/dedup/config"),
+    ("PATCH", "/dedup/config"),
+    ("GET", "/host"),
+    ("GET", "/metrics"),
+];
+
+pub fn router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/guests", get(list).post(create))
+        .route("/guests/{id}", get(get_guest).delete(delete))
+        .route("/guests/{id}/console", get(console))
+        .route("/guests/{id}/{action}", axum::routing::post(action))
+        .route("/dedup/stats", get(stats))
+        .route("/dedup/config", get(get_config).patch(patch_config))
+        .route("/host", get(host))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route".into())
+        })
+        // Bodies are read with our own limit, so an oversized one gets a JSON error too.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(manager)
+}
+
+/// An error as the API returns it: a status and `{"error": "..."}`.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let status = match e {
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.message().to_string())
+    }
+}
+
+type Reply<T> = Result<T, ApiError>;
+
+/// Runs blocking manager work off the async runtime's thread.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Error> + Send + 'static) -> Reply<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("request failed: {e}"))),
+    }
+}
+
+fn guest_id(text: &str) -> Reply<usize> {
+    text.parse().map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("'{text}' is not a guest id")))
+}
+
+/// Reads a JSON body of type T, with every failure named.
+async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Reply<T> {
+    let bytes = to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {MAX_BODY} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    blocking(move || Ok(Json(m.list()))).await
+}
+
+async fn create(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
+    let spec: GuestSpec = json_body(body).await?;
+    let info = blocking(move || m.create(spec).and_then(|id| m.get(id))).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn get_guest(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    blocking(move || m.get(id).map(Json)).await
+}
+
+async fn delete(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    blocking(move || m.delete(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn action(State(m): State<Arc<Manager>>, Path((id, action)): Path<(String, String)>) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    let call: fn(&Manager, usize) -> Result<crate::manager::GuestInfo, Error> = match action.as_str() {
+        "start" => Manager::start,
+        "pause" => Manager::pause,
+        "resume" => Manager::resume,
+        "stop" => Manager::stop,
+        "merge" => Manager::merge_now,
+        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("no action '{other}' on guests"))),
+    };
+    blocking(move || call(&m, id).map(Json)).await
+}
+
+async fn console(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    blocking(move || m.console(id).map(|tail| Json(serde_json::json!({ "id": id, "tail": tail })))).await
+}
+
+#[derive(Serialize, Default)]
+struct GroupStats {
+    guests: usize,
+    merged_pages: u64,
+    zero_pages: u64,
+    cow_breaks: u64,
+}
+
+#[derive(Serialize)]
+struct StatsReply {
+    enabled: bool,
+    global: Option<SharingSnapshot>,
+    guests: BTreeMap<usize, GuestSharing>,
+    groups: BTreeMap<u32, GroupStats>,
+}
+
+fn stats_of(m: &Manager) -> StatsReply {
+    let mut guests = BTreeMap::new();
+    let mut groups: BTreeMap<u32, GroupStats> = BTreeMap::new();
+    for info in m.list() {
+        if let Some(s) = info.sharing {
+            let g = groups.entry(s.group).or_default();
+            g.guests += 1;
+            g.merged_pages += s.merged_pages;
+            g.zero_pages += s.zero_pages;
+            g.cow_breaks += s.cow_breaks;
+            guests.insert(info.id, s);
+        }
+    }
+    let sharing = m.sharing();
+    StatsReply {
+        enabled: sharing.is_some_and(|s| s.is_enabled()),
+        global: sharing.map(|s| SharingSnapshot::new(&s.stats(), s.scanner_cpu())),
+        guests,
+        groups,
+    }
+}
+
+async fn stats(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    blocking(move || Ok(Json(stats_of(&m)))).await
+}
+
+/// Page-sharing settings as the API shows them.
+#[derive(Serialize)]
+struct DedupConfig {
+    enabled: bool,
+    scan_pages: usize,
+    scan_sleep_ms: u64,
+    scan_target_secs: Option<f64>,
+    scan_cpu_cap_pct: f64,
+    max_page_sharing: u32,
+    zero_pages: bool,
+    merge_batch: usize,
+}
+
+/// What `PATCH /dedup/config` may change; absent fields stay as they are.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DedupConfigPatch {
+    enabled: Option<bool>,
+    scan_pages: Option<usize>,
+    scan_sleep_ms: Option<u64>,
+    /// 0 turns the advisor off.
+    scan_target_secs: Option<f64>,
+    scan_cpu_cap_pct: Option<f64>,
+    max_page_sharing: Option<u32>,
+    zero_pages: Option<bool>,
+    merge_batch: Option<usize>,
+}
+
+fn config_of(m: &Manager) -> Result<DedupConfig, Error> {
+    let s = m.sharing().ok_or_else(|| Error::Conflict("page sharing is off (started with --dedup off)".into()))?;
+    let (engine, pace) = (s.engine_config(), s.pace());
+    Ok(DedupConfig {
+        enabled: s.is_enabled(),
+        scan_pages: engine.pages_to_scan,
+        scan_sleep_ms: pace.sleep.as_millis() as u64,
+        scan_target_secs: pace.target_pass.map(|d| d.as_secs_f64()),
+        scan_cpu_cap_pct: pace.cpu_cap * 100.0,
+        max_page_sharing: engine.max_page_sharing,
+        zero_pages: engine.zero_pages,
+        merge_batch: engine.batch,
+    })
+}
+
+fn apply_patch(m: &Manager, p: DedupConfigPatch) -> Result<DedupConfig, Error> {
+    let s = m.sharing().ok_or_else(|| Error::Conflict("page sharing is off (started with --dedup off)".into()))?;
+    let bad = |m: &str| Err(Error::BadRequest(m.into()));
+    if p.scan_pages == Some(0) {
+        return bad("scan_pages must be at least 1");
+    }
+    if p.merge_batch == Some(0) {
+        return bad("merge_batch must be at least 1");
+    }
+    if p.max_page_sharing.is_some_and(|n| n < 2) {
+        return bad("max_page_sharing must be at least 2");
+    }
+    if p.scan_target_secs.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
+        return bad("scan_target_secs must be a number of seconds >= 0 (0: advisor off)");
+    }
+    if p.scan_cpu_cap_pct.is_some_and(|c| !(c > 0.0 && c <= 100.0)) {
+        return bad("scan_cpu_cap_pct must be in (0, 100]");
+    }
+    let mut engine = s.engine_config();
+    engine.pages_to_scan = p.scan_pages.unwrap_or(engine.pages_to_scan);
+    engine.max_page_sharing = p.max_page_sharing.unwrap_or(engine.max_page_sharing);
+    engine.zero_pages = p.zero_pages.unwrap_or(engine.zero_pages);
+    engine.batch = p.merge_batch.unwrap_or(engine.batch);
+    s.set_engine_config(engine);
+    let mut pace = s.pace();
+    if let Some(ms) = p.scan_sleep_ms {
+        pace.sleep = std::time::Duration::from_millis(ms);
+    }
+    if let Some(t) = p.scan_target_secs {
+        pace.target_pass = (t > 0.0).then(|| std::time::Duration::from_secs_f64(t));
+    }
+    if let Some(c) = p.scan_cpu_cap_pct {
+        pace.cpu_cap = c / 100.0;
+    }
+    s.set_pace(pace);
+    if let Some(on) = p.enabled {
+        s.set_enabled(on);
+    }
+    config_of(m)
+}
+
+async fn get_config(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    blocking(move || config_of(&m).map(Json)).await
+}
+
+async fn patch_config(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
+    let patch: DedupConfigPatch = json_body(body).await?;
+    blocking(move || apply_patch(&m, patch).map(Json)).await
+}
+
+async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    blocking(move || {
+        let mib = |kib_key: &str| -> Option<u64> {
+            let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = text.lines().find(|l| l.starts_with(kib_key))?;
+            Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
+        };
+        Ok(Json(serde_json::json!({
+            "kvm": match m.host() {
+                crate::host::HostKind::Hardware => "hardware",
+                crate::host::HostKind::Pvm => "pvm",
+                crate::host::HostKind::Unknown => "unknown",
+            },
+            "max_map_count": dedup::os::max_map_count().ok(),
+            "memory_total_mib": mib("MemTotal:"),
+            "memory_available_mib": mib("MemAvailable:"),
+            "guests": m.list().len(),
+            "dedup": if m.sharing().is_some() { "inprocess" } else { "off" },
+        })))
+    })
+    .await
+}
+
+async fn metrics(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    let text = blocking(move || Ok(prometheus_text(&m))).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}
+
+fn prometheus_text(m: &Manager) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let guests = m.list();
+    out += "# HELP vmm_guests Guests by state.\n# TYPE vmm_guests gauge\n";
+    for (state, name) in [
+        (GuestState::Created, "created"),
+        (GuestState::Running, "running"),
+        (GuestState::Paused, "paused"),
+        (GuestState::Ended, "ended"),
+    ] {
+        let n = guests.iter().filter(|g| g.state == state).count();
+        let _ = writeln!(out, "vmm_guests{{state=\"{name}\"}} {n}");
+    }
+    let stats = stats_of(m);
+    if let Some(g) = &stats.global {
+        for (name, kind, help, value) in [
+            ("vmm_dedup_pages_shared", "gauge", "Shared frames in use.", g.pages_shared as f64),
+            (
+                "vmm_dedup_pages_sharing",
+                "gauge",
+                "Guest pages on shared frames beyond the first.",
+                g.pages_sharing as f64,
+            ),
+            ("vmm_dedup_zero_pages", "gauge", "Guest pages mapped to the zero page.", g.zero_pages as f64),
+            ("vmm_dedup_pages_saved", "gauge", "Host pages saved by sharing.", g.pages_saved as f64),
+            ("vmm_dedup_full_scans_total", "counter", "Full scanner passes.", g.full_scans as f64),
+            ("vmm_dedup_cow_breaks_total", "counter", "Merged pages written since.", g.cow_breaks as f64),
+            ("vmm_dedup_scanner_cpu_seconds_total", "counter", "Scanner thread CPU time.", g.scanner_cpu_s),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+    }
+    out += "# HELP vmm_guest_merged_pages Pages of a guest on shared frames.\n# TYPE vmm_guest_merged_pages gauge\n";
+    for (id, s) in &stats.guests {
+        let _ = writeln!(out, "vmm_guest_merged_pages{{guest=\"{id}\",group=\"{}\"}} {}", s.group, s.merged_pages);
+    }
+    out
+}

@@ -273,3 +273,34 @@ fn the_socket_is_private_and_a_live_one_is_refused() {
     assert!(child.wait().unwrap().success());
     assert!(!stale.exists(), "the socket was not removed at exit");
 }
+
+#[test]
+fn vmm_run_serves_the_api_while_its_guests_run() {
+    let dir = scratch_dir("api-run");
+    let socket = dir.join("run.sock");
+    let memtest = image("memtest");
+    let child = vmm(&[
+        "run",
+        "--guests",
+        "2",
+        "--memory",
+        "64",
+        "--kernel",
+        memtest.to_str().unwrap(),
+        "--cmdline",
+        "rounds=40 idle=50",
+        "--api-socket",
+        socket.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    wait_for("the run's API", || std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    let (status, text) = request(&socket, "GET", "/guests", None).unwrap();
+    let list: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let out = wait_with_limit(child, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert_eq!(out.stderr.matches("memtest passed: 40 rounds").count(), 2, "{}", out.describe());
+    assert!(!socket.exists(), "the socket outlived the run");
+}

@@ -24,9 +24,10 @@ const QUEUE: u64 = 0x1000;
 const HEADER: u64 = 0x8000;
 const STATUS: u64 = 0x9000;
 const WRITE: u16 = 2;
+const ROUNDS: u64 = 50_000;
 
 /// The content of block `b` of the disk: page p's two versions are blocks
-/// 2p (the one the other guest holds too) and 2p + 1.
+/// p (the one the other guest holds too) and PAGES + p.
 fn block(b: u64) -> Vec<u8> {
     (0..4096u64).map(|i| (b.wrapping_mul(0x9e37_79b9) ^ (i * 31)) as u8).collect()
 }
@@ -73,8 +74,8 @@ fn device_writes_survive_concurrent_merges() {
     let b = GuestRam::new("b", 4 << 20, MemoryBackend::Memfd).unwrap();
     let page = |p: u64| GuestAddress(FIRST_PAGE + p * 4096);
     for p in 0..PAGES {
-        b.memory().write_slice(&block(2 * p), page(p)).unwrap();
-        a.memory().write_slice(&block(2 * p + 1), page(p)).unwrap();
+        b.memory().write_slice(&block(p), page(p)).unwrap();
+        a.memory().write_slice(&block(PAGES + p), page(p)).unwrap();
     }
     let gate = Arc::new(IoGate::default());
     let dev = BlockDevice::new(
@@ -103,9 +104,20 @@ fn device_writes_survive_concurrent_merges() {
         })
     };
 
-    let mut last = vec![0u64; PAGES as usize];
+    let mut last: Vec<u64> = (0..PAGES).map(|p| PAGES + p).collect();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for round in 0..200_000u64 {
+    let mut now = vec![0u8; 4096];
+    for round in 0..ROUNDS {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // A run of pages, read in one request: a long device write, so that
+        // merges of its pages often overlap it.
+        let first = rng % PAGES;
+        let count = 1 + (rng >> 8) % (PAGES - first);
+        // Mostly the version guest b holds (so the pages merge), sometimes
+        // the other (so a write lost to a merge shows).
+        let version = if (rng >> 32).is_multiple_of(4) { PAGES } else { 0 };
         // This thread plays the driver too, and a driver's writes are a
         // vCPU's: the real freeze parks vCPUs first, so here they are made
         // inside the same gate (else a merge of the queue page, all zero for
@@ -114,20 +126,13 @@ fn device_writes_survive_concurrent_merges() {
         // A fresh queue each round (the mock does not wrap its ring).
         a.memory().write_slice(&[0u8; 1024], GuestAddress(QUEUE)).unwrap();
         let vq = MockSplitQueue::create(a.memory(), GuestAddress(QUEUE), 16);
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let p = rng % PAGES;
-        // Mostly the version guest b holds (so it merges), sometimes the other.
-        let b_version = !(rng >> 32).is_multiple_of(4);
-        let blk = 2 * p + u64::from(!b_version);
         let mut header = [0u8; 16];
-        header[8..16].copy_from_slice(&(blk * 8).to_le_bytes());
+        header[8..16].copy_from_slice(&((version + first) * 8).to_le_bytes());
         a.memory().write_slice(&header, GuestAddress(HEADER)).unwrap();
         set_up_queue(&dev, &vq);
         vq.build_desc_chain(&[
             RawDescriptor::from(Descriptor::new(HEADER, 16, 0, 0)),
-            RawDescriptor::from(Descriptor::new(page(p).0, 4096, WRITE, 0)),
+            RawDescriptor::from(Descriptor::new(page(first).0, (count * 4096) as u32, WRITE, 0)),
             RawDescriptor::from(Descriptor::new(STATUS, 1, WRITE, 0)),
         ])
         .unwrap();
@@ -136,10 +141,11 @@ fn device_writes_survive_concurrent_merges() {
         let used: u16 = a.memory().read_obj(GuestAddress(vq.used_addr().0 + 2)).unwrap();
         assert_eq!(used, 1, "round {round}: the device did not answer the request");
         assert_eq!(a.memory().read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0, "round {round}: request failed");
-        last[p as usize] = blk;
-        let mut now = vec![0u8; 4096];
-        a.memory().read_slice(&mut now, page(p)).unwrap();
-        assert!(now == block(blk), "round {round}: the device's write to page {p} is not there");
+        for p in first..first + count {
+            last[p as usize] = version + p;
+            a.memory().read_slice(&mut now, page(p)).unwrap();
+            assert!(now == block(version + p), "round {round}: the device's write to page {p} is not there");
+        }
     }
     stop.store(true, Ordering::SeqCst);
     scanner.join().unwrap();
@@ -152,7 +158,7 @@ fn device_writes_survive_concurrent_merges() {
         a.memory().read_slice(&mut got, page(p)).unwrap();
         assert!(got == block(last[p as usize]), "page {p} of guest a lost a device write");
         b.memory().read_slice(&mut got, page(p)).unwrap();
-        assert!(got == block(2 * p), "page {p} of guest b changed");
+        assert!(got == block(p), "page {p} of guest b changed");
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -435,8 +435,9 @@ impl Engine {
             return Ok(());
         };
         queue.sort_unstable_by_key(|&(page, _)| page);
-        // Each merged run may split one mapping into three.
-        let over_limit = self.mappings_would_exceed(queue.len());
+        // Each mapping made may split one mapping into three.
+        let new_mappings = mapping_runs(&self.guests[&id], &queue).len();
+        let over_limit = self.mappings_would_exceed(new_mappings);
         let guest = self.guests.get(&id).unwrap();
 
         let started = Instant::now();
@@ -498,9 +499,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether merging `new_runs` more runs could pass `vm.max_map_count`.
+    /// Whether making `new_runs` more mappings could pass `vm.max_map_count`.
     /// Reading /proc/self/maps is slow with many mappings, so an upper bound
-    /// (each run adds at most two) is kept, and re-read only near the limit.
+    /// (each adds at most two) is kept, and re-read only near the limit.
     fn mappings_would_exceed(&mut self, new_runs: usize) -> bool {
         let fits = |used: u64| used as usize + 2 * new_runs + self.config.map_count_margin <= self.map_limit;
         if self.mappings_bound == 0 || !fits(self.mappings_bound) {
@@ -599,9 +600,11 @@ fn page_runs(pages: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
     runs
 }
 
-/// Maps each run of merged pages in one call: consecutive guest pages with
-/// consecutive frames (or all zero) and in one region become one mapping.
-fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) -> io::Result<()> {
+/// Splits merged pages (sorted by page) into the runs one mapping can
+/// cover: consecutive guest pages in one region with consecutive frames (or
+/// all zero). Returns (index of the run's first entry, pages in the run).
+fn mapping_runs(guest: &Guest, merged: &[(usize, Target)]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
     let mut i = 0;
     while i < merged.len() {
         let (first, target) = merged[i];
@@ -618,6 +621,16 @@ fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) ->
             }
             n += 1;
         }
+        runs.push((i, n));
+        i += n;
+    }
+    runs
+}
+
+/// Maps each run of merged pages (see [`mapping_runs`]) in one call.
+fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) -> io::Result<()> {
+    for (i, n) in mapping_runs(guest, merged) {
+        let (first, target) = merged[i];
         let addr = guest.host(first);
         // SAFETY: the pages belong to a registered guest whose writers are
         // frozen, and were just found equal to their target: replacing the
@@ -628,7 +641,6 @@ fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) ->
                 Target::Frame(f) => os::map_private(addr, n * PAGE_SIZE, store.file(), StableStore::offset(f))?,
             }
         }
-        i += n;
     }
     Ok(())
 }

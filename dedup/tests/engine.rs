@@ -281,6 +281,53 @@ fn adjacent_merged_pages_share_one_mapping() {
     }
 }
 
+/// An engine allowed `room` more mappings than the process has now, below
+/// `vm.max_map_count`.
+fn engine_with_mapping_room(room: usize) -> Engine {
+    let limit = os::max_map_count().unwrap();
+    let margin = limit.saturating_sub(os::mapping_count().unwrap() + room);
+    Engine::new(Config { pages_to_scan: 1 << 20, map_count_margin: margin, ..Config::default() }).unwrap()
+}
+
+#[test]
+fn merging_stops_short_of_the_mapping_limit() {
+    let (a, b) = (TestGuest::new(64), TestGuest::new(64));
+    for i in 0..64 {
+        a.fill(i, 1 + i as u64);
+        b.fill(i, 1 + i as u64);
+    }
+    let mut e = engine_with_mapping_room(0);
+    e.add_guest(a.memory(0));
+    e.add_guest(b.memory(0));
+    settle(&mut e);
+    let s = e.stats();
+    assert!(s.map_limit_reached, "{s:?}");
+    assert_eq!(s.pages_sharing + s.pages_shared, 0, "merged past the limit: {s:?}");
+    for i in 0..64 {
+        assert_eq!(a.read(i), expected(1 + i as u64));
+        assert_eq!(b.read(i), expected(1 + i as u64));
+    }
+}
+
+#[test]
+fn the_mapping_limit_counts_mappings_not_pages() {
+    // 64 runs of 63 merged pages per guest: 128 new mappings per guest at
+    // most, where counting pages would ask for 8,064 and refuse. The room
+    // leaves slack for the mappings of tests running beside this one.
+    let (a, b) = (TestGuest::new(4096), TestGuest::new(4096));
+    for i in 0..4096 {
+        a.fill(i, 1 + i as u64);
+        b.fill(i, if i % 64 == 63 { 100_000 + i as u64 } else { 1 + i as u64 });
+    }
+    let mut e = engine_with_mapping_room(2000);
+    e.add_guest(a.memory(0));
+    e.add_guest(b.memory(0));
+    settle(&mut e);
+    let s = e.stats();
+    assert!(!s.map_limit_reached, "{s:?}");
+    assert_eq!(s.pages_sharing, 4032, "{s:?}");
+}
+
 #[test]
 fn volatile_pages_are_not_merged() {
     let (a, b) = (TestGuest::new(4), TestGuest::new(4));

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -62,11 +62,22 @@ pub struct Config {
     pub batch: usize,
     /// Stop creating mappings this close to `vm.max_map_count`.
     pub map_count_margin: usize,
+    /// Longest a guest stays frozen for merges before it runs again (the
+    /// last remap may overrun it); the rest of a batch waits for the next
+    /// freeze.
+    pub freeze_budget: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 8192, map_count_margin: 4096 }
+        Config {
+            pages_to_scan: 4096,
+            max_page_sharing: 256,
+            zero_pages: true,
+            batch: 8192,
+            map_count_margin: 4096,
+            freeze_budget: Duration::from_millis(20),
+        }
     }
 }
 
@@ -428,41 +439,69 @@ impl Engine {
         Ok(())
     }
 
-    /// The merge step: freeze the guest, re-compare every queued page with
-    /// its target, remap the ones still equal, thaw. See docs/dedup.md.
+    /// The merge step for one guest's queued merges: a series of freezes,
+    /// each as long as `config.freeze_budget` allows. See docs/dedup.md.
     fn flush(&mut self, id: GuestId) -> io::Result<()> {
         let Some(mut queue) = self.pending.remove(&id) else {
             return Ok(());
         };
         queue.sort_unstable_by_key(|&(page, _)| page);
+        let mut rest = &queue[..];
+        while !rest.is_empty() {
+            let done = self.merge_frozen(id, rest)?;
+            rest = &rest[done..];
+        }
+        Ok(())
+    }
+
+    /// Freezes the guest, re-compares queued pages with their targets run by
+    /// run and remaps the runs still equal, until the queue is done or the
+    /// freeze has lasted `config.freeze_budget`; then thaws. A guest is
+    /// stopped for the budget plus one remap at most, however slow remaps
+    /// are (the process mmap lock is contended while many guests fault
+    /// pages in, and the scanner competes for a core). Returns how many
+    /// queue entries it handled.
+    fn merge_frozen(&mut self, id: GuestId, queue: &[(usize, Target)]) -> io::Result<usize> {
+        let runs = mapping_runs(&self.guests[&id], queue);
         // Each mapping made may split one mapping into three.
-        let new_mappings = mapping_runs(&self.guests[&id], &queue).len();
-        let over_limit = self.mappings_would_exceed(new_mappings);
+        let over_limit = self.mappings_would_exceed(runs.len());
         let guest = self.guests.get(&id).unwrap();
 
         let started = Instant::now();
         guest.mem.freezer.freeze();
         let parked = Instant::now();
-        let mut merged: Vec<(usize, Target)> = Vec::with_capacity(queue.len());
+        let mut merged: Vec<(usize, Target)> = Vec::new();
         let mut failed: Vec<(usize, Target)> = Vec::new();
-        for &(page, target) in &queue {
-            let same = !over_limit
-                && match target {
-                    Target::Zero => guest.frozen_content(page).iter().all(|&b| b == 0),
-                    Target::Frame(f) => guest.frozen_content(page) == self.store.page(f),
-                };
-            if same {
-                merged.push((page, target));
-            } else {
-                failed.push((page, target));
+        let mut handled = 0;
+        let mut remapped = Ok(());
+        for (i, n) in runs {
+            if handled > 0 && parked.elapsed() >= self.config.freeze_budget {
+                break;
+            }
+            let equal_from = merged.len();
+            for &(page, target) in &queue[i..i + n] {
+                let same = !over_limit
+                    && match target {
+                        Target::Zero => guest.frozen_content(page).iter().all(|&b| b == 0),
+                        Target::Frame(f) => guest.frozen_content(page) == self.store.page(f),
+                    };
+                if same {
+                    merged.push((page, target));
+                } else {
+                    failed.push((page, target));
+                }
+            }
+            handled = i + n;
+            remapped = remap_runs(guest, &self.store, &merged[equal_from..]);
+            if remapped.is_err() {
+                break;
             }
         }
-        let remap = remap_runs(guest, &self.store, &merged);
         self.mappings_changed |= !merged.is_empty();
         guest.mem.freezer.thaw();
         self.freezes.record(parked.elapsed());
         self.park_waits.record(parked - started);
-        remap?;
+        remapped?;
 
         for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
             os::punch_hole(&guest.mem.memfd, guest.file_offset(start), (len * PAGE_SIZE) as u64)?;
@@ -496,7 +535,7 @@ impl Engine {
             );
         }
         self.stats.map_limit_reached |= over_limit;
-        Ok(())
+        Ok(handled)
     }
 
     /// Whether making `new_runs` more mappings could pass `vm.max_map_count`.

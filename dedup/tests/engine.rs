@@ -329,6 +329,27 @@ fn the_mapping_limit_counts_mappings_not_pages() {
 }
 
 #[test]
+fn the_freeze_budget_splits_a_batch_into_short_freezes() {
+    let (a, b) = (TestGuest::new(512), TestGuest::new(512));
+    for i in 0..512 {
+        a.fill(i, 1 + i as u64);
+        b.fill(i, if i % 8 == 7 { 100_000 + i as u64 } else { 1 + i as u64 });
+    }
+    let config = Config { pages_to_scan: 1 << 20, freeze_budget: std::time::Duration::ZERO, ..Config::default() };
+    let mut e = Engine::new(config).unwrap();
+    e.add_guest(a.memory(0));
+    e.add_guest(b.memory(0));
+    settle(&mut e);
+    let s = e.stats();
+    // With no budget each freeze maps one run: 64 runs in each guest.
+    assert_eq!(s.freeze.count, 128, "{s:?}");
+    assert_eq!(s.pages_sharing, 448, "every run still merged: {s:?}");
+    for i in 0..512 {
+        assert_eq!(a.read(i), expected(1 + i as u64));
+    }
+}
+
+#[test]
 fn volatile_pages_are_not_merged() {
     let (a, b) = (TestGuest::new(4), TestGuest::new(4));
     let mut e = engine();

@@ -22,31 +22,29 @@ fn images_dir() -> String {
 fn bench_compares_the_modes_and_restores_ksm() {
     require_kvm();
     let dir = scratch_dir("bench");
-    let (json, plot, work) = (dir.join("bench.json"), dir.join("bench.svg"), dir.join("work"));
+    let (json, plot, tmp) = (dir.join("bench.json"), dir.join("bench.svg"), dir.join("tmp"));
+    std::fs::create_dir(&tmp).unwrap();
     let ksm_before = ksm_settings();
-    let out = run_vmm(
-        &[
-            "bench",
-            "--images-dir",
-            &images_dir(),
-            "--guests",
-            "2",
-            "--memory",
-            "64",
-            "--duration",
-            "8",
-            "--modes",
-            "inprocess,off,ksm-matched",
-            "--json",
-            json.to_str().unwrap(),
-            "--plot",
-            plot.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-        ],
-        Duration::from_secs(240),
-    );
+    let mut bench = vmm(&[
+        "bench",
+        "--images-dir",
+        &images_dir(),
+        "--guests",
+        "2",
+        "--memory",
+        "64",
+        "--duration",
+        "8",
+        "--modes",
+        "inprocess,off,ksm-matched",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    let out = wait_with_limit(bench.env("TMPDIR", &tmp).spawn().unwrap(), Duration::from_secs(240));
     assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "the bench's temporary work dir was left behind");
     assert_eq!(ksm_settings(), ksm_before, "KSM settings were not restored");
 
     let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -78,6 +76,7 @@ fn bench_compares_the_modes_and_restores_ksm() {
 #[test]
 fn bench_refuses_what_it_cannot_do() {
     let images = images_dir();
+    let tmp = scratch_dir("bench-refusals");
     let cases: [(&[&str], &str); 4] = [
         (&["--modes", "off,ksm-matched"], "needs inprocess"),
         (&["--guests", "100000", "--memory", "1024"], "more than the"),
@@ -90,8 +89,10 @@ fn bench_refuses_what_it_cannot_do() {
             all.extend(["--images-dir", &images]);
         }
         all.extend_from_slice(args);
-        let out = run_vmm(&all, Duration::from_secs(30));
+        let out = wait_with_limit(vmm(&all).env("TMPDIR", &tmp).spawn().unwrap(), Duration::from_secs(30));
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.describe());
         assert!(out.stderr.contains(expected), "{args:?}: expected '{expected}'\n{}", out.describe());
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{args:?}: a refusal left files behind");
     }
+    std::fs::remove_dir_all(tmp).unwrap();
 }

@@ -58,7 +58,8 @@ pub struct Config {
     pub max_page_sharing: u32,
     /// Map zero pages to the kernel's zero page.
     pub zero_pages: bool,
-    /// Most pages merged under one freeze of a guest.
+    /// Merges queued for a guest before they are made (in freezes of at
+    /// most `freeze_budget` each).
     pub batch: usize,
     /// Stop creating mappings this close to `vm.max_map_count`.
     pub map_count_margin: usize,

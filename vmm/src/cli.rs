@@ -95,7 +95,8 @@ pub struct BenchArgs {
     /// Draw host memory over time per mode as SVG here.
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
-    /// Consoles, stats and logs of each run (default: a fresh temp dir).
+    /// Keep consoles, stats and logs of each run here (default: a temp dir,
+    /// removed unless a guest failed or the bench stopped on an error).
     #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
     /// For the inprocess run: raise vm.max_map_count to N first (as `vmm
@@ -154,10 +155,6 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
         if duration < 5 {
             return Err(format!("--duration must be at least 5 seconds (got {duration})"));
         }
-        let work_dir = match args.work_dir {
-            Some(dir) => dir,
-            None => crate::runner::fresh_temp_dir("vmm-bench")?,
-        };
         Ok(crate::bench::BenchConfig {
             guests: args.guests,
             memory_mib: args.memory,
@@ -170,7 +167,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             duration: Duration::from_secs(duration),
             json: args.json,
             plot: args.plot,
-            work_dir,
+            work_dir: args.work_dir,
             raise_max_map_count: args.raise_max_map_count,
         })
     }
@@ -253,8 +250,9 @@ pub struct SharingArgs {
     /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
     #[arg(long, default_value_t = DEFAULT_SCAN_NICE, value_name = "N", allow_negative_numbers = true)]
     pub scan_nice: i32,
-    /// Most pages merged under one freeze of a guest: larger batches stop
-    /// guests less often, smaller ones for less time.
+    /// Merges queued for a guest before it is frozen to make them (each
+    /// freeze lasts about 20 ms at most): larger batches stop guests less
+    /// often.
     #[arg(long, default_value_t = 8192, value_name = "N")]
     pub merge_batch: usize,
     /// Most guest pages one shared frame may serve.

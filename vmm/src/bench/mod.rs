@@ -13,7 +13,7 @@ mod plot;
 pub mod report;
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,9 @@ pub struct BenchConfig {
     pub json: Option<PathBuf>,
     pub plot: Option<PathBuf>,
     /// Consoles, stats files and child logs go here, one directory per mode.
-    pub work_dir: PathBuf,
+    /// None: a temporary directory, removed after a run in which every
+    /// guest passed, kept (and named on stderr) otherwise.
+    pub work_dir: Option<PathBuf>,
     /// Passed to the inprocess run.
     pub raise_max_map_count: Option<usize>,
 }
@@ -91,14 +93,31 @@ const KSM_FIRST_PAGES_TO_SCAN: u64 = 1000;
 pub fn run(config: &BenchConfig) -> Result<BenchReport, String> {
     check_fits(config)?;
     crate::signals::install_stop_handlers()?;
-    std::fs::create_dir_all(&config.work_dir)
-        .map_err(|e| format!("cannot create {}: {e}", config.work_dir.display()))?;
+    let work_dir = match &config.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            dir.clone()
+        }
+        None => crate::runner::fresh_temp_dir("vmm-bench")?,
+    };
+    let outcome = run_modes(config, &work_dir);
+    match &outcome {
+        Ok(report) if report.failures() == 0 && config.work_dir.is_none() => {
+            let _ = std::fs::remove_dir_all(&work_dir);
+        }
+        Ok(report) if report.failures() == 0 => {}
+        _ => eprintln!("vmm bench: the runs' consoles and logs are in {}", work_dir.display()),
+    }
+    outcome
+}
+
+fn run_modes(config: &BenchConfig, work_dir: &Path) -> Result<BenchReport, String> {
     // Taken once for every KSM mode; dropping it unmerges and restores.
     let ksm = match config.modes.iter().any(|m| m.is_ksm()) {
         true => Some(Ksm::take().map_err(|e| format!("kernel KSM is needed for the ksm modes: {e}"))?),
         false => None,
     };
-    let initrd = build_initrd(config)?;
+    let initrd = build_initrd(config, work_dir)?;
     let mut results: Vec<ModeResult> = Vec::new();
     let mut memory_measure = String::new();
     for &mode in &config.modes {
@@ -114,7 +133,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, String> {
         };
         let meter = Meter::new(&format!("vmm-bench-{}-{}", std::process::id(), mode.name()));
         memory_measure = meter.describe();
-        let result = run_mode(config, initrd.as_deref(), mode, &meter, ksm.as_ref(), target_cpu)?;
+        let result = run_mode(config, work_dir, initrd.as_deref(), mode, &meter, ksm.as_ref(), target_cpu)?;
         if let Some(ksm) = &ksm {
             ksm.unmerge().map_err(|e| e.to_string())?;
         }
@@ -152,7 +171,7 @@ fn check_fits(config: &BenchConfig) -> Result<(), String> {
 
 /// The guests' initrd: the one file, or the parts joined, each starting on
 /// a page boundary (as files lie in a guest's page cache).
-fn build_initrd(config: &BenchConfig) -> Result<Option<PathBuf>, String> {
+fn build_initrd(config: &BenchConfig, work_dir: &Path) -> Result<Option<PathBuf>, String> {
     match config.initrd_parts.as_slice() {
         [] => Ok(None),
         [one] => Ok(Some(one.clone())),
@@ -162,7 +181,7 @@ fn build_initrd(config: &BenchConfig) -> Result<Option<PathBuf>, String> {
                 image.extend(std::fs::read(part).map_err(|e| format!("cannot read {}: {e}", part.display()))?);
                 image.resize(image.len().next_multiple_of(4096), 0);
             }
-            let path = config.work_dir.join("initrd.img");
+            let path = work_dir.join("initrd.img");
             std::fs::write(&path, image).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             Ok(Some(path))
         }
@@ -171,13 +190,14 @@ fn build_initrd(config: &BenchConfig) -> Result<Option<PathBuf>, String> {
 
 fn run_mode(
     config: &BenchConfig,
-    initrd: Option<&std::path::Path>,
+    work_dir: &Path,
+    initrd: Option<&Path>,
     mode: Mode,
     meter: &Meter,
     ksm: Option<&Ksm>,
     target_cpu: Option<f64>,
 ) -> Result<ModeResult, String> {
-    let dir = config.work_dir.join(mode.name());
+    let dir = work_dir.join(mode.name());
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let stats_file = dir.join("stats.json");
     let _ = std::fs::remove_file(&stats_file);
@@ -253,11 +273,11 @@ fn run_mode(
 
 fn spawn_child(
     config: &BenchConfig,
-    initrd: Option<&std::path::Path>,
+    initrd: Option<&Path>,
     mode: Mode,
     meter: &Meter,
-    dir: &std::path::Path,
-    stats_file: &std::path::Path,
+    dir: &Path,
+    stats_file: &Path,
 ) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
     let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| format!("cannot create a log in {dir:?}: {e}"))?;
@@ -323,7 +343,7 @@ fn steer_ksm(ksm: &Ksm, pages: &mut u64, target: f64, samples: &[Sample], now: &
     }
 }
 
-fn tail(path: &std::path::Path) -> String {
+fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")

@@ -223,7 +223,7 @@ mod tests {
             duration: Duration::from_secs(10),
             json: None,
             plot: None,
-            work_dir: "w".into(),
+            work_dir: None,
             raise_max_map_count: None,
         }
     }

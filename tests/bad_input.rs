@@ -37,7 +37,7 @@ fn file_that_is_not_a_kernel() {
 fn zero_memory() {
     let out = run_vmm(&["run", "--kernel", "/any", "--memory", "0"], LIMIT);
     assert_eq!(out.code, Some(EXIT_SETUP_FAILED), "{}", out.describe());
-    assert!(out.stderr.contains("--memory must be at least"), "{}", out.describe());
+    assert!(out.stderr.contains("--memory must be between 8 and"), "{}", out.describe());
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn bench_refuses_what_it_cannot_do() {
     let tmp = scratch_dir("bench-refusals");
     let cases: [(&[&str], &str); 4] = [
         (&["--modes", "off,ksm-matched"], "needs inprocess"),
-        (&["--guests", "100000", "--memory", "1024"], "more than the"),
+        (&["--guests", "1000", "--memory", "65536"], "more than the"),
         (&["--duration", "1"], "--duration must be at least 5"),
         (&["--images-dir", "/nonexistent"], "guest-images/build.sh"),
     ];

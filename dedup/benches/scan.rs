@@ -4,17 +4,24 @@
 //! writes), so this measures the engine alone: time and CPU to reach 95% of
 //! the possible savings, merge cost per page, and scan throughput.
 //!
+//! The guests' memory is mapped in this process and their merge agents
+//! run here, called directly: the same work a guest process does, without
+//! the channel to it. Merges use write-protection (PROTECT=freeze for the
+//! fallback).
+//!
 //! Run: `cargo bench -p dedup` (env GUESTS, MIB to change the size).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dedup::os::{self, PAGE_SIZE};
-use dedup::{Config, Engine, Freezer, GuestMemory, Region};
+use dedup::{Agent, Config, Engine, Freezer, GuestMemory, ProtectMode, Region};
 
 struct NoWriters;
 impl Freezer for NoWriters {
-    fn freeze(&self) {}
+    fn freeze(&self) -> usize {
+        0
+    }
     fn thaw(&self) {}
 }
 
@@ -77,13 +84,17 @@ fn make_guest(id: usize, pages: usize, shared_pct: u64, zero_pct: u64) -> Guest 
     Guest { memfd, base, len }
 }
 
-fn memory(g: &Guest) -> GuestMemory {
+fn memory(e: &mut Engine, g: &Guest, mode: ProtectMode) -> GuestMemory {
+    let regions = vec![Region { host: g.base as u64, len: g.len, file_offset: 0 }];
+    let store = e.store_file(0).unwrap();
+    let agent =
+        Agent::new(regions.clone(), g.memfd.try_clone().unwrap(), store, mode, Arc::new(NoWriters), None).unwrap();
     GuestMemory {
         memfd: g.memfd.try_clone().unwrap(),
-        regions: vec![Region { host: g.base, len: g.len, file_offset: 0 }],
+        regions,
         group: 0,
-        freezer: Arc::new(NoWriters),
-        dirty: None,
+        pid: std::process::id(),
+        agent: Box::new(agent),
     }
 }
 
@@ -113,15 +124,21 @@ fn main() {
     println!("dedup bench: {guests} guests x {} MiB, {shared_pct}% shared, {zero_pct}% zero", pages / 256);
     let made: Vec<Guest> = (0..guests).map(|id| make_guest(id, pages, shared_pct, zero_pct)).collect();
 
-    let mut e = Engine::new(Config { pages_to_scan: pages * guests, ..Config::default() }).unwrap();
+    let mode = match std::env::var("PROTECT").as_deref() {
+        Ok("freeze") => ProtectMode::Freeze,
+        _ => ProtectMode::WriteProtect,
+    };
+    println!("merges under {mode:?}");
+    let mut e = Engine::new(Config { pages_to_scan: pages * guests, ..Config::default() });
     for g in &made {
-        e.add_guest(memory(g));
+        let mem = memory(&mut e, g, mode);
+        e.add_guest(mem).unwrap();
     }
     let (wall0, cpu0) = (Instant::now(), thread_cpu());
     let mut passes = Vec::new();
     while e.stats().pages_saved() * 100 < ideal * 95 {
         let (w, c) = (Instant::now(), thread_cpu());
-        e.scan().unwrap();
+        e.scan();
         passes.push((w.elapsed(), thread_cpu() - c));
         assert!(passes.len() < 10, "no convergence: {:?}", e.stats());
     }

@@ -1,53 +1,33 @@
-//! The scanner and the merge step. See the crate documentation for the
-//! algorithm and docs/dedup.md for why a merge cannot lose a write.
+//! The scanner's decisions and the bookkeeping of merged pages. See the
+//! crate documentation for the algorithm, [`crate::agent`] for the merge
+//! step and docs/dedup.md for why a merge cannot lose a write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::agent::{GuestAgent, MergeOutcome, Protection, MAP_COUNT_MARGIN};
+use crate::layout::{Layout, Region, Target};
 use crate::os::{self, PageMap, PageMapEntry, PAGE_SIZE};
-use crate::stats::{FreezeTimes, GuestStats, Stats};
+use crate::stats::{GuestStats, StallTimes, Stats};
 use crate::store::{FrameId, GroupId, StableStore};
 
 pub type GuestId = u32;
 
-/// Stops and restarts everything that can write one guest's memory: its
-/// vCPUs and its device threads. `freeze` returns only once none can write.
-pub trait Freezer: Send + Sync {
-    fn freeze(&self);
-    fn thaw(&self);
-}
-
-/// Tells which guest pages were written since the last call: KVM's dirty
-/// log, cheaper and more exact than comparing checksums.
-pub trait DirtyTracker: Send + Sync {
-    /// A bitmap over the guest's pages (regions in order, bit i of word
-    /// i / 64) of the pages written since the previous call.
-    fn take_dirty(&self) -> io::Result<Vec<u64>>;
-}
-
-/// A contiguous piece of guest RAM: a `MAP_SHARED` mapping of the guest's
-/// memfd at `file_offset`, `len` bytes long at host address `host`.
-#[derive(Clone, Copy, Debug)]
-pub struct Region {
-    pub host: *mut u8,
-    pub len: usize,
-    pub file_offset: u64,
-}
-
 /// What the engine needs to share one guest's pages.
 pub struct GuestMemory {
-    /// The memfd behind every region (its frames are punched out on merge).
+    /// The memfd behind every region; the engine maps it read-only to scan.
     pub memfd: File,
+    /// The guest's RAM in the process that runs it.
     pub regions: Vec<Region>,
     pub group: GroupId,
-    pub freezer: Arc<dyn Freezer>,
-    /// Without one, volatility is judged by content checksums.
-    pub dirty: Option<Arc<dyn DirtyTracker>>,
+    /// That process: its pagemap shows copy-on-write breaks, and a page it
+    /// copied on write is read from it (the memfd no longer holds it).
+    pub pid: u32,
+    pub agent: Box<dyn GuestAgent>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -58,46 +38,39 @@ pub struct Config {
     pub max_page_sharing: u32,
     /// Map zero pages to the kernel's zero page.
     pub zero_pages: bool,
-    /// Merges queued for a guest before they are made (in freezes of at
-    /// most `freeze_budget` each).
+    /// Merges queued for a guest before they are made.
     pub batch: usize,
-    /// Stop creating mappings this close to `vm.max_map_count`.
-    pub map_count_margin: usize,
-    /// Longest a guest stays frozen for merges before it runs again (the
-    /// last remap may overrun it); the rest of a batch waits for the next
-    /// freeze.
-    pub freeze_budget: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            pages_to_scan: 4096,
-            max_page_sharing: 256,
-            zero_pages: true,
-            batch: 8192,
-            map_count_margin: 4096,
-            freeze_budget: Duration::from_millis(20),
-        }
+        Config { pages_to_scan: 4096, max_page_sharing: 256, zero_pages: true, batch: 8192 }
     }
 }
 
 /// A page's sharing state, packed in a u32: a frame id, or one of these.
 const UNMERGED: u32 = u32::MAX;
 const ZERO: u32 = u32::MAX - 1;
+/// Waiting in the guest's merge queue (so a second look cannot queue it twice).
+const QUEUED: u32 = u32::MAX - 2;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Target {
-    Frame(FrameId),
-    Zero,
-}
+/// Kernel memory one mapping costs (a VMA and its share of the tree), for
+/// `general_profit`: merging makes mappings, as KSM makes rmap items.
+const MAPPING_BYTES: u64 = 256;
 
 struct Guest {
-    mem: GuestMemory,
-    /// Page index at which each region starts.
-    region_start: Vec<usize>,
-    pages: usize,
+    layout: Layout,
+    group: GroupId,
+    pid: u32,
+    /// The engine's read-only mapping of the guest's memfd.
+    view: *mut u8,
+    view_len: usize,
+    pagemap: PageMap,
+    agent: Box<dyn GuestAgent>,
     state: Vec<u32>,
+    /// Pages whose content lives in the guest process's private memory (a
+    /// copy-on-write copy), not in the memfd.
+    private: Vec<u64>,
     /// Content hash at the last look (0: unknown). Without a dirty log, a
     /// changed hash means the page is volatile and not worth merging yet.
     /// With one, a page not written since keeps its hash, so a pass need not
@@ -105,86 +78,104 @@ struct Guest {
     last_hash: Vec<u64>,
     /// Pages written during the previous pass, from the dirty log.
     dirty: Vec<u64>,
+    has_dirty_log: bool,
+    /// Too close to its process's vm.max_map_count to merge more.
+    at_map_limit: bool,
+    /// Mappings its process had when it was added.
+    base_mappings: Option<u64>,
     stats: GuestStats,
 }
 
 impl Guest {
-    fn locate(&self, page: usize) -> (usize, usize) {
-        let r = self.region_start.partition_point(|&s| s <= page) - 1;
-        (r, page - self.region_start[r])
+    fn is_private(&self, page: usize) -> bool {
+        self.private[page / 64] & (1 << (page % 64)) != 0
     }
 
-    fn host(&self, page: usize) -> *mut u8 {
-        let (r, off) = self.locate(page);
-        // SAFETY: `off` is inside region `r` by construction of `locate`.
-        unsafe { self.mem.regions[r].host.add(off * PAGE_SIZE) }
-    }
-
-    fn file_offset(&self, page: usize) -> u64 {
-        let (r, off) = self.locate(page);
-        self.mem.regions[r].file_offset + (off * PAGE_SIZE) as u64
-    }
-
-    /// Reads the dirty log at the start of a pass over this guest.
-    fn refresh_dirty(&mut self) -> io::Result<()> {
-        if let Some(tracker) = &self.mem.dirty {
-            self.dirty = tracker.take_dirty()?;
+    fn set_private(&mut self, page: usize, on: bool) {
+        if on {
+            self.private[page / 64] |= 1 << (page % 64);
+        } else {
+            self.private[page / 64] &= !(1 << (page % 64));
         }
-        Ok(())
     }
 
     fn written_last_pass(&self, page: usize) -> bool {
         self.dirty.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
     }
 
-    /// Copies a page that its guest may be writing meanwhile. A stale copy
-    /// only ever leads to a failed re-compare under the freeze.
-    fn copy_page(&self, page: usize, out: &mut [u8]) {
-        // SAFETY: the page stays mapped while the guest is registered, and
-        // `out` is a page-sized buffer of our own.
-        unsafe { std::ptr::copy_nonoverlapping(self.host(page), out.as_mut_ptr(), PAGE_SIZE) };
+    fn lost(&self) -> bool {
+        self.stats.lost.is_some()
     }
 
-    /// The page itself; only while the guest is frozen, when nobody writes it.
-    fn frozen_content(&self, page: usize) -> &[u8] {
-        // SAFETY: mapped while registered; the caller holds the freeze.
-        unsafe { std::slice::from_raw_parts(self.host(page), PAGE_SIZE) }
+    /// Copies a page that its guest may be writing meanwhile. A stale copy
+    /// only ever leads to a failed compare in the merge step.
+    fn read_page(&self, page: usize, out: &mut [u8]) -> io::Result<()> {
+        if self.is_private(page) {
+            return os::read_remote(self.pid, self.layout.host(page), out);
+        }
+        // SAFETY: the view covers the memfd up to `view_len`, which holds
+        // every region; a resident memfd page reads without allocating.
+        unsafe { os::copy_page_racy(self.view.add(self.layout.file_offset(page) as usize), out) };
+        Ok(())
+    }
+
+    /// mincore over `n` pages from `page` (all in one region) of the memfd.
+    fn memfd_residency(&self, page: usize, n: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        // SAFETY: inside the view (see read_page).
+        os::resident(unsafe { self.view.add(self.layout.file_offset(page) as usize) }, n * PAGE_SIZE, out)
     }
 }
 
-/// The in-process samepage merging engine.
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // SAFETY: the view was mapped in `add_guest` and only this guest uses it.
+        unsafe { os::unmap(self.view, self.view_len) };
+    }
+}
+
+/// The engine's books checked against each other (tests, the soak).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Audit {
+    /// Frames the stores hold.
+    pub live_frames: u64,
+    /// Frames some guest page maps or a queued merge is for.
+    pub referenced_frames: u64,
+    /// Frames nobody maps or will map: must be 0.
+    pub leaked_frames: u64,
+    /// Memory the stores' files hold, in pages.
+    pub store_pages: u64,
+}
+
+/// The in-VMM samepage merging engine.
 pub struct Engine {
     config: Config,
-    store: StableStore,
+    stores: HashMap<GroupId, StableStore>,
     guests: BTreeMap<GuestId, Guest>,
     next_guest: GuestId,
     /// Pages seen once this pass, by (group, hash): KSM's unstable tree.
     unstable: HashMap<(GroupId, u64), (GuestId, usize)>,
-    /// Merges waiting for their guest's next freeze.
-    pending: BTreeMap<GuestId, Vec<(usize, Target)>>,
+    /// Merges waiting to be made, per guest.
+    pending: BTreeMap<GuestId, Vec<(u32, Target)>>,
     cursor: (GuestId, usize),
-    pagemap: PageMap,
     stats: Stats,
-    /// How long each guest was stopped for a merge batch.
-    freezes: FreezeTimes,
-    /// How long it took its vCPUs to park (they run meanwhile).
-    park_waits: FreezeTimes,
-    map_limit: usize,
+    stalls: StallTimes,
     scratch: Box<[u8]>,
     scratch_other: Box<[u8]>,
     /// mincore's answer for the pages being looked at.
     residency: Vec<u8>,
-    /// At least as many mappings as the process has (0: not read yet).
-    mappings_bound: u64,
-    /// Whether mappings may have changed since `mappings_bound` was read
-    /// (a merge, a guest added or removed): reading /proc/self/maps costs
-    /// time in proportion to the mappings, so settled passes skip it.
-    mappings_changed: bool,
 }
 
-// SAFETY: the raw region pointers refer to guest mappings that stay valid
-// while their guest is registered; the engine is used by one thread at a time.
+// SAFETY: the guests' views are mappings owned by the engine; the agents
+// are Send; the engine is used by one thread at a time.
 unsafe impl Send for Engine {}
+
+/// What the engine says of a guest whose process has exited.
+const GONE: &str = "its process has exited";
+
+/// Whether an error reading a guest's process says the process is gone.
+fn process_gone(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::UnexpectedEof || e.raw_os_error() == Some(libc::ESRCH)
+}
 
 fn zero_hash() -> u64 {
     static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -192,26 +183,21 @@ fn zero_hash() -> u64 {
 }
 
 impl Engine {
-    pub fn new(config: Config) -> io::Result<Self> {
-        Ok(Engine {
+    pub fn new(config: Config) -> Self {
+        Engine {
             config,
-            store: StableStore::new()?,
+            stores: HashMap::new(),
             guests: BTreeMap::new(),
             next_guest: 0,
             unstable: HashMap::new(),
             pending: BTreeMap::new(),
             cursor: (0, 0),
-            pagemap: PageMap::open()?,
             stats: Stats::default(),
-            freezes: FreezeTimes::default(),
-            park_waits: FreezeTimes::default(),
-            map_limit: os::max_map_count().unwrap_or(65530),
+            stalls: StallTimes::default(),
             scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
-            mappings_bound: 0,
-            mappings_changed: true,
             residency: Vec::new(),
-        })
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -222,109 +208,491 @@ impl Engine {
         self.config = config;
     }
 
-    /// Starts sharing `mem`'s pages. Its regions must stay mapped until
-    /// [`Engine::remove_guest`].
-    pub fn add_guest(&mut self, mem: GuestMemory) -> GuestId {
-        self.mappings_changed = true;
-        let mut region_start = Vec::new();
-        let mut pages = 0;
-        for r in &mem.regions {
-            assert!(
-                (r.host as usize).is_multiple_of(PAGE_SIZE) && r.len.is_multiple_of(PAGE_SIZE),
-                "unaligned guest region"
-            );
-            region_start.push(pages);
-            pages += r.len / PAGE_SIZE;
+    fn store(&mut self, group: GroupId) -> io::Result<&mut StableStore> {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.stores.entry(group) {
+            e.insert(StableStore::new(group)?);
         }
-        let id = self.next_guest;
-        self.next_guest += 1;
-        let group = mem.group;
+        Ok(self.stores.get_mut(&group).unwrap())
+    }
+
+    /// A read-only descriptor of `group`'s stable store, for the merge agent
+    /// of a guest in that group (the store is made on first use).
+    pub fn store_file(&mut self, group: GroupId) -> io::Result<File> {
+        os::reopen_read_only(self.store(group)?.file())
+    }
+
+    /// Starts sharing `mem`'s pages under a new id. The memfd must hold
+    /// every region.
+    pub fn add_guest(&mut self, mem: GuestMemory) -> io::Result<GuestId> {
+        while self.guests.contains_key(&self.next_guest) {
+            self.next_guest += 1;
+        }
+        self.add_guest_as(self.next_guest, mem)
+    }
+
+    /// Starts sharing `mem`'s pages under the caller's id for the guest.
+    pub fn add_guest_as(&mut self, id: GuestId, mem: GuestMemory) -> io::Result<GuestId> {
+        if self.guests.contains_key(&id) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("guest {id} is shared already")));
+        }
+        let layout = Layout::new(mem.regions).map_err(io::Error::other)?;
+        let file_len = mem.memfd.metadata()?.len();
+        if layout.file_len() > file_len {
+            return Err(io::Error::other(format!("guest regions reach past its memory file ({file_len} bytes)")));
+        }
+        self.store(mem.group)?;
+        let pagemap = PageMap::open(mem.pid)?;
+        let view = os::map_file(&mem.memfd, file_len as usize, 0, true)?;
+        let pages = layout.pages();
         self.guests.insert(
             id,
             Guest {
-                mem,
-                region_start,
-                pages,
+                layout,
+                group: mem.group,
+                pid: mem.pid,
+                view,
+                view_len: file_len as usize,
+                pagemap,
+                agent: mem.agent,
                 state: vec![UNMERGED; pages],
+                private: vec![0; pages.div_ceil(64)],
                 last_hash: vec![0; pages],
                 dirty: Vec::new(),
-                stats: GuestStats { group, ..Default::default() },
+                has_dirty_log: false,
+                at_map_limit: false,
+                base_mappings: None,
+                stats: GuestStats { group: mem.group, ..Default::default() },
             },
         );
-        id
+        Ok(id)
     }
 
-    /// Stops sharing a guest's pages and drops its users of stable frames.
-    /// Call before its memory is unmapped.
+    /// Forgets a guest and drops its pages' hold on stable frames. Call once
+    /// nothing maps its memory any more (its process has exited), else a
+    /// frame it still maps could be freed. Every frame is released even if
+    /// some release fails; the first failure is returned.
     pub fn remove_guest(&mut self, id: GuestId) -> io::Result<()> {
-        self.mappings_changed = true;
+        let Some(guest) = self.guests.remove(&id) else { return Ok(()) };
+        self.unstable.retain(|_, (g, _)| *g != id);
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let mut first_error = Ok(());
+        let mut note = |r: io::Result<()>| {
+            if first_error.is_ok() {
+                first_error = r;
+            }
+        };
         for (_, target) in self.pending.remove(&id).unwrap_or_default() {
             if let Target::Frame(f) = target {
-                self.store.drop_user(f)?;
+                note(store.unreserve(f));
             }
         }
-        self.unstable.retain(|_, (g, _)| *g != id);
-        if let Some(guest) = self.guests.remove(&id) {
-            for &s in &guest.state {
-                if s != UNMERGED && s != ZERO {
-                    self.store.drop_user(s)?;
-                }
+        for &s in &guest.state {
+            if s < QUEUED {
+                note(store.unmap(s));
             }
         }
-        Ok(())
+        if let Err(e) = &first_error {
+            self.count_error(format!("releasing guest {id}'s frames: {e}"));
+        }
+        first_error
     }
 
     /// Looks at up to `config.pages_to_scan` pages, continuing where the last
     /// call stopped, and merges what it can; stops early at the end of a
-    /// full pass. Returns the pages looked at.
-    pub fn scan(&mut self) -> io::Result<usize> {
-        let mut budget = self.config.pages_to_scan;
+    /// full pass. Returns the pages looked at. Failures are counted in the
+    /// stats and never stop the scan.
+    pub fn scan(&mut self) -> usize {
+        let mut budget = self.config.pages_to_scan.max(1);
         let mut scanned = 0;
         while budget > 0 && !self.guests.is_empty() {
             let Some((&id, guest)) = self.guests.range(self.cursor.0..).next() else {
                 // A call never runs into the next pass: callers pace by passes.
-                self.finish_pass()?;
+                self.finish_pass();
                 break;
             };
-            let start = if id == self.cursor.0 { self.cursor.1 } else { 0 };
-            let end = guest.pages.min(start + budget);
+            let pages = guest.layout.pages();
+            let start = if id == self.cursor.0 { self.cursor.1.min(pages) } else { 0 };
+            let end = pages.min(start + budget);
             if start == 0 {
-                self.guests.get_mut(&id).unwrap().refresh_dirty()?;
+                self.start_guest_pass(id);
             }
-            self.look_at_range(id, start, end)?;
-            budget -= end - start;
+            self.look_at_range(id, start, end, false);
+            budget -= (end - start).max(1).min(budget);
             scanned += end - start;
-            self.cursor = if end == self.guests[&id].pages { (id + 1, 0) } else { (id, end) };
+            self.cursor = match (end == pages, id.checked_add(1)) {
+                (true, Some(next)) => (next, 0),
+                (true, None) => (GuestId::MAX, usize::MAX),
+                (false, _) => (id, end),
+            };
         }
-        // Queued merges wait for a full batch or the end of the pass: every
-        // freeze costs the guest a stop, so each should carry many merges.
         self.stats.pages_scanned += scanned as u64;
-        Ok(scanned)
+        scanned
     }
 
     /// Merges everything it can in one guest now (SKSM's synchronous merge):
-    /// one full look at its pages against every frame and page seen so far.
+    /// one look at all its pages, each read afresh whatever the dirty log or
+    /// a remembered hash says, against every frame and page seen so far.
+    /// The dirty log is left for the scanner's pass.
     pub fn merge_now(&mut self, id: GuestId) -> io::Result<()> {
-        let Some(guest) = self.guests.get_mut(&id) else { return Ok(()) };
-        guest.refresh_dirty()?;
-        let pages = guest.pages;
-        self.look_at_range(id, 0, pages)?;
-        self.flush_all()
+        let guest = self.guests.get(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
+        if let Some(why) = &guest.stats.lost {
+            return Err(io::Error::other(format!("page sharing gave this guest up: {why}")));
+        }
+        let pages = guest.layout.pages();
+        self.look_at_range(id, 0, pages, true);
+        self.flush_all();
+        Ok(())
+    }
+
+    fn count_error(&mut self, what: String) {
+        if self.stats.errors == 0 || self.stats.errors.is_power_of_two() {
+            log::warn!("page sharing: {what} ({} failures so far; sharing goes on)", self.stats.errors + 1);
+        }
+        self.stats.errors += 1;
+        self.stats.last_error = Some(what);
+    }
+
+    /// Stops scanning and merging a guest whose process does not answer or
+    /// is gone; its pages keep their frames until it is removed.
+    fn lose(&mut self, id: GuestId, why: String) {
+        let Some(guest) = self.guests.get_mut(&id) else { return };
+        if guest.lost() {
+            return;
+        }
+        if why.contains(GONE) {
+            log::info!("page sharing: guest {id} is gone: {why}");
+        } else {
+            log::warn!("page sharing: giving up guest {id}: {why}");
+            self.stats.guests_lost += 1;
+        }
+        guest.stats.lost = Some(why);
+        // Merges not yet sent never happened.
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        for (page, target) in self.pending.remove(&id).unwrap_or_default() {
+            guest.state[page as usize] = UNMERGED;
+            if let Target::Frame(f) = target {
+                let _ = store.unreserve(f);
+            }
+        }
+        self.unstable.retain(|_, (g, _)| *g != id);
+    }
+
+    fn note_map_limit(&mut self, id: GuestId, limit: u64) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        if !guest.stats.map_limit_reached {
+            log::warn!(
+                "page sharing: guest {id}'s process is close to vm.max_map_count ({limit}); it merges no more \
+                 until the limit is raised"
+            );
+        }
+        guest.stats.map_limit_reached = true;
+        self.stats.map_limit_reached = true;
+    }
+
+    /// The agent's news at the start of a pass over one guest: its dirty
+    /// log and how close its process is to its mapping limit.
+    fn start_guest_pass(&mut self, id: GuestId) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        if guest.lost() {
+            return;
+        }
+        match guest.agent.status() {
+            Ok(status) => {
+                guest.has_dirty_log = status.dirty.is_some();
+                guest.dirty = status.dirty.unwrap_or_default();
+                guest.base_mappings.get_or_insert(status.mappings);
+                guest.stats.mappings = status.mappings;
+                guest.stats.map_limit = status.map_limit;
+                guest.at_map_limit = status.mappings + MAP_COUNT_MARGIN + 64 > status.map_limit;
+                if guest.at_map_limit {
+                    self.note_map_limit(id, status.map_limit);
+                }
+            }
+            Err(e) if process_gone(&e) => self.lose(id, format!("{GONE}: {e}")),
+            Err(e) => self.lose(id, format!("its merge agent did not answer: {e}")),
+        }
     }
 
     /// Looks at the guest's pages in `start..end` that have memory behind
-    /// them. A page never written is a hole in the memfd: it costs nothing,
-    /// and reading it would allocate it.
-    fn look_at_range(&mut self, id: GuestId, start: usize, end: usize) -> io::Result<()> {
+    /// them: resident in the memfd, or a private copy in its process. A
+    /// page never written is a hole in the memfd: it costs nothing, and
+    /// reading it would allocate it.
+    fn look_at_range(&mut self, id: GuestId, start: usize, end: usize, fresh: bool) {
+        let mut residency = std::mem::take(&mut self.residency);
         let mut page = start;
         while page < end {
             let guest = &self.guests[&id];
-            let (r, off) = guest.locate(page);
-            let n = (guest.mem.regions[r].len / PAGE_SIZE - off).min(end - page);
-            os::resident(guest.host(page), n * PAGE_SIZE, &mut self.residency)?;
-            for i in 0..n {
-                if self.residency[i] & 1 != 0 {
-                    self.look_at(id, page + i)?;
+            if guest.lost() {
+                break;
+            }
+            let n = guest.layout.pages_left_in_region(page, end - page);
+            if let Err(e) = guest.memfd_residency(page, n, &mut residency) {
+                self.count_error(format!("guest {id}: mincore: {e}"));
+                break;
+            }
+            for (i, &r) in residency[..n].iter().enumerate() {
+                if r & 1 != 0 || self.guests[&id].is_private(page + i) {
+                    self.look_at(id, page + i, fresh);
+                }
+            }
+            page += n;
+        }
+        self.residency = residency;
+    }
+
+    /// End of a full pass over every guest: forget the unstable tree (its
+    /// entries may be stale) and notice pages whose sharing was broken.
+    fn finish_pass(&mut self) {
+        self.flush_all();
+        self.stats.pages_unshared = self.unstable.len() as u64;
+        self.unstable.clear();
+        self.stats.pages_volatile = self.guests.values().map(|g| g.stats.volatile_this_pass).sum();
+        for g in self.guests.values_mut() {
+            g.stats.volatile_this_pass = 0;
+        }
+        self.collect_cow_breaks();
+        self.stats.full_scans += 1;
+        self.cursor = (0, 0);
+    }
+
+    fn look_at(&mut self, id: GuestId, page: usize, fresh: bool) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        if guest.state[page] != UNMERGED || guest.at_map_limit {
+            return;
+        }
+        if !fresh && guest.written_last_pass(page) {
+            guest.stats.volatile_this_pass += 1;
+            guest.last_hash[page] = 0;
+            return;
+        }
+        let group = guest.group;
+        // The dirty log says the page has not changed since its hash was
+        // taken: reuse the hash, and read the page only if that hash has a
+        // match. (The hash only picks candidates; every merge compares bytes.)
+        let known = Some(guest.last_hash[page]).filter(|&h| h != 0 && guest.has_dirty_log && !fresh);
+        if let Some(hash) = known {
+            let maybe_zero = hash == zero_hash() && self.config.zero_pages;
+            let in_store = self.stores.get(&group).is_some_and(|s| s.has_hash(hash));
+            if !maybe_zero && !in_store && !self.unstable.contains_key(&(group, hash)) {
+                self.unstable.insert((group, hash), (id, page));
+                return;
+            }
+        }
+        if let Err(e) = guest.read_page(page, &mut self.scratch) {
+            if process_gone(&e) {
+                self.lose(id, format!("{GONE}: {e}"));
+            } else {
+                self.count_error(format!("guest {id}: reading a page: {e}"));
+            }
+            return;
+        }
+        self.stats.pages_hashed += 1;
+        let hash = xxh3_64(&self.scratch);
+        let guest = self.guests.get_mut(&id).unwrap();
+        let last = std::mem::replace(&mut guest.last_hash[page], hash);
+        if !guest.has_dirty_log && !fresh {
+            if last == 0 {
+                // First look without a dirty log: a page is a candidate only
+                // once it has stayed unchanged for a whole pass (a fresh
+                // guest is still writing). With a dirty log, not written
+                // since the last pass already says so.
+                return;
+            }
+            if last != hash {
+                guest.stats.volatile_this_pass += 1;
+                return;
+            }
+        }
+        if hash == zero_hash() && self.config.zero_pages && self.scratch.iter().all(|&b| b == 0) {
+            return self.queue(id, page, Target::Zero);
+        }
+        let max_users = self.config.max_page_sharing;
+        let store = self.stores.get_mut(&group).expect("a guest's group has a store");
+        if let Some(frame) = store.find(hash, &self.scratch, max_users) {
+            store.reserve(frame);
+            return self.queue(id, page, Target::Frame(frame));
+        }
+        let Some((other_id, other_page)) = self.twin(id, page, group, hash) else {
+            self.unstable.insert((group, hash), (id, page));
+            return;
+        };
+        self.unstable.remove(&(group, hash));
+        let store = self.stores.get_mut(&group).unwrap();
+        let frame = match store.insert(hash, &self.scratch) {
+            Ok(f) => f,
+            Err(e) => return self.count_error(format!("making a stable frame: {e}")),
+        };
+        // Both users are reserved now; a failed merge drops its reservation.
+        store.reserve(frame);
+        store.reserve(frame);
+        self.queue(other_id, other_page, Target::Frame(frame));
+        self.queue(id, page, Target::Frame(frame));
+    }
+
+    /// A page seen earlier this pass with the same content, still unmerged
+    /// and in a guest that can still merge.
+    fn twin(&mut self, id: GuestId, page: usize, group: GroupId, hash: u64) -> Option<(GuestId, usize)> {
+        let (other_id, other_page) = *self.unstable.get(&(group, hash))?;
+        if (other_id, other_page) == (id, page) {
+            return None;
+        }
+        let other = self.guests.get(&other_id)?;
+        if other.state[other_page] != UNMERGED || other.lost() || other.at_map_limit {
+            return None;
+        }
+        other.read_page(other_page, &mut self.scratch_other).ok()?;
+        (self.scratch_other == self.scratch).then_some((other_id, other_page))
+    }
+
+    fn queue(&mut self, id: GuestId, page: usize, target: Target) {
+        self.guests.get_mut(&id).unwrap().state[page] = QUEUED;
+        let q = self.pending.entry(id).or_default();
+        q.push((page as u32, target));
+        if q.len() >= self.config.batch {
+            self.flush(id);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let ids: Vec<GuestId> = self.pending.keys().copied().collect();
+        for id in ids {
+            self.flush(id);
+        }
+    }
+
+    /// Sends one guest's queued merges to its agent and books the outcome.
+    fn flush(&mut self, id: GuestId) {
+        let Some(mut queue) = self.pending.remove(&id) else { return };
+        queue.sort_unstable_by_key(|&(page, _)| page);
+        let guest = self.guests.get_mut(&id).unwrap();
+        match guest.agent.merge(&queue) {
+            Ok(outcome) if outcome.merged.len() == queue.len() => self.book(id, &queue, outcome),
+            answer => {
+                // Nobody knows which merges happened: book them all as made,
+                // so no frame the guest may map is freed before the guest is
+                // removed, and give the guest up.
+                let why = match answer {
+                    Err(e) if process_gone(&e) => format!("{GONE}: {e}"),
+                    Err(e) => format!("its merge agent failed: {e}"),
+                    Ok(o) => format!("its merge agent answered {} merges for {}", o.merged.len(), queue.len()),
+                };
+                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
+                self.book(id, &queue, all);
+                self.lose(id, why);
+            }
+        }
+    }
+
+    fn book(&mut self, id: GuestId, queue: &[(u32, Target)], outcome: MergeOutcome) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let mut release_errors = Vec::new();
+        for (&(page, target), &merged) in queue.iter().zip(&outcome.merged) {
+            let page = page as usize;
+            if merged {
+                guest.state[page] = match target {
+                    Target::Zero => ZERO,
+                    Target::Frame(f) => f,
+                };
+                guest.set_private(page, false);
+                match target {
+                    Target::Zero => guest.stats.zero_pages += 1,
+                    Target::Frame(f) => {
+                        store.reserved_to_mapped(f);
+                        guest.stats.merged_pages += 1;
+                    }
+                }
+            } else {
+                // It changed since it was hashed.
+                guest.state[page] = UNMERGED;
+                guest.last_hash[page] = 0;
+                if let Target::Frame(f) = target {
+                    if let Err(e) = store.unreserve(f) {
+                        release_errors.push(e);
+                    }
+                }
+            }
+        }
+        if outcome.mappings > 0 {
+            guest.stats.mappings = outcome.mappings;
+            guest.stats.map_limit = outcome.map_limit;
+        }
+        if outcome.map_limited {
+            guest.at_map_limit = true;
+            self.note_map_limit(id, outcome.map_limit);
+        }
+        match outcome.protection {
+            Some(Protection::WriteProtect) => self.stats.merges_write_protected += 1,
+            Some(Protection::Freeze) => self.stats.merges_frozen += 1,
+            None => {}
+        }
+        for d in outcome.stalls {
+            self.stalls.record(d);
+        }
+        for _ in 1..outcome.errors {
+            self.stats.errors += 1;
+        }
+        if let Some(e) = outcome.first_error {
+            self.count_error(format!("guest {id}: {e}"));
+        }
+        for e in release_errors {
+            self.count_error(format!("freeing a stable frame: {e}"));
+        }
+    }
+
+    /// Finds merged pages that were written since (the kernel copied them on
+    /// write, so they no longer map the frame) and releases their frames.
+    fn collect_cow_breaks(&mut self) {
+        let mut entries = vec![PageMapEntry(0); 512];
+        let ids: Vec<GuestId> = self.guests.keys().copied().collect();
+        for id in ids {
+            match self.collect_guest_breaks(id, &mut entries) {
+                Ok(()) => {}
+                Err(e) if process_gone(&e) => self.lose(id, format!("{GONE}: {e}")),
+                // Breaks not seen now are seen at the end of the next pass.
+                Err(e) => self.count_error(format!("guest {id}: reading its page map: {e}")),
+            }
+        }
+    }
+
+    fn collect_guest_breaks(&mut self, id: GuestId, entries: &mut [PageMapEntry]) -> io::Result<()> {
+        let guest = self.guests.get_mut(&id).unwrap();
+        if guest.lost() {
+            return Ok(());
+        }
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let mut page = 0;
+        while page < guest.layout.pages() {
+            let n = guest.layout.pages_left_in_region(page, entries.len());
+            if guest.state[page..page + n].iter().all(|&s| s == UNMERGED || s == QUEUED) {
+                page += n;
+                continue;
+            }
+            guest.pagemap.read(guest.layout.host(page), &mut entries[..n])?;
+            for (i, e) in entries[..n].iter().enumerate() {
+                let s = guest.state[page + i];
+                let broken = match s {
+                    UNMERGED | QUEUED => false,
+                    // A written zero page is an anonymous page of its own.
+                    ZERO => (e.present() && e.exclusive()) || (e.swapped() && !e.uffd_wp()),
+                    // A written frame page is no longer the file's page.
+                    _ => e.private_copy(),
+                };
+                if !broken {
+                    continue;
+                }
+                guest.state[page + i] = UNMERGED;
+                guest.set_private(page + i, true);
+                guest.last_hash[page + i] = 0;
+                guest.stats.cow_breaks += 1;
+                if s == ZERO {
+                    guest.stats.zero_pages -= 1;
+                } else {
+                    guest.stats.merged_pages -= 1;
+                    if let Err(e) = store.unmap(s) {
+                        self.stats.errors += 1;
+                        self.stats.last_error = Some(format!("freeing a stable frame: {e}"));
+                    }
                 }
             }
             page += n;
@@ -332,285 +700,24 @@ impl Engine {
         Ok(())
     }
 
-    /// End of a full pass over every guest: forget the unstable tree (its
-    /// entries may be stale) and notice pages whose sharing was broken.
-    fn finish_pass(&mut self) -> io::Result<()> {
-        self.flush_all()?;
-        self.stats.pages_unshared = self.unstable.len() as u64;
-        self.unstable.clear();
-        self.stats.pages_volatile = self.guests.values().map(|g| g.stats.volatile_this_pass).sum();
-        for g in self.guests.values_mut() {
-            g.stats.volatile_this_pass = 0;
-        }
-        self.collect_cow_breaks()?;
-        if std::mem::take(&mut self.mappings_changed) {
-            self.mappings_bound = os::mapping_count()? as u64;
-            self.stats.mappings_used = self.mappings_bound;
-        }
-        self.stats.full_scans += 1;
-        self.cursor = (0, 0);
-        Ok(())
-    }
-
-    fn look_at(&mut self, id: GuestId, page: usize) -> io::Result<()> {
-        let guest = self.guests.get_mut(&id).unwrap();
-        if guest.state[page] != UNMERGED {
-            return Ok(());
-        }
-        if guest.written_last_pass(page) {
-            guest.stats.volatile_this_pass += 1;
-            guest.last_hash[page] = 0;
-            return Ok(());
-        }
-        // The dirty log says the page has not changed since its hash was
-        // taken: reuse the hash, and read the page only if that hash has a
-        // match. (The hash only picks candidates; every merge compares bytes.)
-        let known = Some(guest.last_hash[page]).filter(|&h| h != 0 && guest.mem.dirty.is_some());
-        if let Some(hash) = known {
-            let group = guest.mem.group;
-            let maybe_zero = hash == zero_hash() && self.config.zero_pages;
-            if !maybe_zero && !self.store.has_hash(group, hash) && !self.unstable.contains_key(&(group, hash)) {
-                self.unstable.insert((group, hash), (id, page));
-                return Ok(());
-            }
-        }
-        // Work on a copy: the guest may be writing the page right now.
-        guest.copy_page(page, &mut self.scratch);
-        self.stats.pages_hashed += 1;
-        let content: &[u8] = &self.scratch;
-        let hash = xxh3_64(content);
-        let last = std::mem::replace(&mut guest.last_hash[page], hash);
-        if guest.mem.dirty.is_none() && last == 0 {
-            // First look without a dirty log: a page is a candidate only once
-            // it has stayed unchanged for a whole pass (a fresh guest is
-            // still writing). With a dirty log, not written since the last
-            // pass (or, at first, since the guest started) already says so.
-            return Ok(());
-        }
-        if guest.mem.dirty.is_none() && last != hash {
-            guest.stats.volatile_this_pass += 1;
-            return Ok(());
-        }
-        let group = guest.mem.group;
-        if hash == zero_hash() && self.config.zero_pages && content.iter().all(|&b| b == 0) {
-            return self.queue(id, page, Target::Zero);
-        }
-        if let Some(frame) = self.store.find(group, hash, content, self.config.max_page_sharing) {
-            self.store.add_user(frame);
-            return self.queue(id, page, Target::Frame(frame));
-        }
-        let twin = match self.unstable.get(&(group, hash)).copied() {
-            Some((other_id, other_page)) if (other_id, other_page) != (id, page) => {
-                let other = &self.guests[&other_id];
-                let unmerged = other.state[other_page] == UNMERGED;
-                if unmerged {
-                    other.copy_page(other_page, &mut self.scratch_other);
-                }
-                (unmerged && self.scratch_other == self.scratch).then_some((other_id, other_page))
-            }
-            _ => None,
-        };
-        let Some((other_id, other_page)) = twin else {
-            self.unstable.insert((group, hash), (id, page));
-            return Ok(());
-        };
-        self.unstable.remove(&(group, hash));
-        let frame = self.store.insert(group, hash, &self.scratch)?;
-        // Both users are reserved now; a failed re-compare drops one.
-        self.store.add_user(frame);
-        self.store.add_user(frame);
-        self.queue(other_id, other_page, Target::Frame(frame))?;
-        self.queue(id, page, Target::Frame(frame))
-    }
-
-    fn queue(&mut self, id: GuestId, page: usize, target: Target) -> io::Result<()> {
-        let q = self.pending.entry(id).or_default();
-        q.push((page, target));
-        if q.len() >= self.config.batch {
-            self.flush(id)?;
-        }
-        Ok(())
-    }
-
-    fn flush_all(&mut self) -> io::Result<()> {
-        let ids: Vec<GuestId> = self.pending.keys().copied().collect();
-        for id in ids {
-            self.flush(id)?;
-        }
-        Ok(())
-    }
-
-    /// The merge step for one guest's queued merges: a series of freezes,
-    /// each as long as `config.freeze_budget` allows. See docs/dedup.md.
-    fn flush(&mut self, id: GuestId) -> io::Result<()> {
-        let Some(mut queue) = self.pending.remove(&id) else {
-            return Ok(());
-        };
-        queue.sort_unstable_by_key(|&(page, _)| page);
-        let mut rest = &queue[..];
-        while !rest.is_empty() {
-            let done = self.merge_frozen(id, rest)?;
-            rest = &rest[done..];
-        }
-        Ok(())
-    }
-
-    /// Freezes the guest, re-compares queued pages with their targets run by
-    /// run and remaps the runs still equal, until the queue is done or the
-    /// freeze has lasted `config.freeze_budget`; then thaws. A guest is
-    /// stopped for the budget plus one remap at most, however slow remaps
-    /// are (the process mmap lock is contended while many guests fault
-    /// pages in, and the scanner competes for a core). Returns how many
-    /// queue entries it handled.
-    fn merge_frozen(&mut self, id: GuestId, queue: &[(usize, Target)]) -> io::Result<usize> {
-        let runs = mapping_runs(&self.guests[&id], queue);
-        // Each mapping made may split one mapping into three.
-        let over_limit = self.mappings_would_exceed(runs.len());
-        let guest = self.guests.get(&id).unwrap();
-
-        let started = Instant::now();
-        guest.mem.freezer.freeze();
-        let parked = Instant::now();
-        let mut merged: Vec<(usize, Target)> = Vec::new();
-        let mut failed: Vec<(usize, Target)> = Vec::new();
-        let mut handled = 0;
-        let mut remapped = Ok(());
-        for (i, n) in runs {
-            if handled > 0 && parked.elapsed() >= self.config.freeze_budget {
-                break;
-            }
-            let equal_from = merged.len();
-            for &(page, target) in &queue[i..i + n] {
-                let same = !over_limit
-                    && match target {
-                        Target::Zero => guest.frozen_content(page).iter().all(|&b| b == 0),
-                        Target::Frame(f) => guest.frozen_content(page) == self.store.page(f),
-                    };
-                if same {
-                    merged.push((page, target));
-                } else {
-                    failed.push((page, target));
-                }
-            }
-            handled = i + n;
-            remapped = remap_runs(guest, &self.store, &merged[equal_from..]);
-            if remapped.is_err() {
-                break;
-            }
-        }
-        self.mappings_changed |= !merged.is_empty();
-        guest.mem.freezer.thaw();
-        self.freezes.record(parked.elapsed());
-        self.park_waits.record(parked - started);
-        remapped?;
-
-        for (start, len) in page_runs(merged.iter().map(|&(p, _)| p)) {
-            os::punch_hole(&guest.mem.memfd, guest.file_offset(start), (len * PAGE_SIZE) as u64)?;
-            // Map the shared frames in now, in one go: otherwise each vCPU
-            // access faults them in one by one, every fault holding the
-            // process's mmap lock that the next remap needs.
-            os::populate_read(guest.host(start), len * PAGE_SIZE);
-        }
-        let guest = self.guests.get_mut(&id).unwrap();
-        for &(page, target) in &merged {
-            guest.state[page] = match target {
-                Target::Zero => ZERO,
-                Target::Frame(f) => f,
-            };
-            match target {
-                Target::Zero => guest.stats.zero_pages += 1,
-                Target::Frame(_) => guest.stats.merged_pages += 1,
-            }
-        }
-        for (page, target) in failed {
-            // It changed since it was hashed.
-            guest.last_hash[page] = 0;
-            if let Target::Frame(f) = target {
-                self.store.drop_user(f)?;
-            }
-        }
-        if over_limit && !self.stats.map_limit_reached {
-            log::warn!(
-                "page sharing paused: the process is close to vm.max_map_count ({}); raise it to share more",
-                self.map_limit
-            );
-        }
-        self.stats.map_limit_reached |= over_limit;
-        Ok(handled)
-    }
-
-    /// Whether making `new_runs` more mappings could pass `vm.max_map_count`.
-    /// Reading /proc/self/maps is slow with many mappings, so an upper bound
-    /// (each adds at most two) is kept, and re-read only near the limit.
-    fn mappings_would_exceed(&mut self, new_runs: usize) -> bool {
-        let fits = |used: u64| used as usize + 2 * new_runs + self.config.map_count_margin <= self.map_limit;
-        if self.mappings_bound == 0 || !fits(self.mappings_bound) {
-            self.mappings_bound = os::mapping_count().unwrap_or(usize::MAX / 4) as u64;
-            self.stats.mappings_used = self.mappings_bound;
-        }
-        if !fits(self.mappings_bound) {
-            return true;
-        }
-        self.mappings_bound += 2 * new_runs as u64;
-        false
-    }
-
-    /// Finds merged pages that were written since (the kernel copied them on
-    /// write, so they no longer map the frame) and releases their frames.
-    fn collect_cow_breaks(&mut self) -> io::Result<()> {
-        let mut entries = vec![PageMapEntry(0); 512];
-        for guest in self.guests.values_mut() {
-            let mut page = 0;
-            while page < guest.pages {
-                let (r, off) = guest.locate(page);
-                let region_pages = guest.mem.regions[r].len / PAGE_SIZE;
-                let n = entries.len().min(region_pages - off);
-                if guest.state[page..page + n].iter().all(|&s| s == UNMERGED) {
-                    page += n;
-                    continue;
-                }
-                self.pagemap.read(guest.host(page), &mut entries[..n])?;
-                for (i, e) in entries[..n].iter().enumerate() {
-                    let s = guest.state[page + i];
-                    let broken = match s {
-                        UNMERGED => false,
-                        // A written zero page is an anonymous page of its own.
-                        ZERO => e.present() && e.exclusive(),
-                        // A written frame page is no longer the file's page.
-                        _ => e.present() && !e.file_or_shared(),
-                    };
-                    if broken {
-                        guest.state[page + i] = UNMERGED;
-                        guest.last_hash[page + i] = 0;
-                        guest.stats.cow_breaks += 1;
-                        if s == ZERO {
-                            guest.stats.zero_pages -= 1;
-                        } else {
-                            guest.stats.merged_pages -= 1;
-                            self.store.drop_user(s)?;
-                        }
-                    }
-                }
-                page += n;
-            }
-        }
-        Ok(())
-    }
-
     /// Counters for everything, like KSM's sysfs files.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        s.pages_shared = self.store.live_frames() as u64;
+        s.pages_shared = self.stores.values().map(|st| st.mapped_frames() as u64).sum();
         let merged: u64 = self.guests.values().map(|g| g.stats.merged_pages).sum();
         s.pages_sharing = merged.saturating_sub(s.pages_shared);
         s.zero_pages = self.guests.values().map(|g| g.stats.zero_pages).sum();
         s.cow_breaks = self.guests.values().map(|g| g.stats.cow_breaks).sum();
-        let metadata = self.store.metadata_bytes()
-            + self.guests.values().map(|g| g.pages * 12).sum::<usize>()
+        s.mappings_used = self.guests.values().map(|g| g.stats.mappings).sum();
+        let made: u64 =
+            self.guests.values().map(|g| g.stats.mappings.saturating_sub(g.base_mappings.unwrap_or(0))).sum();
+        let metadata = self.stores.values().map(StableStore::metadata_bytes).sum::<usize>()
+            + self.guests.values().map(|g| g.layout.pages() * 13).sum::<usize>()
             + self.unstable.capacity() * 24;
-        s.general_profit = ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64 - metadata as i64;
-        s.freeze = self.freezes.summary();
-        s.park_wait = self.park_waits.summary();
+        s.general_profit = ((s.pages_sharing + s.zero_pages) * PAGE_SIZE as u64) as i64
+            - metadata as i64
+            - (made * MAPPING_BYTES) as i64;
+        s.stall = self.stalls.summary();
         s
     }
 
@@ -620,67 +727,43 @@ impl Engine {
 
     /// Pages of every registered guest: one full pass.
     pub fn total_pages(&self) -> usize {
-        self.guests.values().map(|g| g.pages).sum()
+        self.guests.values().map(|g| g.layout.pages()).sum()
     }
 
     pub fn guest_ids(&self) -> Vec<GuestId> {
         self.guests.keys().copied().collect()
     }
-}
 
-/// Consecutive page indexes, as (first, count) runs.
-fn page_runs(pages: impl Iterator<Item = usize>) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for p in pages {
-        match runs.last_mut() {
-            Some((start, len)) if *start + *len == p => *len += 1,
-            _ => runs.push((p, 1)),
+    /// Recounts the frames guests use and compares with what the stores hold.
+    pub fn audit(&self) -> Audit {
+        let mut referenced: HashSet<(GroupId, FrameId)> = HashSet::new();
+        for g in self.guests.values() {
+            referenced.extend(g.state.iter().filter(|&&s| s < QUEUED).map(|&s| (g.group, s)));
+        }
+        for (id, q) in &self.pending {
+            let group = self.guests[id].group;
+            referenced.extend(q.iter().filter_map(|&(_, t)| match t {
+                Target::Frame(f) => Some((group, f)),
+                Target::Zero => None,
+            }));
+        }
+        let live: u64 = self.stores.values().map(|s| s.live_frames() as u64).sum();
+        let store_pages = self
+            .stores
+            .values()
+            .map(|s| {
+                // SAFETY: fstat into a zeroed stat buffer of our own.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: as above, on a descriptor the store holds.
+                unsafe { libc::fstat(s.file().as_raw_fd(), &mut st) };
+                st.st_blocks as u64 * 512 / PAGE_SIZE as u64
+            })
+            .sum();
+        Audit {
+            live_frames: live,
+            referenced_frames: referenced.len() as u64,
+            leaked_frames: live.saturating_sub(referenced.len() as u64),
+            store_pages,
         }
     }
-    runs
-}
-
-/// Splits merged pages (sorted by page) into the runs one mapping can
-/// cover: consecutive guest pages in one region with consecutive frames (or
-/// all zero). Returns (index of the run's first entry, pages in the run).
-fn mapping_runs(guest: &Guest, merged: &[(usize, Target)]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < merged.len() {
-        let (first, target) = merged[i];
-        let region = guest.locate(first).0;
-        let mut n = 1;
-        while let Some(&(p, t)) = merged.get(i + n) {
-            let next = match (target, t) {
-                (Target::Zero, Target::Zero) => true,
-                (Target::Frame(a), Target::Frame(b)) => b as usize == a as usize + n,
-                _ => false,
-            };
-            if p != first + n || !next || guest.locate(p).0 != region {
-                break;
-            }
-            n += 1;
-        }
-        runs.push((i, n));
-        i += n;
-    }
-    runs
-}
-
-/// Maps each run of merged pages (see [`mapping_runs`]) in one call.
-fn remap_runs(guest: &Guest, store: &StableStore, merged: &[(usize, Target)]) -> io::Result<()> {
-    for (i, n) in mapping_runs(guest, merged) {
-        let (first, target) = merged[i];
-        let addr = guest.host(first);
-        // SAFETY: the pages belong to a registered guest whose writers are
-        // frozen, and were just found equal to their target: replacing the
-        // mapping loses nothing.
-        unsafe {
-            match target {
-                Target::Zero => os::map_zero(addr, n * PAGE_SIZE)?,
-                Target::Frame(f) => os::map_private(addr, n * PAGE_SIZE, store.file(), StableStore::offset(f))?,
-            }
-        }
-    }
-    Ok(())
 }

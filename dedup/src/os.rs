@@ -1,16 +1,73 @@
 //! The few system calls page sharing is made of, each with its reason.
+//!
+//! Every call that can fail goes through [`faults`]: tests make chosen calls
+//! fail on demand and check that the engine stays consistent.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
 pub const PAGE_SIZE: usize = 4096;
+
+/// Failure injection for tests: `faults::fail(Op::Mmap, 3)` makes the next
+/// three mmap calls of this process fail with EIO.
+pub mod faults {
+    use std::io;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Op {
+        Mmap,
+        Punch,
+        Pwrite,
+        PageMap,
+        Uffd,
+        ReadRemote,
+    }
+
+    const OPS: usize = 6;
+    static PENDING: [AtomicU32; OPS] = [const { AtomicU32::new(0) }; OPS];
+    static INJECTED: [AtomicU32; OPS] = [const { AtomicU32::new(0) }; OPS];
+
+    /// Makes the next `count` calls of kind `op` fail.
+    pub fn fail(op: Op, count: u32) {
+        PENDING[op as usize].store(count, Ordering::SeqCst);
+    }
+
+    /// How many failures of kind `op` were injected so far.
+    pub fn injected(op: Op) -> u32 {
+        INJECTED[op as usize].load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn check(op: Op) -> io::Result<()> {
+        let slot = &PENDING[op as usize];
+        if slot.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        if slot.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            INJECTED[op as usize].fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::other(format!("injected {op:?} failure")));
+        }
+        Ok(())
+    }
+}
+
+use faults::{check as may_fail, Op};
 
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+fn check_mmap(p: *mut libc::c_void) -> io::Result<*mut u8> {
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
     }
 }
 
@@ -22,8 +79,9 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 /// `addr..addr + len` must be page-aligned memory this process owns and
 /// whose current contents nobody needs any more.
 pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
-    // SAFETY: the caller owns the range; MAP_FIXED replaces it atomically.
-    let p = unsafe {
+    may_fail(Op::Mmap)?;
+    // SAFETY: the caller owns the range; MAP_FIXED replaces it.
+    check_mmap(unsafe {
         libc::mmap(
             addr.cast(),
             len,
@@ -32,12 +90,8 @@ pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -
             file.as_raw_fd(),
             offset as libc::off_t,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    debug_assert_eq!(p.cast(), addr);
-    Ok(())
+    })
+    .map(drop)
 }
 
 /// Maps fresh anonymous private memory over `addr`: reads see the kernel's
@@ -46,8 +100,9 @@ pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -
 /// # Safety
 /// As for [`map_private`].
 pub unsafe fn map_zero(addr: *mut u8, len: usize) -> io::Result<()> {
+    may_fail(Op::Mmap)?;
     // SAFETY: as above.
-    let p = unsafe {
+    check_mmap(unsafe {
         libc::mmap(
             addr.cast(),
             len,
@@ -56,11 +111,8 @@ pub unsafe fn map_zero(addr: *mut u8, len: usize) -> io::Result<()> {
             -1,
             0,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    })
+    .map(drop)
 }
 
 /// Maps the pages of `addr..addr + len` in for reading, ahead of use. Best
@@ -70,8 +122,17 @@ pub fn populate_read(addr: *mut u8, len: usize) {
     unsafe { libc::madvise(addr.cast(), len, libc::MADV_POPULATE_READ) };
 }
 
+/// Keeps transparent huge pages out of a remapped range: khugepaged would
+/// otherwise collapse a run of zero-mapped pages into one private 2 MiB page,
+/// which reads as copy-on-write breaks and undoes the sharing. Best effort.
+pub fn no_huge_pages(addr: *mut u8, len: usize) {
+    // SAFETY: madvise on our own mapping; the advice changes no contents.
+    unsafe { libc::madvise(addr.cast(), len, libc::MADV_NOHUGEPAGE) };
+}
+
 /// Frees the file's pages in `offset..offset + len` (they read back as zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    may_fail(Op::Punch)?;
     // SAFETY: plain fallocate on a file descriptor we hold.
     check(unsafe {
         libc::fallocate(
@@ -81,6 +142,12 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
             len as libc::off_t,
         )
     })
+}
+
+/// Writes a whole page into a file (a fresh frame: no fault, no clearing).
+pub fn write_page(file: &File, content: &[u8], offset: u64) -> io::Result<()> {
+    may_fail(Op::Pwrite)?;
+    file.write_all_at(content, offset)
 }
 
 /// Creates an anonymous memory file (no name in any filesystem).
@@ -96,8 +163,15 @@ pub fn memfd(name: &str) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
+/// A read-only descriptor of the same file: whoever holds it can map and
+/// read the file, never write, grow or punch it.
+pub fn reopen_read_only(file: &File) -> io::Result<File> {
+    File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// Which pages of `addr..addr + len` have memory behind them (bit 0 of each
-/// byte, one byte per page, into `out`), without touching them.
+/// byte, one byte per page, into `out`), without touching them. For a
+/// mapping of a file this is the file's page cache, whoever else maps it.
 pub fn resident(addr: *const u8, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
     out.resize(len.div_ceil(PAGE_SIZE), 0);
     // SAFETY: mincore only reads the page tables of our own mapping and
@@ -105,7 +179,41 @@ pub fn resident(addr: *const u8, len: usize, out: &mut Vec<u8>) -> io::Result<()
     check(unsafe { libc::mincore(addr as *mut libc::c_void, len, out.as_mut_ptr()) })
 }
 
-/// One page's entry in /proc/self/pagemap.
+/// Copies a page that another thread or process may be writing meanwhile,
+/// 16 bytes at a time with volatile loads: the copy may be torn, never
+/// undefined.
+///
+/// # Safety
+/// `src` must point to a readable, mapped, 16-byte aligned page.
+pub unsafe fn copy_page_racy(src: *const u8, out: &mut [u8]) {
+    use std::arch::x86_64::__m128i;
+    assert_eq!(out.len(), PAGE_SIZE);
+    let (src, dst) = (src.cast::<__m128i>(), out.as_mut_ptr().cast::<__m128i>());
+    for i in 0..PAGE_SIZE / 16 {
+        // SAFETY: both pages are in bounds; `out` is ours, `src` the
+        // caller's and aligned.
+        unsafe { dst.add(i).write_unaligned(std::ptr::read_volatile(src.add(i))) };
+    }
+}
+
+/// Reads `out.len()` bytes at `addr` in process `pid`'s memory.
+pub fn read_remote(pid: u32, addr: u64, out: &mut [u8]) -> io::Result<()> {
+    may_fail(Op::ReadRemote)?;
+    let local = libc::iovec { iov_base: out.as_mut_ptr().cast(), iov_len: out.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: out.len() };
+    // SAFETY: `local` describes our own buffer; the kernel checks `remote`
+    // against the other process's mappings.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n as usize != out.len() {
+        return Err(io::Error::other(format!("short read of process {pid}'s memory at {addr:#x}")));
+    }
+    Ok(())
+}
+
+/// One page's entry in /proc/PID/pagemap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageMapEntry(pub u64);
 
@@ -113,32 +221,48 @@ impl PageMapEntry {
     pub fn present(self) -> bool {
         self.0 & (1 << 63) != 0
     }
+    /// Swapped out (or a swap-like marker, see `uffd_wp`).
+    pub fn swapped(self) -> bool {
+        self.0 & (1 << 62) != 0
+    }
     /// A page-cache page (or shared anonymous): still the file's frame.
     pub fn file_or_shared(self) -> bool {
         self.0 & (1 << 61) != 0
+    }
+    /// Write-protected by userfaultfd (a marker is reported as swapped).
+    pub fn uffd_wp(self) -> bool {
+        self.0 & (1 << 57) != 0
     }
     /// Mapped by this mapping alone.
     pub fn exclusive(self) -> bool {
         self.0 & (1 << 56) != 0
     }
+    /// A private copy the process made: present and no longer a file page,
+    /// or swapped out (only anonymous pages are swap entries in page tables).
+    pub fn private_copy(self) -> bool {
+        (self.present() && !self.file_or_shared()) || (self.swapped() && !self.uffd_wp())
+    }
 }
 
-/// Reads pagemap entries for the pages of this process from `addr` on.
+/// Reads pagemap entries of one process. Opened once: the open file keeps
+/// referring to that process's memory, whatever happens to its pid.
 pub struct PageMap {
     file: File,
+    buf: Vec<u8>,
 }
 
 impl PageMap {
-    pub fn open() -> io::Result<Self> {
-        Ok(PageMap { file: File::open("/proc/self/pagemap")? })
+    pub fn open(pid: u32) -> io::Result<Self> {
+        let path = if pid == std::process::id() { "/proc/self/pagemap".into() } else { format!("/proc/{pid}/pagemap") };
+        Ok(PageMap { file: File::open(path)?, buf: Vec::new() })
     }
 
-    pub fn read(&mut self, addr: *const u8, out: &mut [PageMapEntry]) -> io::Result<()> {
-        let offset = (addr as u64 / PAGE_SIZE as u64) * 8;
-        self.file.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; out.len() * 8];
-        self.file.read_exact(&mut buf)?;
-        for (entry, bytes) in out.iter_mut().zip(buf.chunks_exact(8)) {
+    pub fn read(&mut self, addr: u64, out: &mut [PageMapEntry]) -> io::Result<()> {
+        may_fail(Op::PageMap)?;
+        let offset = (addr / PAGE_SIZE as u64) * 8;
+        self.buf.resize(out.len() * 8, 0);
+        self.file.read_exact_at(&mut self.buf, offset)?;
+        for (entry, bytes) in out.iter_mut().zip(self.buf.chunks_exact(8)) {
             *entry = PageMapEntry(u64::from_le_bytes(bytes.try_into().unwrap()));
         }
         Ok(())
@@ -157,35 +281,97 @@ pub fn max_map_count() -> io::Result<usize> {
     std::fs::read_to_string("/proc/sys/vm/max_map_count")?.trim().parse().map_err(io::Error::other)
 }
 
-/// Raises `vm.max_map_count` (needs root); only when the user asked.
+/// Raises `vm.max_map_count` (needs root).
 pub fn set_max_map_count(value: usize) -> io::Result<()> {
     std::fs::write("/proc/sys/vm/max_map_count", value.to_string())
 }
 
-/// Page-aligned anonymous shared memory for tests and the stable store's view.
-pub fn map_shared(file: &File, len: usize, offset: u64) -> io::Result<*mut u8> {
+/// A fresh `MAP_SHARED` mapping of `file` chosen by the kernel (readable
+/// and, unless `read_only`, writable). The length may exceed the file: it
+/// only reserves address space.
+pub fn map_file(file: &File, len: usize, offset: u64, read_only: bool) -> io::Result<*mut u8> {
+    let prot = if read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
     // SAFETY: a fresh mapping chosen by the kernel; no existing memory touched.
-    let p = unsafe {
+    check_mmap(unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_SHARED | libc::MAP_NORESERVE,
             file.as_raw_fd(),
             offset as libc::off_t,
         )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(p.cast())
+    })
 }
 
-/// Unmaps a range mapped by [`map_shared`].
+/// A writable `MAP_SHARED` mapping of `file` (tests, and guest RAM).
+pub fn map_shared(file: &File, len: usize, offset: u64) -> io::Result<*mut u8> {
+    map_file(file, len, offset, false)
+}
+
+/// Puts `file` back `MAP_SHARED` over `addr` (undoing a remap that failed
+/// half way, so the guest keeps its memory).
+///
+/// # Safety
+/// As for [`map_private`].
+pub unsafe fn map_shared_fixed(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
+    // SAFETY: as for map_private.
+    check_mmap(unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
+/// Unmaps a range mapped by [`map_file`].
 ///
 /// # Safety
 /// Nothing may use the range afterwards.
 pub unsafe fn unmap(addr: *mut u8, len: usize) {
     // SAFETY: per the contract, the range is ours and unused.
     unsafe { libc::munmap(addr.cast(), len) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injected_failures_are_counted_and_run_out() {
+        let f = memfd("faults").unwrap();
+        f.set_len(PAGE_SIZE as u64).unwrap();
+        faults::fail(Op::Punch, 2);
+        assert!(punch_hole(&f, 0, PAGE_SIZE as u64).is_err());
+        assert!(punch_hole(&f, 0, PAGE_SIZE as u64).is_err());
+        punch_hole(&f, 0, PAGE_SIZE as u64).unwrap();
+        assert!(faults::injected(Op::Punch) >= 2);
+    }
+
+    #[test]
+    fn a_read_only_reopen_cannot_write() {
+        let f = memfd("ro").unwrap();
+        f.set_len(PAGE_SIZE as u64).unwrap();
+        write_page(&f, &[7u8; PAGE_SIZE], 0).unwrap();
+        let ro = reopen_read_only(&f).unwrap();
+        let mut b = [0u8; 4];
+        ro.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [7; 4]);
+        assert!(ro.write_all_at(&[1], 0).is_err());
+        assert!(map_file(&ro, PAGE_SIZE, 0, false).is_err(), "a writable shared mapping of a read-only fd");
+        assert!(punch_hole(&ro, 0, PAGE_SIZE as u64).is_err());
+    }
+
+    #[test]
+    fn remote_reads_of_our_own_memory() {
+        let data = vec![0x5au8; PAGE_SIZE];
+        let mut out = vec![0u8; PAGE_SIZE];
+        read_remote(std::process::id(), data.as_ptr() as u64, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
-    /// Stable frames in use.
+    /// Stable frames that guest pages map.
     pub pages_shared: u64,
     /// Guest pages mapping a frame, beyond the first per frame: pages saved.
     pub pages_sharing: u64,
@@ -20,18 +20,26 @@ pub struct Stats {
     pub full_scans: u64,
     /// Guest pages mapped to the kernel's zero page: each saves a page.
     pub zero_pages: u64,
-    /// Bytes saved minus the engine's bookkeeping.
+    /// Bytes saved minus the engine's bookkeeping and the kernel memory of
+    /// the mappings merging made.
     pub general_profit: i64,
-    /// Mappings (VMAs) this process has.
+    /// Mappings (VMAs) the guests' processes have, summed.
     pub mappings_used: u64,
     /// Merged pages the guest wrote since (copied on write).
     pub cow_breaks: u64,
-    /// Whether merging stopped short of vm.max_map_count.
+    /// Whether some guest's merging stopped short of vm.max_map_count.
     pub map_limit_reached: bool,
-    /// How long guests stayed stopped for merge batches.
-    pub freeze: FreezeSummary,
-    /// How long stopping them took (their vCPUs still ran meanwhile).
-    pub park_wait: FreezeSummary,
+    /// Every interval page sharing held a guest's vCPU or device thread.
+    pub stall: StallSummary,
+    /// Merge calls made under write-protection and under a freeze.
+    pub merges_write_protected: u64,
+    pub merges_frozen: u64,
+    /// Failed system calls or guest replies (each left the engine
+    /// consistent; scanning went on), and the last one.
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// Guests whose merge agent stopped answering: no longer scanned.
+    pub guests_lost: u64,
 }
 
 impl Stats {
@@ -48,28 +56,34 @@ pub struct GuestStats {
     pub merged_pages: u64,
     pub zero_pages: u64,
     pub cow_breaks: u64,
+    /// Mappings its process has (an upper bound) and its limit.
+    pub mappings: u64,
+    pub map_limit: u64,
+    pub map_limit_reached: bool,
+    /// Why the engine gave up on this guest, if it did.
+    pub lost: Option<String>,
     pub(crate) volatile_this_pass: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct FreezeSummary {
+pub struct StallSummary {
     pub count: u64,
     pub p50: Duration,
     pub p99: Duration,
     pub max: Duration,
 }
 
-/// The most recent freeze durations, for percentiles.
+/// The most recent stall durations, for percentiles.
 #[derive(Default)]
-pub struct FreezeTimes {
+pub struct StallTimes {
     recent: VecDeque<Duration>,
     count: u64,
     max: Duration,
 }
 
-const KEEP: usize = 4096;
+const KEEP: usize = 16384;
 
-impl FreezeTimes {
+impl StallTimes {
     pub fn record(&mut self, d: Duration) {
         if self.recent.len() == KEEP {
             self.recent.pop_front();
@@ -79,11 +93,11 @@ impl FreezeTimes {
         self.max = self.max.max(d);
     }
 
-    pub fn summary(&self) -> FreezeSummary {
+    pub fn summary(&self) -> StallSummary {
         let mut v: Vec<Duration> = self.recent.iter().copied().collect();
         v.sort_unstable();
         let pct = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
-        FreezeSummary { count: self.count, p50: pct(0.5), p99: pct(0.99), max: self.max }
+        StallSummary { count: self.count, p50: pct(0.5), p99: pct(0.99), max: self.max }
     }
 }
 
@@ -93,7 +107,7 @@ mod tests {
 
     #[test]
     fn percentiles() {
-        let mut f = FreezeTimes::default();
+        let mut f = StallTimes::default();
         for us in 1..=100 {
             f.record(Duration::from_micros(us));
         }

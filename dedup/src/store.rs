@@ -1,40 +1,51 @@
 //! The stable store: frames of merged content, owned by the engine.
 //!
-//! A memfd holds one 4 KiB frame per distinct merged content. Guests map
-//! frames `MAP_PRIVATE`, so their writes never reach a frame: once written,
-//! a frame's content is fixed until it is freed. The engine keeps its own
-//! `MAP_SHARED` view to fill and compare frames. Frames are handed out in
-//! increasing offsets, so pages merged in scan order get adjacent frames and
-//! their mappings coalesce into one VMA.
+//! Each merge group has a memfd of its own holding one 4 KiB frame per
+//! distinct merged content; a guest process gets a read-only descriptor of
+//! its group's memfd alone, so it can map and compare frames but never
+//! write one or see another group's. Guests map frames `MAP_PRIVATE`, so
+//! their writes never reach a frame: once written, a frame's content is
+//! fixed until it is freed. The engine keeps its own `MAP_SHARED` view to
+//! fill and compare frames. Frame ids continue the last one handed out
+//! while they can, so pages merged in scan order get adjacent frames and
+//! their mappings coalesce into one VMA; freed ids are reused, so the id
+//! space never runs out while frames come and go.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use crate::os::{self, PAGE_SIZE};
 
 pub type FrameId = u32;
 pub type GroupId = u32;
 
-/// Address space reserved for the engine's view of the store (not memory).
-const VIEW_BYTES: usize = 1 << 40;
+/// Address space reserved for a view of one group's store (not memory).
+pub const VIEW_BYTES: usize = 1 << 40;
+const MAX_FRAMES: usize = VIEW_BYTES / PAGE_SIZE;
 
 struct Frame {
-    users: u32,
+    /// Guest pages that map it now.
+    mapped: u32,
+    /// Merges queued onto it that have not happened yet.
+    reserved: u32,
     hash: u64,
-    group: GroupId,
 }
 
+/// The frames of one merge group.
 pub struct StableStore {
     file: File,
     view: *mut u8,
-    /// Indexed by `FrameId`; `None` once freed.
+    /// Indexed by `FrameId`; `None` once freed (its id in `free`).
     frames: Vec<Option<Frame>>,
-    /// Content index: frames by (merge group, content hash).
-    index: HashMap<(GroupId, u64), Vec<FrameId>>,
+    free: BTreeSet<FrameId>,
+    /// Content index: frames by content hash.
+    index: HashMap<u64, Vec<FrameId>>,
     live: usize,
+    /// Frames with at least one mapping guest page.
+    mapped_frames: usize,
     file_len: u64,
+    last: Option<FrameId>,
 }
 
 // SAFETY: `view` is a mapping owned by the store; it is only used through
@@ -42,10 +53,20 @@ pub struct StableStore {
 unsafe impl Send for StableStore {}
 
 impl StableStore {
-    pub fn new() -> io::Result<Self> {
-        let file = os::memfd("vmm-stable-store")?;
-        let view = os::map_shared(&file, VIEW_BYTES, 0)?;
-        Ok(StableStore { file, view, frames: Vec::new(), index: HashMap::new(), live: 0, file_len: 0 })
+    pub fn new(group: GroupId) -> io::Result<Self> {
+        let file = os::memfd(&format!("vmm-stable-store-{group}"))?;
+        let view = os::map_file(&file, VIEW_BYTES, 0, false)?;
+        Ok(StableStore {
+            file,
+            view,
+            frames: Vec::new(),
+            free: BTreeSet::new(),
+            index: HashMap::new(),
+            live: 0,
+            mapped_frames: 0,
+            file_len: 0,
+            last: None,
+        })
     }
 
     pub fn file(&self) -> &File {
@@ -64,93 +85,176 @@ impl StableStore {
         unsafe { std::slice::from_raw_parts(self.view.add(Self::offset(frame) as usize), PAGE_SIZE) }
     }
 
-    /// Whether some frame of `group` has this content hash.
-    pub fn has_hash(&self, group: GroupId, hash: u64) -> bool {
-        self.index.contains_key(&(group, hash))
+    /// Whether some frame has this content hash.
+    pub fn has_hash(&self, hash: u64) -> bool {
+        self.index.contains_key(&hash)
     }
 
-    /// A live frame in `group` holding exactly `content`, with room for one
-    /// more user under `max_users`.
-    pub fn find(&self, group: GroupId, hash: u64, content: &[u8], max_users: u32) -> Option<FrameId> {
-        self.index.get(&(group, hash))?.iter().copied().find(|&f| {
+    /// A live frame holding exactly `content`, with room for one more user
+    /// under `max_users`.
+    pub fn find(&self, hash: u64, content: &[u8], max_users: u32) -> Option<FrameId> {
+        self.index.get(&hash)?.iter().copied().find(|&f| {
             let frame = self.frames[f as usize].as_ref().unwrap();
-            frame.users < max_users && self.page(f) == content
+            frame.mapped + frame.reserved < max_users && self.page(f) == content
         })
     }
 
-    /// A new frame holding a copy of `content`, with no users yet.
-    pub fn insert(&mut self, group: GroupId, hash: u64, content: &[u8]) -> io::Result<FrameId> {
-        let id = FrameId::try_from(self.frames.len()).map_err(|_| io::Error::other("stable store full"))?;
-        let end = Self::offset(id) + PAGE_SIZE as u64;
-        if end as usize > VIEW_BYTES {
-            return Err(io::Error::other("stable store full"));
+    /// The id after the last one handed out if that is free (adjacent
+    /// frames for pages merged in order), else the lowest free id, else a
+    /// new one at the end.
+    fn next_id(&self) -> Option<FrameId> {
+        let after_last = self.last.map_or(0, |l| l + 1);
+        if self.free.contains(&after_last) {
+            return Some(after_last);
         }
+        self.free.first().copied().or_else(|| (self.frames.len() < MAX_FRAMES).then_some(self.frames.len() as FrameId))
+    }
+
+    /// A new frame holding a copy of `content`, with no users yet.
+    pub fn insert(&mut self, hash: u64, content: &[u8]) -> io::Result<FrameId> {
+        let id = self.next_id().ok_or_else(|| io::Error::other("stable store full"))?;
+        let end = Self::offset(id) + PAGE_SIZE as u64;
         if end > self.file_len {
             // Grow in 2 MiB steps: ftruncate is cheap, but not free.
-            self.file_len = end.next_multiple_of(2 << 20);
-            self.file.set_len(self.file_len)?;
+            let len = end.next_multiple_of(2 << 20);
+            self.file.set_len(len)?;
+            self.file_len = len;
         }
         // A write, not a store through the view: a whole-page write fills a
         // fresh page without the fault and the clearing a store would cost.
         // The frame is not mapped by any guest yet, so nobody sees it early.
-        self.file.write_all_at(content, Self::offset(id))?;
-        self.frames.push(Some(Frame { users: 0, hash, group }));
-        self.index.entry((group, hash)).or_default().push(id);
+        os::write_page(&self.file, content, Self::offset(id))?;
+        let frame = Some(Frame { mapped: 0, reserved: 0, hash });
+        if id as usize == self.frames.len() {
+            self.frames.push(frame);
+        } else {
+            self.free.remove(&id);
+            self.frames[id as usize] = frame;
+        }
+        self.index.entry(hash).or_default().push(id);
         self.live += 1;
+        self.last = Some(id);
         Ok(id)
     }
 
-    pub fn users(&self, frame: FrameId) -> u32 {
-        self.frames[frame as usize].as_ref().map_or(0, |f| f.users)
+    fn frame(&mut self, id: FrameId) -> &mut Frame {
+        self.frames[id as usize].as_mut().expect("a freed frame is still in use")
     }
 
-    pub fn add_user(&mut self, frame: FrameId) {
-        self.frames[frame as usize].as_mut().expect("user added to a freed frame").users += 1;
+    /// Reserves the frame for a queued merge.
+    pub fn reserve(&mut self, id: FrameId) {
+        self.frame(id).reserved += 1;
     }
 
-    /// Drops one user; the frame is freed (its memory returned) with the last.
-    pub fn drop_user(&mut self, frame: FrameId) -> io::Result<()> {
-        let f = self.frames[frame as usize].as_mut().expect("user dropped from a freed frame");
-        f.users -= 1;
-        if f.users == 0 {
-            self.free(frame)?;
+    /// A queued merge happened: its reservation is now a mapping.
+    pub fn reserved_to_mapped(&mut self, id: FrameId) {
+        let f = self.frame(id);
+        f.reserved -= 1;
+        f.mapped += 1;
+        if f.mapped == 1 {
+            self.mapped_frames += 1;
         }
-        Ok(())
     }
 
-    /// Frees a frame nobody maps (also one that never got a user).
-    pub fn free_if_unused(&mut self, frame: FrameId) -> io::Result<()> {
-        if self.frames[frame as usize].as_ref().is_some_and(|f| f.users == 0) {
-            self.free(frame)?;
+    /// A queued merge did not happen; the frame goes with its last user.
+    pub fn unreserve(&mut self, id: FrameId) -> io::Result<()> {
+        self.frame(id).reserved -= 1;
+        self.free_if_unused(id)
+    }
+
+    /// A guest page stopped mapping the frame; it goes with its last user.
+    pub fn unmap(&mut self, id: FrameId) -> io::Result<()> {
+        let f = self.frame(id);
+        f.mapped -= 1;
+        if f.mapped == 0 {
+            self.mapped_frames -= 1;
         }
-        Ok(())
+        self.free_if_unused(id)
     }
 
-    fn free(&mut self, frame: FrameId) -> io::Result<()> {
-        let f = self.frames[frame as usize].take().unwrap();
-        if let Some(list) = self.index.get_mut(&(f.group, f.hash)) {
-            list.retain(|&x| x != frame);
+    fn free_if_unused(&mut self, id: FrameId) -> io::Result<()> {
+        let f = self.frames[id as usize].as_ref().expect("a freed frame is still in use");
+        if f.mapped + f.reserved > 0 {
+            return Ok(());
+        }
+        let hash = f.hash;
+        self.frames[id as usize] = None;
+        self.free.insert(id);
+        if let Some(list) = self.index.get_mut(&hash) {
+            list.retain(|&x| x != id);
             if list.is_empty() {
-                self.index.remove(&(f.group, f.hash));
+                self.index.remove(&hash);
             }
         }
         self.live -= 1;
-        os::punch_hole(&self.file, Self::offset(frame), PAGE_SIZE as u64)
+        // Even if the punch fails the frame is forgotten: a later frame with
+        // this id overwrites the page whole before anyone maps it.
+        os::punch_hole(&self.file, Self::offset(id), PAGE_SIZE as u64)
     }
 
-    /// Frames in use (KSM's pages_shared).
+    /// Frames in use, reserved ones included.
     pub fn live_frames(&self) -> usize {
         self.live
     }
 
-    /// Bytes of bookkeeping the store holds per frame ever made.
+    /// Frames at least one guest page maps (KSM's pages_shared).
+    pub fn mapped_frames(&self) -> usize {
+        self.mapped_frames
+    }
+
+    /// Ids handed out and not freed, and the highest id + 1: the store's
+    /// file is at most that many pages long.
+    pub fn id_space(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Bytes of bookkeeping the store holds.
     pub fn metadata_bytes(&self) -> usize {
         self.frames.capacity() * std::mem::size_of::<Option<Frame>>()
-            + self.index.capacity() * (std::mem::size_of::<(GroupId, u64)>() + 32)
+            + self.index.capacity() * (std::mem::size_of::<u64>() + 32)
+            + self.free.len() * 8
     }
 }
 
 impl Drop for StableStore {
+    fn drop(&mut self) {
+        // SAFETY: the view was mapped in `new` and is used by nobody else.
+        unsafe { os::unmap(self.view, VIEW_BYTES) };
+    }
+}
+
+/// A guest process's read-only view of its group's store: for comparing
+/// pages with frames before they are remapped onto them.
+pub struct StoreView {
+    file: File,
+    view: *mut u8,
+}
+
+// SAFETY: the view is a read-only mapping owned by this value.
+unsafe impl Send for StoreView {}
+
+impl StoreView {
+    pub fn new(file: File) -> io::Result<StoreView> {
+        let view = os::map_file(&file, VIEW_BYTES, 0, true)?;
+        Ok(StoreView { file, view })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A frame's content. Reading a frame the engine never wrote would fail
+    /// (beyond the file's end) or read a hole, so the engine only names
+    /// frames it holds for this merge.
+    pub fn page(&self, frame: FrameId) -> &[u8] {
+        assert!((frame as usize) < MAX_FRAMES, "frame {frame} beyond the store");
+        // SAFETY: inside the reserved view; frames named by the engine lie
+        // below the file's end and do not change while reserved.
+        unsafe { std::slice::from_raw_parts(self.view.add(StableStore::offset(frame) as usize), PAGE_SIZE) }
+    }
+}
+
+impl Drop for StoreView {
     fn drop(&mut self) {
         // SAFETY: the view was mapped in `new` and is used by nobody else.
         unsafe { os::unmap(self.view, VIEW_BYTES) };
@@ -166,43 +270,68 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_found_by_group_and_content() {
-        let mut s = StableStore::new().unwrap();
-        let f = s.insert(0, 42, &page(1)).unwrap();
-        assert_eq!(s.find(0, 42, &page(1), 10), Some(f));
-        assert_eq!(s.find(1, 42, &page(1), 10), None, "other group");
-        assert_eq!(s.find(0, 42, &page(2), 10), None, "hash collision, other content");
+    fn frames_are_found_by_content() {
+        let mut s = StableStore::new(0).unwrap();
+        let f = s.insert(42, &page(1)).unwrap();
+        assert_eq!(s.find(42, &page(1), 10), Some(f));
+        assert_eq!(s.find(42, &page(2), 10), None, "hash collision, other content");
         assert_eq!(s.page(f), &page(1)[..]);
     }
 
     #[test]
     fn full_frames_are_not_offered() {
-        let mut s = StableStore::new().unwrap();
-        let f = s.insert(0, 1, &page(3)).unwrap();
-        s.add_user(f);
-        s.add_user(f);
-        assert_eq!(s.find(0, 1, &page(3), 2), None);
-        assert_eq!(s.find(0, 1, &page(3), 3), Some(f));
+        let mut s = StableStore::new(0).unwrap();
+        let f = s.insert(1, &page(3)).unwrap();
+        s.reserve(f);
+        s.reserve(f);
+        s.reserved_to_mapped(f);
+        assert_eq!(s.find(1, &page(3), 2), None);
+        assert_eq!(s.find(1, &page(3), 3), Some(f));
     }
 
     #[test]
     fn last_user_frees_the_frame() {
-        let mut s = StableStore::new().unwrap();
-        let f = s.insert(0, 9, &page(7)).unwrap();
-        s.add_user(f);
-        s.add_user(f);
-        s.drop_user(f).unwrap();
-        assert_eq!(s.live_frames(), 1);
-        s.drop_user(f).unwrap();
+        let mut s = StableStore::new(0).unwrap();
+        let f = s.insert(9, &page(7)).unwrap();
+        s.reserve(f);
+        s.reserve(f);
+        s.reserved_to_mapped(f);
+        s.unreserve(f).unwrap();
+        assert_eq!((s.live_frames(), s.mapped_frames()), (1, 1));
+        s.unmap(f).unwrap();
         assert_eq!(s.live_frames(), 0);
-        assert_eq!(s.find(0, 9, &page(7), 10), None);
+        assert_eq!(s.find(9, &page(7), 10), None);
     }
 
     #[test]
     fn consecutive_inserts_get_adjacent_frames() {
-        let mut s = StableStore::new().unwrap();
-        let a = s.insert(0, 1, &page(1)).unwrap();
-        let b = s.insert(0, 2, &page(2)).unwrap();
+        let mut s = StableStore::new(0).unwrap();
+        let a = s.insert(1, &page(1)).unwrap();
+        let b = s.insert(2, &page(2)).unwrap();
         assert_eq!(b, a + 1);
+    }
+
+    /// Frames made and freed over and over (twins that never get merged)
+    /// reuse their ids instead of growing the id space.
+    #[test]
+    fn freed_ids_are_reused() {
+        let mut s = StableStore::new(0).unwrap();
+        let keep = s.insert(1, &page(1)).unwrap();
+        s.reserve(keep);
+        for round in 0..10_000u64 {
+            let f = s.insert(100 + round, &page(2)).unwrap();
+            s.reserve(f);
+            s.unreserve(f).unwrap();
+        }
+        assert!(s.id_space() <= 2, "id space grew to {}", s.id_space());
+        assert_eq!(s.live_frames(), 1);
+    }
+
+    #[test]
+    fn a_read_only_view_sees_frames() {
+        let mut s = StableStore::new(3).unwrap();
+        let f = s.insert(5, &page(9)).unwrap();
+        let view = StoreView::new(os::reopen_read_only(s.file()).unwrap()).unwrap();
+        assert_eq!(view.page(f), &page(9)[..]);
     }
 }

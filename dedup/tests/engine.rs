@@ -1,193 +1,98 @@
-//! The engine on plain memfd mappings, without KVM: the same memory layout a
-//! guest has, with threads standing in for vCPUs.
+//! The engine and the merge agent on plain memfd mappings, without KVM,
+//! under both ways of holding writers off.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+mod support;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dedup::os::{self, PAGE_SIZE};
-use dedup::{Config, Engine, Freezer, GuestMemory, Region};
+use dedup::{Config, Engine, ProtectMode};
+use support::*;
 
-/// Stands in for a guest's vCPUs: writers hold a pass while writing, and a
-/// freeze waits until no writer holds one and admits none until the thaw.
-#[derive(Default)]
-struct WriterGate {
-    state: Mutex<(bool, usize)>, // (frozen, writers inside)
-    changed: Condvar,
-}
-
-impl WriterGate {
-    fn write<R>(&self, f: impl FnOnce() -> R) -> R {
-        let mut s = self.state.lock().unwrap();
-        while s.0 {
-            s = self.changed.wait(s).unwrap();
-        }
-        s.1 += 1;
-        drop(s);
-        let r = f();
-        self.state.lock().unwrap().1 -= 1;
-        self.changed.notify_all();
-        r
-    }
-}
-
-impl Freezer for WriterGate {
-    fn freeze(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.0 = true;
-        while s.1 > 0 {
-            s = self.changed.wait(s).unwrap();
-        }
-    }
-    fn thaw(&self) {
-        self.state.lock().unwrap().0 = false;
-        self.changed.notify_all();
-    }
-}
-
-/// A guest's RAM as the VMM maps it: a memfd, mapped MAP_SHARED.
-struct TestGuest {
-    memfd: File,
-    base: *mut u8,
-    pages: usize,
-    gate: Arc<WriterGate>,
-}
-
-unsafe impl Send for TestGuest {}
-unsafe impl Sync for TestGuest {}
-
-impl TestGuest {
-    fn new(pages: usize) -> Self {
-        let memfd = os::memfd("test-guest").unwrap();
-        memfd.set_len((pages * PAGE_SIZE) as u64).unwrap();
-        let base = os::map_shared(&memfd, pages * PAGE_SIZE, 0).unwrap();
-        TestGuest { memfd, base, pages, gate: Arc::new(WriterGate::default()) }
-    }
-
-    fn memory(&self, group: u32) -> GuestMemory {
-        GuestMemory {
-            memfd: self.memfd.try_clone().unwrap(),
-            regions: vec![Region { host: self.base, len: self.pages * PAGE_SIZE, file_offset: 0 }],
-            group,
-            freezer: self.gate.clone(),
-            dirty: None,
-        }
-    }
-
-    fn page(&self, i: usize) -> *mut u8 {
-        assert!(i < self.pages);
-        unsafe { self.base.add(i * PAGE_SIZE) }
-    }
-
-    fn fill(&self, i: usize, seed: u64) {
-        let words = fill_words(seed);
-        self.gate
-            .write(|| unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), self.page(i), PAGE_SIZE) });
-    }
-
-    fn read(&self, i: usize) -> Vec<u8> {
-        let mut v = vec![0u8; PAGE_SIZE];
-        unsafe { std::ptr::copy_nonoverlapping(self.page(i), v.as_mut_ptr(), PAGE_SIZE) };
-        v
-    }
-
-    /// Bytes of memfd memory still allocated (punched pages are gone).
-    fn resident_bytes(&self) -> u64 {
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::fstat(self.memfd.as_raw_fd(), &mut st) }, 0);
-        st.st_blocks as u64 * 512
-    }
-}
-
-impl Drop for TestGuest {
-    fn drop(&mut self) {
-        unsafe { os::unmap(self.base, self.pages * PAGE_SIZE) };
-    }
-}
-
-/// Page content from a seed (seed 0 gives a zero page).
-fn fill_words(seed: u64) -> Vec<u64> {
-    let mut x = seed;
-    (0..PAGE_SIZE / 8)
-        .map(|i| {
-            if seed == 0 {
-                return 0;
-            }
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 ^ i as u64);
-            x ^ (x >> 29)
-        })
-        .collect()
-}
-
-fn expected(seed: u64) -> Vec<u8> {
-    fill_words(seed).iter().flat_map(|w| w.to_le_bytes()).collect()
-}
-
-/// Merges what is there: the first pass only records each page, the second
-/// merges the pages that stayed unchanged.
-fn settle(e: &mut Engine) {
-    scan_passes(e, 2);
-}
-
-fn engine() -> Engine {
-    Engine::new(Config { pages_to_scan: 1 << 20, ..Config::default() }).unwrap()
-}
-
-/// Runs `passes` full passes.
-fn scan_passes(e: &mut Engine, passes: u64) {
-    let start = e.stats().full_scans;
-    while e.stats().full_scans < start + passes {
-        e.scan().unwrap();
-    }
-}
+const FREEZE: ProtectMode = ProtectMode::Freeze;
 
 #[test]
 fn identical_pages_merge_and_read_back() {
-    let (a, b) = (TestGuest::new(64), TestGuest::new(64));
-    for i in 0..64 {
-        a.fill(i, if i < 32 { 1000 + i as u64 } else { 5000 + i as u64 });
-        b.fill(i, if i < 32 { 1000 + i as u64 } else { 9000 + i as u64 });
+    for mode in modes() {
+        let (a, b) = (TestGuest::new(64), TestGuest::new(64));
+        for i in 0..64 {
+            a.fill(i, if i < 32 { 1000 + i as u64 } else { 5000 + i as u64 });
+            b.fill(i, if i < 32 { 1000 + i as u64 } else { 9000 + i as u64 });
+        }
+        let before = a.resident_bytes() + b.resident_bytes();
+        let mut e = engine();
+        a.add(&mut e, 0, mode);
+        b.add(&mut e, 0, mode);
+        settle(&mut e);
+        let s = e.stats();
+        assert_eq!((s.pages_shared, s.pages_sharing), (32, 32), "{mode:?}: {s:?}");
+        for i in 0..64 {
+            let (sa, sb) = if i < 32 { (1000 + i, 1000 + i) } else { (5000 + i, 9000 + i) };
+            assert_eq!(a.read(i as usize), expected(sa as u64));
+            assert_eq!(b.read(i as usize), expected(sb as u64));
+        }
+        let after = a.resident_bytes() + b.resident_bytes();
+        assert_eq!(before - after, 64 * PAGE_SIZE as u64, "both guests' merged frames were punched out");
+        match mode {
+            ProtectMode::Freeze => assert!(s.merges_frozen >= 1 && a.gate.freezes.load(Ordering::SeqCst) >= 1),
+            _ => assert!(s.merges_write_protected >= 1 && a.gate.freezes.load(Ordering::SeqCst) == 0, "{s:?}"),
+        }
+        assert_eq!(e.audit().leaked_frames, 0);
     }
-    let before = a.resident_bytes() + b.resident_bytes();
-    let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
-    settle(&mut e);
-    let s = e.stats();
-    assert_eq!(s.pages_shared, 32, "{s:?}");
-    assert_eq!(s.pages_sharing, 32, "{s:?}");
-    for i in 0..64 {
-        let (sa, sb) = if i < 32 { (1000 + i, 1000 + i) } else { (5000 + i, 9000 + i) };
-        assert_eq!(a.read(i as usize), expected(sa as u64));
-        assert_eq!(b.read(i as usize), expected(sb as u64));
-    }
-    let after = a.resident_bytes() + b.resident_bytes();
-    assert_eq!(before - after, 64 * PAGE_SIZE as u64, "both guests' merged frames were punched out");
-    assert!(s.freeze.count >= 1);
 }
 
 #[test]
 fn write_after_merge_makes_a_private_copy_and_spares_the_frame() {
-    let (a, b) = (TestGuest::new(8), TestGuest::new(8));
-    for i in 0..8 {
-        a.fill(i, 77 + i as u64);
-        b.fill(i, 77 + i as u64);
-    }
-    let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
-    settle(&mut e);
-    assert_eq!(e.stats().pages_sharing, 8);
+    for mode in modes() {
+        let (a, b) = (TestGuest::new(8), TestGuest::new(8));
+        for i in 0..8 {
+            a.fill(i, 77 + i as u64);
+            b.fill(i, 77 + i as u64);
+        }
+        let mut e = engine();
+        a.add(&mut e, 0, mode);
+        b.add(&mut e, 0, mode);
+        settle(&mut e);
+        assert_eq!(e.stats().pages_sharing, 8);
 
-    a.fill(3, 4242);
-    assert_eq!(a.read(3), expected(4242));
-    assert_eq!(b.read(3), expected(77 + 3), "a write in one guest reached the other");
-    scan_passes(&mut e, 1);
-    let s = e.stats();
-    assert_eq!(s.cow_breaks, 1, "{s:?}");
-    assert_eq!(s.pages_shared, 8, "frame 3 still has guest b");
-    assert_eq!(s.pages_sharing, 7, "{s:?}");
+        a.fill(3, 4242);
+        assert_eq!(a.read(3), expected(4242));
+        assert_eq!(b.read(3), expected(77 + 3), "a write in one guest reached the other");
+        scan_passes(&mut e, 1);
+        let s = e.stats();
+        assert_eq!(s.cow_breaks, 1, "{s:?}");
+        assert_eq!(s.pages_shared, 8, "frame 3 still has guest b");
+        assert_eq!(s.pages_sharing, 7, "{s:?}");
+    }
+}
+
+/// A page copied on write lives in the guest's private memory, not in its
+/// memfd: the engine reads it from there, and merges it again once it
+/// matches something.
+#[test]
+fn pages_copied_on_write_merge_again() {
+    for mode in modes() {
+        let (a, b) = (TestGuest::new(4), TestGuest::new(4));
+        for i in 0..4 {
+            a.fill(i, 60 + i as u64);
+            b.fill(i, 60 + i as u64);
+        }
+        let mut e = engine();
+        a.add(&mut e, 0, mode);
+        b.add(&mut e, 0, mode);
+        settle(&mut e);
+        a.fill(1, 999);
+        b.fill(1, 999);
+        scan_passes(&mut e, 1);
+        assert_eq!(e.stats().cow_breaks, 2);
+        settle(&mut e);
+        let s = e.stats();
+        assert_eq!((s.pages_shared, s.pages_sharing), (4, 4), "{mode:?}: {s:?}");
+        assert_eq!((a.read(1), b.read(1)), (expected(999), expected(999)));
+        assert_eq!(e.audit().leaked_frames, 0);
+    }
 }
 
 #[test]
@@ -198,8 +103,8 @@ fn frame_is_freed_with_its_last_user() {
         b.fill(i, 10 + i as u64);
     }
     let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
     settle(&mut e);
     assert_eq!(e.stats().pages_shared, 4);
     a.fill(0, 1);
@@ -209,27 +114,52 @@ fn frame_is_freed_with_its_last_user() {
     assert_eq!(s.pages_shared, 3, "{s:?}");
     assert_eq!(s.cow_breaks, 2, "{s:?}");
     assert_eq!((a.read(0), b.read(0)), (expected(1), expected(2)));
+    assert_eq!(e.audit(), dedup::Audit { live_frames: 3, referenced_frames: 3, leaked_frames: 0, store_pages: 3 });
 }
 
 #[test]
 fn zero_runs_cost_nothing_and_stay_writable() {
-    let a = TestGuest::new(128);
-    for i in 0..128 {
-        a.fill(i, if i % 4 == 0 { 300 + i as u64 } else { 0 });
+    for mode in modes() {
+        let a = TestGuest::new(128);
+        for i in 0..128 {
+            a.fill(i, if i % 4 == 0 { 300 + i as u64 } else { 0 });
+        }
+        let before = a.resident_bytes();
+        let mut e = engine();
+        a.add(&mut e, 0, mode);
+        settle(&mut e);
+        let s = e.stats();
+        assert_eq!(s.zero_pages, 96, "{s:?}");
+        assert_eq!(before - a.resident_bytes(), 96 * PAGE_SIZE as u64);
+        assert_eq!(a.read(1), vec![0u8; PAGE_SIZE]);
+        a.fill(1, 55);
+        assert_eq!(a.read(1), expected(55));
+        assert_eq!(a.read(2), vec![0u8; PAGE_SIZE]);
+        scan_passes(&mut e, 1);
+        assert_eq!(e.stats().zero_pages, 95, "{mode:?}");
+        // khugepaged must never collapse the zero runs into private huge pages.
+        assert!(vm_flags_at(a.page(2) as u64).contains(" nh"), "remapped ranges allow huge pages");
     }
-    let before = a.resident_bytes();
-    let mut e = engine();
-    e.add_guest(a.memory(0));
-    settle(&mut e);
-    let s = e.stats();
-    assert_eq!(s.zero_pages, 96, "{s:?}");
-    assert_eq!(before - a.resident_bytes(), 96 * PAGE_SIZE as u64);
-    assert_eq!(a.read(1), vec![0u8; PAGE_SIZE]);
-    a.fill(1, 55);
-    assert_eq!(a.read(1), expected(55));
-    assert_eq!(a.read(2), vec![0u8; PAGE_SIZE]);
-    scan_passes(&mut e, 1);
-    assert_eq!(e.stats().zero_pages, 95);
+}
+
+/// The VmFlags line of the mapping holding `addr` in /proc/self/smaps.
+fn vm_flags_at(addr: u64) -> String {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) {
+                    inside = lo <= addr && addr < hi;
+                    continue;
+                }
+            }
+        }
+        if inside && line.starts_with("VmFlags:") {
+            return line.to_string();
+        }
+    }
+    panic!("no mapping at {addr:#x}")
 }
 
 #[test]
@@ -240,8 +170,8 @@ fn merge_groups_never_share() {
         b.fill(i, 500 + i as u64);
     }
     let mut e = engine();
-    e.add_guest(a.memory(1));
-    e.add_guest(b.memory(2));
+    a.add(&mut e, 1, FREEZE);
+    b.add(&mut e, 2, FREEZE);
     scan_passes(&mut e, 2);
     assert_eq!(e.stats().pages_shared, 0);
     assert_eq!(e.stats().pages_sharing, 0);
@@ -264,31 +194,37 @@ fn mappings_within(g: &TestGuest) -> usize {
 
 #[test]
 fn adjacent_merged_pages_share_one_mapping() {
-    let (a, b) = (TestGuest::new(512), TestGuest::new(512));
-    for i in 0..512 {
-        // Every 8th page stays private: 64 runs of 7 merged pages per guest.
-        a.fill(i, 1 + i as u64);
-        b.fill(i, if i % 8 == 7 { 100_000 + i as u64 } else { 1 + i as u64 });
-    }
-    let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
-    settle(&mut e);
-    assert_eq!(e.stats().pages_sharing, 448);
-    // One mapping per merged run and one per private page between runs.
-    for g in [&a, &b] {
-        assert_eq!(mappings_within(g), 128, "merged runs were not mapped as one each");
+    for mode in modes() {
+        let (a, b) = (TestGuest::new(512), TestGuest::new(512));
+        for i in 0..512 {
+            // Every 8th page stays private: 64 runs of 7 merged pages per guest.
+            a.fill(i, 1 + i as u64);
+            b.fill(i, if i % 8 == 7 { 100_000 + i as u64 } else { 1 + i as u64 });
+        }
+        let mut e = engine();
+        a.add(&mut e, 0, mode);
+        b.add(&mut e, 0, mode);
+        settle(&mut e);
+        assert_eq!(e.stats().pages_sharing, 448);
+        // One mapping per merged run and one per private page between runs.
+        for g in [&a, &b] {
+            assert_eq!(mappings_within(g), 128, "{mode:?}: merged runs were not mapped as one each");
+        }
     }
 }
 
-/// An engine allowed `room` more mappings than the process has now, below
-/// `vm.max_map_count`.
-fn engine_with_mapping_room(room: usize) -> Engine {
-    let limit = os::max_map_count().unwrap();
-    let margin = limit.saturating_sub(os::mapping_count().unwrap() + room);
-    Engine::new(Config { pages_to_scan: 1 << 20, map_count_margin: margin, ..Config::default() }).unwrap()
+/// Guests whose agents pretend vm.max_map_count leaves `room` mappings.
+fn limited_guests(e: &mut Engine, guests: [&TestGuest; 2], room: u64) {
+    let limit = os::mapping_count().unwrap() as u64 + dedup::agent::MAP_COUNT_MARGIN + room;
+    for g in guests {
+        let mut agent = g.agent(e, 0, FREEZE);
+        agent.pretend_map_limit(limit);
+        e.add_guest(g.memory(agent, 0)).unwrap();
+    }
 }
 
+/// At the limit nothing is merged, and the guest is neither frozen nor
+/// given new frames pass after pass.
 #[test]
 fn merging_stops_short_of_the_mapping_limit() {
     let (a, b) = (TestGuest::new(64), TestGuest::new(64));
@@ -296,13 +232,14 @@ fn merging_stops_short_of_the_mapping_limit() {
         a.fill(i, 1 + i as u64);
         b.fill(i, 1 + i as u64);
     }
-    let mut e = engine_with_mapping_room(0);
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
-    settle(&mut e);
+    let mut e = engine();
+    limited_guests(&mut e, [&a, &b], 0);
+    scan_passes(&mut e, 6);
     let s = e.stats();
     assert!(s.map_limit_reached, "{s:?}");
     assert_eq!(s.pages_sharing + s.pages_shared, 0, "merged past the limit: {s:?}");
+    assert_eq!(a.gate.freezes.load(Ordering::SeqCst) + b.gate.freezes.load(Ordering::SeqCst), 0, "froze for nothing");
+    assert_eq!(e.audit().live_frames, 0, "frames made for guests that cannot map them");
     for i in 0..64 {
         assert_eq!(a.read(i), expected(1 + i as u64));
         assert_eq!(b.read(i), expected(1 + i as u64));
@@ -319,9 +256,8 @@ fn the_mapping_limit_counts_mappings_not_pages() {
         a.fill(i, 1 + i as u64);
         b.fill(i, if i % 64 == 63 { 100_000 + i as u64 } else { 1 + i as u64 });
     }
-    let mut e = engine_with_mapping_room(2000);
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
+    let mut e = engine();
+    limited_guests(&mut e, [&a, &b], 2000);
     settle(&mut e);
     let s = e.stats();
     assert!(!s.map_limit_reached, "{s:?}");
@@ -329,21 +265,19 @@ fn the_mapping_limit_counts_mappings_not_pages() {
 }
 
 #[test]
-fn the_freeze_budget_splits_a_batch_into_short_freezes() {
+fn the_freeze_fallback_maps_every_run() {
     let (a, b) = (TestGuest::new(512), TestGuest::new(512));
     for i in 0..512 {
         a.fill(i, 1 + i as u64);
         b.fill(i, if i % 8 == 7 { 100_000 + i as u64 } else { 1 + i as u64 });
     }
-    let config = Config { pages_to_scan: 1 << 20, freeze_budget: std::time::Duration::ZERO, ..Config::default() };
-    let mut e = Engine::new(config).unwrap();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
+    let mut e = engine();
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
     settle(&mut e);
     let s = e.stats();
-    // With no budget each freeze maps one run: 64 runs in each guest.
-    assert_eq!(s.freeze.count, 128, "{s:?}");
-    assert_eq!(s.pages_sharing, 448, "every run still merged: {s:?}");
+    assert_eq!(s.pages_sharing, 448, "every run merged: {s:?}");
+    assert!(s.stall.count >= 2 && s.stall.max > Duration::ZERO, "freezes not measured: {s:?}");
     for i in 0..512 {
         assert_eq!(a.read(i), expected(1 + i as u64));
     }
@@ -353,8 +287,8 @@ fn the_freeze_budget_splits_a_batch_into_short_freezes() {
 fn volatile_pages_are_not_merged() {
     let (a, b) = (TestGuest::new(4), TestGuest::new(4));
     let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
     scan_passes(&mut e, 1);
     // Page 0 changes between every look; the rest are written once and
     // then settle to twins.
@@ -378,9 +312,9 @@ fn max_page_sharing_caps_users_per_frame() {
     for g in &guests {
         g.fill(0, 31337);
     }
-    let mut e = Engine::new(Config { max_page_sharing: 2, pages_to_scan: 1 << 20, ..Config::default() }).unwrap();
+    let mut e = Engine::new(Config { max_page_sharing: 2, pages_to_scan: 1 << 20, ..Config::default() });
     for g in &guests {
-        e.add_guest(g.memory(0));
+        g.add(&mut e, 0, FREEZE);
     }
     scan_passes(&mut e, 3);
     let s = e.stats();
@@ -396,13 +330,71 @@ fn removing_a_guest_releases_its_frames() {
         b.fill(i, 40 + i as u64);
     }
     let mut e = engine();
-    let ida = e.add_guest(a.memory(0));
-    let idb = e.add_guest(b.memory(0));
+    let ida = a.add(&mut e, 0, FREEZE);
+    let idb = b.add(&mut e, 0, FREEZE);
     settle(&mut e);
     e.remove_guest(ida).unwrap();
     assert_eq!(e.stats().pages_shared, 8);
     e.remove_guest(idb).unwrap();
     assert_eq!(e.stats().pages_shared, 0);
+    assert_eq!(e.audit().live_frames, 0);
+}
+
+/// A window of write-protected pages is released whole: pages that were
+/// not merged (they differ), between and after merged ones, take writes at
+/// once afterwards.
+#[test]
+fn no_page_stays_write_protected_after_a_merge() {
+    let (a, b) = (TestGuest::new(64), TestGuest::new(64));
+    for i in 0..64 {
+        a.fill(i, 1 + i as u64);
+        b.fill(i, if i % 3 == 1 { 5000 + i as u64 } else { 1 + i as u64 });
+    }
+    let mut e = engine();
+    a.add(&mut e, 0, ProtectMode::WriteProtect);
+    b.add(&mut e, 0, ProtectMode::WriteProtect);
+    settle(&mut e);
+    assert!(e.stats().pages_sharing > 30, "{:?}", e.stats());
+    let (done, finished) = std::sync::mpsc::channel();
+    let writer = {
+        let b = Arc::new(b);
+        let b2 = b.clone();
+        std::thread::spawn(move || {
+            for i in 0..64 {
+                b2.fill(i, 9000 + i as u64);
+            }
+            done.send(()).unwrap();
+            b2
+        });
+        b
+    };
+    assert!(finished.recv_timeout(Duration::from_secs(5)).is_ok(), "a write blocked on a page left write-protected");
+    for i in 0..64 {
+        assert_eq!(writer.read(i), expected(9000 + i as u64));
+    }
+}
+
+/// `merge_now` in the middle of a pass, with merges of the same guest
+/// already queued, queues no page twice (frames and counters stay exact).
+#[test]
+fn merge_now_mid_pass_queues_nothing_twice() {
+    let (a, b) = (TestGuest::new(16), TestGuest::new(16));
+    for i in 0..16 {
+        a.fill(i, 70 + i as u64);
+        b.fill(i, 70 + i as u64);
+    }
+    let mut e = Engine::new(Config { pages_to_scan: 24, batch: 1 << 20, ..Config::default() });
+    let ida = a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
+    scan_passes(&mut e, 1);
+    // Half way through the next pass: a's pages and half of b's are queued.
+    e.scan();
+    e.merge_now(ida).unwrap();
+    scan_passes(&mut e, 2);
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (16, 16), "{s:?}");
+    assert_eq!(e.guest_stats(ida).unwrap().merged_pages, 16);
+    assert_eq!(e.audit().leaked_frames, 0);
 }
 
 /// Writers rewrite random pages with a few recurring contents (so there is
@@ -410,6 +402,12 @@ fn removing_a_guest_releases_its_frames() {
 /// every page must hold exactly what its writer wrote last.
 #[test]
 fn concurrent_writes_are_never_lost() {
+    for mode in modes() {
+        race_writers_against_merges(mode);
+    }
+}
+
+fn race_writers_against_merges(mode: ProtectMode) {
     const GUESTS: usize = 3;
     const PAGES: usize = 256;
     let guests: Arc<Vec<TestGuest>> = Arc::new((0..GUESTS).map(|_| TestGuest::new(PAGES)).collect());
@@ -419,9 +417,9 @@ fn concurrent_writes_are_never_lost() {
             g.fill(i, 0);
         }
     }
-    let mut e = Engine::new(Config { pages_to_scan: 97, batch: 16, ..Config::default() }).unwrap();
+    let mut e = Engine::new(Config { pages_to_scan: 97, batch: 16, ..Config::default() });
     for g in guests.iter() {
-        e.add_guest(g.memory(0));
+        g.add(&mut e, 0, mode);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..GUESTS)
@@ -437,7 +435,8 @@ fn concurrent_writes_are_never_lost() {
                     let page = (x % PAGES as u64) as usize;
                     let seed = (x >> 32) % 6; // 0 = zero page, else one of five contents
                     let g = &guests[gi];
-                    // Write and record under one pass, as a vCPU would.
+                    // Write and record under one pass, as a vCPU would (the
+                    // pass only matters under the freeze).
                     g.gate.write(|| {
                         let words = fill_words(seed);
                         unsafe { std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), g.page(page), PAGE_SIZE) };
@@ -452,9 +451,9 @@ fn concurrent_writes_are_never_lost() {
             })
         })
         .collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while std::time::Instant::now() < deadline {
-        e.scan().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        e.scan();
     }
     stop.store(true, Ordering::SeqCst);
     let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
@@ -468,9 +467,11 @@ fn concurrent_writes_are_never_lost() {
             }
         }
     }
-    assert_eq!(bad, 0, "{bad} pages lost a write ({writes} writes, {s:?})");
+    assert_eq!(bad, 0, "{mode:?}: {bad} pages lost a write ({writes} writes, {s:?})");
     assert!(writes > 10_000, "writers barely ran: {writes}");
     assert!(s.cow_breaks > 0 && s.pages_sharing + s.zero_pages > 0, "nothing merged or broken: {s:?}");
+    assert_eq!(s.errors, 0, "{s:?}");
+    assert_eq!(e.audit().leaked_frames, 0);
 }
 
 #[test]
@@ -482,8 +483,8 @@ fn never_written_pages_stay_unallocated() {
     }
     let before = a.resident_bytes() + b.resident_bytes();
     let mut e = engine();
-    e.add_guest(a.memory(0));
-    e.add_guest(b.memory(0));
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
     settle(&mut e);
     scan_passes(&mut e, 2);
     // Scanning read no hole (which would allocate it): only the merged
@@ -513,13 +514,27 @@ impl dedup::DirtyTracker for HandLog {
     }
 }
 
+fn add_logged(e: &mut Engine, g: &TestGuest, log: &Arc<HandLog>) {
+    let store = e.store_file(0).unwrap();
+    let agent = dedup::Agent::new(
+        g.regions(),
+        g.memfd.try_clone().unwrap(),
+        store,
+        FREEZE,
+        g.gate.clone(),
+        Some(log.clone() as Arc<dyn dedup::DirtyTracker>),
+    )
+    .unwrap();
+    e.add_guest(g.memory(agent, 0)).unwrap();
+}
+
 #[test]
 fn remembered_hashes_pick_candidates_but_bytes_decide() {
     let (a, b) = (TestGuest::new(4), TestGuest::new(4));
     let (log_a, log_b) = (Arc::new(HandLog::default()), Arc::new(HandLog::default()));
     let mut e = engine();
-    e.add_guest(GuestMemory { dirty: Some(log_a.clone()), ..a.memory(0) });
-    e.add_guest(GuestMemory { dirty: Some(log_b.clone()), ..b.memory(0) });
+    add_logged(&mut e, &a, &log_a);
+    add_logged(&mut e, &b, &log_b);
     a.fill(0, 1);
     b.fill(0, 2);
     a.fill(2, 8);
@@ -530,8 +545,8 @@ fn remembered_hashes_pick_candidates_but_bytes_decide() {
     // A logged write: the page is skipped once, then hashed afresh and merged.
     a.fill(0, 2);
     log_a.mark(0);
-    // A write the log misses (as a device's could) leaves a stale hash in
-    // a.2 that matches b.2's new content: the byte compare must refuse.
+    // A write the log misses leaves a stale hash in a.2 that matches b.2's
+    // new content: the byte compare must refuse.
     a.fill(2, 11);
     b.fill(2, 8);
     log_b.mark(2);

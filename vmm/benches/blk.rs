@@ -13,9 +13,11 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::virtio::block::Block;
 use vmm::disk::{BaseImage, Disk};
+use vmm::memory::GuestMemoryMmap;
+use vmm::vstate::control::IoGate;
 
 const IMAGE: usize = 256 << 20;
 const REQUEST: u32 = 128 << 10;
@@ -46,7 +48,7 @@ fn sweep(block: &mut Block, mem: &GuestMemoryMmap, kind: u32) -> f64 {
         }
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        block.process_queue(mem, &mut queue).unwrap();
+        block.process_queue(mem, &mut queue, &IoGate::default()).unwrap();
         assert_eq!(vq.used().idx().load(), PER_KICK);
         sector += PER_KICK as u64 * (REQUEST as u64 / 512);
     }

@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::boot::MAX_VCPUS;
-use crate::guest::GuestConfig;
-use crate::memory::{MemoryBackend, MIN_MEMORY_MIB};
-use crate::runner::{DiskConfig, RunConfig};
-use crate::sharing::{DedupMode, ScanPace, SharingConfig, DEFAULT_SCAN_NICE};
+use crate::config::{
+    self, DedupMode, DedupSettings, GuestConfig, MergeGroups, MergeProtect, RunConfig, SharingConfig, Source,
+    SupervisorConfig,
+};
+use crate::error::Error;
+use crate::memory::MemoryBackend;
 
-/// A KVM hypervisor that runs many guests in one process.
+/// A KVM hypervisor that runs many guests, each in a process of its own,
+/// and merges their identical memory pages.
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about)]
 pub struct Cli {
@@ -33,20 +35,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running vmm's API.
     Ctl(crate::ctl::CtlArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct ServeArgs {
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
-    #[command(flatten)]
-    pub sharing: SharingArgs,
-}
-
-impl ServeArgs {
-    pub fn sharing_config(self) -> Result<SharingConfig, String> {
-        self.sharing.into_config(0)
-    }
+    /// (Internal) one guest's process, started by `vmm run` or `vmm serve`.
+    #[command(hide = true)]
+    Guest,
 }
 
 /// What the bench guests run.
@@ -114,7 +105,9 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
     type Error = String;
 
     fn try_from(args: BenchArgs) -> Result<Self, String> {
-        check_guest_shape(args.guests, args.memory, args.vcpus)?;
+        config::GUESTS.check(args.guests as u64, Source::Cli)?;
+        config::MEMORY_MIB.check(args.memory, Source::Cli)?;
+        config::VCPUS.check(u64::from(args.vcpus), Source::Cli)?;
         let mut modes = args.modes;
         modes.sort();
         modes.dedup();
@@ -177,7 +170,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
 pub struct RunArgs {
     /// How many guests of this configuration to run.
     #[arg(long, default_value_t = 1, value_name = "N")]
-    pub guests: usize,
+    pub guests: u64,
     /// Kernel to boot: a vmlinux ELF, a bzImage, or one of our test guests.
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
@@ -199,15 +192,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "TEXT")]
     pub cmdline: Option<String>,
     /// Guest RAM per guest.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = config::MEMORY_MIB.default, value_name = "MIB")]
     pub memory: u64,
     /// vCPUs per guest.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub vcpus: u8,
-    /// How guest RAM is backed: a shared memfd (in-process sharing) or
-    /// anonymous memory (kernel KSM). Default: what --dedup needs.
-    #[arg(long, value_enum)]
-    pub memory_backend: Option<MemoryBackend>,
+    #[arg(long, default_value_t = config::VCPUS.default, value_name = "N")]
+    pub vcpus: u64,
     /// Directory for per-guest console logs (default with several guests: a fresh temp dir).
     #[arg(long, value_name = "DIR")]
     pub console_dir: Option<PathBuf>,
@@ -224,121 +213,139 @@ pub struct RunArgs {
     /// Serve the REST API on this Unix socket while the guests run.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Guests (by index, comma separated) whose pages are never merged.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub dedup_opt_out: Vec<usize>,
     #[command(flatten)]
-    pub sharing: SharingArgs,
+    pub host: HostArgs,
 }
 
-/// Page sharing flags.
+/// Flags `vmm run` and `vmm serve` share: how guests are kept and shared.
 #[derive(Args, Debug)]
-pub struct SharingArgs {
+pub struct HostArgs {
+    /// How guest RAM is backed: a shared memfd (in-process sharing) or
+    /// anonymous memory (kernel KSM). Default: what --dedup needs.
+    #[arg(long, value_enum)]
+    pub memory_backend: Option<MemoryBackend>,
     /// Who merges identical guest pages.
     #[arg(long, value_enum, default_value_t = DedupMode::Inprocess)]
     pub dedup: DedupMode,
     /// Pages the scanner looks at per step.
-    #[arg(long, default_value_t = 16384, value_name = "N")]
-    pub scan_pages: usize,
+    #[arg(long, default_value_t = config::SCAN_PAGES.default, value_name = "N")]
+    pub scan_pages: u64,
     /// Sleep between scanner steps.
-    #[arg(long, default_value_t = 10, value_name = "MS")]
+    #[arg(long, default_value_t = config::SCAN_SLEEP_MS.default, value_name = "MS")]
     pub scan_sleep_ms: u64,
     /// Advisor: pace the scanner to finish a full pass in this many seconds
     /// (overrides --scan-sleep-ms), within --scan-cpu-cap.
     #[arg(long, value_name = "SECS")]
     pub scan_target_secs: Option<f64>,
     /// Most CPU the advisor lets the scanner use, in percent of one core.
-    #[arg(long, default_value_t = 100.0, value_name = "PCT")]
+    #[arg(long, default_value_t = config::SCAN_CPU_CAP_PCT.default, value_name = "PCT")]
     pub scan_cpu_cap: f64,
     /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
-    #[arg(long, default_value_t = DEFAULT_SCAN_NICE, value_name = "N", allow_negative_numbers = true)]
-    pub scan_nice: i32,
-    /// Merges queued for a guest before it is frozen to make them (each
-    /// freeze lasts about 20 ms at most): larger batches stop guests less
-    /// often.
-    #[arg(long, default_value_t = 8192, value_name = "N")]
-    pub merge_batch: usize,
+    #[arg(long, default_value_t = config::SCAN_NICE.default, value_name = "N", allow_negative_numbers = true)]
+    pub scan_nice: i64,
+    /// Merges queued for a guest before they are made.
+    #[arg(long, default_value_t = config::MERGE_BATCH.default, value_name = "N")]
+    pub merge_batch: u64,
     /// Most guest pages one shared frame may serve.
-    #[arg(long, default_value_t = 256, value_name = "N")]
-    pub max_page_sharing: u32,
+    #[arg(long, default_value_t = config::MAX_PAGE_SHARING.default, value_name = "N")]
+    pub max_page_sharing: u64,
     /// Do not map zero pages to the kernel's zero page.
     #[arg(long)]
     pub no_zero_pages: bool,
+    /// How a merge holds off the guest's writers: write-protect just the
+    /// pages it merges (userfaultfd; `auto` uses it where the host allows),
+    /// or freeze the guest.
+    #[arg(long, value_enum, default_value_t = MergeProtect::Auto)]
+    pub merge_protect: MergeProtect,
     /// Merge groups (trust domains): pages merge only within a group. `all`
     /// (one group), `per-guest` (no sharing between guests), or one group
-    /// number per guest, comma separated (e.g. 0,0,1,1).
+    /// number per guest of a run, comma separated (e.g. 0,0,1,1).
     #[arg(long, default_value = "all", value_name = "SPEC")]
     pub merge_group: String,
-    /// Guests (by index, comma separated) whose pages are never merged.
-    #[arg(long, value_name = "LIST", value_delimiter = ',')]
-    pub dedup_opt_out: Vec<usize>,
-    /// Raise vm.max_map_count to this first (needs root): merged pages cost
-    /// mappings, and the scanner stops short of the limit.
+    /// Raise vm.max_map_count to this first (needs root).
     #[arg(long, value_name = "N")]
-    pub raise_max_map_count: Option<usize>,
+    pub raise_max_map_count: Option<u64>,
+    /// Never raise vm.max_map_count by itself (by default it is raised,
+    /// as root, when a guest's merged pages need more mappings).
+    #[arg(long)]
+    pub no_raise_max_map_count: bool,
 }
 
-impl SharingArgs {
-    fn into_config(self, guests: usize) -> Result<SharingConfig, String> {
-        let groups = parse_merge_groups(&self.merge_group, guests)?;
-        if let Some(bad) = self.dedup_opt_out.iter().find(|&&g| g >= guests) {
-            return Err(format!("--dedup-opt-out {bad}: there are only {guests} guests (0 to {})", guests - 1));
-        }
-        if self.merge_batch == 0 {
-            return Err("--merge-batch must be at least 1".into());
-        }
-        if self.scan_pages == 0 {
-            return Err("--scan-pages must be at least 1".into());
-        }
-        if !(-20..=19).contains(&self.scan_nice) {
-            return Err(format!("--scan-nice must be between -20 and 19 (got {})", self.scan_nice));
-        }
-        if self.max_page_sharing < 2 {
-            return Err("--max-page-sharing must be at least 2".into());
-        }
-        if !(self.scan_cpu_cap > 0.0 && self.scan_cpu_cap <= 100.0) {
-            return Err(format!("--scan-cpu-cap must be in (0, 100] percent (got {})", self.scan_cpu_cap));
-        }
-        let target_pass = match self.scan_target_secs {
-            Some(s) if !(s > 0.0 && s.is_finite()) => {
-                return Err(format!("--scan-target-secs must be a positive number of seconds (got {s})"))
-            }
-            s => s.map(Duration::from_secs_f64),
+impl HostArgs {
+    fn into_config(self) -> Result<SupervisorConfig, Error> {
+        let settings = DedupSettings {
+            enabled: true,
+            scan_pages: self.scan_pages,
+            scan_sleep_ms: self.scan_sleep_ms,
+            scan_target_secs: self.scan_target_secs,
+            scan_cpu_cap_pct: self.scan_cpu_cap,
+            scan_nice: self.scan_nice,
+            max_page_sharing: self.max_page_sharing,
+            zero_pages: !self.no_zero_pages,
+            merge_batch: self.merge_batch,
         };
-        Ok(SharingConfig {
+        settings.validate(Source::Cli)?;
+        let sharing = SharingConfig {
             mode: self.dedup,
-            engine: dedup::Config {
-                pages_to_scan: self.scan_pages,
-                max_page_sharing: self.max_page_sharing,
-                zero_pages: !self.no_zero_pages,
-                batch: self.merge_batch,
-                ..Default::default()
-            },
-            pace: ScanPace {
-                sleep: Duration::from_millis(self.scan_sleep_ms),
-                target_pass,
-                cpu_cap: self.scan_cpu_cap / 100.0,
-                nice: self.scan_nice,
-            },
-            groups,
-            opt_out: (0..guests).map(|g| self.dedup_opt_out.contains(&g)).collect(),
+            settings,
+            protect: self.merge_protect,
+            groups: MergeGroups::parse(&self.merge_group)?,
             raise_max_map_count: self.raise_max_map_count,
-        })
+            auto_raise_max_map_count: !self.no_raise_max_map_count,
+        };
+        if let Some(n) = self.raise_max_map_count {
+            config::MAX_MAP_COUNT.check(n, Source::Cli)?;
+        }
+        let backend = sharing.backend(self.memory_backend)?;
+        Ok(SupervisorConfig { sharing, backend, ..Default::default() })
     }
 }
 
-fn parse_merge_groups(spec: &str, guests: usize) -> Result<Vec<u32>, String> {
-    match spec {
-        "all" => Ok(vec![0; guests]),
-        "per-guest" => Ok((0..guests as u32).collect()),
-        list => {
-            let groups = list
-                .split(',')
-                .map(|g| g.trim().parse::<u32>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| format!("--merge-group '{spec}': expected all, per-guest, or numbers like 0,0,1,1"))?;
-            if groups.len() != guests {
-                return Err(format!("--merge-group '{spec}' names {} groups for {guests} guests", groups.len()));
-            }
-            Ok(groups)
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// Directory for the guests' console logs (default: a temporary one).
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
+    /// Keep guests' disk overlays in this directory (default: a temporary one).
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Create guests even if their RAM exceeds the host's available memory.
+    #[arg(long)]
+    pub overcommit: bool,
+    /// (Refused: `vmm serve` starts with no guests; give `dedup_opt_out` in
+    /// `POST /guests` instead.)
+    #[arg(long, value_name = "LIST", hide = true)]
+    pub dedup_opt_out: Option<String>,
+    #[command(flatten)]
+    pub host: HostArgs,
+}
+
+impl TryFrom<ServeArgs> for SupervisorConfig {
+    type Error = Error;
+
+    fn try_from(args: ServeArgs) -> Result<Self, Error> {
+        if args.dedup_opt_out.is_some() {
+            return Err(Error::bad_input(
+                "--dedup-opt-out: vmm serve starts with no guests; opt a guest out with \"dedup_opt_out\": true \
+                 in its POST /guests",
+            ));
         }
+        let mut config = args.host.into_config()?;
+        if let MergeGroups::List(_) = config.sharing.groups {
+            return Err(Error::bad_input(
+                "--merge-group with a list needs the guests of a vmm run; for vmm serve use all or per-guest, \
+                 or give merge_group in POST /guests",
+            ));
+        }
+        config.console_dir = args.console_dir;
+        config.overlay_dir = args.overlay_dir;
+        config.overcommit = args.overcommit;
+        Ok(config)
     }
 }
 
@@ -346,70 +353,48 @@ fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
     text.parse().map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
 }
 
-/// What `run` and `bench` both check about --guests, --memory and --vcpus.
-fn check_guest_shape(guests: usize, memory_mib: u64, vcpus: u8) -> Result<(), String> {
-    if guests == 0 {
-        return Err("--guests must be at least 1".into());
-    }
-    if memory_mib < MIN_MEMORY_MIB {
-        return Err(format!("--memory must be at least {MIN_MEMORY_MIB} MiB (got {memory_mib})"));
-    }
-    if memory_mib > 1 << 20 {
-        return Err(format!("--memory {memory_mib} MiB is more than the 1 TiB vmm supports per guest"));
-    }
-    if vcpus == 0 || vcpus > MAX_VCPUS {
-        return Err(format!("--vcpus must be between 1 and {MAX_VCPUS} (got {vcpus})"));
-    }
-    Ok(())
-}
-
 impl TryFrom<RunArgs> for RunConfig {
-    type Error = String;
+    type Error = Error;
 
-    fn try_from(args: RunArgs) -> Result<Self, String> {
-        check_guest_shape(args.guests, args.memory, args.vcpus)?;
-        if args.timeout == Some(0) {
-            return Err("--timeout must be at least 1 second".into());
-        }
-        let backend = match (args.sharing.dedup, args.memory_backend) {
-            (DedupMode::Inprocess, Some(MemoryBackend::Anon)) => {
-                return Err("--dedup inprocess needs --memory-backend memfd (or --dedup ksm/off)".into())
-            }
-            (DedupMode::Ksm, Some(MemoryBackend::Memfd)) => {
-                return Err("--dedup ksm needs --memory-backend anon: KSM merges anonymous memory only".into())
-            }
-            (DedupMode::Ksm, None) => MemoryBackend::Anon,
-            (_, chosen) => chosen.unwrap_or(MemoryBackend::Memfd),
-        };
-        let disk = match (args.image, args.disk_readonly, args.overlay_dir) {
+    fn try_from(args: RunArgs) -> Result<Self, Error> {
+        let guests = config::GUESTS.check(args.guests, Source::Cli)? as usize;
+        let timeout = args.timeout.map(|t| config::TIMEOUT_SECS.check(t, Source::Cli)).transpose()?;
+        let disk_readonly = match (&args.image, args.disk_readonly, &args.overlay_dir) {
             (None, true, _) | (None, _, Some(_)) => {
-                return Err("--disk-readonly and --overlay-dir need a disk IMAGE".into())
+                return Err(Error::bad_input("--disk-readonly and --overlay-dir need a disk IMAGE"))
             }
-            (Some(_), true, Some(_)) => return Err("--disk-readonly disks have no overlays: drop --overlay-dir".into()),
-            (Some(image), read_only, overlay_dir) => Some(DiskConfig { image, read_only, overlay_dir }),
-            (None, false, None) => None,
+            (Some(_), true, Some(_)) => {
+                return Err(Error::bad_input("--disk-readonly disks have no overlays: drop --overlay-dir"))
+            }
+            (_, read_only, _) => read_only,
         };
-        let sharing = args.sharing.into_config(args.guests)?;
-        let dirty_log = sharing.mode == DedupMode::Inprocess;
-        Ok(RunConfig {
-            sharing,
-            guest: GuestConfig {
-                kernel: args.kernel,
-                initrd: args.initrd,
-                cmdline: args.cmdline,
-                memory_mib: args.memory,
-                vcpus: args.vcpus,
-                backend,
-                dirty_log,
-            },
-            guests: args.guests,
-            console_dir: args.console_dir,
-            overcommit: args.overcommit,
-            timeout: args.timeout.map(Duration::from_secs),
+        let mut supervisor = args.host.into_config()?;
+        supervisor.console_to_terminal = guests == 1 && args.console_dir.is_none();
+        supervisor.console_dir = args.console_dir;
+        supervisor.overlay_dir = args.overlay_dir;
+        supervisor.overcommit = args.overcommit;
+        let guest = GuestConfig {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+            memory_mib: args.memory,
+            vcpus: args.vcpus,
+            disk: args.image,
+            disk_readonly,
+            merge_group: None,
+            dedup_opt_out: false,
+        };
+        let config = RunConfig {
+            guest,
+            guests,
+            opt_out: args.dedup_opt_out,
+            supervisor,
+            timeout: timeout.map(Duration::from_secs),
             stats_file: args.stats_file,
-            disk,
             api_socket: args.api_socket,
-        })
+        };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -420,7 +405,14 @@ mod tests {
     fn run_config(args: &[&str]) -> Result<RunConfig, String> {
         let cli = Cli::try_parse_from(["vmm", "run"].iter().chain(args)).map_err(|e| e.to_string())?;
         let Command::Run(run) = cli.command else { unreachable!("parsed as run") };
-        RunConfig::try_from(run)
+        RunConfig::try_from(run).map_err(|e| e.message)
+    }
+
+    fn serve_config(args: &[&str]) -> Result<SupervisorConfig, String> {
+        let cli =
+            Cli::try_parse_from(["vmm", "serve", "--api-socket", "s"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let Command::Serve(serve) = cli.command else { unreachable!("parsed as serve") };
+        SupervisorConfig::try_from(serve).map_err(|e| e.message)
     }
 
     fn bench_args(args: &[&str]) -> BenchArgs {
@@ -445,22 +437,23 @@ mod tests {
     fn defaults() {
         let c = run_config(&["--kernel", "k"]).unwrap();
         assert_eq!(c.guests, 1);
-        assert_eq!(c.guest.memory_mib, 256);
-        assert_eq!(c.guest.vcpus, 1);
-        assert_eq!(c.guest.backend, MemoryBackend::Memfd);
-        assert_eq!(c.guest.cmdline, None);
-        assert!(!c.overcommit);
+        assert_eq!((c.guest.memory_mib, c.guest.vcpus, c.guest.cmdline.as_deref()), (256, 1, None));
+        let s = &c.supervisor;
+        assert_eq!(s.backend, MemoryBackend::Memfd);
+        assert!(!s.overcommit && s.console_to_terminal);
         assert_eq!(c.timeout, None);
-        assert_eq!(c.sharing.mode, DedupMode::Inprocess);
-        assert_eq!(c.sharing.groups, vec![0]);
-        assert_eq!(c.sharing.opt_out, vec![false]);
-        assert_eq!(c.sharing.pace.target_pass, None);
+        assert_eq!(s.sharing.mode, DedupMode::Inprocess);
+        assert_eq!(s.sharing.protect, MergeProtect::Auto);
+        assert!(s.sharing.auto_raise_max_map_count);
+        assert_eq!(c.guest(0).merge_group, Some(0));
+        assert!(!c.guest(0).dedup_opt_out);
+        assert_eq!(s.sharing.settings, DedupSettings::default());
     }
 
     #[test]
     fn ksm_mode_picks_anonymous_memory() {
         let c = run_config(&["--kernel", "k", "--dedup", "ksm"]).unwrap();
-        assert_eq!(c.guest.backend, MemoryBackend::Anon);
+        assert_eq!(c.supervisor.backend, MemoryBackend::Anon);
     }
 
     #[test]
@@ -485,18 +478,23 @@ mod tests {
             "--no-zero-pages",
             "--raise-max-map-count",
             "1000000",
+            "--merge-protect",
+            "freeze",
+            "--no-raise-max-map-count",
         ])
         .unwrap();
-        assert_eq!(c.sharing.groups, vec![0, 1, 2, 3]);
-        assert_eq!(c.sharing.opt_out, vec![false, true, false, true]);
-        assert_eq!(c.sharing.engine.pages_to_scan, 100);
-        assert_eq!(c.sharing.engine.max_page_sharing, 8);
-        assert!(!c.sharing.engine.zero_pages);
-        assert_eq!(c.sharing.pace.target_pass, Some(Duration::from_millis(2500)));
-        assert_eq!(c.sharing.pace.cpu_cap, 0.5);
-        assert_eq!(c.sharing.raise_max_map_count, Some(1_000_000));
+        assert_eq!((0..4).map(|i| c.guest(i).merge_group.unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!((0..4).map(|i| c.guest(i).dedup_opt_out).collect::<Vec<_>>(), vec![false, true, false, true]);
+        let sharing = &c.supervisor.sharing;
+        let (engine, pace) = (sharing.settings.engine(), sharing.settings.pace());
+        assert_eq!((engine.pages_to_scan, engine.max_page_sharing, engine.zero_pages), (100, 8, false));
+        assert_eq!(pace.target_pass, Some(Duration::from_millis(2500)));
+        assert_eq!(pace.cpu_cap, 0.5);
+        assert_eq!(sharing.raise_max_map_count, Some(1_000_000));
+        assert!(!sharing.auto_raise_max_map_count);
+        assert_eq!(sharing.protect, MergeProtect::Freeze);
         let c = run_config(&["--kernel", "k", "--guests", "3", "--merge-group", "5,5,6"]).unwrap();
-        assert_eq!(c.sharing.groups, vec![5, 5, 6]);
+        assert_eq!(c.guest(2).merge_group, Some(6));
     }
 
     #[test]
@@ -525,14 +523,12 @@ mod tests {
             "30",
         ])
         .unwrap();
-        assert_eq!(c.guests, 8);
-        assert_eq!(c.guest.memory_mib, 512);
-        assert_eq!(c.guest.vcpus, 2);
+        assert_eq!((c.guests, c.guest.memory_mib, c.guest.vcpus), (8, 512, 2));
         assert_eq!(c.guest.initrd, Some(PathBuf::from("/i")));
         assert_eq!(c.guest.cmdline.as_deref(), Some("rounds=3 share=0.5"));
-        assert_eq!(c.guest.backend, MemoryBackend::Anon);
-        assert_eq!(c.console_dir, Some(PathBuf::from("/tmp/c")));
-        assert!(c.overcommit);
+        assert_eq!(c.supervisor.backend, MemoryBackend::Anon);
+        assert_eq!(c.supervisor.console_dir, Some(PathBuf::from("/tmp/c")));
+        assert!(c.supervisor.overcommit && !c.supervisor.console_to_terminal);
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
     }
 
@@ -554,9 +550,27 @@ mod tests {
             (&["--kernel", "k", "--guests", "2", "--dedup-opt-out", "2"], "--dedup-opt-out"),
             (&["--kernel", "k", "--scan-cpu-cap", "0"], "--scan-cpu-cap"),
             (&["--kernel", "k", "--scan-target-secs", "0"], "--scan-target-secs"),
+            (&["--kernel", "k", "--scan-target-secs", "1e300"], "--scan-target-secs"),
+            (&["--kernel", "k", "--scan-pages", "0"], "--scan-pages"),
+            (&["--kernel", "k", "--scan-nice", "-40"], "--scan-nice"),
+            (&["--kernel", "k", "--raise-max-map-count", "5"], "--raise-max-map-count"),
+            (&["--kernel", "k", "--disk-readonly"], "need a disk IMAGE"),
         ] {
             let err = run_config(args).unwrap_err();
             assert!(err.contains(flag), "{args:?}: {err}");
         }
+    }
+
+    /// `vmm serve` takes the same sharing flags with the same checks, and
+    /// says what it cannot do instead of ignoring it.
+    #[test]
+    fn serve_flags() {
+        let c = serve_config(&["--merge-group", "per-guest", "--scan-pages", "99"]).unwrap();
+        assert_eq!(c.sharing.groups, MergeGroups::PerGuest);
+        assert_eq!(c.sharing.settings.scan_pages, 99);
+        assert!(serve_config(&["--scan-target-secs", "0"]).unwrap_err().contains("--scan-target-secs"));
+        let err = serve_config(&["--dedup-opt-out", "1"]).unwrap_err();
+        assert!(err.contains("starts with no guests") && !err.contains("18446744073709551615"), "{err}");
+        assert!(serve_config(&["--merge-group", "0,1"]).unwrap_err().contains("per-guest"));
     }
 }

@@ -105,16 +105,17 @@ pub struct CreateArgs {
     pub initrd: Option<PathBuf>,
     #[arg(long)]
     pub cmdline: Option<String>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = crate::config::MEMORY_MIB.default)]
     pub memory: u64,
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u8,
+    #[arg(long, default_value_t = crate::config::VCPUS.default)]
+    pub vcpus: u64,
     #[arg(long)]
     pub disk: Option<PathBuf>,
     #[arg(long)]
     pub disk_readonly: bool,
-    #[arg(long, default_value_t = 0)]
-    pub merge_group: u32,
+    /// Default: the server's --merge-group policy.
+    #[arg(long)]
+    pub merge_group: Option<u32>,
     #[arg(long)]
     pub dedup_opt_out: bool,
 }
@@ -126,12 +127,18 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
         CtlCommand::List => ("GET", "/guests".to_string(), None),
         CtlCommand::Create(c) => {
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
-            let spec = serde_json::json!({
-                "kernel": abs(&c.kernel), "initrd": c.initrd.as_ref().map(abs), "cmdline": c.cmdline,
-                "memory_mib": c.memory, "vcpus": c.vcpus, "disk": c.disk.as_ref().map(abs),
-                "disk_readonly": c.disk_readonly, "merge_group": c.merge_group, "dedup_opt_out": c.dedup_opt_out,
-            });
-            ("POST", "/guests".to_string(), Some(spec))
+            let config = crate::config::GuestConfig {
+                kernel: abs(&c.kernel),
+                initrd: c.initrd.as_ref().map(abs),
+                cmdline: c.cmdline.clone(),
+                memory_mib: c.memory,
+                vcpus: c.vcpus,
+                disk: c.disk.as_ref().map(abs),
+                disk_readonly: c.disk_readonly,
+                merge_group: c.merge_group,
+                dedup_opt_out: c.dedup_opt_out,
+            };
+            ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
         }
         CtlCommand::Start { id } => ("POST", format!("/guests/{id}/start"), None),
         CtlCommand::Pause { id } => ("POST", format!("/guests/{id}/pause"), None),

@@ -1,6 +1,6 @@
-//! One guest: its memory, VM, devices and vCPU threads.
+//! One guest: its memory, VM, devices and vCPU threads. It lives in a guest
+//! process of its own (process/child.rs builds it there).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -11,30 +11,18 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootSource};
+use crate::config::GuestConfig;
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
 use crate::devices::virtio::{BlockDevice, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
 use crate::devices::{serial, Devices};
 use crate::disk::Disk;
+use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
-use crate::memory::{GuestRam, MemoryBackend, MIB};
+use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
 use crate::vstate::control::{IoGate, VcpuGate};
 use crate::vstate::{vcpu, vm};
-
-/// Everything that describes one guest.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GuestConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    /// `None`: our own guests get an empty line, Linux the host's default.
-    pub cmdline: Option<String>,
-    pub memory_mib: u64,
-    pub vcpus: u8,
-    pub backend: MemoryBackend,
-    /// Keep KVM's dirty log (in-process page sharing reads it).
-    pub dirty_log: bool,
-}
 
 /// State the vCPU threads of one guest share.
 struct Shared {
@@ -53,18 +41,28 @@ impl Shared {
     }
 }
 
-/// A merge freezes the guest by parking its vCPUs, then closing its I/O
-/// gate: no vCPU runs and no device request touches guest memory until the
-/// thaw. (A request served on a vCPU thread is done before that vCPU parks.)
+/// The freeze (page sharing's fallback where write-protection is not
+/// available) parks the guest's vCPUs, then closes its I/O gate: no vCPU
+/// runs and no device writes guest memory until the thaw. (A request served
+/// on a vCPU thread is done before that vCPU parks.)
 impl dedup::Freezer for Shared {
-    fn freeze(&self) {
-        self.gate.pause();
+    fn freeze(&self) -> usize {
+        let parked = self.gate.pause();
         self.io_gate.freeze();
+        parked
     }
     fn thaw(&self) {
         self.io_gate.thaw();
         self.gate.resume();
     }
+}
+
+/// How the guest's page-sharing dirty log is kept.
+pub struct GuestOptions {
+    /// Keep KVM's dirty log (in-process page sharing reads it).
+    pub dirty_log: bool,
+    /// Offer the guest no VMX/SVM (see `vcpu::configure`).
+    pub hide_virtualization: bool,
 }
 
 pub struct Guest {
@@ -81,17 +79,18 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Builds guest `id` from `config`, ready to start.
-    /// `disk`, if any, becomes its virtio-blk disk (`/dev/vda` in Linux).
+    /// Builds guest `id` from `config` in `ram`, ready to start. `disk`, if
+    /// any, becomes its virtio-blk disk (`/dev/vda` in Linux).
     pub fn create(
         hv: &Hypervisor,
         id: usize,
         config: &GuestConfig,
+        ram: GuestRam,
         console: Console,
         disk: Option<Disk>,
-    ) -> Result<Guest, String> {
-        let ram = GuestRam::new(&format!("guest{id}"), config.memory_mib * MIB, config.backend)
-            .map_err(|e| format!("cannot allocate {} MiB of guest memory: {e}", config.memory_mib))?;
+        options: &GuestOptions,
+    ) -> Result<Guest> {
+        let vcpu_count = config.vcpus as u8;
         let device_args = if disk.is_some() { BlockDevice::cmdline_arg() } else { String::new() };
         let source = BootSource {
             kernel: &config.kernel,
@@ -100,20 +99,21 @@ impl Guest {
             default_linux_cmdline: hv.host.default_linux_cmdline(),
             device_args: &device_args,
         };
-        let boot =
-            boot::load(ram.memory(), config.memory_mib * MIB, config.vcpus, &source).map_err(|e| e.to_string())?;
+        let boot = boot::load(ram.memory(), config.memory_bytes(), vcpu_count, &source)
+            .map_err(|e| Error::bad_input(e.to_string()))?;
 
-        let kvm_err = |what: &str, e: kvm_ioctls::Error| format!("{what}: {e}");
-        let vm = Arc::new(vm::create(&hv.kvm, &ram, config.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("{what}: {e}"));
+        let vm =
+            Arc::new(vm::create(&hv.kvm, &ram, options.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
         let io_gate = Arc::new(IoGate::default());
         let disk = match disk {
             Some(disk) => {
-                let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+                let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
                 vm.register_irqfd(&irq, BLOCK_GSI).map_err(|e| kvm_err("cannot wire the disk interrupt", e))?;
                 let device = BlockDevice::new(disk, irq, io_gate.clone(), ram.memory().clone())
-                    .map_err(|e| format!("eventfd: {e}"))?;
+                    .map_err(|e| Error::host(format!("eventfd: {e}")))?;
                 let kick = IoEventAddress::Mmio(BLOCK_QUEUE_NOTIFY);
                 if let Err(e) = vm.register_ioevent(&device.notify, &kick, NoDatamatch) {
                     // Kicks then exit to the vCPU thread, which serves them.
@@ -123,21 +123,18 @@ impl Guest {
             }
             None => None,
         };
-        let devices = Devices::new(
-            serial::new(serial_irq, console.clone()),
-            Doorbell::new(id as u64, config.vcpus),
-            console,
-            disk,
-        );
-        let vcpus = (0..config.vcpus)
+        let devices =
+            Devices::new(serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count), console, disk);
+        let vcpus = (0..vcpu_count)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
-                vcpu::configure(&fd, i, &hv.cpuid, &boot).map_err(|e| kvm_err("cannot set up a vCPU", e))?;
+                vcpu::configure(&fd, i, &hv.cpuid, &boot, options.hide_virtualization)
+                    .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
                 Ok(fd)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>>>()?;
         let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
-        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: config.dirty_log, ram })
+        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: options.dirty_log, ram })
     }
 
     /// Starts one thread per vCPU; `finished` receives the guest id once the
@@ -153,7 +150,7 @@ impl Guest {
             let finished = finished.clone();
             let id = self.id;
             self.shared.gate.starting();
-            let thread = std::thread::Builder::new().name(format!("guest{id}-vcpu{index}")).spawn(move || {
+            let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
                 let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
                 if let Some(end) = end {
                     shared.end_guest(end);
@@ -190,7 +187,7 @@ impl Guest {
         self.shared.end_guest(reason);
     }
 
-    /// Waits for the vCPU threads and returns how the guest ended.
+    /// Waits for the vCPU and device threads and returns how the guest ended.
     pub fn join(mut self) -> GuestEnd {
         for t in self.threads.drain(..) {
             if t.join().is_err() {
@@ -215,14 +212,21 @@ impl Guest {
         self.shared.devices.doorbell.reported_mismatches()
     }
 
-    /// What page sharing uses to stop this guest's writers during a merge.
+    /// What page sharing uses to stop this guest's writers when it cannot
+    /// write-protect pages.
     pub fn freezer(&self) -> Arc<dyn dedup::Freezer> {
         self.shared.clone()
     }
 
-    /// KVM's dirty log for page sharing, if this guest keeps one.
+    /// The guest's writes since the last call, for page sharing: KVM's
+    /// dirty log of the vCPUs' writes and the VMM's own device writes.
     pub fn dirty_tracker(&self) -> Option<Arc<dyn dedup::DirtyTracker>> {
-        self.dirty_log.then(|| Arc::new(vm::DirtyLog::new(self.vm.clone(), &self.ram)) as Arc<dyn dedup::DirtyTracker>)
+        self.dirty_log.then(|| {
+            Arc::new(DirtyPages {
+                kvm: vm::DirtyLog::new(self.vm.clone(), &self.ram),
+                memory: self.ram.memory().clone(),
+            }) as Arc<dyn dedup::DirtyTracker>
+        })
     }
 
     pub fn console_tail(&self) -> String {
@@ -235,13 +239,29 @@ impl Guest {
 }
 
 impl Drop for Guest {
-    /// A guest dropped without `join` (an error while starting others)
-    /// still stops its I/O thread before its memory goes.
+    /// A guest dropped without `join` still stops its I/O thread before its
+    /// memory goes.
     fn drop(&mut self) {
         if let Some((thread, stop)) = self.io.take() {
             stop.store(true, Ordering::SeqCst);
             let _ = thread.join();
         }
+    }
+}
+
+/// Every page written since the last look, by a vCPU or by the VMM.
+struct DirtyPages {
+    kvm: vm::DirtyLog,
+    memory: GuestMemoryMmap,
+}
+
+impl dedup::DirtyTracker for DirtyPages {
+    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
+        let mut bits = self.kvm.take_dirty()?;
+        for (word, device) in bits.iter_mut().zip(crate::memory::take_device_writes(&self.memory)) {
+            *word |= device;
+        }
+        Ok(bits)
     }
 }
 
@@ -254,7 +274,7 @@ fn spawn_io_thread(id: usize, disk: Arc<BlockDevice>) -> std::io::Result<(JoinHa
     events.add_subscriber(disk);
     let thread = {
         let stop = stop.clone();
-        std::thread::Builder::new().name(format!("guest{id}-io")).spawn(move || {
+        std::thread::Builder::new().name("io".into()).spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 if let Err(e) = events.run_with_timeout(50) {
                     log::error!("guest {id}: device event loop failed: {e}");

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::bench::{self, BenchConfig};
 use vmm::cli::{Cli, Command};
-use vmm::runner::{self, RunConfig};
+use vmm::config::{RunConfig, SupervisorConfig};
+use vmm::runner;
 
 /// Exit codes: 0 every guest ended cleanly, 1 some guest did not, 2 the
 /// VMM could not start its guests (bad input or host problem) or a bench
@@ -35,11 +36,18 @@ fn main() -> ExitCode {
     log::set_max_level(cli.log_level);
     let _ = log::set_logger(&StderrLogger);
     let result = match cli.command {
-        Command::Run(args) => RunConfig::try_from(args).and_then(|config| runner::run(&config)).map(|r| r.all_clean()),
+        Command::Run(args) => RunConfig::try_from(args)
+            .and_then(|config| runner::run(&config))
+            .map(|r| r.all_clean())
+            .map_err(String::from),
         Command::Serve(args) => {
             let socket = args.api_socket.clone();
-            args.sharing_config().and_then(|s| vmm::api::serve(&socket, &s)).map(|()| true)
+            SupervisorConfig::try_from(args)
+                .and_then(|config| vmm::api::serve(&socket, config))
+                .map(|()| true)
+                .map_err(String::from)
         }
+        Command::Guest => return vmm::process::child::main(),
         Command::Ctl(args) => vmm::ctl::run(args),
         Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
             println!("{}", report.table());

@@ -1,62 +1,32 @@
-//! Guests managed while the VMM runs, for the API: create, start, pause,
-//! resume, stop and delete them, and see what page sharing does with them.
+//! The supervisor's guests: the only place guests are made, started,
+//! paused, stopped, reaped and forgotten, for `vmm run` and the API alike.
 //!
-//! Every guest goes Created -> Running <-> Paused -> Ended. A reaper thread
-//! collects guests whose vCPUs have all left (they ended on their own or
-//! were stopped), releases their pages from sharing and keeps how they
-//! ended. Calls never leave a half-made guest: a failed create stores
-//! nothing.
+//! Every guest runs in a process of its own (process/): a guest that
+//! crashes, is killed or misbehaves ends alone, and is reported with the
+//! reason. Guests go Created -> Running <-> Paused -> Ended. A guest's
+//! pages leave page sharing only once its process has exited, so no frame
+//! it still maps can be freed; its memory goes with it. A failed create
+//! leaves nothing behind.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, Weak};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::boot::MAX_VCPUS;
-use crate::devices::console::Console;
-use crate::disk::{BaseImage, Disk};
-use crate::guest::{Guest, GuestConfig};
+use crate::cgroup::MemoryCgroup;
+use crate::config::{check_memory_fits, DedupMode, GuestConfig, Source, SupervisorConfig};
+use crate::disk::BaseImage;
+use crate::error::{Error, Result};
 use crate::host::HostKind;
-use crate::hypervisor::Hypervisor;
-use crate::memory::{MemoryBackend, MIB, MIN_MEMORY_MIB};
+use crate::memory::{guest_memfd, host_available_memory, MemoryBackend};
 use crate::outcome::GuestEnd;
+use crate::process::handle::{Descriptors, Exit, GuestProcess};
+use crate::process::ipc::{Event, Reply, Request, Setup};
 use crate::sharing::Sharing;
-
-fn default_memory() -> u64 {
-    256
-}
-
-fn default_vcpus() -> u8 {
-    1
-}
-
-/// What a guest is made of (the body of `POST /guests`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuestSpec {
-    pub kernel: PathBuf,
-    #[serde(default)]
-    pub initrd: Option<PathBuf>,
-    #[serde(default)]
-    pub cmdline: Option<String>,
-    #[serde(default = "default_memory")]
-    pub memory_mib: u64,
-    #[serde(default = "default_vcpus")]
-    pub vcpus: u8,
-    /// A raw disk image: shared read-only, with a copy-on-write overlay.
-    #[serde(default)]
-    pub disk: Option<PathBuf>,
-    #[serde(default)]
-    pub disk_readonly: bool,
-    /// Pages merge only within a group.
-    #[serde(default)]
-    pub merge_group: u32,
-    #[serde(default)]
-    pub dedup_opt_out: bool,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,14 +37,23 @@ pub enum GuestState {
     Ended,
 }
 
+/// A guest as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct GuestInfo {
     pub id: usize,
     pub state: GuestState,
-    pub spec: GuestSpec,
+    pub spec: GuestConfig,
     /// How it ended, once it has.
     pub end: Option<String>,
     pub clean: Option<bool>,
+    /// Its process, while it runs.
+    pub pid: Option<u32>,
+    /// Host memory its process uses now (its memory cgroup, or its Pss).
+    pub memory_bytes: Option<u64>,
+    /// Corrupted pages a memtest guest has reported.
+    pub corrupted_pages: u64,
+    /// How page sharing holds off its writers during a merge.
+    pub merge_protection: Option<String>,
     pub sharing: Option<GuestSharing>,
 }
 
@@ -84,82 +63,144 @@ pub struct GuestSharing {
     pub merged_pages: u64,
     pub zero_pages: u64,
     pub cow_breaks: u64,
+    pub mappings: u64,
+    pub map_limit_reached: bool,
 }
 
-impl From<dedup::GuestStats> for GuestSharing {
-    fn from(s: dedup::GuestStats) -> Self {
+impl From<&dedup::GuestStats> for GuestSharing {
+    fn from(s: &dedup::GuestStats) -> Self {
         GuestSharing {
             group: s.group,
             merged_pages: s.merged_pages,
             zero_pages: s.zero_pages,
             cow_breaks: s.cow_breaks,
-        }
-    }
-}
-
-/// Why a call failed; the API turns each kind into its HTTP status.
-#[derive(Debug, PartialEq)]
-pub enum Error {
-    NotFound(String),
-    Conflict(String),
-    BadRequest(String),
-    Internal(String),
-}
-
-impl Error {
-    pub fn message(&self) -> &str {
-        match self {
-            Error::NotFound(m) | Error::Conflict(m) | Error::BadRequest(m) | Error::Internal(m) => m,
+            mappings: s.mappings,
+            map_limit_reached: s.map_limit_reached,
         }
     }
 }
 
 struct Entry {
-    spec: GuestSpec,
+    config: GuestConfig,
     state: GuestState,
-    guest: Option<Guest>,
+    process: Option<Arc<GuestProcess>>,
+    /// Registered with page sharing (until its process has exited).
+    shared: bool,
+    /// The supervisor's handle on its RAM (memfd backend).
+    memory: Option<File>,
+    cgroup: Option<MemoryCgroup>,
+    /// How the guest process said the guest ended.
+    reported_end: Option<GuestEnd>,
     end: Option<GuestEnd>,
-    /// The console's tail when the guest ended.
-    last_console: String,
+    console_tail: String,
+    corrupted_pages: u64,
+    protection: Option<String>,
+    overlay: Option<PathBuf>,
+    /// Set once `create` has finished with it: listed from then on.
+    made: bool,
+}
+
+impl Entry {
+    fn new(config: GuestConfig) -> Entry {
+        Entry {
+            config,
+            state: GuestState::Created,
+            process: None,
+            shared: false,
+            memory: None,
+            cgroup: None,
+            reported_end: None,
+            end: None,
+            console_tail: String::new(),
+            corrupted_pages: 0,
+            protection: None,
+            overlay: None,
+            made: false,
+        }
+    }
+}
+
+struct Guests {
+    next_id: usize,
+    map: BTreeMap<usize, Entry>,
+}
+
+/// A directory the manager made for itself (removed at the end) or was given.
+struct Dir {
+    path: PathBuf,
+    ours: bool,
+}
+
+impl Dir {
+    fn new(given: Option<&PathBuf>, prefix: &str) -> Result<Dir> {
+        match given {
+            Some(path) => {
+                std::fs::create_dir_all(path)
+                    .map_err(|e| Error::bad_input(format!("cannot create directory {}: {e}", path.display())))?;
+                Ok(Dir { path: path.clone(), ours: false })
+            }
+            None => Ok(Dir { path: fresh_temp_dir(prefix)?, ours: true }),
+        }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if self.ours {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 pub struct Manager {
-    hv: Hypervisor,
+    config: SupervisorConfig,
+    host: HostKind,
     sharing: Option<Sharing>,
-    guests: Mutex<(usize, BTreeMap<usize, Entry>)>,
-    finished: Mutex<Sender<usize>>,
-    overlay_dir: PathBuf,
+    guests: Mutex<Guests>,
+    /// Signalled whenever a guest changes state.
+    changed: Condvar,
+    consoles: Dir,
+    overlays: Dir,
+    /// The cgroup the guests' cgroups live in, where the host allows one.
+    cgroups: Option<MemoryCgroup>,
+    this: Weak<Manager>,
 }
 
 impl Manager {
-    /// Opens KVM and starts the reaper; `sharing` is the scanner, if on.
-    pub fn new(sharing: Option<Sharing>) -> Result<Arc<Manager>, String> {
-        let hv = Hypervisor::open()?;
-        crate::vstate::control::install_kick_handler();
-        let overlay_dir = crate::runner::fresh_temp_dir("vmm-api-overlays")?;
-        let (tx, rx) = mpsc::channel::<usize>();
-        let manager = Arc::new(Manager {
-            hv,
-            sharing,
-            guests: Mutex::new((0, BTreeMap::new())),
-            finished: Mutex::new(tx),
-            overlay_dir,
-        });
-        let weak: Weak<Manager> = Arc::downgrade(&manager);
-        std::thread::Builder::new()
-            .name("vmm-reaper".into())
-            .spawn(move || loop {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(id) => match weak.upgrade() {
-                        Some(m) => m.reap(id),
-                        None => return,
-                    },
-                    Err(mpsc::RecvTimeoutError::Timeout) if weak.strong_count() > 0 => {}
-                    Err(_) => return,
+    /// Checks KVM is there and starts page sharing, if on.
+    pub fn new(config: SupervisorConfig) -> Result<Arc<Manager>> {
+        // Fail here, with KVM's own words, rather than in each guest.
+        let hv = crate::hypervisor::Hypervisor::open().map_err(Error::host)?;
+        let sharing = match config.sharing.mode {
+            DedupMode::Inprocess => Some(Sharing::start(&config.sharing)?),
+            DedupMode::Ksm => {
+                if std::fs::read_to_string("/sys/kernel/mm/ksm/run").is_ok_and(|s| s.trim() == "0") {
+                    eprintln!("vmm: guest RAM is MADV_MERGEABLE, but kernel KSM is off (/sys/kernel/mm/ksm/run is 0)");
                 }
-            })
-            .map_err(|e| format!("cannot start the reaper thread: {e}"))?;
-        Ok(manager)
+                None
+            }
+            DedupMode::Off => None,
+        };
+        let consoles = Dir::new(config.console_dir.as_ref(), "vmm-consoles")?;
+        let overlays = Dir::new(config.overlay_dir.as_ref(), "vmm-overlays")?;
+        let cgroups = match MemoryCgroup::create(&format!("vmm-{}", std::process::id()), None) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                log::info!("no memory cgroup per guest ({e}); guest memory is measured by Pss");
+                None
+            }
+        };
+        Ok(Arc::new_cyclic(|this| Manager {
+            config,
+            host: hv.host,
+            sharing,
+            guests: Mutex::new(Guests { next_id: 0, map: BTreeMap::new() }),
+            changed: Condvar::new(),
+            consoles,
+            overlays,
+            cgroups,
+            this: this.clone(),
+        }))
     }
 
     pub fn sharing(&self) -> Option<&Sharing> {
@@ -167,205 +208,455 @@ impl Manager {
     }
 
     pub fn host(&self) -> HostKind {
-        self.hv.host
+        self.host
     }
 
-    fn reap(&self, id: usize) {
-        let mut guests = self.guests.lock().unwrap();
-        let Some(entry) = guests.1.get_mut(&id) else { return };
-        let Some(guest) = entry.guest.take() else { return };
-        if let Some(s) = &self.sharing {
+    pub fn console_dir(&self) -> &Path {
+        &self.consoles.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Guests> {
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes a guest in a process of its own, ready to start; returns its
+    /// id. `source` names its settings in errors the way the user gave them.
+    pub fn create(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
+        config.validate(source)?;
+        if !self.config.overcommit {
+            let available =
+                host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
+            check_memory_fits(1, config.memory_mib, available, false)?;
+        }
+        if let Some(disk) = &config.disk {
+            BaseImage::open(disk).map_err(|e| Error::bad_input(e.to_string()))?;
+        }
+        // The entry exists (hidden) before the process does, so its events
+        // and its end always find it.
+        let id = {
+            let mut g = self.lock();
+            let id = g.next_id;
+            g.next_id += 1;
+            config.merge_group.get_or_insert(self.config.sharing.groups.default_for(id));
+            g.map.insert(id, Entry::new(config.clone()));
+            id
+        };
+        let made = self.make(id, config).map_err(|e| e.context(format!("guest {id}")));
+        if made.is_err() {
+            self.lock().map.remove(&id);
+        }
+        made.map(|()| id)
+    }
+
+    fn make(&self, id: usize, config: GuestConfig) -> Result<()> {
+        let group = config.merge_group.unwrap_or(0);
+        let shared = self.sharing.as_ref().filter(|_| !config.dedup_opt_out);
+        let overlay = (config.disk.is_some() && !config.disk_readonly)
+            .then(|| self.overlays.path.join(format!("guest-{id}.overlay")));
+        let setup = Setup {
+            id,
+            guest: config.clone(),
+            backend: self.config.backend,
+            disk_overlay: overlay.clone(),
+            sharing: shared.map(|_| self.config.sharing.protect),
+            ksm: self.config.sharing.mode == DedupMode::Ksm,
+        };
+        let memory = match self.config.backend {
+            MemoryBackend::Memfd => Some(
+                guest_memfd(&format!("guest{id}"), config.memory_bytes())
+                    .map_err(|e| Error::host(format!("cannot make its memory: {e}")))?,
+            ),
+            MemoryBackend::Anon => None,
+        };
+        let store = shared.map(|s| s.store_file(group)).transpose()?;
+        let console = self.console_file(id)?;
+        let cgroup = self.cgroups.as_ref().and_then(|parent| {
+            MemoryCgroup::create(&format!("guest-{id}"), Some(parent))
+                .map_err(|e| log::warn!("guest {id}: no memory cgroup of its own: {e}"))
+                .ok()
+        });
+        let (on_event, on_gone) = (self.this.clone(), self.this.clone());
+        let (process, created) = GuestProcess::spawn(
+            &setup,
+            Descriptors { memory: memory.as_ref(), store, console },
+            cgroup.as_ref(),
+            move |event| {
+                if let Some(m) = on_event.upgrade() {
+                    m.on_event(id, event);
+                }
+            },
+            move |exit| {
+                if let Some(m) = on_gone.upgrade() {
+                    m.on_gone(id, exit);
+                }
+            },
+        )?;
+        let registered = match (shared, &memory) {
+            (Some(s), Some(memfd)) => match s.add_guest(id, memfd, created.regions, group, process.clone()) {
+                Ok(()) => true,
+                Err(e) => {
+                    process.kill_for(e.message.clone());
+                    return Err(e);
+                }
+            },
+            _ => false,
+        };
+        let mut g = self.lock();
+        let entry = g.map.get_mut(&id).expect("a guest being made stays listed");
+        if entry.state == GuestState::Ended {
+            // Its process is gone already.
+            let why = entry.end.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            drop(g);
+            if let (true, Some(s)) = (registered, shared) {
+                s.remove_guest(id);
+            }
+            return Err(Error::host(format!("its process ended while it was set up: {why}")));
+        }
+        entry.process = Some(process);
+        entry.shared = registered;
+        entry.memory = memory;
+        entry.cgroup = cgroup;
+        entry.protection = created.protection;
+        entry.overlay = overlay;
+        entry.made = true;
+        drop(g);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Where guest `id`'s console goes: our stdout for the one guest of a
+    /// run, else its log file.
+    fn console_file(&self, id: usize) -> Result<File> {
+        if self.config.console_to_terminal {
+            // SAFETY: dup of our own stdout; the new descriptor is ours.
+            let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
+            if fd >= 0 {
+                // SAFETY: as above.
+                return Ok(unsafe { File::from_raw_fd(fd) });
+            }
+        }
+        let path = console_path(&self.consoles.path, id);
+        File::create(&path).map_err(|e| Error::host(format!("cannot create {}: {e}", path.display())))
+    }
+
+    fn on_event(&self, id: usize, event: Event) {
+        let mut g = self.lock();
+        let Some(entry) = g.map.get_mut(&id) else { return };
+        match event {
+            Event::Mismatches(n) => entry.corrupted_pages = n,
+            Event::Ended { end, console } => {
+                entry.reported_end = Some(end);
+                entry.console_tail = console;
+            }
+        }
+    }
+
+    /// The guest's process has exited: its pages leave page sharing (its
+    /// mappings are gone now), and the guest is ended with its reason.
+    fn on_gone(&self, id: usize, exit: Exit) {
+        let shared = self.lock().map.get_mut(&id).is_some_and(|e| std::mem::take(&mut e.shared));
+        if let (true, Some(s)) = (shared, &self.sharing) {
             s.remove_guest(id);
         }
-        entry.last_console = guest.console_tail();
-        entry.end = Some(guest.join());
-        entry.state = GuestState::Ended;
-    }
-
-    /// Makes a guest, ready to start; returns its id.
-    pub fn create(&self, spec: GuestSpec) -> Result<usize, Error> {
-        check_spec(&spec)?;
-        let mut guests = self.guests.lock().unwrap();
-        let id = guests.0;
-        let disk = match &spec.disk {
-            None => None,
-            Some(path) => {
-                let base = BaseImage::open(path).map_err(|e| Error::BadRequest(e.to_string()))?;
-                Some(if spec.disk_readonly {
-                    Disk::read_only(base)
-                } else {
-                    Disk::with_overlay(base, &self.overlay_dir.join(format!("guest-{id}.overlay")))
-                        .map_err(|e| Error::Internal(e.to_string()))?
-                })
+        let mut g = self.lock();
+        let Some(entry) = g.map.get_mut(&id) else { return };
+        let oom = entry.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0);
+        let killed_for = entry.process.as_ref().and_then(|p| p.killed_for());
+        let end = match (entry.reported_end.take(), killed_for) {
+            (Some(end), _) => end,
+            (None, Some(why)) => GuestEnd::ProcessEnded(why),
+            (None, None) => GuestEnd::ProcessEnded(exit.reason(oom)),
+        };
+        // A memtest guest that had reported corrupted pages failed, however
+        // its process ended.
+        let end = match end {
+            GuestEnd::ProcessEnded(why) if entry.corrupted_pages > 0 => {
+                GuestEnd::ProcessEnded(format!("{why}, after reporting {} corrupted pages", entry.corrupted_pages))
             }
+            end => end,
         };
-        let config = GuestConfig {
-            kernel: spec.kernel.clone(),
-            initrd: spec.initrd.clone(),
-            cmdline: spec.cmdline.clone(),
-            memory_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            backend: MemoryBackend::Memfd,
-            dirty_log: self.sharing.is_some(),
-        };
-        let console = Console::with_sink(Box::new(std::io::sink()));
-        let guest = Guest::create(&self.hv, id, &config, console, disk).map_err(Error::BadRequest)?;
-        if let (Some(s), false) = (&self.sharing, spec.dedup_opt_out) {
-            s.add_guest(&guest, spec.merge_group).map_err(Error::Internal)?;
-        }
-        guests.0 += 1;
-        let entry =
-            Entry { spec, state: GuestState::Created, guest: Some(guest), end: None, last_console: String::new() };
-        guests.1.insert(id, entry);
-        Ok(id)
+        entry.end = Some(end);
+        entry.state = GuestState::Ended;
+        entry.process = None;
+        entry.memory = None;
+        entry.cgroup = None;
+        drop(g);
+        self.changed.notify_all();
     }
 
     pub fn list(&self) -> Vec<GuestInfo> {
-        let ids: Vec<usize> = self.guests.lock().unwrap().1.keys().copied().collect();
+        let ids: Vec<usize> = self.lock().map.iter().filter(|(_, e)| e.made).map(|(&id, _)| id).collect();
         ids.into_iter().filter_map(|id| self.get(id).ok()).collect()
     }
 
-    pub fn get(&self, id: usize) -> Result<GuestInfo, Error> {
-        let guests = self.guests.lock().unwrap();
-        let entry = guests.1.get(&id).ok_or_else(|| not_found(id))?;
+    pub fn get(&self, id: usize) -> Result<GuestInfo> {
+        let stats = self.sharing.as_ref().and_then(|s| s.guest_stats(id));
+        let g = self.lock();
+        let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+        let process = entry.process.as_ref();
         Ok(GuestInfo {
             id,
             state: entry.state,
-            spec: entry.spec.clone(),
+            spec: entry.config.clone(),
             end: entry.end.as_ref().map(|e| e.to_string()),
             clean: entry.end.as_ref().map(GuestEnd::is_clean),
-            sharing: self.sharing.as_ref().and_then(|s| s.guest_stats(id)).map(GuestSharing::from),
+            pid: process.map(|p| p.pid),
+            memory_bytes: process.and_then(|p| {
+                entry.cgroup.as_ref().and_then(MemoryCgroup::usage).or_else(|| crate::proc::pss_bytes(p.pid))
+            }),
+            corrupted_pages: entry.corrupted_pages,
+            merge_protection: entry.protection.clone(),
+            sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
         })
     }
 
-    /// Runs `f` on guest `id` if it is in one of `from`, then sets `to`.
+    /// The guest's process, if `id` is in one of `from`; sets `to` after
+    /// `f` succeeds on it.
     fn transition(
         &self,
         id: usize,
         verb: &str,
         from: &[GuestState],
         to: GuestState,
-        f: impl FnOnce(&mut Guest) -> Result<(), Error>,
-    ) -> Result<GuestInfo, Error> {
-        {
-            let mut guests = self.guests.lock().unwrap();
-            let entry = guests.1.get_mut(&id).ok_or_else(|| not_found(id))?;
+        f: impl FnOnce(&GuestProcess) -> Result<()>,
+    ) -> Result<GuestInfo> {
+        let process = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
             if !from.contains(&entry.state) {
-                return Err(Error::Conflict(
+                return Err(Error::conflict(
                     format!("cannot {verb} guest {id}: it is {:?}", entry.state).to_lowercase(),
                 ));
             }
-            let guest = entry.guest.as_mut().ok_or_else(|| Error::Conflict(format!("guest {id} has ended")))?;
-            f(guest)?;
-            entry.state = to;
+            entry.process.clone().ok_or_else(|| Error::conflict(format!("guest {id} has ended")))?
+        };
+        // The lock is not held while the guest's process answers.
+        f(&process)?;
+        {
+            let mut g = self.lock();
+            if let Some(entry) = g.map.get_mut(&id).filter(|e| e.state != GuestState::Ended) {
+                entry.state = to;
+            }
         }
+        self.changed.notify_all();
         self.get(id)
     }
 
-    pub fn start(&self, id: usize) -> Result<GuestInfo, Error> {
-        let finished = self.finished.lock().unwrap().clone();
-        self.transition(id, "start", &[GuestState::Created], GuestState::Running, |g| {
-            g.start(finished).map_err(|e| Error::Internal(format!("cannot start guest {id}: {e}")))
-        })
-    }
-
-    pub fn pause(&self, id: usize) -> Result<GuestInfo, Error> {
-        self.transition(id, "pause", &[GuestState::Running], GuestState::Paused, |g| {
-            g.pause();
-            Ok(())
-        })
-    }
-
-    pub fn resume(&self, id: usize) -> Result<GuestInfo, Error> {
-        self.transition(id, "resume", &[GuestState::Paused], GuestState::Running, |g| {
-            g.resume();
-            Ok(())
-        })
-    }
-
-    /// Stops a running or paused guest and waits (up to 10 s) until it has
-    /// ended.
-    pub fn stop(&self, id: usize) -> Result<GuestInfo, Error> {
-        let running = [GuestState::Running, GuestState::Paused];
-        self.transition(id, "stop", &running, GuestState::Running, |g| {
-            g.stop(GuestEnd::Stopped);
-            Ok(())
-        })?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let info = self.get(id)?;
-            if info.state == GuestState::Ended {
-                return Ok(info);
+    fn ask(process: &GuestProcess, request: Request) -> Result<()> {
+        process.request(&request, &[]).map(drop).inspect_err(|e| {
+            if e.kind == crate::error::Kind::Host {
+                // Its channel is broken: it cannot be controlled any more.
+                process.kill_for(e.message.clone());
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Err(Error::Internal(format!("guest {id} did not stop within 10 s")))
+        })
     }
 
-    /// Stops the guest if it runs, then forgets it and frees its memory.
-    pub fn delete(&self, id: usize) -> Result<(), Error> {
-        let state = self.get(id)?.state;
-        if matches!(state, GuestState::Running | GuestState::Paused) {
-            self.stop(id)?;
-        }
-        let entry = self.guests.lock().unwrap().1.remove(&id).ok_or_else(|| not_found(id))?;
-        if entry.guest.is_some() {
-            // Never started: still registered with sharing.
-            if let Some(s) = &self.sharing {
-                s.remove_guest(id);
+    pub fn start(&self, id: usize) -> Result<GuestInfo> {
+        self.transition(id, "start", &[GuestState::Created], GuestState::Running, |p| Self::ask(p, Request::Start))
+    }
+
+    pub fn pause(&self, id: usize) -> Result<GuestInfo> {
+        self.transition(id, "pause", &[GuestState::Running], GuestState::Paused, |p| Self::ask(p, Request::Pause))
+    }
+
+    pub fn resume(&self, id: usize) -> Result<GuestInfo> {
+        self.transition(id, "resume", &[GuestState::Paused], GuestState::Running, |p| Self::ask(p, Request::Resume))
+    }
+
+    /// Asks a guest to end for `reason`; does not wait.
+    fn send_stop(&self, id: usize, reason: GuestEnd) -> Result<()> {
+        let process = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            match &entry.process {
+                Some(p) => p.clone(),
+                None => return Ok(()),
             }
+        };
+        if Self::ask(&process, Request::Stop(reason)).is_err() {
+            process.kill_for("it did not answer a stop request".into());
         }
-        let _ = std::fs::remove_file(self.overlay_dir.join(format!("guest-{id}.overlay")));
         Ok(())
     }
 
-    pub fn console(&self, id: usize) -> Result<String, Error> {
-        let guests = self.guests.lock().unwrap();
-        let entry = guests.1.get(&id).ok_or_else(|| not_found(id))?;
-        Ok(entry.guest.as_ref().map_or_else(|| entry.last_console.clone(), Guest::console_tail))
+    /// Waits until guest `id` has ended, up to `limit`; false if it has not.
+    fn wait_ended(&self, id: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = self.lock();
+        loop {
+            match g.map.get(&id) {
+                None => return true,
+                Some(e) if e.state == GuestState::Ended => return true,
+                Some(_) => {}
+            }
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else { return false };
+            g = self.changed.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
-    pub fn merge_now(&self, id: usize) -> Result<GuestInfo, Error> {
-        let info = self.get(id)?;
-        let sharing = self.sharing.as_ref().ok_or_else(|| Error::Conflict("page sharing is off".into()))?;
-        if info.state == GuestState::Ended {
-            return Err(Error::Conflict(format!("guest {id} has ended")));
-        }
-        if info.spec.dedup_opt_out {
-            return Err(Error::Conflict(format!("guest {id} opted out of page sharing")));
-        }
-        sharing.merge_now(id).map_err(|e| Error::Internal(format!("merge failed: {e}")))?;
+    /// Stops a guest and waits until it has ended; one that does not end
+    /// within 10 s is killed.
+    pub fn stop(&self, id: usize) -> Result<GuestInfo> {
+        self.stop_with(id, GuestEnd::Stopped)?;
         self.get(id)
     }
 
-    /// Stops every guest and waits for them: for shutdown.
-    pub fn stop_all(&self) {
-        let ids: Vec<usize> = self.guests.lock().unwrap().1.keys().copied().collect();
-        for id in ids {
-            let _ = self.delete(id);
+    fn stop_with(&self, id: usize, reason: GuestEnd) -> Result<()> {
+        {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            if entry.state == GuestState::Ended {
+                return Err(Error::conflict(format!("cannot stop guest {id}: it has ended")));
+            }
         }
-        let _ = std::fs::remove_dir_all(&self.overlay_dir);
+        self.send_stop(id, reason)?;
+        self.finish_stopping(id);
+        Ok(())
+    }
+
+    fn finish_stopping(&self, id: usize) {
+        if self.wait_ended(id, Duration::from_secs(10)) {
+            return;
+        }
+        if let Some(p) = self.lock().map.get(&id).and_then(|e| e.process.clone()) {
+            p.kill_for("it did not stop within 10 s".into());
+        }
+        self.wait_ended(id, Duration::from_secs(10));
+    }
+
+    /// Stops the guest if it runs, then forgets it.
+    pub fn delete(&self, id: usize) -> Result<()> {
+        let ended = self.get(id)?.state == GuestState::Ended;
+        if !ended {
+            self.stop_with(id, GuestEnd::Stopped)?;
+        }
+        let entry = self.lock().map.remove(&id).ok_or_else(|| not_found(id))?;
+        if let (Some(overlay), true) = (&entry.overlay, self.overlays.ours) {
+            let _ = std::fs::remove_file(overlay);
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// The guest's console: live while it runs, as it ended after.
+    pub fn console(&self, id: usize) -> Result<String> {
+        let (process, tail) = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            (entry.process.clone(), entry.console_tail.clone())
+        };
+        let Some(process) = process else { return Ok(tail) };
+        match process.request(&Request::Console, &[])? {
+            (Reply::Console(text), _) => Ok(text),
+            (other, _) => Err(Error::host(format!("guest {id} answered {other:?} for its console"))),
+        }
+    }
+
+    pub fn merge_now(&self, id: usize) -> Result<GuestInfo> {
+        let sharing = self.sharing.as_ref().ok_or_else(|| Error::conflict("page sharing is off"))?;
+        let shared = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            if entry.state == GuestState::Ended {
+                return Err(Error::conflict(format!("guest {id} has ended")));
+            }
+            if entry.config.dedup_opt_out {
+                return Err(Error::conflict(format!("guest {id} opted out of page sharing")));
+            }
+            entry.shared
+        };
+        if !shared {
+            return Err(Error::conflict(format!("guest {id} does not share pages")));
+        }
+        sharing.merge_now(id)?;
+        self.get(id)
+    }
+
+    /// Waits until something about the guests changes, or `limit` passes.
+    pub fn wait_for_change(&self, limit: Duration) {
+        let g = self.lock();
+        let _ = self.changed.wait_timeout(g, limit);
+    }
+
+    /// Ends every guest still running, all at once, for `reason`, and
+    /// waits for them.
+    pub fn stop_all(&self, reason: GuestEnd) {
+        let ids: Vec<usize> =
+            self.lock().map.iter().filter(|(_, e)| e.made && e.state != GuestState::Ended).map(|(&id, _)| id).collect();
+        for &id in &ids {
+            let _ = self.send_stop(id, reason.clone());
+        }
+        for id in ids {
+            self.finish_stopping(id);
+        }
+    }
+
+    /// How each guest ended so far, by id (`None`: not yet).
+    pub fn ends(&self) -> BTreeMap<usize, Option<GuestEnd>> {
+        self.lock().map.iter().filter(|(_, e)| e.made).map(|(&id, e)| (id, e.end.clone())).collect()
+    }
+
+    /// Guests not yet ended.
+    pub fn live(&self) -> usize {
+        self.lock().map.values().filter(|e| e.made && e.state != GuestState::Ended).count()
+    }
+
+    /// Corrupted pages over every guest, and guests that failed or
+    /// reported any (for the stats file).
+    pub fn failures(&self) -> (u64, usize) {
+        let g = self.lock();
+        let corrupted = g.map.values().map(|e| e.corrupted_pages).sum();
+        let failed = g.map.values().filter(|e| e.corrupted_pages > 0 || e.end.as_ref().is_some_and(|e| !e.is_clean()));
+        (corrupted, failed.count())
+    }
+}
+
+impl Drop for Manager {
+    /// No guest outlives the supervisor's manager (they would die with the
+    /// process anyway; this ends them before their directories go).
+    fn drop(&mut self) {
+        for entry in self.guests.get_mut().unwrap_or_else(|e| e.into_inner()).map.values() {
+            if let Some(p) = &entry.process {
+                p.kill();
+            }
+        }
     }
 }
 
 fn not_found(id: usize) -> Error {
-    Error::NotFound(format!("no guest {id}"))
+    Error::not_found(format!("no guest {id}"))
 }
 
-fn check_spec(spec: &GuestSpec) -> Result<(), Error> {
-    let bad = |m: String| Err(Error::BadRequest(m));
-    if spec.memory_mib < MIN_MEMORY_MIB || spec.memory_mib > 1 << 20 {
-        return bad(format!("memory_mib must be between {MIN_MEMORY_MIB} and {} (got {})", 1 << 20, spec.memory_mib));
+pub fn console_path(dir: &Path, id: usize) -> PathBuf {
+    dir.join(format!("guest-{id}.log"))
+}
+
+/// A new directory in the temp dir, named `prefix` and a random suffix.
+pub fn fresh_temp_dir(prefix: &str) -> Result<PathBuf> {
+    let template = std::env::temp_dir().join(format!("{prefix}-XXXXXX"));
+    let mut bytes = template.into_os_string().into_encoded_bytes();
+    bytes.push(0);
+    // SAFETY: `bytes` is a writable NUL-terminated template, as mkdtemp needs.
+    let ptr = unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) };
+    if ptr.is_null() {
+        return Err(Error::host(format!("cannot create a {prefix} directory: {}", std::io::Error::last_os_error())));
     }
-    if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-        return bad(format!("vcpus must be between 1 and {MAX_VCPUS} (got {})", spec.vcpus));
+    bytes.pop();
+    // SAFETY: mkdtemp only replaced the X's with ASCII characters.
+    Ok(PathBuf::from(unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_dirs_are_fresh() {
+        let a = fresh_temp_dir("vmm-test").unwrap();
+        let b = fresh_temp_dir("vmm-test").unwrap();
+        assert_ne!(a, b);
+        assert!(a.is_dir() && b.is_dir());
+        std::fs::remove_dir(a).unwrap();
+        std::fs::remove_dir(b).unwrap();
     }
-    if spec.disk.is_none() && spec.disk_readonly {
-        return bad("disk_readonly needs a disk".into());
-    }
-    let available = crate::memory::host_available_memory().map_err(|e| Error::Internal(e.to_string()))?;
-    if spec.memory_mib * MIB > available {
-        return bad(format!("{} MiB is more than the {} MiB the host has available", spec.memory_mib, available / MIB));
-    }
-    Ok(())
 }

@@ -1,9 +1,14 @@
 //! Guest RAM: the host memory that backs it and where it sits in the guest.
 //!
-//! Each guest's RAM is one memfd mapped `MAP_SHARED` (the default), so that
-//! page sharing can later replace single pages inside the mapping and punch
-//! the old frames out of the file. The anonymous `MAP_PRIVATE` backend exists
-//! so kernel KSM (`MADV_MERGEABLE`) can be compared against it.
+//! Each guest's RAM is one memfd (the default), made by the supervisor,
+//! which keeps it to read the guest's pages, and mapped `MAP_SHARED` by the
+//! guest's process, where page sharing replaces pages inside the mapping and
+//! punches the old frames out of the file. The anonymous `MAP_PRIVATE`
+//! backend exists so kernel KSM (`MADV_MERGEABLE`) can be compared against it.
+//!
+//! The mapping keeps a dirty bitmap of what the VMM itself writes (device
+//! emulation, through vm-memory): KVM's dirty log sees only the vCPUs'
+//! writes, and page sharing needs both.
 //!
 //! Guest-physical layout (x86): RAM from 0 up to the 32-bit MMIO hole at
 //! 3 GiB, the rest from 4 GiB up. The hole holds the IOAPIC, the LAPIC and the
@@ -13,8 +18,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest memory as the VMM maps it: vm-memory regions with a dirty bitmap.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 pub const MIB: u64 = 1 << 20;
 pub const PAGE_SIZE: u64 = 4096;
@@ -25,7 +35,8 @@ pub const MMIO_HOLE_END: u64 = 1 << 32;
 pub const MIN_MEMORY_MIB: u64 = 8;
 
 /// How guest RAM is backed on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MemoryBackend {
     /// A memfd mapped `MAP_SHARED`: pages can be remapped and punched out.
     Memfd,
@@ -50,17 +61,23 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Maps `size` bytes (a multiple of the page size) of fresh, zeroed RAM.
-    pub fn new(name: &str, size: u64, backend: MemoryBackend) -> io::Result<Self> {
-        assert!(size > 0 && size.is_multiple_of(PAGE_SIZE), "guest RAM size {size} must be whole pages");
-        let memfd = match backend {
-            MemoryBackend::Memfd => Some(create_memfd(name, size)?),
-            MemoryBackend::Anon => None,
-        };
+    /// Maps `size` bytes (a multiple of the page size) of guest RAM: the
+    /// memfd `memfd` (at least `size` long) or, without one, fresh
+    /// anonymous memory.
+    pub fn new(size: u64, memfd: Option<File>) -> io::Result<Self> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::other(format!("guest RAM size {size} must be whole pages")));
+        }
+        if let Some(file) = &memfd {
+            if file.metadata()?.len() < size {
+                return Err(io::Error::other("the guest memory file is smaller than the guest's RAM"));
+            }
+        }
         let mut regions = Vec::new();
         let mut file_offset = 0;
         for (base, len) in ram_ranges(size) {
-            let builder = MmapRegionBuilder::new(len as usize).with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            let builder = MmapRegionBuilder::new_with_bitmap(len as usize, AtomicBitmap::with_len(len as usize))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
             let builder = match &memfd {
                 Some(file) => builder
                     .with_file_offset(FileOffset::new(file.try_clone()?, file_offset))
@@ -85,39 +102,27 @@ impl GuestRam {
     pub fn memfd(&self) -> Option<&File> {
         self.memfd.as_ref()
     }
-}
 
-impl GuestRam {
-    /// This RAM as the page-sharing engine sees it (memfd backend only).
-    pub fn sharing_view(
-        &self,
-        group: u32,
-        freezer: std::sync::Arc<dyn dedup::Freezer>,
-        dirty: Option<std::sync::Arc<dyn dedup::DirtyTracker>>,
-    ) -> Result<dedup::GuestMemory, String> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let memfd = self.memfd.as_ref().ok_or("in-process page sharing needs memfd-backed guest RAM")?;
-        let regions = self
-            .memory
+    /// The RAM as page sharing sees it: each region's address in this
+    /// process, length and offset in the memfd.
+    pub fn regions(&self) -> Vec<dedup::Region> {
+        self.memory
             .iter()
             .map(|r| dedup::Region {
-                host: r.as_ptr(),
+                host: r.as_ptr() as u64,
                 len: r.len() as usize,
                 file_offset: r.file_offset().map_or(0, |f| f.start()),
             })
-            .collect();
-        Ok(dedup::GuestMemory {
-            memfd: memfd.try_clone().map_err(|e| format!("cannot share guest memory: {e}"))?,
-            regions,
-            group,
-            freezer,
-            dirty,
-        })
+            .collect()
+    }
+
+    /// Pages the VMM itself wrote since the last call (see [`take_device_writes`]).
+    pub fn take_device_writes(&self) -> Vec<u64> {
+        take_device_writes(&self.memory)
     }
 
     /// Lets kernel KSM merge this RAM (anonymous backend).
     pub fn mark_mergeable(&self) -> io::Result<()> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         for r in self.memory.iter() {
             // SAFETY: madvise on a mapping we own; MADV_MERGEABLE changes no contents.
             if unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_MERGEABLE) } != 0 {
@@ -128,7 +133,21 @@ impl GuestRam {
     }
 }
 
-fn create_memfd(name: &str, size: u64) -> io::Result<File> {
+/// Pages the VMM itself wrote in `memory` since the last call (one bitmap
+/// over all regions in order, a bit per page), and forgets them.
+pub fn take_device_writes(memory: &GuestMemoryMmap) -> Vec<u64> {
+    memory.iter().flat_map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset()).collect()
+}
+
+/// A fresh memfd of `size` bytes for a guest's RAM (not yet allocated:
+/// pages come as the guest writes them).
+pub fn guest_memfd(name: &str, size: u64) -> io::Result<File> {
+    let file = create_memfd(name)?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
+fn create_memfd(name: &str) -> io::Result<File> {
     let cname = std::ffi::CString::new(format!("vmm-{name}")).map_err(io::Error::other)?;
     // SAFETY: `cname` is a valid NUL-terminated string; the flags are plain constants.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
@@ -136,9 +155,7 @@ fn create_memfd(name: &str, size: u64) -> io::Result<File> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)?;
-    Ok(file)
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Reads `MemAvailable` from /proc/meminfo, in bytes.
@@ -155,7 +172,7 @@ pub fn host_available_memory() -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::Bytes;
 
     #[test]
     fn small_guest_is_one_range_below_the_hole() {
@@ -174,7 +191,7 @@ mod tests {
     #[test]
     fn memfd_ram_is_shared_with_its_file() {
         use std::os::unix::fs::FileExt;
-        let ram = GuestRam::new("test", 16 * MIB, MemoryBackend::Memfd).unwrap();
+        let ram = GuestRam::new(16 * MIB, Some(guest_memfd("test", 16 * MIB).unwrap())).unwrap();
         ram.memory().write_obj(0xabcd_u32, GuestAddress(0x3000)).unwrap();
         let mut buf = [0u8; 4];
         ram.memfd().unwrap().read_exact_at(&mut buf, 0x3000).unwrap();
@@ -184,8 +201,25 @@ mod tests {
 
     #[test]
     fn anon_ram_has_no_file() {
-        let ram = GuestRam::new("test", 8 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(8 * MIB, None).unwrap();
         assert!(ram.memfd().is_none());
         assert_eq!(ram.memory().read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0);
+    }
+
+    /// What the VMM writes shows in the bitmap page sharing reads, once.
+    #[test]
+    fn device_writes_are_recorded() {
+        let ram = GuestRam::new(16 * MIB, Some(guest_memfd("test", 16 * MIB).unwrap())).unwrap();
+        ram.take_device_writes();
+        ram.memory().write_slice(&[1u8; 5000], GuestAddress(0x3ff0)).unwrap();
+        let bits = ram.take_device_writes();
+        let written: Vec<usize> = (0..bits.len() * 64).filter(|&p| bits[p / 64] & (1 << (p % 64)) != 0).collect();
+        assert_eq!(written, vec![3, 4, 5]);
+        assert!(ram.take_device_writes().iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn a_short_memory_file_is_refused() {
+        assert!(GuestRam::new(16 * MIB, Some(guest_memfd("test", 8 * MIB).unwrap())).is_err());
     }
 }

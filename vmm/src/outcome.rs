@@ -3,8 +3,10 @@
 use std::fmt;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 /// What memtest measured, from the doorbell's point of view.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemtestReport {
     pub rounds: u64,
     /// From the start of the vCPUs until every vCPU had filled its pages.
@@ -12,7 +14,7 @@ pub struct MemtestReport {
     pub verify_time_per_round: Option<Duration>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GuestEnd {
     /// memtest verified every page in every round.
     MemtestPassed(MemtestReport),
@@ -34,6 +36,9 @@ pub enum GuestEnd {
     TimedOut(Duration),
     /// The VMM failed while running this guest.
     VmmError(String),
+    /// The guest's process ended without reporting an end (a panic, a
+    /// signal, the OOM killer), or was ended by the supervisor.
+    ProcessEnded(String),
 }
 
 impl GuestEnd {
@@ -75,6 +80,7 @@ impl fmt::Display for GuestEnd {
             GuestEnd::Stopped => write!(f, "stopped"),
             GuestEnd::TimedOut(d) => write!(f, "timed out after {} s", d.as_secs()),
             GuestEnd::VmmError(e) => write!(f, "VMM error: {e}"),
+            GuestEnd::ProcessEnded(why) => write!(f, "failed: {why}"),
         }
     }
 }

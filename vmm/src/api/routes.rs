@@ -10,10 +10,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::manager::{Error, GuestSharing, GuestSpec, GuestState, Manager};
-use crate::snapshot::SharingSnapshot;
+use crate::config::{DedupUpdate, GuestConfig, Source};
+use crate::error::{Error, Kind};
+use crate::manager::{GuestInfo, GuestSharing, GuestState, Manager};
+use crate::stats_file::SharingStats;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -67,13 +69,13 @@ impl IntoResponse for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let status = match e {
-            Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match e.kind {
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::BadInput => StatusCode::BAD_REQUEST,
+            Kind::Host => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.message().to_string())
+        ApiError(status, e.message)
     }
 }
 
@@ -104,8 +106,8 @@ async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
 }
 
 async fn create(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
-    let spec: GuestSpec = json_body(body).await?;
-    let info = blocking(move || m.create(spec).and_then(|id| m.get(id))).await?;
+    let config: GuestConfig = json_body(body).await?;
+    let info = blocking(move || m.create(config, Source::Api).and_then(|id| m.get(id))).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -122,7 +124,7 @@ async fn delete(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<
 
 async fn action(State(m): State<Arc<Manager>>, Path((id, action)): Path<(String, String)>) -> Reply<impl IntoResponse> {
     let id = guest_id(&id)?;
-    let call: fn(&Manager, usize) -> Result<crate::manager::GuestInfo, Error> = match action.as_str() {
+    let call: fn(&Manager, usize) -> Result<GuestInfo, Error> = match action.as_str() {
         "start" => Manager::start,
         "pause" => Manager::pause,
         "resume" => Manager::resume,
@@ -149,128 +151,45 @@ struct GroupStats {
 #[derive(Serialize)]
 struct StatsReply {
     enabled: bool,
-    global: Option<SharingSnapshot>,
+    global: Option<SharingStats>,
     guests: BTreeMap<usize, GuestSharing>,
     groups: BTreeMap<u32, GroupStats>,
 }
 
+/// From what the scanner last published: never waits for a scan step.
 fn stats_of(m: &Manager) -> StatsReply {
-    let mut guests = BTreeMap::new();
+    let Some(sharing) = m.sharing() else {
+        return StatsReply { enabled: false, global: None, guests: BTreeMap::new(), groups: BTreeMap::new() };
+    };
+    let published = sharing.published();
     let mut groups: BTreeMap<u32, GroupStats> = BTreeMap::new();
-    for info in m.list() {
-        if let Some(s) = info.sharing {
-            let g = groups.entry(s.group).or_default();
-            g.guests += 1;
-            g.merged_pages += s.merged_pages;
-            g.zero_pages += s.zero_pages;
-            g.cow_breaks += s.cow_breaks;
-            guests.insert(info.id, s);
-        }
+    let mut guests = BTreeMap::new();
+    for (&id, s) in &published.guests {
+        let g = groups.entry(s.group).or_default();
+        g.guests += 1;
+        g.merged_pages += s.merged_pages;
+        g.zero_pages += s.zero_pages;
+        g.cow_breaks += s.cow_breaks;
+        guests.insert(id as usize, GuestSharing::from(s));
     }
-    let sharing = m.sharing();
-    StatsReply {
-        enabled: sharing.is_some_and(|s| s.is_enabled()),
-        global: sharing.map(|s| SharingSnapshot::new(&s.stats(), s.scanner_cpu())),
-        guests,
-        groups,
-    }
+    StatsReply { enabled: sharing.settings().enabled, global: Some(SharingStats::new(&published)), guests, groups }
 }
 
 async fn stats(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || Ok(Json(stats_of(&m)))).await
 }
 
-/// Page-sharing settings as the API shows them.
-#[derive(Serialize)]
-struct DedupConfig {
-    enabled: bool,
-    scan_pages: usize,
-    scan_sleep_ms: u64,
-    scan_target_secs: Option<f64>,
-    scan_cpu_cap_pct: f64,
-    max_page_sharing: u32,
-    zero_pages: bool,
-    merge_batch: usize,
-}
-
-/// What `PATCH /dedup/config` may change; absent fields stay as they are.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DedupConfigPatch {
-    enabled: Option<bool>,
-    scan_pages: Option<usize>,
-    scan_sleep_ms: Option<u64>,
-    /// 0 turns the advisor off.
-    scan_target_secs: Option<f64>,
-    scan_cpu_cap_pct: Option<f64>,
-    max_page_sharing: Option<u32>,
-    zero_pages: Option<bool>,
-    merge_batch: Option<usize>,
-}
-
-fn config_of(m: &Manager) -> Result<DedupConfig, Error> {
-    let s = m.sharing().ok_or_else(|| Error::Conflict("page sharing is off (started with --dedup off)".into()))?;
-    let (engine, pace) = (s.engine_config(), s.pace());
-    Ok(DedupConfig {
-        enabled: s.is_enabled(),
-        scan_pages: engine.pages_to_scan,
-        scan_sleep_ms: pace.sleep.as_millis() as u64,
-        scan_target_secs: pace.target_pass.map(|d| d.as_secs_f64()),
-        scan_cpu_cap_pct: pace.cpu_cap * 100.0,
-        max_page_sharing: engine.max_page_sharing,
-        zero_pages: engine.zero_pages,
-        merge_batch: engine.batch,
-    })
-}
-
-fn apply_patch(m: &Manager, p: DedupConfigPatch) -> Result<DedupConfig, Error> {
-    let s = m.sharing().ok_or_else(|| Error::Conflict("page sharing is off (started with --dedup off)".into()))?;
-    let bad = |m: &str| Err(Error::BadRequest(m.into()));
-    if p.scan_pages == Some(0) {
-        return bad("scan_pages must be at least 1");
-    }
-    if p.merge_batch == Some(0) {
-        return bad("merge_batch must be at least 1");
-    }
-    if p.max_page_sharing.is_some_and(|n| n < 2) {
-        return bad("max_page_sharing must be at least 2");
-    }
-    if p.scan_target_secs.is_some_and(|t| !(t >= 0.0 && t.is_finite())) {
-        return bad("scan_target_secs must be a number of seconds >= 0 (0: advisor off)");
-    }
-    if p.scan_cpu_cap_pct.is_some_and(|c| !(c > 0.0 && c <= 100.0)) {
-        return bad("scan_cpu_cap_pct must be in (0, 100]");
-    }
-    let mut engine = s.engine_config();
-    engine.pages_to_scan = p.scan_pages.unwrap_or(engine.pages_to_scan);
-    engine.max_page_sharing = p.max_page_sharing.unwrap_or(engine.max_page_sharing);
-    engine.zero_pages = p.zero_pages.unwrap_or(engine.zero_pages);
-    engine.batch = p.merge_batch.unwrap_or(engine.batch);
-    s.set_engine_config(engine);
-    let mut pace = s.pace();
-    if let Some(ms) = p.scan_sleep_ms {
-        pace.sleep = std::time::Duration::from_millis(ms);
-    }
-    if let Some(t) = p.scan_target_secs {
-        pace.target_pass = (t > 0.0).then(|| std::time::Duration::from_secs_f64(t));
-    }
-    if let Some(c) = p.scan_cpu_cap_pct {
-        pace.cpu_cap = c / 100.0;
-    }
-    s.set_pace(pace);
-    if let Some(on) = p.enabled {
-        s.set_enabled(on);
-    }
-    config_of(m)
+fn sharing_of(m: &Manager) -> Result<&crate::sharing::Sharing, Error> {
+    m.sharing().ok_or_else(|| Error::conflict("page sharing is off (started with --dedup off or ksm)"))
 }
 
 async fn get_config(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
-    blocking(move || config_of(&m).map(Json)).await
+    blocking(move || sharing_of(&m).map(|s| Json(s.settings()))).await
 }
 
 async fn patch_config(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
-    let patch: DedupConfigPatch = json_body(body).await?;
-    blocking(move || apply_patch(&m, patch).map(Json)).await
+    let update: DedupUpdate = json_body(body).await?;
+    blocking(move || sharing_of(&m)?.update(&update).map(Json)).await
 }
 
 async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
@@ -291,6 +210,7 @@ async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
             "memory_available_mib": mib("MemAvailable:"),
             "guests": m.list().len(),
             "dedup": if m.sharing().is_some() { "inprocess" } else { "off" },
+            "supervisor_pid": std::process::id(),
         })))
     })
     .await
@@ -330,8 +250,18 @@ fn prometheus_text(m: &Manager) -> String {
             ("vmm_dedup_full_scans_total", "counter", "Full scanner passes.", g.full_scans as f64),
             ("vmm_dedup_cow_breaks_total", "counter", "Merged pages written since.", g.cow_breaks as f64),
             ("vmm_dedup_scanner_cpu_seconds_total", "counter", "Scanner thread CPU time.", g.scanner_cpu_s),
+            ("vmm_dedup_stalls_total", "counter", "Times page sharing held a guest thread.", g.stalls as f64),
+            ("vmm_dedup_stall_p99_seconds", "gauge", "p99 of those holds.", g.stall_p99_us as f64 / 1e6),
+            ("vmm_dedup_stall_max_seconds", "gauge", "Longest of those holds.", g.stall_max_us as f64 / 1e6),
+            ("vmm_dedup_errors_total", "counter", "Failures page sharing counted and survived.", g.errors as f64),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+    }
+    out += "# HELP vmm_guest_memory_bytes Host memory a guest's process uses.\n# TYPE vmm_guest_memory_bytes gauge\n";
+    for g in &guests {
+        if let Some(bytes) = g.memory_bytes {
+            let _ = writeln!(out, "vmm_guest_memory_bytes{{guest=\"{}\"}} {bytes}", g.id);
         }
     }
     out += "# HELP vmm_guest_merged_pages Pages of a guest on shared frames.\n# TYPE vmm_guest_merged_pages gauge\n";

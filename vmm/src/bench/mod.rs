@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::memory::{host_available_memory, MIB};
-use crate::snapshot::RunSnapshot;
+use crate::stats_file::RunStats;
 use ksm::Ksm;
 use meter::Meter;
 use report::{BenchReport, ModeResult, Sample};
@@ -98,7 +98,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, String> {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             dir.clone()
         }
-        None => crate::runner::fresh_temp_dir("vmm-bench")?,
+        None => crate::manager::fresh_temp_dir("vmm-bench")?,
     };
     let outcome = run_modes(config, &work_dir);
     match &outcome {
@@ -212,7 +212,7 @@ fn run_mode(
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
     let mut progress = Progress::new(mode, config.duration);
-    let mut last_snapshot = RunSnapshot::default();
+    let mut last_snapshot = RunStats::default();
     let mut pss_at_end = None;
     let exited_early = loop {
         // Sample on a fixed grid, whatever the sampling itself costs.
@@ -225,7 +225,7 @@ fn run_mode(
             stop_child(&mut child);
             return Err("interrupted; KSM settings restored".into());
         }
-        if let Ok(snap) = RunSnapshot::read_from(&stats_file) {
+        if let Ok(snap) = RunStats::read_from(&stats_file) {
             last_snapshot = snap;
         }
         let cpu = match mode {
@@ -261,7 +261,7 @@ fn run_mode(
         Some(status) => status,
         None => stop_child(&mut child),
     };
-    if let Ok(snap) = RunSnapshot::read_from(&stats_file) {
+    if let Ok(snap) = RunStats::read_from(&stats_file) {
         last_snapshot = snap;
     }
     let log = dir.join("vmm.log");

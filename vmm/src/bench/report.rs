@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::{BenchConfig, Mode, STEADY};
-use crate::snapshot::RunSnapshot;
+use crate::stats_file::RunStats;
 
 /// One measurement, every 0.5 s.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -52,7 +52,7 @@ impl ModeResult {
         config: &BenchConfig,
         samples: Vec<Sample>,
         pss_at_end_mib: Option<f64>,
-        last: &RunSnapshot,
+        last: &RunStats,
         ksm_pages_to_scan: Option<u64>,
         ended_early: bool,
     ) -> ModeResult {
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn figures_from_samples() {
-        let r = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &RunSnapshot::default(), None, false);
+        let r = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &RunStats::default(), None, false);
         assert_eq!(r.saved_mib, 100.0);
         assert_eq!(r.time_to_95_s, Some(3.0)); // 95 at 2.9 s: the first sample at or above is 3.0
         assert_eq!(r.steady_memory_mib, 200.0);
@@ -255,7 +255,7 @@ mod tests {
         let growing: Vec<Sample> = (0..=20)
             .map(|i| Sample { t: i as f64 * 0.5, memory_mib: 300.0, saved_mib: i as f64 * 5.0, cpu_s: 1.0 })
             .collect();
-        let snap = RunSnapshot::default();
+        let snap = RunStats::default();
         let ksm = ModeResult::new(Mode::KsmDefault, &config(), growing, None, &snap, Some(100), false);
         assert!(!ksm.settled);
         let ours = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &snap, None, false);

@@ -3,7 +3,9 @@
 //! 64-bit boot protocol.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::layout::*;
 
@@ -117,7 +119,7 @@ pub fn boot_regs(entry: GuestAddress, vcpu_index: u8) -> kvm_regs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{GuestRam, MemoryBackend, MIB};
+    use crate::memory::{GuestRam, MIB};
 
     #[test]
     fn code_segment_is_64_bit() {
@@ -137,7 +139,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_4g() {
-        let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(16 * MIB, None).unwrap();
         let mem = ram.memory();
         write_tables(mem).unwrap();
         assert_eq!(mem.read_obj::<u64>(GuestAddress(PML4_START)).unwrap(), PDPT_START | 3);

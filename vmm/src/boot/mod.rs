@@ -23,9 +23,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::memory::ram_ranges;
+use crate::memory::{ram_ranges, GuestMemoryMmap};
 use layout::*;
 
 /// What the vCPU setup needs to know once the guest is loaded.
@@ -216,7 +216,7 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{GuestRam, MemoryBackend, MIB, MMIO_HOLE_END, MMIO_HOLE_START};
+    use crate::memory::{GuestRam, MIB, MMIO_HOLE_END, MMIO_HOLE_START};
     use vm_memory::Bytes;
 
     fn entries(ram: u64) -> Vec<(u64, u64, u32)> {
@@ -250,7 +250,7 @@ mod tests {
 
     #[test]
     fn rejects_a_file_that_is_not_a_kernel() {
-        let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(16 * MIB, None).unwrap();
         let path = temp_file("junk", b"#!/bin/sh\necho this is no kernel\n");
         let src = source(&path, None, None);
         let err = load(ram.memory(), 16 * MIB, 1, &src).unwrap_err();
@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn missing_kernel_names_the_path() {
-        let ram = GuestRam::new("t", 16 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(16 * MIB, None).unwrap();
         let src = source(Path::new("/nonexistent/vmlinux"), None, None);
         let err = load(ram.memory(), 16 * MIB, 1, &src).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn loads_an_elf_and_fills_the_zero_page() {
-        let ram = GuestRam::new("t", 32 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(32 * MIB, None).unwrap();
         let kernel = temp_file("elf", &tiny_elf());
         let initrd = temp_file("initrd", &[7u8; 5000]);
         let src = source(&kernel, Some(&initrd), Some("console=ttyS0 quiet"));
@@ -324,7 +324,7 @@ mod tests {
 
     #[test]
     fn initrd_larger_than_memory_is_refused() {
-        let ram = GuestRam::new("t", 8 * MIB, MemoryBackend::Anon).unwrap();
+        let ram = GuestRam::new(8 * MIB, None).unwrap();
         let kernel = temp_file("elf2", &tiny_elf());
         let initrd = temp_file("big-initrd", &vec![1u8; 9 << 20]);
         let src = source(&kernel, Some(&initrd), None);

@@ -2,7 +2,9 @@
 //! its IOAPIC and how ISA interrupts are wired. Placed in the last KiB of
 //! base memory, where Linux looks for it.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::layout::{APIC_DEFAULT_BASE, EBDA_START, IOAPIC_DEFAULT_BASE};
 

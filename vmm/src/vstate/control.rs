@@ -8,6 +8,7 @@
 //! ever lost. `pause` returns only once every live vCPU is parked, which is
 //! what a memory merge needs to be sure no vCPU is writing guest memory.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, Once};
 use std::time::Duration;
 
@@ -25,6 +26,16 @@ pub fn install_kick_handler() {
         extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         register_signal_handler(kick_signal(), on_kick).expect("cannot install the vCPU kick handler");
     });
+}
+
+/// Clears a vCPU's `immediate_exit` after a kick, from its own thread: an
+/// atomic store, since other threads set the same byte.
+///
+/// # Safety
+/// `immediate_exit` must point into the vCPU's mapped `kvm_run` page.
+pub unsafe fn clear_immediate_exit(immediate_exit: *mut u8) {
+    // SAFETY: per the contract; u8 and AtomicU8 have the same layout.
+    unsafe { AtomicU8::from_ptr(immediate_exit) }.store(0, Ordering::SeqCst);
 }
 
 /// One vCPU thread's kick target, registered while it runs.
@@ -138,23 +149,32 @@ impl VcpuGate {
         Self::kick_all(&s);
     }
 
-    /// Parks every live vCPU outside `KVM_RUN`; returns once they all are.
+    /// Parks every live vCPU outside `KVM_RUN`; returns once they all are
+    /// (or have left, when the guest is stopping), with how many are parked.
     /// Pauses nest: each needs its own [`VcpuGate::resume`].
-    pub fn pause(&self) {
+    pub fn pause(&self) -> usize {
         let mut s = self.state.lock().unwrap();
         s.pause_depth += 1;
         self.changed.notify_all(); // wakes idle vCPUs
-        while s.parked < s.live && !s.stop {
+                                   // A stopping vCPU leaves instead of parking; either way it is out of
+                                   // KVM_RUN once counted here.
+        while s.parked < s.live {
             Self::kick_all(&s);
             // Re-kick now and then: a vCPU may have been between its
             // checkpoint and KVM_RUN when immediate_exit was cleared.
             s = self.changed.wait_timeout(s, Duration::from_millis(5)).unwrap().0;
         }
+        s.parked
     }
 
+    /// Undoes one `pause` (a resume with no pause to undo does nothing).
     pub fn resume(&self) {
         let mut s = self.state.lock().unwrap();
-        s.pause_depth = s.pause_depth.checked_sub(1).expect("resume without pause");
+        if s.pause_depth == 0 {
+            log::warn!("resume without a pause; ignored");
+            return;
+        }
+        s.pause_depth -= 1;
         self.changed.notify_all();
     }
 
@@ -165,8 +185,9 @@ impl VcpuGate {
     fn kick_all(s: &GateState) {
         for target in s.targets.iter().flatten() {
             // SAFETY: the target is registered, so its kvm_run page is mapped;
-            // a volatile byte store is what KVM reads on the next KVM_RUN.
-            unsafe { std::ptr::write_volatile(target.immediate_exit, 1) };
+            // the vCPU thread clears the byte atomically too (see
+            // `clear_immediate_exit`), and KVM reads it on the next KVM_RUN.
+            unsafe { AtomicU8::from_ptr(target.immediate_exit) }.store(1, Ordering::SeqCst);
             // The thread may be exiting; a failed kill is harmless.
             let _ = PthreadKill(target.thread).kill(kick_signal());
         }

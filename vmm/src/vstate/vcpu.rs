@@ -14,22 +14,28 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const CPUID_HYPERVISOR_BIT: u32 = 1 << 31;
+/// CPUID.1:ECX.VMX and CPUID.80000001h:ECX.SVM.
+const CPUID_VMX_BIT: u32 = 1 << 5;
+const CPUID_SVM_BIT: u32 = 1 << 2;
 
 /// Sets up vCPU `index`: CPUID with its APIC ID, FPU, the LAPIC's legacy
 /// interrupt lines, and, for the vCPUs that start at the entry point, long
 /// mode and the boot registers. Other vCPUs wait for INIT/SIPI (Linux APs).
-pub fn configure(fd: &VcpuFd, index: u8, supported_cpuid: &CpuId, boot: &BootInfo) -> Result<(), kvm_ioctls::Error> {
-    let mut cpuid = supported_cpuid.clone();
-    for entry in cpuid.as_mut_slice() {
-        match entry.function {
-            1 => {
-                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
-                entry.ecx |= CPUID_HYPERVISOR_BIT;
-            }
-            0xb | 0x1f => entry.edx = u32::from(index),
-            _ => {}
-        }
-    }
+///
+/// With `hide_virtualization` the guest is not offered VMX or SVM: nested
+/// virtualization makes KVM map guest pages (the virtual-APIC page, the
+/// posted-interrupt descriptor) with `kvm_vcpu_map` and keep them across
+/// `KVM_RUN`, outside the MMU notifier that page sharing relies on
+/// (docs/dedup.md). (On KVM-on-PVM hosts CPUID cannot be masked, but there
+/// is no nested virtualization to offer either.)
+pub fn configure(
+    fd: &VcpuFd,
+    index: u8,
+    supported_cpuid: &CpuId,
+    boot: &BootInfo,
+    hide_virtualization: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    let cpuid = guest_cpuid(supported_cpuid, index, hide_virtualization);
     fd.set_cpuid2(&cpuid)?;
     fd.set_fpu(&kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() })?;
 
@@ -48,6 +54,27 @@ pub fn configure(fd: &VcpuFd, index: u8, supported_cpuid: &CpuId, boot: &BootInf
         }
     }
     Ok(())
+}
+
+/// The CPUID vCPU `index` sees: KVM's, with its APIC ID, the hypervisor
+/// bit, and VMX/SVM hidden if asked.
+fn guest_cpuid(supported: &CpuId, index: u8, hide_virtualization: bool) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+                entry.ecx |= CPUID_HYPERVISOR_BIT;
+                if hide_virtualization {
+                    entry.ecx &= !CPUID_VMX_BIT;
+                }
+            }
+            0x8000_0001 if hide_virtualization => entry.ecx &= !CPUID_SVM_BIT,
+            0xb | 0x1f => entry.edx = u32::from(index),
+            _ => {}
+        }
+    }
+    cpuid
 }
 
 /// Sets the delivery mode (bits 8-10) of a LAPIC local vector table entry.
@@ -69,7 +96,7 @@ pub fn run(mut fd: VcpuFd, index: u8, gate: &VcpuGate, devices: &Devices) -> (Op
         if !gate.checkpoint() {
             break None;
         }
-        match handle_exit(&mut fd, index, devices) {
+        match handle_exit(&mut fd, index, devices, immediate_exit) {
             Action::Continue => {}
             Action::Idle(time) => gate.idle(time),
             Action::VcpuFinished => break None,
@@ -79,7 +106,7 @@ pub fn run(mut fd: VcpuFd, index: u8, gate: &VcpuGate, devices: &Devices) -> (Op
     (end, gate.leave(index as usize))
 }
 
-fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices) -> Action {
+fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *mut u8) -> Action {
     match fd.run() {
         Ok(exit) => match exit {
             VcpuExit::IoIn(port, data) => {
@@ -102,7 +129,8 @@ fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices) -> Action {
         },
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
             // Kicked: clear the flag and go back to the gate.
-            fd.set_kvm_immediate_exit(0);
+            // SAFETY: it points into this vCPU's kvm_run page, mapped while `fd` lives.
+            unsafe { super::control::clear_immediate_exit(immediate_exit) };
             Action::Continue
         }
         Err(e) => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: KVM_RUN failed: {e}"))),
@@ -120,6 +148,22 @@ fn internal_error(fd: &mut VcpuFd) -> GuestEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtualization_is_hidden_when_asked() {
+        let mut supported = CpuId::new(2).unwrap();
+        supported.as_mut_slice()[0] =
+            kvm_bindings::kvm_cpuid_entry2 { function: 1, ecx: CPUID_VMX_BIT, ..Default::default() };
+        supported.as_mut_slice()[1] =
+            kvm_bindings::kvm_cpuid_entry2 { function: 0x8000_0001, ecx: CPUID_SVM_BIT | 1, ..Default::default() };
+        let hidden = guest_cpuid(&supported, 3, true);
+        assert_eq!(hidden.as_slice()[0].ecx & CPUID_VMX_BIT, 0);
+        assert_eq!(hidden.as_slice()[0].ebx >> 24, 3);
+        assert_eq!(hidden.as_slice()[1].ecx, 1, "SVM hidden, the rest kept");
+        let shown = guest_cpuid(&supported, 0, false);
+        assert_ne!(shown.as_slice()[0].ecx & CPUID_VMX_BIT, 0);
+        assert_ne!(shown.as_slice()[1].ecx & CPUID_SVM_BIT, 0);
+    }
 
     #[test]
     fn lvt_mode_keeps_other_bits() {

@@ -81,8 +81,10 @@ impl DirtyLog {
     }
 }
 
-impl dedup::DirtyTracker for DirtyLog {
-    fn take_dirty(&self) -> io::Result<Vec<u64>> {
+impl DirtyLog {
+    /// Pages the vCPUs wrote since the last call (one bitmap over every
+    /// slot in order), and clears them.
+    pub fn take_dirty(&self) -> io::Result<Vec<u64>> {
         let mut all = Vec::new();
         for &(slot, bytes) in &self.slots {
             let mut bits = self.vm.get_dirty_log(slot, bytes).map_err(io::Error::other)?;

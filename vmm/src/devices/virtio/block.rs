@@ -2,9 +2,12 @@
 //! [`Disk`]. A malformed request fails with an error status (or, without
 //! even a status byte, is returned unused); it never fails the VMM.
 //!
-//! Writes into guest memory (read data, status, id) go through the
-//! virtio-queue `Writer` on the guest's memory: the one path a merge freeze
-//! must hold off (docs/dedup.md), taken only inside `process_queue`.
+//! A request is served in two steps: first everything that only reads
+//! guest memory and does disk I/O, into a bounce buffer; then, inside the
+//! guest's I/O gate, the writes into guest memory (read data, status, id,
+//! the used ring) through the virtio-queue `Writer`. Those writes are what
+//! a merge freeze must hold off (docs/dedup.md), and the gate is held for
+//! them alone.
 
 use std::io::{Read, Write};
 
@@ -13,6 +16,7 @@ use vm_memory::GuestMemory;
 
 use super::VIRTIO_F_VERSION_1;
 use crate::disk::{Disk, SECTOR_SIZE};
+use crate::vstate::control::IoGate;
 
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -58,36 +62,42 @@ impl Block {
 
     /// Serves every request the driver has made available; returns whether
     /// any was completed (the caller then asks the queue whether to notify).
-    pub fn process_queue<M: GuestMemory>(&mut self, mem: &M, queue: &mut Queue) -> Result<bool, virtio_queue::Error> {
+    /// Disk I/O happens outside `gate`; only the writes into guest memory
+    /// (data, status, the used ring) happen inside it, so a merge freeze
+    /// waits for one copy at most, never for a disk.
+    pub fn process_queue<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        gate: &IoGate,
+    ) -> Result<bool, virtio_queue::Error> {
         let mut completed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let written = self.execute(mem, chain);
+            let reply = self.execute(mem, chain.clone());
+            let _inside = gate.enter();
+            let written = reply.deliver(mem, chain);
             queue.add_used(mem, head, written)?;
             completed = true;
         }
         Ok(completed)
     }
 
-    /// One request; returns the bytes written into the guest's buffers.
-    fn execute<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
-        let (reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+    /// One request, up to what must be written back to the guest.
+    fn execute<M: GuestMemory>(&mut self, mem: &M, chain: DescriptorChain<&M>) -> Reply {
+        let (mut reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
                 log::warn!("virtio-blk: unusable descriptor chain: {e}");
-                return 0;
+                return Reply::Unusable;
             }
         };
-        let mut data = writer;
-        let Some(status_at) = data.available_bytes().checked_sub(1) else {
+        let Some(room) = writer.available_bytes().checked_sub(1) else {
             log::warn!("virtio-blk: request without room for a status byte");
-            return 0;
+            return Reply::Unusable;
         };
-        let Ok(mut status) = data.split_at(status_at) else {
-            return 0;
-        };
-        let mut reader = reader;
-        let code = match self.request(&mut reader, &mut data) {
+        let mut data = Vec::new();
+        let status = match self.request(&mut reader, room, &mut data) {
             Ok(()) => VIRTIO_BLK_S_OK,
             Err(Failure::Unsupported(t)) => {
                 log::debug!("virtio-blk: unsupported request type {t}");
@@ -95,19 +105,20 @@ impl Block {
             }
             Err(Failure::Bad(why)) => {
                 log::warn!("virtio-blk: request failed: {why}");
+                data.clear();
                 VIRTIO_BLK_S_IOERR
             }
         };
-        if status.write_all(&[code]).is_err() {
-            return data.bytes_written() as u32;
-        }
-        (data.bytes_written() + 1) as u32
+        Reply::Status { data, status }
     }
 
+    /// Serves a request whose device-writable part has `room` bytes before
+    /// the status byte, putting what goes to the guest in `data`.
     fn request<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         reader: &mut Reader<'_, B>,
-        data: &mut Writer<'_, B>,
+        room: usize,
+        data: &mut Vec<u8>,
     ) -> Result<(), Failure> {
         let mut header = [0u8; 16];
         reader.read_exact(&mut header).map_err(|_| Failure::Bad("request header shorter than 16 bytes".into()))?;
@@ -118,9 +129,8 @@ impl Block {
         let io = |what: &str, e: std::io::Error| Failure::Bad(format!("{what} at sector {sector}: {e}"));
         match kind {
             VIRTIO_BLK_T_IN => {
-                let mut buf = vec![0u8; checked_len(data.available_bytes())?];
-                self.disk.read_at(&mut buf, offset()?).map_err(|e| io("read", e))?;
-                data.write_all(&buf).map_err(|e| io("copy to guest", e))
+                data.resize(checked_len(room)?, 0);
+                self.disk.read_at(data, offset()?).map_err(|e| io("read", e))
             }
             VIRTIO_BLK_T_OUT => {
                 let mut buf = vec![0u8; checked_len(reader.available_bytes())?];
@@ -130,11 +140,38 @@ impl Block {
             VIRTIO_BLK_T_FLUSH => self.disk.flush().map_err(|e| io("flush", e)),
             VIRTIO_BLK_T_GET_ID => {
                 let id = self.disk.id();
-                let n = id.len().min(data.available_bytes());
-                data.write_all(&id[..n]).map_err(|e| io("copy id to guest", e))
+                data.extend_from_slice(&id[..id.len().min(room)]);
+                Ok(())
             }
             other => Err(Failure::Unsupported(other)),
         }
+    }
+}
+
+/// What a request puts back into guest memory.
+enum Reply {
+    /// The chain is unusable (no room for a status, outside memory): it is
+    /// returned with nothing written.
+    Unusable,
+    /// Data for the device-writable buffers, then the status byte.
+    Status { data: Vec<u8>, status: u8 },
+}
+
+impl Reply {
+    /// Writes the reply into the chain's device-writable buffers; returns
+    /// the bytes written.
+    fn deliver<M: GuestMemory>(self, mem: &M, chain: DescriptorChain<&M>) -> u32 {
+        let Reply::Status { data, status } = self else { return 0 };
+        let Ok(mut writer) = Writer::new(mem, chain) else { return 0 };
+        let Some(room) = writer.available_bytes().checked_sub(1) else { return 0 };
+        let Ok(mut status_part) = writer.split_at(room) else { return 0 };
+        if let Err(e) = writer.write_all(&data) {
+            log::warn!("virtio-blk: copy to guest: {e}");
+        }
+        if status_part.write_all(&[status]).is_err() {
+            return writer.bytes_written() as u32;
+        }
+        (writer.bytes_written() + 1) as u32
     }
 }
 
@@ -153,12 +190,13 @@ fn checked_len(len: usize) -> Result<usize, Failure> {
 mod tests {
     use super::*;
     use crate::disk::BaseImage;
+    use crate::memory::GuestMemoryMmap;
     use std::path::PathBuf;
     use std::sync::Arc;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     const WRITE: u16 = 2; // VRING_DESC_F_WRITE
     const HEADER: u64 = 0x10_0000;
@@ -212,7 +250,7 @@ mod tests {
         let vq = MockSplitQueue::new(mem, 16);
         vq.build_desc_chain(descs).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        assert!(block.process_queue(mem, &mut queue).unwrap());
+        assert!(block.process_queue(mem, &mut queue, &IoGate::default()).unwrap());
         assert_eq!(vq.used().idx().load(), 1, "the request was not returned");
         let used = vq.used().ring().ref_at(0).unwrap().load();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())

@@ -6,9 +6,9 @@ pub mod mmio;
 
 use std::sync::{Arc, Mutex};
 
+use crate::memory::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, EventSubscriber, Events};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::Disk;
@@ -32,10 +32,11 @@ pub const BLOCK_QUEUE_NOTIFY: u64 = BLOCK_MMIO_BASE + 0x50;
 /// queue notification (an ioeventfd) and the interrupt (an irqfd).
 ///
 /// Queue kicks reach the guest's I/O thread through the ioeventfd, without
-/// an exit to user space; that thread serves the requests inside the
-/// guest's [`IoGate`], which a merge freeze closes, so no device write to
-/// guest memory overlaps a merge (docs/dedup.md). Without an ioeventfd the
-/// kick exits to the vCPU thread, which serves it the same way.
+/// an exit to user space; that thread serves the requests, writing guest
+/// memory only inside the guest's [`IoGate`], which a merge freeze closes,
+/// so no device write to guest memory overlaps a merge (docs/dedup.md).
+/// Without an ioeventfd the kick exits to the vCPU thread, which serves it
+/// the same way.
 pub struct BlockDevice {
     state: Mutex<(MmioTransport, Block)>,
     irq: EventFd,
@@ -77,12 +78,11 @@ impl BlockDevice {
     }
 
     fn serve(&self, transport: &mut MmioTransport, block: &mut Block) {
-        let _inside = self.io_gate.enter();
         if !transport.is_live() || !transport.queue_mut().is_valid(&self.mem) {
             log::warn!("virtio-blk: queue kicked before the driver set it up; ignored");
             return;
         }
-        match block.process_queue(&self.mem, transport.queue_mut()) {
+        match block.process_queue(&self.mem, transport.queue_mut(), &self.io_gate) {
             Ok(false) => {}
             Ok(true) => {
                 if transport.queue_mut().needs_notification(&self.mem).unwrap_or(true) {

@@ -1,5 +1,6 @@
 //! A running `vmm run`'s state as JSON, rewritten twice a second with
-//! `--stats-file`: what `vmm bench` (another process) samples.
+//! `--stats-file`: what `vmm bench` (another process) samples. The API's
+//! `GET /dedup/stats` shows the same sharing figures.
 
 use std::io;
 use std::path::Path;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunSnapshot {
+pub struct RunStats {
     /// Seconds since the guests started.
     pub elapsed_s: f64,
     pub guests: usize,
@@ -20,13 +21,13 @@ pub struct RunSnapshot {
     /// Corrupted pages memtest guests reported, over all guests.
     pub corrupted_pages: u64,
     /// In-process page sharing; `None` when it is not on.
-    pub sharing: Option<SharingSnapshot>,
+    pub sharing: Option<SharingStats>,
     /// Set in the last snapshot, written after every guest ended.
     pub finished: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SharingSnapshot {
+pub struct SharingStats {
     pub pages_shared: u64,
     pub pages_sharing: u64,
     pub zero_pages: u64,
@@ -35,30 +36,49 @@ pub struct SharingSnapshot {
     pub full_scans: u64,
     pub cow_breaks: u64,
     pub scanner_cpu_s: f64,
-    pub freeze_p50_us: u64,
-    pub freeze_p99_us: u64,
-    /// Merging stopped short of vm.max_map_count.
+    /// Intervals page sharing held a guest's vCPU or device thread: how
+    /// many, and p50, p99 and the longest, in microseconds.
+    pub stalls: u64,
+    pub stall_p50_us: u64,
+    pub stall_p99_us: u64,
+    pub stall_max_us: u64,
+    /// Merge calls made under write-protection and under a freeze.
+    pub merges_write_protected: u64,
+    pub merges_frozen: u64,
+    pub mappings: u64,
+    /// Some guest's merging stopped short of vm.max_map_count.
     pub map_limit_reached: bool,
+    /// Failures page sharing counted (and went on after).
+    pub errors: u64,
+    pub general_profit: i64,
 }
 
-impl SharingSnapshot {
-    pub fn new(stats: &dedup::Stats, scanner_cpu: std::time::Duration) -> Self {
-        SharingSnapshot {
+impl SharingStats {
+    pub fn new(published: &dedup::Published) -> Self {
+        let stats = &published.stats;
+        SharingStats {
             pages_shared: stats.pages_shared,
             pages_sharing: stats.pages_sharing,
             zero_pages: stats.zero_pages,
             pages_saved: stats.pages_saved(),
             full_scans: stats.full_scans,
             cow_breaks: stats.cow_breaks,
-            scanner_cpu_s: scanner_cpu.as_secs_f64(),
-            freeze_p50_us: stats.freeze.p50.as_micros() as u64,
-            freeze_p99_us: stats.freeze.p99.as_micros() as u64,
+            scanner_cpu_s: published.cpu.as_secs_f64(),
+            stalls: stats.stall.count,
+            stall_p50_us: stats.stall.p50.as_micros() as u64,
+            stall_p99_us: stats.stall.p99.as_micros() as u64,
+            stall_max_us: stats.stall.max.as_micros() as u64,
+            merges_write_protected: stats.merges_write_protected,
+            merges_frozen: stats.merges_frozen,
+            mappings: stats.mappings_used,
             map_limit_reached: stats.map_limit_reached,
+            errors: stats.errors,
+            general_profit: stats.general_profit,
         }
     }
 }
 
-impl RunSnapshot {
+impl RunStats {
     /// Replaces `path` in one step (write a sibling, then rename), so a
     /// reader never sees half a file.
     pub fn write_to(&self, path: &Path) -> io::Result<()> {
@@ -68,7 +88,7 @@ impl RunSnapshot {
         std::fs::rename(&tmp, path)
     }
 
-    pub fn read_from(path: &Path) -> io::Result<RunSnapshot> {
+    pub fn read_from(path: &Path) -> io::Result<RunStats> {
         serde_json::from_slice(&std::fs::read(path)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
@@ -80,19 +100,19 @@ mod tests {
     #[test]
     fn round_trips_through_a_file() {
         let path = std::env::temp_dir().join(format!("vmm-snapshot-test-{}", std::process::id()));
-        let snap = RunSnapshot {
+        let snap = RunStats {
             elapsed_s: 1.5,
             guests: 2,
             guests_running: 1,
             guests_failed: 1,
             corrupted_pages: 3,
-            sharing: Some(SharingSnapshot { pages_saved: 7, ..Default::default() }),
+            sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             finished: false,
         };
         snap.write_to(&path).unwrap();
-        assert_eq!(RunSnapshot::read_from(&path).unwrap(), snap);
+        assert_eq!(RunStats::read_from(&path).unwrap(), snap);
         std::fs::write(&path, "{").unwrap();
-        assert_eq!(RunSnapshot::read_from(&path).unwrap_err().kind(), io::ErrorKind::InvalidData);
+        assert_eq!(RunStats::read_from(&path).unwrap_err().kind(), io::ErrorKind::InvalidData);
         std::fs::remove_file(path).unwrap();
     }
 }

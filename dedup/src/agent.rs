@@ -1,0 +1,454 @@
+//! The merge step, carried out in the process that maps the guest's memory
+//! (the guest's own process in the VMM), under that process's mmap lock:
+//! protect, compare again, remap, release. See docs/dedup.md for why no
+//! write can be lost.
+//!
+//! Writers are held off one of two ways:
+//! - **write-protection** (userfaultfd): a window of a few hundred pages is
+//!   write-protected; a vCPU or device thread that writes one of them
+//!   waits in the kernel until the window is released, then its write lands
+//!   on whatever is mapped there by then (copy-on-write for a merged page).
+//!   Nothing else about the guest stops.
+//! - the **freeze** fallback, where userfaultfd is unavailable: the guest's
+//!   vCPUs are parked and its device threads held for a bounded time.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::layout::{page_runs, Layout, Region, Target};
+use crate::os::{self, PAGE_SIZE};
+use crate::store::{StableStore, StoreView};
+use crate::uffd::Uffd;
+
+/// Stops and restarts everything that can write one guest's memory: its
+/// vCPUs and its device threads. `freeze` returns only once none can write,
+/// with how many threads it stopped.
+pub trait Freezer: Send + Sync {
+    fn freeze(&self) -> usize;
+    fn thaw(&self);
+}
+
+/// Tells which guest pages were written since the last call: KVM's dirty
+/// log and the VMM's own device writes.
+pub trait DirtyTracker: Send + Sync {
+    /// A bitmap over the guest's pages (bit i of word i / 64) of the pages
+    /// written since the previous call.
+    fn take_dirty(&self) -> io::Result<Vec<u64>>;
+}
+
+/// How a merge holds off the guest's writers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ProtectMode {
+    /// Write-protection where the host allows it, else the freeze.
+    #[default]
+    Auto,
+    WriteProtect,
+    Freeze,
+}
+
+/// The one a guest uses, for reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    WriteProtect,
+    Freeze,
+}
+
+/// What the agent tells the engine once per pass.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentStatus {
+    /// Pages written since the last status; `None` without a dirty log.
+    pub dirty: Option<Vec<u64>>,
+    /// Mappings the guest's process has (an upper bound), and its limit.
+    pub mappings: u64,
+    pub map_limit: u64,
+}
+
+/// What one merge call did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MergeOutcome {
+    /// Per requested merge, whether the page now maps its target.
+    pub merged: Vec<bool>,
+    /// How long each writer held by the merge waited at most (one entry
+    /// per blocked thread: a write that hit a protected page, or a vCPU
+    /// or device thread stopped by a freeze).
+    pub stalls: Vec<Duration>,
+    pub protection: Option<Protection>,
+    /// Merges not made because the process is too close to its
+    /// `vm.max_map_count`.
+    pub map_limited: bool,
+    pub mappings: u64,
+    pub map_limit: u64,
+    /// Calls that failed (each counted; the first is described).
+    pub errors: u32,
+    pub first_error: Option<String>,
+}
+
+impl MergeOutcome {
+    fn error(&mut self, what: &str, e: io::Error) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(format!("{what}: {e}"));
+        }
+    }
+}
+
+/// A guest as seen by the engine: where its merges are made.
+pub trait GuestAgent: Send {
+    fn status(&mut self) -> io::Result<AgentStatus>;
+    /// Makes the merges it can of `merges` (sorted by page); an `Err` means
+    /// nobody knows which happened (the guest is then given up).
+    fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome>;
+}
+
+enum Hold {
+    WriteProtect(Uffd),
+    Freeze(Arc<dyn Freezer>),
+}
+
+/// Pages write-protected together: one protect and one release for a
+/// window of nearby runs, so scattered merges do not cost two ioctls a page.
+const WINDOW_PAGES: usize = 512;
+/// Longest a freeze lasts before the vCPUs run again (the last remap may
+/// overrun it); the rest of a batch waits for the next freeze.
+pub const FREEZE_BUDGET: Duration = Duration::from_millis(20);
+/// Mappings left free below `vm.max_map_count` for everything else the
+/// process maps.
+pub const MAP_COUNT_MARGIN: u64 = 4096;
+
+/// The merge agent of one guest, in the process that maps its RAM.
+pub struct Agent {
+    layout: Layout,
+    memfd: File,
+    store: StoreView,
+    hold: Hold,
+    dirty: Option<Arc<dyn DirtyTracker>>,
+    /// At least as many mappings as the process has (0: not read yet).
+    mappings_bound: u64,
+    /// Stands in for vm.max_map_count (tests).
+    map_limit: Option<u64>,
+    /// Memfd ranges whose freeing failed: tried again at the next call.
+    unfreed: Vec<(u64, u64)>,
+}
+
+// SAFETY: the agent's addresses are the guest's mappings in this process,
+// valid while the agent lives; it is used by one thread at a time.
+unsafe impl Send for Agent {}
+
+impl Agent {
+    /// `regions` are this process's mappings of `memfd`; `store` is a
+    /// read-only descriptor of the guest's group's stable store; `freezer`
+    /// stops the guest when write-protection is not used.
+    pub fn new(
+        regions: Vec<Region>,
+        memfd: File,
+        store: File,
+        mode: ProtectMode,
+        freezer: Arc<dyn Freezer>,
+        dirty: Option<Arc<dyn DirtyTracker>>,
+    ) -> io::Result<Agent> {
+        let layout = Layout::new(regions).map_err(io::Error::other)?;
+        let hold = match mode {
+            ProtectMode::Freeze => Hold::Freeze(freezer),
+            ProtectMode::WriteProtect => Hold::WriteProtect(Self::write_protection(&layout)?),
+            ProtectMode::Auto => match Self::write_protection(&layout) {
+                Ok(uffd) => Hold::WriteProtect(uffd),
+                Err(e) => {
+                    log::info!("page sharing: merges freeze the guest ({e})");
+                    Hold::Freeze(freezer)
+                }
+            },
+        };
+        Ok(Agent {
+            layout,
+            memfd,
+            store: StoreView::new(store)?,
+            hold,
+            dirty,
+            mappings_bound: 0,
+            map_limit: None,
+            unfreed: Vec::new(),
+        })
+    }
+
+    fn write_protection(layout: &Layout) -> io::Result<Uffd> {
+        let uffd = Uffd::open()?;
+        for r in &layout.regions {
+            uffd.register(r.host as *const u8, r.len)?;
+        }
+        Ok(uffd)
+    }
+
+    pub fn protection(&self) -> Protection {
+        match self.hold {
+            Hold::WriteProtect(_) => Protection::WriteProtect,
+            Hold::Freeze(_) => Protection::Freeze,
+        }
+    }
+
+    fn ptr(&self, page: usize) -> *mut u8 {
+        self.layout.host(page) as *mut u8
+    }
+
+    /// The page as it is now; only while its writers are held off.
+    fn held_content(&self, page: usize) -> &[u8] {
+        // SAFETY: mapped while the agent lives; nobody writes it while held.
+        unsafe { std::slice::from_raw_parts(self.ptr(page), PAGE_SIZE) }
+    }
+
+    /// Uses `limit` in place of vm.max_map_count (tests of the limit).
+    pub fn pretend_map_limit(&mut self, limit: u64) {
+        self.map_limit = Some(limit);
+    }
+
+    fn refresh_mappings(&mut self) -> (u64, u64) {
+        let limit = self.map_limit.unwrap_or_else(|| os::max_map_count().unwrap_or(65530) as u64);
+        if self.mappings_bound == 0 || self.mappings_bound + MAP_COUNT_MARGIN > limit {
+            self.mappings_bound = os::mapping_count().map_or(u64::MAX / 4, |n| n as u64);
+        }
+        (self.mappings_bound, limit)
+    }
+
+    /// Makes what merges it can; see the module documentation.
+    pub fn merge(&mut self, merges: &[(u32, Target)]) -> MergeOutcome {
+        let mut out = MergeOutcome { merged: vec![false; merges.len()], ..Default::default() };
+        let sorted = merges.windows(2).all(|w| w[0].0 < w[1].0);
+        if !sorted || merges.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
+            out.error("merge request", io::Error::other("pages out of order or beyond the guest"));
+            return out;
+        }
+        let mut runs = self.layout.mapping_runs(merges);
+        // Each mapping made may split one mapping into three.
+        let (bound, limit) = self.refresh_mappings();
+        let room = limit.saturating_sub(bound + MAP_COUNT_MARGIN) / 2;
+        if (runs.len() as u64) > room {
+            runs.truncate(room as usize);
+            out.map_limited = true;
+        }
+        out.protection = Some(self.protection());
+        match &self.hold {
+            Hold::WriteProtect(_) => self.merge_write_protected(merges, &runs, &mut out),
+            Hold::Freeze(_) => self.merge_frozen(merges, &runs, &mut out),
+        }
+        let merged_pages = merges.iter().zip(&out.merged).filter(|(_, &m)| m).map(|(&(p, _), _)| p as usize);
+        for (start, len) in page_runs(&self.layout, merged_pages) {
+            // Nothing maps these memfd pages now (private copies were freed
+            // with their mapping; their offsets are holes already).
+            self.unfreed.push((self.layout.file_offset(start), (len * PAGE_SIZE) as u64));
+            // Map the shared frames in now, in one go, rather than one fault
+            // per vCPU access.
+            os::populate_read(self.ptr(start), len * PAGE_SIZE);
+        }
+        if let Err(e) = self.free_merged() {
+            out.error("freeing merged pages", e);
+        }
+        out.mappings = self.mappings_bound;
+        out.map_limit = limit;
+        out
+    }
+
+    fn merge_write_protected(&mut self, merges: &[(u32, Target)], runs: &[(usize, usize)], out: &mut MergeOutcome) {
+        let mut i = 0;
+        while i < runs.len() {
+            // A window: runs of one region within WINDOW_PAGES of its start.
+            let first_page = merges[runs[i].0].0 as usize;
+            let region = self.layout.locate(first_page).0;
+            let mut j = i + 1;
+            while j < runs.len() {
+                let (start, n) = runs[j];
+                let end_page = merges[start + n - 1].0 as usize;
+                if end_page - first_page >= WINDOW_PAGES || self.layout.locate(end_page).0 != region {
+                    break;
+                }
+                j += 1;
+            }
+            let (last_start, last_n) = runs[j - 1];
+            let last_page = merges[last_start + last_n - 1].0 as usize;
+            let (addr, len) = (self.ptr(first_page), (last_page + 1 - first_page) * PAGE_SIZE);
+            self.write_protected_window(merges, &runs[i..j], addr, len, out);
+            i = j;
+        }
+    }
+
+    fn write_protected_window(
+        &mut self,
+        merges: &[(u32, Target)],
+        runs: &[(usize, usize)],
+        addr: *mut u8,
+        len: usize,
+        out: &mut MergeOutcome,
+    ) {
+        let Hold::WriteProtect(uffd) = &self.hold else { unreachable!("write-protected merge without userfaultfd") };
+        let held = Instant::now();
+        if let Err(e) = uffd.protect(addr, len) {
+            // A mapping in the window is not registered yet (one made by an
+            // earlier merge): register them all and try once more.
+            let again = uffd.register(addr, len).and_then(|()| uffd.protect(addr, len));
+            if let Err(again) = again {
+                out.error(&format!("write-protecting pages to merge ({e})"), again);
+                // Some mappings may be protected: release page by page.
+                release_pages(uffd, addr, len);
+                return;
+            }
+        }
+        let mut remapped = Vec::new();
+        for &(start, n) in runs {
+            let mut merged = std::mem::take(&mut out.merged);
+            remapped.extend(self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out));
+            out.merged = merged;
+        }
+        let Hold::WriteProtect(uffd) = &self.hold else { unreachable!() };
+        let blocked = uffd.blocked_writers();
+        // Release: unprotect what is still the old mapping (which wakes its
+        // writers) and wake the writers on remapped pages, who retry against
+        // the frame and get their private copy. The new mappings are not
+        // registered, so they are never given to UFFDIO_WRITEPROTECT.
+        let mut at = addr;
+        let end = addr.wrapping_add(len);
+        let mut failed = false;
+        for (page, n) in remapped {
+            let (start, bytes) = (self.layout.host(page) as *mut u8, n * PAGE_SIZE);
+            if start > at {
+                failed |= uffd.unprotect(at, start as usize - at as usize).is_err();
+            }
+            failed |= uffd.wake(start, bytes).is_err();
+            at = start.wrapping_add(bytes);
+        }
+        if end > at {
+            failed |= uffd.unprotect(at, end as usize - at as usize).is_err();
+        }
+        if failed {
+            out.error("releasing write-protected pages", std::io::Error::other("release failed; released page by page"));
+            release_pages(uffd, addr, len);
+        }
+        out.stalls.extend(std::iter::repeat_n(held.elapsed(), blocked));
+    }
+
+    /// Under a freeze: as many runs per freeze as the budget allows.
+    fn merge_frozen(&mut self, merges: &[(u32, Target)], runs: &[(usize, usize)], out: &mut MergeOutcome) {
+        let Hold::Freeze(freezer) = &self.hold else { unreachable!("frozen merge without a freezer") };
+        let freezer = freezer.clone();
+        let mut i = 0;
+        while i < runs.len() {
+            let held = Instant::now();
+            let threads = freezer.freeze();
+            let parked = Instant::now();
+            let mut merged = std::mem::take(&mut out.merged);
+            let first = i;
+            while i < runs.len() && (i == first || parked.elapsed() < FREEZE_BUDGET) {
+                let (start, n) = runs[i];
+                self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out);
+                i += 1;
+            }
+            out.merged = merged;
+            freezer.thaw();
+            out.stalls.extend(std::iter::repeat_n(held.elapsed(), threads));
+            if i < runs.len() {
+                // Let the vCPUs run before the next freeze.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// With the run's writers held off: compares each page with its target
+    /// and remaps the longest stretches still equal, one mapping each.
+    /// Returns the (first page, pages) ranges it remapped.
+    fn remap_equal(&mut self, run: &[(u32, Target)], merged: &mut [bool], out: &mut MergeOutcome) -> Vec<(usize, usize)> {
+        let mut remapped = Vec::new();
+        let equal: Vec<bool> = run
+            .iter()
+            .map(|&(page, target)| match target {
+                Target::Zero => self.held_content(page as usize).iter().all(|&b| b == 0),
+                Target::Frame(f) => self.held_content(page as usize) == self.store.page(f),
+            })
+            .collect();
+        let mut k = 0;
+        while k < run.len() {
+            if !equal[k] {
+                k += 1;
+                continue;
+            }
+            let n = equal[k..].iter().take_while(|&&e| e).count();
+            match self.remap(run[k], n) {
+                Ok(()) => {
+                    merged[k..k + n].fill(true);
+                    remapped.push((run[k].0 as usize, n));
+                }
+                Err(e) => out.error("remapping merged pages", e),
+            }
+            k += n;
+        }
+        remapped
+    }
+
+    /// Maps `n` pages from `page` onto their target(s) in one mapping.
+    fn remap(&mut self, (page, target): (u32, Target), n: usize) -> io::Result<()> {
+        let (addr, len) = (self.ptr(page as usize), n * PAGE_SIZE);
+        // SAFETY: the pages belong to the guest, their writers are held
+        // off, and they were just found equal to their target: replacing
+        // the mapping loses nothing.
+        unsafe {
+            match target {
+                Target::Zero => {
+                    os::map_zero(addr, len)?;
+                    os::no_huge_pages(addr, len);
+                }
+                Target::Frame(f) => os::map_private(addr, len, self.store.file(), StableStore::offset(f))?,
+            }
+        }
+        // The new mapping is not registered for write-protection: a later
+        // window that meets it registers it then (most merged pages are
+        // never merged again).
+        self.mappings_bound += 2;
+        Ok(())
+    }
+
+    /// Punches the memfd pages that merges replaced; what fails stays
+    /// listed for the next call.
+    fn free_merged(&mut self) -> io::Result<()> {
+        let mut first_error = Ok(());
+        let memfd = &self.memfd;
+        self.unfreed.retain(|&(offset, len)| match os::punch_hole(memfd, offset, len) {
+            Ok(()) => false,
+            Err(e) => {
+                if first_error.is_ok() {
+                    first_error = Err(e);
+                }
+                true
+            }
+        });
+        first_error
+    }
+
+    /// Pages written since the last call, and the mapping room.
+    pub fn status(&mut self) -> io::Result<AgentStatus> {
+        if let Err(e) = self.free_merged() {
+            log::warn!("page sharing: freeing merged guest pages: {e} (tried again later)");
+        }
+        let dirty = self.dirty.as_ref().map(|d| d.take_dirty()).transpose()?;
+        let (mappings, map_limit) = self.refresh_mappings();
+        Ok(AgentStatus { dirty, mappings, map_limit })
+    }
+}
+
+/// Last resort after a failed release: unprotects page by page (pages of
+/// mappings that are not registered fail, harmlessly) and wakes everyone.
+fn release_pages(uffd: &Uffd, addr: *mut u8, len: usize) {
+    for offset in (0..len).step_by(PAGE_SIZE) {
+        let _ = uffd.unprotect(addr.wrapping_add(offset), PAGE_SIZE);
+    }
+    let _ = uffd.wake(addr, len);
+}
+
+/// The agent called directly, for a guest whose memory this process maps
+/// (tests; a VMM that runs guests in its own process).
+impl GuestAgent for Agent {
+    fn status(&mut self) -> io::Result<AgentStatus> {
+        Agent::status(self)
+    }
+
+    fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        Ok(Agent::merge(self, merges))
+    }
+}

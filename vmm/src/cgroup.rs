@@ -1,0 +1,150 @@
+//! Memory cgroups: one per guest process (what it uses, whether the OOM
+//! killer took it), and one per `vmm bench` run. v1 (`memory` controller)
+//! or v2 (unified); each is made under the cgroup this process is in, so
+//! whatever measures or limits us includes them.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Version {
+    V1,
+    V2,
+}
+
+pub struct MemoryCgroup {
+    dir: PathBuf,
+    procs: File,
+    version: Version,
+}
+
+impl MemoryCgroup {
+    /// A cgroup named `name` under ours (or under `parent`, one of ours).
+    pub fn create(name: &str, parent: Option<&MemoryCgroup>) -> io::Result<MemoryCgroup> {
+        let (base, version) = match parent {
+            Some(p) => (p.dir.clone(), p.version),
+            None => {
+                let own = std::fs::read_to_string("/proc/self/cgroup")?;
+                memory_cgroup_of(&own)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no memory cgroup in /proc/self/cgroup"))?
+            }
+        };
+        let dir = base.join(name);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            other => other.map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display())))?,
+        }
+        if version == Version::V2 && parent.is_none() {
+            // Children of this one need the memory controller enabled here.
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
+        }
+        if !dir.join(usage_file(version)).exists() {
+            let _ = std::fs::remove_dir(&dir);
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "the memory controller is not delegated here"));
+        }
+        let procs = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
+        Ok(MemoryCgroup { dir, procs, version })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes the child `command` will start join this cgroup before it runs.
+    pub fn enroll(&self, command: &mut Command) {
+        let fd = self.procs.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls write(2), which is async-signal-safe, on an fd the parent
+        // keeps open until the child has started.
+        unsafe {
+            command.pre_exec(move || {
+                // "0" moves the writing process itself.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// Bytes charged to the cgroup now.
+    pub fn usage(&self) -> Option<u64> {
+        read_number(&self.dir.join(usage_file(self.version)))
+    }
+
+    /// Processes of this cgroup the kernel's OOM killer has killed.
+    pub fn oom_kills(&self) -> u64 {
+        let file = match self.version {
+            Version::V1 => "memory.oom_control",
+            Version::V2 => "memory.events",
+        };
+        std::fs::read_to_string(self.dir.join(file))
+            .ok()
+            .and_then(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    /// Its processes have exited by now; leftover charges (page cache) move
+    /// to the parent when the directory goes.
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        log::warn!("cannot remove cgroup {}", self.dir.display());
+    }
+}
+
+fn usage_file(version: Version) -> &'static str {
+    match version {
+        Version::V1 => "memory.usage_in_bytes",
+        Version::V2 => "memory.current",
+    }
+}
+
+fn read_number(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Our memory cgroup directory, from /proc/self/cgroup: a v1
+/// `N:memory:/path` line, else the v2 `0::/path` one.
+fn memory_cgroup_of(proc_self_cgroup: &str) -> Option<(PathBuf, Version)> {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut v2 = None;
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some((root.join("memory").join(path), Version::V1));
+        }
+        if controllers.is_empty() {
+            v2 = Some((root.join(path), Version::V2));
+        }
+    }
+    v2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_v1_memory_controller_before_v2() {
+        let text = "4:memory:/process_api/abc\n3:cpuset:/\n0::/\n";
+        assert_eq!(memory_cgroup_of(text), Some((PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"), Version::V1)));
+        assert_eq!(
+            memory_cgroup_of("0::/user.slice/x.scope\n"),
+            Some((PathBuf::from("/sys/fs/cgroup/user.slice/x.scope"), Version::V2))
+        );
+        assert_eq!(memory_cgroup_of(""), None);
+    }
+}

@@ -1,0 +1,246 @@
+//! The guest process (`vmm guest`, started by the supervisor): builds one
+//! guest from the setup the supervisor sends, runs it, answers requests
+//! (start, pause, stop, page sharing's status and merges) and reports how
+//! the guest ended, then exits. Its descriptors are listed in
+//! [`super::ipc`]. Whatever happens here, only this guest is affected: a
+//! panic ends the process (and the supervisor reports it); the process
+//! also ends if the supervisor goes away.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::ipc::{self, Event, Reply, Request, Setup};
+use crate::devices::console::Console;
+use crate::disk::{BaseImage, Disk};
+use crate::error::{Error, Result};
+use crate::guest::{Guest, GuestOptions};
+use crate::hypervisor::Hypervisor;
+use crate::memory::{GuestRam, MemoryBackend};
+use crate::outcome::GuestEnd;
+
+/// What the control loop waits for.
+enum Input {
+    Request(Request, Vec<u8>),
+    /// Every vCPU has left.
+    Finished,
+    /// The supervisor closed the channel (or sent garbage).
+    Closed(String),
+}
+
+pub fn main() -> ExitCode {
+    // A panic anywhere ends this guest at once, with its message on stderr
+    // for the supervisor, rather than leaving a half-dead guest.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("vmm-guest panic: {info}");
+        std::process::abort();
+    }));
+    crate::vstate::control::install_kick_handler();
+    // SAFETY: the supervisor started us with these descriptors open (ipc.rs).
+    let (requests, events) =
+        unsafe { (UnixStream::from_raw_fd(ipc::FD_REQUESTS), UnixStream::from_raw_fd(ipc::FD_EVENTS)) };
+    match serve(requests, events) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm guest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
+    let setup = match ipc::receive::<Request>(&mut requests)? {
+        Some((Request::Setup(setup), _)) => setup,
+        _ => return Err(io::Error::other("the supervisor sent no setup")),
+    };
+    let (mut guest, mut agent) = match build(&setup) {
+        Ok(built) => built,
+        Err(e) => {
+            return ipc::send(&mut requests, &Reply::Error { kind: e.kind, message: e.message }, &[]);
+        }
+    };
+    let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
+    let protection = agent.as_ref().map(|a| format!("{:?}", a.protection()));
+    ipc::send(&mut requests, &Reply::Created { regions, protection }, &[])?;
+
+    let (tx, rx) = mpsc::channel();
+    let mut replies = requests.try_clone()?;
+    let reader = tx.clone();
+    std::thread::Builder::new().name("requests".into()).spawn(move || loop {
+        let input = match ipc::receive::<Request>(&mut requests) {
+            Ok(Some((request, payload))) => Input::Request(request, payload),
+            Ok(None) => Input::Closed("the supervisor closed the channel".into()),
+            Err(e) => Input::Closed(format!("bad request: {e}")),
+        };
+        let closed = matches!(input, Input::Closed(_));
+        if reader.send(input).is_err() || closed {
+            return;
+        }
+    })?;
+    let (finished_tx, finished_rx) = mpsc::channel::<usize>();
+    let finished = tx;
+    std::thread::Builder::new().name("finished".into()).spawn(move || {
+        if finished_rx.recv().is_ok() {
+            let _ = finished.send(Input::Finished);
+        }
+    })?;
+
+    let mut started = false;
+    let mut stopped_before_start = GuestEnd::Stopped;
+    let mut mismatches = 0;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Input::Request(request, payload)) => {
+                let stop = matches!(request, Request::Stop(_));
+                if let (Request::Stop(reason), false) = (&request, started) {
+                    stopped_before_start = reason.clone();
+                }
+                let (reply, out) = handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload);
+                ipc::send(&mut replies, &reply, &out)?;
+                if stop && !started {
+                    break;
+                }
+            }
+            Ok(Input::Finished) => break,
+            Ok(Input::Closed(why)) => {
+                log::warn!("guest {}: {why}; stopping", setup.id);
+                guest.stop(GuestEnd::Stopped);
+                if !started {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = guest.reported_mismatches();
+        if now != mismatches {
+            mismatches = now;
+            ipc::send(&mut events, &Event::Mismatches(now), &[])?;
+        }
+    }
+    let console = guest.console_tail();
+    // The agent maps guest memory: gone before the memory is.
+    drop(agent);
+    let end = if started { guest.join() } else { stopped_before_start };
+    ipc::send(&mut events, &Event::Ended { end, console }, &[])
+}
+
+/// Builds the guest and, with in-process sharing, its merge agent.
+fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
+    let hv = Hypervisor::open().map_err(Error::host)?;
+    let config = &setup.guest;
+    // SAFETY: the supervisor passes these descriptors when it says they exist.
+    let memfd = (setup.backend == MemoryBackend::Memfd).then(|| unsafe { File::from_raw_fd(ipc::FD_MEMORY) });
+    let ram = GuestRam::new(config.memory_bytes(), memfd)
+        .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", config.memory_mib)))?;
+    if setup.ksm {
+        ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
+    }
+    let disk = match &config.disk {
+        None => None,
+        Some(path) => {
+            let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
+            Some(match &setup.disk_overlay {
+                Some(overlay) => Disk::with_overlay(base, overlay).map_err(|e| Error::host(e.to_string()))?,
+                None => Disk::read_only(base),
+            })
+        }
+    };
+    // SAFETY: the supervisor always passes the console descriptor.
+    let console = Console::with_sink(Box::new(unsafe { File::from_raw_fd(ipc::FD_CONSOLE) }));
+    let options = GuestOptions { dirty_log: setup.sharing.is_some(), hide_virtualization: setup.sharing.is_some() };
+    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options)?;
+    let agent = match setup.sharing {
+        None => None,
+        Some(protect) => {
+            let memfd = guest.ram().memfd().ok_or_else(|| Error::host("page sharing needs memfd guest memory"))?;
+            let memfd = memfd.try_clone().map_err(|e| Error::host(e.to_string()))?;
+            // SAFETY: passed with in-process sharing, as the setup says.
+            let store = unsafe { File::from_raw_fd(ipc::FD_STORE) };
+            let agent = dedup::Agent::new(
+                guest.ram().regions(),
+                memfd,
+                store,
+                protect.into(),
+                guest.freezer(),
+                guest.dirty_tracker(),
+            )
+            .map_err(|e| Error::host(format!("cannot set up page sharing: {e}")))?;
+            Some(agent)
+        }
+    };
+    Ok((guest, agent))
+}
+
+fn error_reply(kind: crate::error::Kind, message: impl Into<String>) -> (Reply, Vec<u8>) {
+    (Reply::Error { kind, message: message.into() }, Vec::new())
+}
+
+fn handle(
+    guest: &mut Guest,
+    agent: Option<&mut dedup::Agent>,
+    started: &mut bool,
+    finished: &mpsc::Sender<usize>,
+    request: Request,
+    payload: &[u8],
+) -> (Reply, Vec<u8>) {
+    use crate::error::Kind;
+    let ok = (Reply::Ok, Vec::new());
+    match request {
+        Request::Setup(_) => error_reply(Kind::Conflict, "the guest is set up already"),
+        Request::Start if *started => error_reply(Kind::Conflict, "the guest has started already"),
+        Request::Start => match guest.start(finished.clone()) {
+            Ok(()) => {
+                *started = true;
+                ok
+            }
+            Err(e) => error_reply(Kind::Host, format!("cannot start the guest: {e}")),
+        },
+        Request::Pause => {
+            guest.pause();
+            ok
+        }
+        Request::Resume => {
+            guest.resume();
+            ok
+        }
+        Request::Stop(reason) => {
+            guest.stop(reason);
+            ok
+        }
+        Request::Console => (Reply::Console(guest.console_tail()), Vec::new()),
+        Request::Status => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            match agent.status() {
+                Ok(s) => (
+                    Reply::Status { has_dirty_log: s.dirty.is_some(), mappings: s.mappings, map_limit: s.map_limit },
+                    ipc::words_to_bytes(&s.dirty.unwrap_or_default()),
+                ),
+                Err(e) => error_reply(Kind::Host, format!("reading the dirty log: {e}")),
+            }
+        }
+        Request::Merge => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            let merges = match ipc::decode_merges(payload) {
+                Ok(m) => m,
+                Err(e) => return error_reply(Kind::BadInput, e.to_string()),
+            };
+            let out = agent.merge(&merges);
+            let merged = out.merged.iter().map(|&m| u8::from(m)).collect();
+            let reply = Reply::Merged {
+                stalls_ns: out.stalls.iter().map(|d| d.as_nanos() as u64).collect(),
+                write_protected: out.protection == Some(dedup::Protection::WriteProtect),
+                map_limited: out.map_limited,
+                mappings: out.mappings,
+                map_limit: out.map_limit,
+                errors: out.errors,
+                first_error: out.first_error,
+            };
+            (reply, merged)
+        }
+    }
+}

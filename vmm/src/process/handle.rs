@@ -1,0 +1,350 @@
+//! The supervisor's side of a guest process: starting it with its
+//! descriptors, asking it things, hearing its events, and learning how it
+//! ended, whichever way that was (a clean end it reported, a panic, a
+//! signal, the OOM killer).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::ipc::{self, Event, Reply, Request, Setup};
+use crate::cgroup::MemoryCgroup;
+use crate::error::{Error, Result};
+
+/// How long a guest process may take to build its guest.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long it may take to answer anything else; a process that does not is
+/// broken, and is ended.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of a guest process's stderr kept to explain its end.
+const STDERR_LINES: usize = 20;
+
+/// What the supervisor hands a new guest process besides its setup.
+pub struct Descriptors<'a> {
+    pub memory: Option<&'a File>,
+    pub store: Option<File>,
+    pub console: File,
+}
+
+/// How a guest process ended, as the supervisor saw it.
+pub struct Exit {
+    pub status: Option<ExitStatus>,
+    /// Its last lines on stderr.
+    pub stderr: Vec<String>,
+}
+
+impl Exit {
+    /// Why the process ended without reporting an end of its own.
+    pub fn reason(&self, oom_killed: bool) -> String {
+        if let Some(panic) = self.stderr.iter().rev().find_map(|l| l.strip_prefix("vmm-guest panic: ")) {
+            return format!("its process panicked: {panic}");
+        }
+        use std::os::unix::process::ExitStatusExt;
+        match self.status {
+            Some(s) if s.signal() == Some(libc::SIGKILL) && oom_killed => {
+                "its process was killed by the kernel's OOM killer".into()
+            }
+            Some(s) if s.signal().is_some() => {
+                let sig = s.signal().unwrap();
+                match signal_name(sig) {
+                    Some(name) => format!("its process was killed by signal {sig} ({name})"),
+                    None => format!("its process was killed by signal {sig}"),
+                }
+            }
+            Some(s) => match self.stderr.last() {
+                Some(line) => format!("its process exited with {s}: {line}"),
+                None => format!("its process exited with {s} without reporting how the guest ended"),
+            },
+            None => "its process could not be waited for".into(),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        _ => return None,
+    })
+}
+
+/// A running guest process.
+pub struct GuestProcess {
+    pub id: usize,
+    pub pid: u32,
+    /// Signals go through a pidfd: never to another process that reused the pid.
+    pidfd: OwnedFd,
+    requests: Mutex<UnixStream>,
+    /// Set when the request channel can no longer be trusted (a timeout left
+    /// a reply in flight): every later request fails at once.
+    broken: AtomicBool,
+    /// Why the supervisor ended the process, if it did.
+    killed_for: Mutex<Option<String>>,
+}
+
+/// What a new guest process reported about its guest.
+pub struct Created {
+    pub regions: Vec<dedup::Region>,
+    pub protection: Option<String>,
+}
+
+impl GuestProcess {
+    /// Starts `vmm guest` for `setup` in `cgroup`, and waits until it has
+    /// built the guest. `on_event` receives its events; `on_gone` runs once
+    /// it has exited (its memory mappings are gone then) and before it is
+    /// reaped.
+    pub fn spawn(
+        setup: &Setup,
+        fds: Descriptors,
+        cgroup: Option<&MemoryCgroup>,
+        on_event: impl Fn(Event) + Send + 'static,
+        on_gone: impl FnOnce(Exit) + Send + 'static,
+    ) -> Result<(Arc<GuestProcess>, Created)> {
+        let id = setup.id;
+        let host = |what: &str, e: io::Error| Error::host(format!("guest {id}: {what}: {e}"));
+        let (requests, child_requests) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
+        let (mut events, child_events) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
+        let exe = std::env::current_exe().map_err(|e| host("cannot find the vmm binary", e))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("--log-level")
+            .arg(log::max_level().to_string().to_lowercase())
+            .arg("guest")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut mapping = vec![
+            (child_requests.as_raw_fd(), ipc::FD_REQUESTS),
+            (child_events.as_raw_fd(), ipc::FD_EVENTS),
+            (fds.console.as_raw_fd(), ipc::FD_CONSOLE),
+        ];
+        if let Some(m) = fds.memory {
+            mapping.push((m.as_raw_fd(), ipc::FD_MEMORY));
+        }
+        if let Some(s) = &fds.store {
+            mapping.push((s.as_raw_fd(), ipc::FD_STORE));
+        }
+        place_descriptors(&mut command, mapping);
+        if let Some(cg) = cgroup {
+            cg.enroll(&mut command);
+        }
+        let mut child = command.spawn().map_err(|e| host("cannot start its process", e))?;
+        drop((child_requests, child_events, fds));
+        let pid = child.id();
+        let pidfd = pidfd_open(pid).map_err(|e| host("pidfd_open", e))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let process = Arc::new(GuestProcess {
+            id,
+            pid,
+            pidfd,
+            requests: Mutex::new(requests),
+            broken: AtomicBool::new(false),
+            killed_for: Mutex::new(None),
+        });
+        let stderr_tail = forward_stderr(id, stderr);
+        let created = process.call_with_timeout(&Request::Setup(Box::new(setup.clone())), &[], SETUP_TIMEOUT);
+        let created = match created {
+            Ok((Reply::Created { regions, protection }, _)) => Ok(Created {
+                regions: regions
+                    .into_iter()
+                    .map(|(host, len, file_offset)| dedup::Region { host, len: len as usize, file_offset })
+                    .collect(),
+                protection,
+            }),
+            Ok((Reply::Error { kind, message }, _)) => Err(Error::new(kind, message)),
+            Ok((other, _)) => Err(Error::host(format!("guest {id}: its process answered {other:?} to its setup"))),
+            Err(e) => Err(e),
+        };
+        let created = match created {
+            Ok(c) => c,
+            Err(e) => {
+                process.kill();
+                let _ = child.wait();
+                let lines = stderr_tail.join().unwrap_or_default();
+                return Err(if lines.is_empty() { e } else { e.context(lines.join("; ")) });
+            }
+        };
+        std::thread::Builder::new()
+            .name(format!("guest{id}-watch"))
+            .spawn(move || {
+                // Events until the process closes its end (it exits).
+                loop {
+                    match ipc::receive::<Event>(&mut events) {
+                        Ok(Some((event, _))) => on_event(event),
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::error!("guest {id}: its process sent garbage ({e}); ending it");
+                            // SAFETY: kill(2) on our own child, not yet reaped.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                            break;
+                        }
+                    }
+                }
+                let status = wait_exited(&child);
+                let stderr = stderr_tail.join().unwrap_or_default();
+                on_gone(Exit { status, stderr });
+                let _ = child.wait();
+            })
+            .map_err(|e| host("cannot start its watcher thread", e))?;
+        Ok((process, created))
+    }
+
+    /// Sends a request and waits for the reply; the guest's errors come back
+    /// as they are, a silent or broken channel as a host error.
+    pub fn request(&self, request: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
+        match self.call_with_timeout(request, payload, REQUEST_TIMEOUT)? {
+            (Reply::Error { kind, message }, _) => Err(Error::new(kind, message)),
+            reply => Ok(reply),
+        }
+    }
+
+    fn call_with_timeout(&self, request: &Request, payload: &[u8], timeout: Duration) -> Result<(Reply, Vec<u8>)> {
+        let id = self.id;
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(Error::host(format!("guest {id}'s process no longer answers")));
+        }
+        let mut stream = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let result = stream
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| ipc::send(&mut stream, request, payload))
+            .and_then(|()| ipc::receive::<Reply>(&mut stream))
+            .and_then(|r| r.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "its process has exited")));
+        result.map_err(|e| {
+            self.broken.store(true, Ordering::SeqCst);
+            let why = match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!("no answer in {} s", timeout.as_secs()),
+                _ => e.to_string(),
+            };
+            Error::host(format!("guest {id}'s process did not answer {request:?}: {why}"))
+        })
+    }
+
+    /// Ends the process at once for `reason` (the first reason given is
+    /// the one reported).
+    pub fn kill_for(&self, reason: String) {
+        if self.has_exited() {
+            // It ended by itself first: that is its story.
+            return;
+        }
+        self.killed_for.lock().unwrap().get_or_insert(reason);
+        self.kill();
+    }
+
+    /// Why the supervisor ended the process, if it did.
+    pub fn killed_for(&self) -> Option<String> {
+        self.killed_for.lock().unwrap().clone()
+    }
+
+    /// Whether the process has exited (its pidfd is readable then).
+    pub fn has_exited(&self) -> bool {
+        let mut p = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one pollfd of our own, without waiting.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    /// Ends the process at once (SIGKILL).
+    pub fn kill(&self) {
+        // SAFETY: pidfd_send_signal on a pidfd we own; no memory involved.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
+        };
+    }
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall returning a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as RawFd;
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is fresh and ours.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until the child has exited, without reaping it: its pid stays
+/// ours (nothing else can get it) while the engine lets go of its memory,
+/// which is gone by the time a process can be waited for. Returns how it
+/// exited.
+fn wait_exited(child: &Child) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        // SAFETY: waitid into a zeroed siginfo of our own.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; WNOWAIT leaves the child waitable.
+        let r =
+            unsafe { libc::waitid(libc::P_PID, child.id() as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if r == 0 {
+            // SAFETY: waitid filled in a SIGCHLD siginfo.
+            let status = unsafe { info.si_status() };
+            // The wait(2) status encoding: an exit code in bits 8-15, or a signal.
+            return Some(match info.si_code {
+                libc::CLD_EXITED => ExitStatus::from_raw((status & 0xff) << 8),
+                libc::CLD_DUMPED => ExitStatus::from_raw(status | 0x80),
+                _ => ExitStatus::from_raw(status),
+            });
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+}
+
+/// Copies the child's stderr to ours, each line marked with the guest, and
+/// keeps its last lines; the thread returns them at the end of the stream.
+fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let mut last = VecDeque::new();
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[guest {id}] {line}");
+            if last.len() == STDERR_LINES {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+        last.into()
+    })
+}
+
+/// Makes the child see each (parent fd, child fd) pair at its number, open
+/// across exec.
+fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only fcntl and dup2, which are async-signal-safe, and prctl.
+    unsafe {
+        command.pre_exec(move || {
+            // Die with the supervisor: a guest must never outlive it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Out of the way first, so no source is overwritten by a target.
+            let mut moved = [0; 8];
+            for (i, &(from, _)) in mapping.iter().enumerate() {
+                moved[i] = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 64);
+                if moved[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, &(_, to)) in mapping.iter().enumerate() {
+                // dup2 leaves the new descriptor open across exec.
+                if libc::dup2(moved[i], to) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,225 @@
+//! The channel between the supervisor and a guest process: two Unix stream
+//! sockets (requests and their replies; events from the guest), carrying
+//! frames of a JSON header and a raw binary payload (dirty bitmaps, merge
+//! lists).
+//!
+//! Frame: `u32 length of the rest | u32 header length | header | payload`,
+//! little endian. A frame over [`MAX_FRAME`] or a header that does not parse
+//! is an error, never a crash: the supervisor does not trust what a guest
+//! process sends.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{GuestConfig, MergeProtect};
+use crate::error::Kind;
+use crate::memory::MemoryBackend;
+use crate::outcome::GuestEnd;
+
+/// Descriptors a guest process starts with (after stdin, stdout, stderr).
+pub const FD_REQUESTS: i32 = 3;
+pub const FD_EVENTS: i32 = 4;
+pub const FD_CONSOLE: i32 = 5;
+/// The guest's RAM (memfd backend only).
+pub const FD_MEMORY: i32 = 6;
+/// A read-only descriptor of the guest's merge group's stable store
+/// (in-process sharing only).
+pub const FD_STORE: i32 = 7;
+
+/// Largest frame either side accepts: a dirty bitmap of a 1 TiB guest.
+pub const MAX_FRAME: usize = 40 << 20;
+
+/// Everything a guest process needs to build its guest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Setup {
+    pub id: usize,
+    pub guest: GuestConfig,
+    pub backend: MemoryBackend,
+    /// The disk: its base image and, unless read-only, the overlay to create.
+    pub disk_overlay: Option<PathBuf>,
+    /// Keep KVM's dirty log and run a merge agent (in-process sharing).
+    pub sharing: Option<MergeProtect>,
+    /// Mark RAM MADV_MERGEABLE for kernel KSM.
+    pub ksm: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    Setup(Box<Setup>),
+    Start,
+    Pause,
+    Resume,
+    /// Ends the guest for this reason; the process exits once it has.
+    Stop(GuestEnd),
+    /// The merge agent's status; the reply's payload is the dirty bitmap.
+    Status,
+    /// Merges; the payload is (page u32, target u32) pairs, target
+    /// [`ZERO_TARGET`] for the zero page, else a frame id.
+    Merge,
+    /// The console's last bytes.
+    Console,
+}
+
+/// The target number that stands for the zero page in a merge list.
+pub const ZERO_TARGET: u32 = u32::MAX;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    /// The guest exists: its RAM as mapped in its process, and how its
+    /// merges hold off writers.
+    Created {
+        regions: Vec<(u64, u64, u64)>,
+        protection: Option<String>,
+    },
+    Status {
+        has_dirty_log: bool,
+        mappings: u64,
+        map_limit: u64,
+    },
+    /// The payload: one byte per requested merge (1: made).
+    Merged {
+        stalls_ns: Vec<u64>,
+        write_protected: bool,
+        map_limited: bool,
+        mappings: u64,
+        map_limit: u64,
+        errors: u32,
+        first_error: Option<String>,
+    },
+    Console(String),
+    Error {
+        kind: Kind,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// Corrupted pages the guest has reported so far.
+    Mismatches(u64),
+    /// How the guest ended, and its console's tail; the process exits next.
+    Ended { end: GuestEnd, console: String },
+}
+
+pub fn send<T: Serialize>(stream: &mut UnixStream, header: &T, payload: &[u8]) -> io::Result<()> {
+    let header = serde_json::to_vec(header).map_err(io::Error::other)?;
+    let rest = 4 + header.len() + payload.len();
+    if rest > MAX_FRAME {
+        return Err(io::Error::other(format!("frame of {rest} bytes is too large")));
+    }
+    let mut frame = Vec::with_capacity(4 + rest);
+    frame.extend_from_slice(&(rest as u32).to_le_bytes());
+    frame.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(payload);
+    stream.write_all(&frame)
+}
+
+/// The next frame; `Ok(None)` at a clean end of the stream.
+pub fn receive<T: DeserializeOwned>(stream: &mut UnixStream) -> io::Result<Option<(T, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match stream.read_exact(&mut len) {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        other => other?,
+    }
+    let rest = u32::from_le_bytes(len) as usize;
+    if !(4..=MAX_FRAME).contains(&rest) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad frame length {rest}")));
+    }
+    let mut frame = vec![0u8; rest];
+    stream.read_exact(&mut frame)?;
+    let header_len = u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize;
+    if header_len > rest - 4 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad header length {header_len}")));
+    }
+    let header = serde_json::from_slice(&frame[4..4 + header_len])
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad message: {e}")))?;
+    Ok(Some((header, frame.split_off(4 + header_len))))
+}
+
+/// Merge lists as payload bytes, and back.
+pub fn encode_merges(merges: &[(u32, dedup::Target)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(merges.len() * 8);
+    for &(page, target) in merges {
+        out.extend_from_slice(&page.to_le_bytes());
+        let t = match target {
+            dedup::Target::Zero => ZERO_TARGET,
+            dedup::Target::Frame(f) => f,
+        };
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_merges(payload: &[u8]) -> io::Result<Vec<(u32, dedup::Target)>> {
+    if !payload.len().is_multiple_of(8) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "merge list is not whole entries"));
+    }
+    Ok(payload
+        .chunks_exact(8)
+        .map(|c| {
+            let page = u32::from_le_bytes(c[..4].try_into().unwrap());
+            let t = u32::from_le_bytes(c[4..].try_into().unwrap());
+            (page, if t == ZERO_TARGET { dedup::Target::Zero } else { dedup::Target::Frame(t) })
+        })
+        .collect())
+}
+
+pub fn words_to_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+pub fn bytes_to_words(bytes: &[u8]) -> io::Result<Vec<u64>> {
+    if !bytes.len().is_multiple_of(8) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bitmap is not whole words"));
+    }
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        send(&mut a, &Request::Merge, &[1, 2, 3]).unwrap();
+        send(&mut a, &Event::Mismatches(7), &[]).unwrap();
+        drop(a);
+        let (r, p): (Request, Vec<u8>) = receive(&mut b).unwrap().unwrap();
+        assert!(matches!(r, Request::Merge) && p == [1, 2, 3]);
+        let (e, _): (Event, Vec<u8>) = receive(&mut b).unwrap().unwrap();
+        assert!(matches!(e, Event::Mismatches(7)));
+        assert!(receive::<Event>(&mut b).unwrap().is_none(), "end of stream");
+    }
+
+    /// A guest process that sends garbage gets an error, not a crash or an
+    /// allocation of whatever size it claims.
+    #[test]
+    fn garbage_frames_are_errors() {
+        for bytes in [
+            &[0xff, 0xff, 0xff, 0xff][..],
+            &[2, 0, 0, 0, 0, 0],
+            &[8, 0, 0, 0, 200, 0, 0, 0, 1, 2, 3, 4],
+            &[6, 0, 0, 0, 2, 0, 0, 0, b'{', b'x'],
+        ] {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            a.write_all(bytes).unwrap();
+            drop(a);
+            assert!(receive::<Event>(&mut b).is_err(), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn merge_lists_round_trip() {
+        let merges = vec![(3, dedup::Target::Zero), (9, dedup::Target::Frame(42))];
+        assert_eq!(decode_merges(&encode_merges(&merges)).unwrap(), merges);
+        assert!(decode_merges(&[1, 2, 3]).is_err());
+        assert_eq!(bytes_to_words(&words_to_bytes(&[5, u64::MAX])).unwrap(), vec![5, u64::MAX]);
+    }
+}

@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -11,72 +10,10 @@ use serde_json::{json, Value};
 use vmm::api::routes::ROUTES;
 use vmm::ctl::request;
 
-/// A `vmm serve` child, stopped with SIGINT when dropped.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(name: &str) -> Server {
-        require_kvm();
-        let socket = scratch_dir(name).join("api.sock");
-        let child = vmm(&["serve", "--api-socket", socket.to_str().unwrap()]).spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child, socket }
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (status, text) = request(&self.socket, method, path, body.as_ref()).unwrap();
-        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
-    }
-
-    fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
-        use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).unwrap();
-        let _ = s.write_all(body.as_bytes());
-        let mut reply = String::new();
-        let _ = s.read_to_string(&mut reply);
-        let (head, text) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, serde_json::from_str(text).unwrap_or(Value::Null))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-    }
-}
-
 fn memtest_spec(extra: Value) -> Value {
     let mut spec = json!({"kernel": image("memtest"), "memory_mib": 64, "cmdline": "rounds=0 idle=100 share=0.6"});
     spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     spec
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Rounds memtest has verified on guest `id`, from its console.
-fn rounds(server: &Server, id: u64) -> usize {
-    let (_, c) = server.call("GET", &format!("/guests/{id}/console"), None);
-    c["tail"].as_str().unwrap_or_default().matches(" ok\n").count()
 }
 
 #[test]

@@ -319,7 +319,10 @@ impl Agent {
             failed |= uffd.unprotect(at, end as usize - at as usize).is_err();
         }
         if failed {
-            out.error("releasing write-protected pages", std::io::Error::other("release failed; released page by page"));
+            out.error(
+                "releasing write-protected pages",
+                std::io::Error::other("release failed; released page by page"),
+            );
             release_pages(uffd, addr, len);
         }
         out.stalls.extend(std::iter::repeat_n(held.elapsed(), blocked));
@@ -354,7 +357,12 @@ impl Agent {
     /// With the run's writers held off: compares each page with its target
     /// and remaps the longest stretches still equal, one mapping each.
     /// Returns the (first page, pages) ranges it remapped.
-    fn remap_equal(&mut self, run: &[(u32, Target)], merged: &mut [bool], out: &mut MergeOutcome) -> Vec<(usize, usize)> {
+    fn remap_equal(
+        &mut self,
+        run: &[(u32, Target)],
+        merged: &mut [bool],
+        out: &mut MergeOutcome,
+    ) -> Vec<(usize, usize)> {
         let mut remapped = Vec::new();
         let equal: Vec<bool> = run
             .iter()

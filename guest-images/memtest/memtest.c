@@ -28,13 +28,25 @@
  *   private  (the rest)           words from (seed, guest id, page)
  *   volatile (`volatile=` pages spread evenly; never zero or shared)
  *                                 words from (seed, guest id, page, round)
+ *   churn    (`churn=` pages spread evenly)  words from (seed, page, round
+ *                                 mod 3): the same in every guest, changing
+ *                                 from round to round among three values
+ *   near     (fraction `near=` of the shared pages)  a shared page with one
+ *                                 byte changed by guest id: never mergeable
+ *                                 across guests
  *
  * Rounds: each vCPU fills its slice (PROGRESS 0), then in round n rewrites its
  * volatile pages, verifies every page it owns and reports PROGRESS n. After
  * `rounds=` rounds (0: forever) it writes DONE with its mismatch count.
- * Command line: seed= share= zero= volatile= rounds= run= idle= (ms to idle
- * after each round, like a mostly idle OS; 0 by default); other words are
- * ignored (a Linux-style command line may hold anything).
+ * Command line: seed= share= zero= volatile= churn= near= rounds= run= idle=
+ * (ms to idle after each round, like a mostly idle OS; 0 by default); other
+ * words are ignored (a Linux-style command line may hold anything).
+ *
+ * Gaps: during the rounds each vCPU reads the TSC after every page and
+ * keeps a histogram of the time each page took (8 buckets per power of two
+ * of TSC ticks); a page that took long is the vCPU being held (by the host
+ * scheduler, a fault, or page sharing). It reports the histogram after each
+ * round (GAP), so the VMM can compare what guests feel under each mode.
  */
 
 typedef unsigned long u64;
@@ -70,6 +82,7 @@ enum {
 	DB_GUEST_ID = 0x30,
 	DB_VCPU_COUNT = 0x38,
 	DB_IDLE = 0x40,
+	DB_GAP = 0x48,
 };
 
 static inline void db_write(u64 reg, u64 value)
@@ -195,8 +208,8 @@ static const char *cmdline(void)
 #define ONE (1UL << 32) /* fractions are in parts per 2^32 */
 
 struct params {
-	u64 seed, volatile_pages, rounds, run, idle_ms;
-	u64 share, zero;
+	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse;
+	u64 share, zero, near;
 };
 
 static int word_is(const char *w, const char *key)
@@ -241,12 +254,18 @@ static struct params parse_params(const char *w)
 			p.zero = parse_fraction(w + 5);
 		else if (word_is(w, "volatile="))
 			p.volatile_pages = parse_uint(w + 9);
+		else if (word_is(w, "churn="))
+			p.churn_pages = parse_uint(w + 6);
+		else if (word_is(w, "near="))
+			p.near = parse_fraction(w + 5);
 		else if (word_is(w, "rounds="))
 			p.rounds = parse_uint(w + 7);
 		else if (word_is(w, "run="))
 			p.run = parse_uint(w + 4);
 		else if (word_is(w, "idle="))
 			p.idle_ms = parse_uint(w + 5);
+		else if (word_is(w, "abuse="))
+			p.abuse = parse_uint(w + 6);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')
@@ -320,33 +339,38 @@ static u64 mix(u64 x)
 	return x ^ (x >> 31);
 }
 
-enum kind { ZERO, SHARED, PRIVATE, VOLATILE };
+enum kind { ZERO, SHARED, NEAR, PRIVATE, VOLATILE, CHURN };
 
-static int is_volatile(u64 page)
+/* Whether `page` is one of `n` pages spread evenly, `offset` pages after
+ * the start of each stride (volatile pages sit at offset 0, churn pages
+ * half a stride later, so the two sets never meet). */
+static int spread(u64 page, u64 n, u64 offset)
 {
-	u64 n = params.volatile_pages;
 	if (n == 0)
 		return 0;
 	if (n >= total_pages)
-		return 1;
+		return offset == 0;
 	u64 stride = total_pages / n;
-	return page % stride == 0 && page / stride < n;
+	return page % stride == offset % stride && page / stride < n;
 }
 
 static enum kind kind_of(u64 page)
 {
-	if (is_volatile(page))
+	if (spread(page, params.volatile_pages, 0))
 		return VOLATILE;
+	if (params.churn_pages && spread(page, params.churn_pages, total_pages / params.churn_pages / 2) &&
+	    !spread(page, params.volatile_pages, 0))
+		return CHURN;
 	u64 u = mix(params.seed * 0x100000001b3UL ^ (page / params.run)) >> 32;
 	if (u < params.zero)
 		return ZERO;
 	if (u < params.zero + params.share)
-		return SHARED;
+		return (mix(params.seed ^ page * 0x9e3779b97f4a7c15UL) >> 32) < params.near ? NEAR : SHARED;
 	return PRIVATE;
 }
 
 /* The key a page's words are generated from (0 for a zero page). `round`
- * matters for volatile pages only. */
+ * matters for volatile and churn pages only. */
 static u64 page_key(u64 page, u64 round)
 {
 	u64 private = mix(page ^ (guest_id + 1) << 40);
@@ -354,19 +378,45 @@ static u64 page_key(u64 page, u64 round)
 	case ZERO:
 		return 0;
 	case SHARED:
+	case NEAR:
 		return mix(params.seed ^ mix(page));
 	case PRIVATE:
 		return mix(params.seed ^ private);
+	case CHURN:
+		return mix(params.seed ^ mix(page) ^ mix(round % 3 + 7));
 	default:
 		return mix(params.seed ^ private ^ mix(round + 1));
 	}
 }
 
+/* How a page's words are made: word i is mix(key + i) (0 for a zero page),
+ * and a near-duplicate page has one byte of one word changed by guest id. */
+struct page_gen {
+	u64 key, odd_word, odd_bits;
+};
+
+static struct page_gen page_gen(u64 page, u64 round)
+{
+	struct page_gen g = { page_key(page, round), PAGE_SIZE / 8, 0 };
+	if (kind_of(page) == NEAR) {
+		g.odd_word = mix(page) % (PAGE_SIZE / 8);
+		g.odd_bits = (guest_id % 255 + 1) << (8 * (mix(page ^ 1) % 8));
+	}
+	return g;
+}
+
+static inline u64 page_word(const struct page_gen *g, u64 i)
+{
+	u64 w = g->key ? mix(g->key + i) : 0;
+	return i == g->odd_word ? w ^ g->odd_bits : w;
+}
+
 static void fill_page(u64 page, u64 round)
 {
-	u64 key = page_key(page, round), *p = page_addr(page);
+	struct page_gen g = page_gen(page, round);
+	u64 *p = page_addr(page);
 	for (u64 i = 0; i < PAGE_SIZE / 8; i++)
-		p[i] = key ? mix(key + i) : 0;
+		p[i] = page_word(&g, i);
 }
 
 static void report_mismatch(const u64 *p, u64 word, u64 want)
@@ -389,9 +439,10 @@ static void report_mismatch(const u64 *p, u64 word, u64 want)
  * fill wrote. */
 static int check_page(u64 page, u64 round, int report)
 {
-	u64 key = page_key(page, round), *p = page_addr(page);
+	struct page_gen g = page_gen(page, round);
+	u64 *p = page_addr(page);
 	for (u64 i = 0; i < PAGE_SIZE / 8; i++) {
-		u64 want = key ? mix(key + i) : 0;
+		u64 want = page_word(&g, i);
 		if (p[i] != want) {
 			if (report)
 				report_mismatch(p, i, want);
@@ -447,11 +498,13 @@ static void wait_for_stage(u32 s)
 
 static void print_plan(void)
 {
-	u64 shared = 0, zero = 0;
+	u64 shared = 0, zero = 0, near = 0, churn = 0;
 	for (u64 page = 0; page < total_pages; page++) {
 		enum kind k = kind_of(page);
 		shared += k == SHARED;
 		zero += k == ZERO;
+		near += k == NEAR;
+		churn += k == CHURN;
 	}
 	console_lock();
 	puts("memtest: guest ");
@@ -470,6 +523,10 @@ static void print_plan(void)
 	put_fraction(params.zero);
 	puts(" volatile=");
 	putdec(params.volatile_pages);
+	puts(" churn=");
+	putdec(churn);
+	puts(" near=");
+	put_fraction(params.near);
 	puts(" rounds=");
 	putdec(params.rounds);
 	puts(" run=");
@@ -487,6 +544,8 @@ static void print_plan(void)
 	putdec(zero);
 	puts(", initrd ");
 	putdec(image);
+	puts(", near-duplicates ");
+	putdec(near);
 	puts(")\n");
 	console_unlock();
 }
@@ -502,17 +561,76 @@ static void plan(void)
 	print_plan();
 }
 
-/* Round `round` over pages [first, end): rewrite the volatile ones, verify
- * all. Returns the pages that differ; reports them while `reported` (those
- * reported before) is under MAX_REPORTED. */
-static u64 run_round(u64 first, u64 end, u64 round, u64 reported)
+/* ---- gaps: how long each page took, as the vCPU felt it ---- */
+
+#define GAP_BUCKETS 512 /* 8 per power of two of TSC ticks */
+
+struct gaps {
+	u64 last;
+	u64 count[GAP_BUCKETS];
+} __attribute__((aligned(64)));
+
+static struct gaps gaps[MAX_VCPUS];
+
+static inline u64 rdtsc(void)
 {
-	for (u64 page = first; page < end; page++)
-		if (kind_of(page) == VOLATILE)
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (u64)hi << 32 | lo;
+}
+
+/* Bucket of `ticks`: 8 * floor(log2) + the next three bits. */
+static u64 gap_bucket(u64 ticks)
+{
+	if (ticks < 8)
+		return ticks;
+	u64 top = 63 - (u64)__builtin_clzl(ticks);
+	return 8 * (top - 2) + ((ticks >> (top - 3)) & 7);
+}
+
+/* Starts timing afresh (after talking to the VMM, which is not a gap). */
+static void gap_restart(u64 vcpu)
+{
+	gaps[vcpu].last = rdtsc();
+}
+
+static void gap_tick(u64 vcpu)
+{
+	u64 now = rdtsc(), b = gap_bucket(now - gaps[vcpu].last);
+	gaps[vcpu].last = now;
+	gaps[vcpu].count[b < GAP_BUCKETS ? b : GAP_BUCKETS - 1]++;
+}
+
+/* Sends the histogram since the last report: GAP = bucket << 48 | count. */
+static void gap_report(u64 vcpu)
+{
+	for (u64 b = 0; b < GAP_BUCKETS; b++) {
+		u64 n = gaps[vcpu].count[b];
+		if (n) {
+			db_write(DB_GAP, b << 48 | (n < (1UL << 48) ? n : (1UL << 48) - 1));
+			gaps[vcpu].count[b] = 0;
+		}
+	}
+}
+
+/* Round `round` over pages [first, end): rewrite the volatile and churn
+ * ones, verify all. Returns the pages that differ; reports them while
+ * `reported` (those reported before) is under MAX_REPORTED. */
+static u64 run_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
+{
+	gap_restart(vcpu);
+	for (u64 page = first; page < end; page++) {
+		enum kind k = kind_of(page);
+		if (k == VOLATILE || k == CHURN) {
 			fill_page(page, round);
+			gap_tick(vcpu);
+		}
+	}
 	u64 bad = 0;
-	for (u64 page = first; page < end; page++)
+	for (u64 page = first; page < end; page++) {
 		bad += check_page(page, round, reported + bad < MAX_REPORTED);
+		gap_tick(vcpu);
+	}
 	return bad;
 }
 
@@ -533,12 +651,24 @@ static void print_round(u64 vcpu, u64 round, u64 bad)
 	console_unlock();
 }
 
+/* abuse=1: a hostile guest's doorbell values (the ones that once took the
+ * VMM down): progress 0, then 2^32 rounds, then done. */
+static void abuse_doorbell(void)
+{
+	db_write(DB_PROGRESS, 0);
+	db_write(DB_PROGRESS, 1UL << 32);
+	db_write(DB_GAP, ~0UL);
+	db_write(DB_DONE, 0);
+}
+
 void user_main(u64 vcpu) __attribute__((noreturn));
 void user_main(u64 vcpu)
 {
 	if (vcpu == 0) {
 		plan();
 		set_stage(STAGE_PLANNED);
+		if (params.abuse)
+			abuse_doorbell();
 	} else {
 		wait_for_stage(STAGE_PLANNED);
 	}
@@ -548,11 +678,12 @@ void user_main(u64 vcpu)
 	db_write(DB_PROGRESS, 0);
 	u64 mismatches = 0;
 	for (u64 round = 1; params.rounds == 0 || round <= params.rounds; round++) {
-		u64 bad = run_round(first, end, round, mismatches);
+		u64 bad = run_round(vcpu, first, end, round, mismatches);
 		if (vcpu == 0)
 			bad += check_initrd();
 		mismatches += bad;
 		print_round(vcpu, round, bad);
+		gap_report(vcpu);
 		db_write(DB_PROGRESS, round);
 		if (params.idle_ms)
 			db_write(DB_IDLE, params.idle_ms);

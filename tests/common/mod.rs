@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+use vmm::ctl::request;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -160,4 +163,73 @@ pub fn write_mbr_image(path: &Path, mib: u64) {
     // Something to read back beyond the table.
     image[1 << 20..(1 << 20) + 16].copy_from_slice(b"VMM-DISK-CONTENT");
     std::fs::write(path, image).unwrap();
+}
+
+/// A `vmm serve` child, stopped with SIGINT when dropped.
+pub struct Server {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    pub fn start(name: &str) -> Server {
+        Self::start_with(name, &[])
+    }
+
+    /// `vmm serve` with `extra` flags.
+    pub fn start_with(name: &str, extra: &[&str]) -> Server {
+        require_kvm();
+        let socket = scratch_dir(name).join("api.sock");
+        let mut args = vec!["serve", "--api-socket", socket.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let child = vmm(&args).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child, socket }
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (status, text) = request(&self.socket, method, path, body.as_ref()).unwrap();
+        (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    }
+
+    pub fn raw(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(body.as_bytes());
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        let (head, text) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, serde_json::from_str(text).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Rounds memtest has verified on guest `id`, from its console.
+pub fn rounds(server: &Server, id: u64) -> usize {
+    let (_, c) = server.call("GET", &format!("/guests/{id}/console"), None);
+    c["tail"].as_str().unwrap_or_default().matches(" ok\n").count()
 }

@@ -47,10 +47,11 @@ fn dechunk(mut body: &str) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
-    /// Print the API's JSON instead of a table.
-    #[arg(long)]
+    /// The server's socket (before or after the command).
+    #[arg(long, value_name = "PATH", global = true)]
+    pub api_socket: Option<PathBuf>,
+    /// Print the API's JSON instead of a table (before or after the command).
+    #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -122,7 +123,8 @@ pub struct CreateArgs {
 
 /// Runs one `vmm ctl` command; Ok(false) when the API said no.
 pub fn run(args: CtlArgs) -> Result<bool, String> {
-    let socket = &args.api_socket;
+    let socket =
+        args.api_socket.as_ref().ok_or("vmm ctl needs --api-socket PATH: the socket of vmm serve or vmm run")?;
     let (method, path, body) = match &args.command {
         CtlCommand::List => ("GET", "/guests".to_string(), None),
         CtlCommand::Create(c) => {
@@ -241,6 +243,23 @@ mod tests {
         let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_response(chunked).unwrap().1, "abcde");
         assert!(parse_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn socket_and_json_go_before_or_after_the_command() {
+        use clap::Parser;
+        for args in [
+            &["vmm", "ctl", "--api-socket", "s", "--json", "list"][..],
+            &["vmm", "ctl", "list", "--api-socket", "s", "--json"],
+            &["vmm", "ctl", "--json", "list", "--api-socket", "s"],
+        ] {
+            let cli = crate::cli::Cli::try_parse_from(args).unwrap();
+            let crate::cli::Command::Ctl(ctl) = cli.command else { panic!("not ctl") };
+            assert_eq!((ctl.api_socket.as_deref(), ctl.json), (Some(Path::new("s")), true), "{args:?}");
+        }
+        let cli = crate::cli::Cli::try_parse_from(["vmm", "ctl", "list"]).unwrap();
+        let crate::cli::Command::Ctl(ctl) = cli.command else { panic!("not ctl") };
+        assert!(run(ctl).unwrap_err().contains("--api-socket"));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Guest {
     // Dropped after the vCPUs: the VM, then the memory it maps.
     vm: Arc<VmFd>,
     dirty_log: bool,
+    /// The guest's TSC rate (for memtest's gap times), if KVM says.
+    tsc_khz: Option<u32>,
     ram: GuestRam,
 }
 
@@ -133,8 +135,9 @@ impl Guest {
                 Ok(fd)
             })
             .collect::<Result<Vec<_>>>()?;
+        let tsc_khz = vcpus.first().and_then(|fd| fd.get_tsc_khz().ok());
         let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
-        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: options.dirty_log, ram })
+        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: options.dirty_log, tsc_khz, ram })
     }
 
     /// Starts one thread per vCPU; `finished` receives the guest id once the
@@ -210,6 +213,15 @@ impl Guest {
     /// Corrupted pages a memtest guest has reported so far (0 for others).
     pub fn reported_mismatches(&self) -> u64 {
         self.shared.devices.doorbell.reported_mismatches()
+    }
+
+    /// How long a memtest guest's pages took, in nanoseconds (empty for
+    /// other guests, or without the TSC rate).
+    pub fn gaps(&self) -> crate::gaps::Gaps {
+        match self.tsc_khz {
+            Some(khz) => crate::gaps::Gaps::from_ticks(&self.shared.devices.doorbell.gaps(), khz),
+            None => Default::default(),
+        }
     }
 
     /// What page sharing uses to stop this guest's writers when it cannot

@@ -20,6 +20,7 @@ pub mod ctl;
 pub mod devices;
 pub mod disk;
 pub mod error;
+pub mod gaps;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;

@@ -94,6 +94,7 @@ struct Entry {
     end: Option<GuestEnd>,
     console_tail: String,
     corrupted_pages: u64,
+    gaps: crate::gaps::Gaps,
     protection: Option<String>,
     overlay: Option<PathBuf>,
     /// Set once `create` has finished with it: listed from then on.
@@ -113,6 +114,7 @@ impl Entry {
             end: None,
             console_tail: String::new(),
             corrupted_pages: 0,
+            gaps: Default::default(),
             protection: None,
             overlay: None,
             made: false,
@@ -344,6 +346,7 @@ impl Manager {
         let Some(entry) = g.map.get_mut(&id) else { return };
         match event {
             Event::Mismatches(n) => entry.corrupted_pages = n,
+            Event::Gaps(gaps) => entry.gaps = gaps,
             Event::Ended { end, console } => {
                 entry.reported_end = Some(end);
                 entry.console_tail = console;
@@ -599,6 +602,15 @@ impl Manager {
     /// Guests not yet ended.
     pub fn live(&self) -> usize {
         self.lock().map.values().filter(|e| e.made && e.state != GuestState::Ended).count()
+    }
+
+    /// How long pages took in every guest so far (memtest guests).
+    pub fn gaps(&self) -> crate::gaps::Gaps {
+        let mut all = crate::gaps::Gaps::default();
+        for e in self.lock().map.values() {
+            all.add(&e.gaps);
+        }
+        all
     }
 
     /// Corrupted pages over every guest, and guests that failed or

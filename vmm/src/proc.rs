@@ -38,6 +38,26 @@ pub fn pss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Pss of process `pid` and every process under it (a supervisor and its
+/// guest processes).
+pub fn pss_tree_bytes(pid: u32) -> Option<u64> {
+    let mut total = pss_bytes(pid)?;
+    for child in children(pid) {
+        total += pss_tree_bytes(child).unwrap_or(0);
+    }
+    Some(total)
+}
+
+/// The children of process `pid`, from each of its threads.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +80,12 @@ mod tests {
         assert!(x != 1);
         assert!(cpu_time(Path::new("/proc/self/stat")).is_some());
         assert!(pss_bytes(std::process::id()).unwrap() > 0);
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let with_child = pss_tree_bytes(std::process::id()).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(children(std::process::id()).is_empty() || with_child > 0);
+        assert!(with_child > pss_bytes(child.id()).unwrap_or(0));
     }
 }

@@ -145,6 +145,7 @@ fn run_stats(started: Instant, manager: &Manager, finished: bool) -> RunStats {
         guests_failed,
         corrupted_pages,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
+        gaps: manager.gaps(),
         finished,
     }
 }

@@ -22,6 +22,9 @@ pub struct RunStats {
     pub corrupted_pages: u64,
     /// In-process page sharing; `None` when it is not on.
     pub sharing: Option<SharingStats>,
+    /// How long memtest guests' pages took, in nanosecond buckets.
+    #[serde(default)]
+    pub gaps: crate::gaps::Gaps,
     /// Set in the last snapshot, written after every guest ended.
     pub finished: bool,
 }
@@ -107,6 +110,7 @@ mod tests {
             guests_failed: 1,
             corrupted_pages: 3,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
+            gaps: Default::default(),
             finished: false,
         };
         snap.write_to(&path).unwrap();

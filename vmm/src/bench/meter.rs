@@ -41,14 +41,14 @@ impl Meter {
     pub fn bytes(&self, pid: u32) -> Option<u64> {
         match self {
             Meter::Cgroup(cg) => cg.usage(),
-            Meter::Pss => crate::proc::pss_bytes(pid),
+            Meter::Pss => crate::proc::pss_tree_bytes(pid),
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
             Meter::Cgroup(cg) => format!("a memory cgroup per run ({})", cg.dir().display()),
-            Meter::Pss => "Pss of the vmm process (/proc/PID/smaps_rollup)".into(),
+            Meter::Pss => "Pss of the vmm process and its guest processes (/proc/PID/smaps_rollup)".into(),
         }
     }
 }

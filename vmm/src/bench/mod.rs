@@ -252,7 +252,7 @@ fn run_mode(
         }
         samples.push(sample);
         if started.elapsed() >= config.duration {
-            pss_at_end = crate::proc::pss_bytes(child.id()).map(|b| b as f64 / MIB as f64);
+            pss_at_end = crate::proc::pss_tree_bytes(child.id()).map(|b| b as f64 / MIB as f64);
             break None;
         }
     };

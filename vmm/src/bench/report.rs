@@ -43,6 +43,18 @@ pub struct ModeResult {
     pub ended_early: bool,
     /// In-process merging stopped short of vm.max_map_count.
     pub map_limit_reached: bool,
+    /// Times page sharing held a guest's vCPU or device thread, and how
+    /// long (in-process only; p50, p99, max in microseconds).
+    pub stalls: u64,
+    pub stall_p50_us: u64,
+    pub stall_p99_us: u64,
+    pub stall_max_us: u64,
+    /// How long the guests' pages took, as they felt it (memtest's gaps):
+    /// p99, p99.9 and the longest, in microseconds.
+    pub gap_pages: u64,
+    pub gap_p99_us: f64,
+    pub gap_p999_us: f64,
+    pub gap_max_us: f64,
     pub samples: Vec<Sample>,
 }
 
@@ -64,6 +76,8 @@ impl ModeResult {
             (saved_mib > 0.0).then(|| samples.iter().find(|s| s.saved_mib >= 0.95 * saved_mib).map(|s| s.t)).flatten();
         let saved_at_steady_start = steady.first().map_or(0.0, |s| s.saved_mib);
         let configured = (config.guests as u64 * config.memory_mib) as f64;
+        let sharing = last.sharing.clone().unwrap_or_default();
+        let us = |ns: u64| ns as f64 / 1000.0;
         ModeResult {
             mode,
             steady_memory_mib,
@@ -77,7 +91,15 @@ impl ModeResult {
             corrupted_pages: last.corrupted_pages,
             ksm_pages_to_scan,
             ended_early,
-            map_limit_reached: last.sharing.as_ref().is_some_and(|s| s.map_limit_reached),
+            map_limit_reached: sharing.map_limit_reached,
+            stalls: sharing.stalls,
+            stall_p50_us: sharing.stall_p50_us,
+            stall_p99_us: sharing.stall_p99_us,
+            stall_max_us: sharing.stall_max_us,
+            gap_pages: last.gaps.count(),
+            gap_p99_us: us(last.gaps.quantile_ns(0.99)),
+            gap_p999_us: us(last.gaps.quantile_ns(0.999)),
+            gap_max_us: us(last.gaps.max_ns()),
             samples,
         }
     }
@@ -105,6 +127,15 @@ pub struct Ratios {
     pub overcommit: Option<f64>,
 }
 
+/// What a mode's guests felt against `off` in the same run: each figure is
+/// the mode's gap / off's (1.0: no worse than no sharing at all).
+#[derive(Clone, Debug, Serialize)]
+pub struct GapRatios {
+    pub mode: Mode,
+    pub p99: Option<f64>,
+    pub p999: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub host: String,
@@ -117,6 +148,7 @@ pub struct BenchReport {
     pub memory_measure: String,
     pub modes: Vec<ModeResult>,
     pub ratios: Vec<Ratios>,
+    pub gap_ratios: Vec<GapRatios>,
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -143,6 +175,19 @@ impl BenchReport {
                 })
                 .collect(),
         };
+        let off = modes.iter().find(|m| m.mode == Mode::Off && m.gap_pages > 0);
+        let gap_ratios = match off {
+            None => Vec::new(),
+            Some(off) => modes
+                .iter()
+                .filter(|m| m.mode != Mode::Off && m.gap_pages > 0)
+                .map(|m| GapRatios {
+                    mode: m.mode,
+                    p99: ratio(Some(m.gap_p99_us), Some(off.gap_p99_us)),
+                    p999: ratio(Some(m.gap_p999_us), Some(off.gap_p999_us)),
+                })
+                .collect(),
+        };
         BenchReport {
             host: format!("{:?}", crate::host::HostKind::detect()),
             guests: config.guests,
@@ -154,6 +199,7 @@ impl BenchReport {
             memory_measure,
             modes,
             ratios,
+            gap_ratios,
         }
     }
 
@@ -189,6 +235,25 @@ impl BenchReport {
         }
         if self.modes.iter().any(|m| m.map_limit_reached) {
             out += "\ninprocess stopped merging at vm.max_map_count: pass --raise-max-map-count to go further\n";
+        }
+        out += "\n| mode | sharing held a guest thread | p50 (us) | p99 (us) | max (us) | guest page gap p99 (us) | p99.9 (us) | max (us) |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        for m in &self.modes {
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |\n",
+                m.mode.name(),
+                m.stalls,
+                m.stall_p50_us,
+                m.stall_p99_us,
+                m.stall_max_us,
+                m.gap_p99_us,
+                m.gap_p999_us,
+                m.gap_max_us
+            );
+        }
+        for g in &self.gap_ratios {
+            let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
+            out += &format!("\n{} vs off, guest page gaps: p99 {}, p99.9 {}", g.mode.name(), x(g.p99), x(g.p999));
         }
         for r in &self.ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));

@@ -2,6 +2,10 @@
 //! talk to the VMM. It is MMIO rather than port I/O because guests running at
 //! CPL 3 cannot use port I/O on PVM hosts, while their MMIO accesses exit to
 //! the VMM on every kind of host. The protocol is in docs/memtest.md.
+//!
+//! Every value comes from the guest, so none is trusted: counts saturate,
+//! times never go backwards, indexes are checked. A guest that writes
+//! nonsense gets nonsense back, never a VMM panic.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -27,6 +31,20 @@ pub const VCPU_COUNT: u64 = 0x38;
 pub const IDLE: u64 = 0x40;
 /// The longest idle one write asks for.
 pub const MAX_IDLE: Duration = Duration::from_secs(10);
+/// Write: gap histogram counts, `bucket << 48 | count` (see [`gap_ticks`]).
+pub const GAP: u64 = 0x48;
+/// Gap buckets: 8 per power of two of TSC ticks.
+pub const GAP_BUCKETS: usize = 512;
+
+/// The fewest TSC ticks a gap in `bucket` took (memtest's bucketing: the
+/// ticks below 8 one bucket each, then 8 buckets per power of two).
+pub fn gap_ticks(bucket: usize) -> u64 {
+    if bucket < 8 {
+        return bucket as u64;
+    }
+    let (top, sub) = (bucket / 8 + 2, (bucket % 8) as u128);
+    u64::try_from((8 + sub) << (top - 3).min(100)).unwrap_or(u64::MAX)
+}
 
 /// The register offset of `addr`, if it is in the doorbell page.
 pub fn offset(addr: u64) -> Option<u64> {
@@ -50,6 +68,8 @@ struct State {
     mismatches: u64,
     reported_mismatches: u64,
     fault_rip: u64,
+    /// Pages by how long they took, summed over vCPUs and rounds.
+    gaps: Vec<u64>,
 }
 
 impl Doorbell {
@@ -66,6 +86,7 @@ impl Doorbell {
                 mismatches: 0,
                 reported_mismatches: 0,
                 fault_rip: 0,
+                gaps: vec![0; GAP_BUCKETS],
             }),
         }
     }
@@ -88,6 +109,11 @@ impl Doorbell {
         self.state.lock().unwrap().reported_mismatches
     }
 
+    /// The gap histogram so far (counts per bucket).
+    pub fn gaps(&self) -> Vec<u64> {
+        self.state.lock().unwrap().gaps.clone()
+    }
+
     /// How a guest stopped from outside really ended: a memtest that had
     /// reported corrupted pages failed, whatever stopped it.
     pub fn judge_stop(&self, end: GuestEnd) -> GuestEnd {
@@ -106,21 +132,27 @@ impl Doorbell {
             }
             PROGRESS => state.record_progress(vcpu, value),
             MISMATCH => {
-                state.reported_mismatches += 1;
+                state.reported_mismatches = state.reported_mismatches.saturating_add(1);
                 log::error!(
                     "guest {}: memtest vCPU {vcpu} found a corrupted page at guest address {value:#x}",
                     self.guest_id
                 );
             }
             DONE => {
-                state.finished_vcpus += 1;
-                state.mismatches += value;
+                state.finished_vcpus = state.finished_vcpus.saturating_add(1);
+                state.mismatches = state.mismatches.saturating_add(value);
                 if state.finished_vcpus < self.vcpus {
                     return Action::VcpuFinished;
                 }
                 return Action::EndGuest(state.verdict());
             }
             FAULT_RIP => state.fault_rip = value,
+            GAP => {
+                let (bucket, count) = ((value >> 48) as usize, value & ((1 << 48) - 1));
+                if let Some(slot) = state.gaps.get_mut(bucket) {
+                    *slot = slot.saturating_add(count);
+                }
+            }
             IDLE => return Action::Idle(Duration::from_millis(value).min(MAX_IDLE)),
             FAULT => return Action::EndGuest(GuestEnd::GuestException { vector: value, rip: state.fault_rip }),
             _ => log::warn!("guest {}: write to unknown doorbell register {offset:#x}", self.guest_id),
@@ -157,7 +189,10 @@ impl State {
             rounds,
             fill_time: self.fill_done,
             verify_time_per_round: match (self.fill_done, self.last_round_done) {
-                (Some(fill), Some(last)) if rounds > 0 => Some((last - fill) / rounds as u32),
+                // The guest says how many rounds: any number, in any order.
+                (Some(fill), Some(last)) => {
+                    u32::try_from(rounds).ok().and_then(|r| last.checked_sub(fill)?.checked_div(r))
+                }
                 _ => None,
             },
         };
@@ -232,6 +267,84 @@ mod tests {
             d.write(0, FAULT, 14, &c),
             Action::EndGuest(GuestEnd::GuestException { vector: 14, rip: 0x10_1234 })
         );
+    }
+
+    /// The values that used to take the VMM down: progress 0, then 2^32
+    /// rounds, then done (a division by zero computing time per round).
+    #[test]
+    fn absurd_progress_is_survived() {
+        let d = Doorbell::new(0, 1);
+        let c = console();
+        d.write(0, PROGRESS, 0, &c);
+        d.write(0, PROGRESS, 1 << 32, &c);
+        match d.write(0, DONE, 0, &c) {
+            Action::EndGuest(GuestEnd::MemtestPassed(r)) => {
+                assert_eq!(r.rounds, 1 << 32);
+                assert_eq!(r.verify_time_per_round, None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Progress going backwards, and done more often than there are vCPUs.
+        let d = Doorbell::new(0, 2);
+        d.write(1, PROGRESS, 5, &c);
+        d.write(0, PROGRESS, 9, &c);
+        d.write(1, PROGRESS, 0, &c);
+        for _ in 0..300 {
+            d.write(0, DONE, u64::MAX, &c);
+        }
+        assert!(matches!(d.judge_stop(GuestEnd::Stopped), GuestEnd::Stopped | GuestEnd::MemtestFailed { .. }));
+    }
+
+    /// Random registers, values and vCPU numbers, in bulk: nothing panics,
+    /// and every answer is one the protocol allows.
+    #[test]
+    fn fuzzed_doorbell_writes_and_reads() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for vcpus in [1u8, 2, 32] {
+            let d = Doorbell::new(next(), vcpus);
+            let c = console();
+            for _ in 0..20_000 {
+                let offset = match next() % 4 {
+                    0 => next() % DOORBELL_SIZE,
+                    _ => (next() % 10) * 8,
+                };
+                let value = match next() % 3 {
+                    0 => next(),
+                    1 => next() % 4,
+                    _ => u64::MAX - next() % 2,
+                };
+                let vcpu = (next() % 40) as u8;
+                match d.write(vcpu, offset, value, &c) {
+                    Action::Idle(t) => assert!(t <= MAX_IDLE),
+                    Action::Continue | Action::VcpuFinished | Action::EndGuest(_) => {}
+                }
+                let _ = d.read(vcpu, next() % DOORBELL_SIZE);
+                if next() % 1000 == 0 {
+                    let _ = d.judge_stop(GuestEnd::Stopped).to_string();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gaps_are_summed_per_bucket() {
+        let d = Doorbell::new(0, 1);
+        let c = console();
+        d.write(0, GAP, 9 << 48 | 5, &c);
+        d.write(0, GAP, 9 << 48 | 2, &c);
+        d.write(0, GAP, 4000 << 48 | 1, &c);
+        let g = d.gaps();
+        assert_eq!((g[9], g.iter().sum::<u64>()), (7, 7), "an out-of-range bucket counts nowhere");
+        // memtest's buckets: 8 per power of two from 8 ticks up.
+        assert_eq!((gap_ticks(3), gap_ticks(8), gap_ticks(15), gap_ticks(16), gap_ticks(17)), (3, 8, 15, 16, 18));
+        assert_eq!(gap_ticks(8 * 60), 8 << 59);
+        assert_eq!(gap_ticks(GAP_BUCKETS - 1), u64::MAX);
     }
 
     #[test]

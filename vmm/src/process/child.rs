@@ -36,7 +36,8 @@ pub fn main() -> ExitCode {
     // A panic anywhere ends this guest at once, with its message on stderr
     // for the supervisor, rather than leaving a half-dead guest.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("vmm-guest panic: {info}");
+        // One line: the supervisor keeps the last lines of our stderr.
+        eprintln!("vmm-guest panic: {}", info.to_string().replace('\n', " "));
         std::process::abort();
     }));
     crate::vstate::control::install_kick_handler();
@@ -92,6 +93,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     let mut started = false;
     let mut stopped_before_start = GuestEnd::Stopped;
     let mut mismatches = 0;
+    let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(Input::Request(request, payload)) => {
@@ -121,12 +123,27 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
             mismatches = now;
             ipc::send(&mut events, &Event::Mismatches(now), &[])?;
         }
+        if gaps_at.elapsed() >= Duration::from_secs(1) {
+            gaps_at = std::time::Instant::now();
+            send_gaps(&guest, &mut gaps_sent, &mut events)?;
+        }
     }
+    send_gaps(&guest, &mut gaps_sent, &mut events)?;
     let console = guest.console_tail();
     // The agent maps guest memory: gone before the memory is.
     drop(agent);
     let end = if started { guest.join() } else { stopped_before_start };
     ipc::send(&mut events, &Event::Ended { end, console }, &[])
+}
+
+/// Sends the guest's gap histogram if it grew since the last time.
+fn send_gaps(guest: &Guest, sent: &mut u64, events: &mut UnixStream) -> io::Result<()> {
+    let gaps = guest.gaps();
+    if gaps.count() == *sent {
+        return Ok(());
+    }
+    *sent = gaps.count();
+    ipc::send(events, &Event::Gaps(gaps), &[])
 }
 
 /// Builds the guest and, with in-process sharing, its merge agent.

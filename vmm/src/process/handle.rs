@@ -117,8 +117,9 @@ impl GuestProcess {
         let host = |what: &str, e: io::Error| Error::host(format!("guest {id}: {what}: {e}"));
         let (requests, child_requests) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
         let (mut events, child_events) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
-        let exe = std::env::current_exe().map_err(|e| host("cannot find the vmm binary", e))?;
-        let mut command = Command::new(exe);
+        // This very binary, even if its file was replaced since it started:
+        // the guest process must speak the supervisor's protocol.
+        let mut command = Command::new("/proc/self/exe");
         command
             .arg("--log-level")
             .arg(log::max_level().to_string().to_lowercase())
@@ -346,5 +347,30 @@ fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exit(raw: i32, stderr: &[&str]) -> Exit {
+        Exit { status: Some(ExitStatus::from_raw(raw)), stderr: stderr.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn the_reason_names_what_ended_the_process() {
+        let panic = "vmm-guest panic: panicked at vmm/src/x.rs:1:1: attempt to divide by zero";
+        let reason = exit(6, &["noise", panic]).reason(false);
+        assert_eq!(reason, "its process panicked: panicked at vmm/src/x.rs:1:1: attempt to divide by zero");
+        assert_eq!(exit(9, &[]).reason(true), "its process was killed by the kernel's OOM killer");
+        assert_eq!(exit(9, &[]).reason(false), "its process was killed by signal 9 (SIGKILL)");
+        assert_eq!(exit(11 | 0x80, &[]).reason(false), "its process was killed by signal 11 (SIGSEGV)");
+        assert_eq!(exit(40, &[]).reason(false), "its process was killed by signal 40");
+        assert_eq!(
+            exit(2 << 8, &["vmm guest: bad"]).reason(false),
+            "its process exited with exit status: 2: vmm guest: bad"
+        );
     }
 }

@@ -102,6 +102,8 @@ pub enum Reply {
 pub enum Event {
     /// Corrupted pages the guest has reported so far.
     Mismatches(u64),
+    /// How long its pages took so far (memtest), in nanoseconds.
+    Gaps(crate::gaps::Gaps),
     /// How the guest ended, and its console's tail; the process exits next.
     Ended { end: GuestEnd, console: String },
 }

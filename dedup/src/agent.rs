@@ -292,12 +292,14 @@ impl Agent {
                 return;
             }
         }
+        let protected = held.elapsed();
         let mut remapped = Vec::new();
         for &(start, n) in runs {
             let mut merged = std::mem::take(&mut out.merged);
             remapped.extend(self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out));
             out.merged = merged;
         }
+        let remapping = held.elapsed() - protected;
         let Hold::WriteProtect(uffd) = &self.hold else { unreachable!() };
         let blocked = uffd.blocked_writers();
         // Release: unprotect what is still the old mapping (which wakes its
@@ -325,7 +327,17 @@ impl Agent {
             );
             release_pages(uffd, addr, len);
         }
-        out.stalls.extend(std::iter::repeat_n(held.elapsed(), blocked));
+        let whole = held.elapsed();
+        if whole > Duration::from_millis(2) {
+            log::debug!(
+                "page sharing: a window of {} pages ({} runs) was held {whole:?}: protect {protected:?}, \
+                 compare and remap {remapping:?}, release {:?}; {blocked} writers waited",
+                len / PAGE_SIZE,
+                runs.len(),
+                whole - protected - remapping
+            );
+        }
+        out.stalls.extend(std::iter::repeat_n(whole, blocked));
     }
 
     /// Under a freeze: as many runs per freeze as the budget allows.

@@ -133,6 +133,12 @@ impl Drop for Guest {
     }
 }
 
+/// A guest ready to be inserted into the engine ([`Engine::prepare`]).
+pub struct PreparedGuest(Guest);
+
+// SAFETY: as for the engine: the view is a mapping the guest owns.
+unsafe impl Send for PreparedGuest {}
+
 /// The engine's books checked against each other (tests, the soak).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Audit {
@@ -232,39 +238,49 @@ impl Engine {
 
     /// Starts sharing `mem`'s pages under the caller's id for the guest.
     pub fn add_guest_as(&mut self, id: GuestId, mem: GuestMemory) -> io::Result<GuestId> {
-        if self.guests.contains_key(&id) {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("guest {id} is shared already")));
-        }
+        let prepared = Engine::prepare(mem)?;
+        self.insert(id, prepared).map(|()| id)
+    }
+
+    /// The part of adding a guest that needs no engine (its memory mapped
+    /// for scanning, its page map opened), so it can be done without
+    /// waiting for a scan step.
+    pub fn prepare(mem: GuestMemory) -> io::Result<PreparedGuest> {
         let layout = Layout::new(mem.regions).map_err(io::Error::other)?;
         let file_len = mem.memfd.metadata()?.len();
         if layout.file_len() > file_len {
             return Err(io::Error::other(format!("guest regions reach past its memory file ({file_len} bytes)")));
         }
-        self.store(mem.group)?;
         let pagemap = PageMap::open(mem.pid)?;
         let view = os::map_file(&mem.memfd, file_len as usize, 0, true)?;
         let pages = layout.pages();
-        self.guests.insert(
-            id,
-            Guest {
-                layout,
-                group: mem.group,
-                pid: mem.pid,
-                view,
-                view_len: file_len as usize,
-                pagemap,
-                agent: mem.agent,
-                state: vec![UNMERGED; pages],
-                private: vec![0; pages.div_ceil(64)],
-                last_hash: vec![0; pages],
-                dirty: Vec::new(),
-                has_dirty_log: false,
-                at_map_limit: false,
-                base_mappings: None,
-                stats: GuestStats { group: mem.group, ..Default::default() },
-            },
-        );
-        Ok(id)
+        Ok(PreparedGuest(Guest {
+            layout,
+            group: mem.group,
+            pid: mem.pid,
+            view,
+            view_len: file_len as usize,
+            pagemap,
+            agent: mem.agent,
+            state: vec![UNMERGED; pages],
+            private: vec![0; pages.div_ceil(64)],
+            last_hash: vec![0; pages],
+            dirty: Vec::new(),
+            has_dirty_log: false,
+            at_map_limit: false,
+            base_mappings: None,
+            stats: GuestStats { group: mem.group, ..Default::default() },
+        }))
+    }
+
+    /// Adds a prepared guest under `id`.
+    pub fn insert(&mut self, id: GuestId, guest: PreparedGuest) -> io::Result<()> {
+        if self.guests.contains_key(&id) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("guest {id} is shared already")));
+        }
+        self.store(guest.0.group)?;
+        self.guests.insert(id, guest.0);
+        Ok(())
     }
 
     /// Forgets a guest and drops its pages' hold on stable frames. Call once

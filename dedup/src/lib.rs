@@ -62,7 +62,7 @@ pub mod uffd;
 pub use agent::{
     Agent, AgentStatus, DirtyTracker, Freezer, GuestAgent, MergeOutcome, ProtectMode, Protection, FREEZE_BUDGET,
 };
-pub use engine::{Audit, Config, Engine, GuestId, GuestMemory};
+pub use engine::{Audit, Config, Engine, GuestId, GuestMemory, PreparedGuest};
 pub use layout::{Region, Target};
 pub use scanner::{Published, ScanPace, Scanner, DEFAULT_SCAN_NICE};
 pub use stats::{GuestStats, StallSummary, Stats};

@@ -329,6 +329,34 @@ pub unsafe fn map_shared_fixed(addr: *mut u8, len: usize, file: &File, offset: u
     .map(drop)
 }
 
+/// Sets the calling thread's nice value; without the privilege for it, says
+/// so (naming `who`) and goes on at the default priority.
+pub fn set_thread_nice(nice: i32, who: &str) {
+    // SAFETY: gettid and setpriority on our own thread id; no memory involved.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if ret != 0 {
+        log::warn!("page sharing: cannot set {who}'s nice value to {nice}: {}", io::Error::last_os_error());
+    }
+}
+
+/// Gives the calling thread the lowest real-time priority (SCHED_FIFO 1)
+/// where allowed, else the nice value `nice`. For a thread that holds other
+/// threads up while it works (the merge agent, with pages write-protected):
+/// under the normal scheduler it can wait whole ticks for a core behind the
+/// very vCPUs it holds up. Its work is short and bounded, and the kernel's
+/// real-time throttling keeps a core for everyone else whatever happens.
+pub fn prioritize_thread(nice: i32, who: &str) {
+    let param = libc::sched_param { sched_priority: 1 };
+    // Threads this one starts (a guest's vCPUs) must not inherit it.
+    let policy = libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK;
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid parameter.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+        return;
+    }
+    log::info!("{who} runs without real-time priority ({}); nice {nice} instead", io::Error::last_os_error());
+    set_thread_nice(nice, who);
+}
+
 /// Unmaps a range mapped by [`map_file`].
 ///
 /// # Safety

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, GuestId};
+use crate::engine::{Engine, GuestId, PreparedGuest};
 use crate::stats::{GuestStats, Stats};
 
 pub const DEFAULT_SCAN_NICE: i32 = -10;
@@ -66,9 +66,34 @@ pub struct Published {
     pub cpu: Duration,
 }
 
+/// Guests coming and going, applied by the scanner between steps: a guest
+/// is added or removed without waiting for a step (which may be making
+/// merges) to end.
+enum Change {
+    Add(GuestId, Box<PreparedGuest>),
+    Remove(GuestId),
+}
+
+type Changes = Arc<Mutex<Vec<Change>>>;
+
+fn apply_changes(engine: &mut Engine, changes: &Mutex<Vec<Change>>) {
+    for change in std::mem::take(&mut *changes.lock().unwrap()) {
+        match change {
+            Change::Add(id, guest) => {
+                if let Err(e) = engine.insert(id, *guest) {
+                    log::error!("page sharing: cannot share guest {id}'s pages: {e}");
+                }
+            }
+            // Failures are counted by the engine, which releases the rest.
+            Change::Remove(id) => drop(engine.remove_guest(id)),
+        }
+    }
+}
+
 /// The running scanner and the engine it drives.
 pub struct Scanner {
     engine: Arc<Mutex<Engine>>,
+    changes: Changes,
     published: Arc<Mutex<Arc<Published>>>,
     pace: Arc<Mutex<ScanPace>>,
     /// While false the scanner only sleeps.
@@ -92,10 +117,12 @@ impl Scanner {
         let stop = Arc::new(AtomicBool::new(false));
         let pace = Arc::new(Mutex::new(pace));
         let enabled = Arc::new(AtomicBool::new(true));
+        let changes: Changes = Arc::default();
         let started = Instant::now();
         let thread = {
             let shared = Loop {
                 engine: engine.clone(),
+                changes: changes.clone(),
                 published: published.clone(),
                 stop: stop.clone(),
                 pace: pace.clone(),
@@ -105,13 +132,26 @@ impl Scanner {
             };
             std::thread::Builder::new().name(name.into()).spawn(move || shared.run())?
         };
-        Ok(Scanner { engine, published, pace, enabled, stop, thread: Some(thread), started })
+        Ok(Scanner { engine, changes, published, pace, enabled, stop, thread: Some(thread), started })
     }
 
-    /// The engine, for registering guests and merging on request. Held
-    /// while a step runs: never call this where a step must not wait.
+    /// The engine, with every guest added or removed so far, for merging
+    /// on request and settings. Held while a step runs: it waits for one.
     pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+        let mut e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        apply_changes(&mut e, &self.changes);
+        e
+    }
+
+    /// Adds a guest at the next step, without waiting for this one.
+    pub fn add_guest(&self, id: GuestId, guest: PreparedGuest) {
+        self.changes.lock().unwrap().push(Change::Add(id, Box::new(guest)));
+    }
+
+    /// Removes a guest at the next step (see [`Engine::remove_guest`] for
+    /// when that is safe), without waiting for this one.
+    pub fn remove_guest(&self, id: GuestId) {
+        self.changes.lock().unwrap().push(Change::Remove(id));
     }
 
     /// What the scanner last published.
@@ -164,6 +204,7 @@ impl Drop for Scanner {
 
 struct Loop {
     engine: Arc<Mutex<Engine>>,
+    changes: Changes,
     published: Arc<Mutex<Arc<Published>>>,
     stop: Arc<AtomicBool>,
     pace: Arc<Mutex<ScanPace>>,
@@ -186,12 +227,14 @@ impl Loop {
                 set_thread_nice(nice);
             }
             if !self.enabled.load(Ordering::SeqCst) {
+                apply_changes(&mut self.engine.lock().unwrap_or_else(|e| e.into_inner()), &self.changes);
                 self.sleep(Duration::from_millis(50));
                 continue;
             }
             let step_started = Instant::now();
             let (scanned, total, pass_done) = {
                 let mut e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+                apply_changes(&mut e, &self.changes);
                 let passes = e.stats().full_scans;
                 let scanned = e.scan();
                 (self.after_step)(&mut e);
@@ -267,14 +310,8 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// Sets this thread's nice value; without the privilege for it, says so and
-/// goes on at the default priority.
 fn set_thread_nice(nice: i32) {
-    // SAFETY: gettid and setpriority on our own thread id; no memory involved.
-    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if ret != 0 {
-        log::warn!("page sharing: cannot set the scanner's nice value to {nice}: {}", std::io::Error::last_os_error());
-    }
+    crate::os::set_thread_nice(nice, "the scanner");
 }
 
 #[cfg(test)]

@@ -97,7 +97,8 @@ mod tests {
         );
         assert_eq!(g.count(), 10);
         let ns = g.max_ns();
-        assert!((900..=1000).contains(&ns), "{ns}");
+        // Two roundings down to a bucket edge, each under 12.5%.
+        assert!((780..=1000).contains(&ns), "{ns}");
     }
 
     #[test]

@@ -154,6 +154,9 @@ impl Drop for Dir {
     }
 }
 
+/// Nice value of the supervisor's threads (the scanner's is its own).
+const SUPERVISOR_NICE: i32 = -5;
+
 pub struct Manager {
     config: SupervisorConfig,
     host: HostKind,
@@ -169,8 +172,13 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Checks KVM is there and starts page sharing, if on.
+    /// Checks KVM is there and starts page sharing, if on. Call from the
+    /// thread that will run the supervisor, before it starts any other.
     pub fn new(config: SupervisorConfig) -> Result<Arc<Manager>> {
+        // The supervisor's threads (and those they start) run above the
+        // guests: making, stopping and answering for guests must not wait
+        // behind their vCPUs. (Guest processes go back to the default.)
+        dedup::os::set_thread_nice(SUPERVISOR_NICE, "the supervisor");
         // Fail here, with KVM's own words, rather than in each guest.
         let hv = crate::hypervisor::Hypervisor::open().map_err(Error::host)?;
         let sharing = match config.sharing.mode {
@@ -260,7 +268,10 @@ impl Manager {
             guest: config.clone(),
             backend: self.config.backend,
             disk_overlay: overlay.clone(),
-            sharing: shared.map(|_| self.config.sharing.protect),
+            sharing: shared.map(|s| crate::process::ipc::AgentSetup {
+                protect: self.config.sharing.protect,
+                nice: s.settings().scan_nice as i32,
+            }),
             ksm: self.config.sharing.mode == DedupMode::Ksm,
         };
         let memory = match self.config.backend {

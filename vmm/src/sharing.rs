@@ -17,6 +17,8 @@ use crate::process::ipc::{self, Reply, Request};
 pub struct Sharing {
     scanner: Scanner,
     settings: Mutex<DedupSettings>,
+    /// Read-only descriptors of each group's stable store, made once.
+    stores: Mutex<std::collections::HashMap<u32, File>>,
 }
 
 impl Sharing {
@@ -38,12 +40,19 @@ impl Sharing {
         let scanner = Scanner::start(engine, config.settings.pace(), "dedup-scanner", after_step)
             .map_err(|e| Error::host(format!("cannot start page sharing: {e}")))?;
         scanner.set_enabled(config.settings.enabled);
-        Ok(Sharing { scanner, settings: Mutex::new(config.settings.clone()) })
+        Ok(Sharing { scanner, settings: Mutex::new(config.settings.clone()), stores: Mutex::default() })
     }
 
     /// A read-only descriptor of `group`'s stable store, for a guest process.
     pub fn store_file(&self, group: u32) -> Result<File> {
-        self.scanner.engine().store_file(group).map_err(|e| Error::host(format!("stable store: {e}")))
+        let mut stores = self.stores.lock().unwrap();
+        let file = match stores.entry(group) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                self.scanner.engine().store_file(group).map_err(|e| Error::host(format!("stable store: {e}")))?,
+            ),
+        };
+        file.try_clone().map_err(|e| Error::host(format!("stable store: {e}")))
     }
 
     /// Starts sharing guest `id`'s pages: `memory` is its RAM's memfd,
@@ -58,18 +67,16 @@ impl Sharing {
     ) -> Result<()> {
         let memfd = memory.try_clone().map_err(|e| Error::host(e.to_string()))?;
         let mem = dedup::GuestMemory { memfd, regions, group, pid: process.pid, agent: Box::new(RemoteAgent(process)) };
-        self.scanner
-            .engine()
-            .add_guest_as(engine_id(id), mem)
-            .map(drop)
-            .map_err(|e| Error::host(format!("cannot share the guest's pages: {e}")))
+        let prepared = Engine::prepare(mem).map_err(|e| Error::host(format!("cannot share the guest's pages: {e}")))?;
+        // Its group's store exists (store_file made it), so adding cannot fail.
+        self.scanner.add_guest(engine_id(id), prepared);
+        Ok(())
     }
 
     /// Forgets guest `id`; only once its process has exited (its mappings
     /// are gone), so no frame it maps can be freed under it.
     pub fn remove_guest(&self, id: usize) {
-        // Failures are counted and logged by the engine, and release the rest.
-        let _ = self.scanner.engine().remove_guest(engine_id(id));
+        self.scanner.remove_guest(engine_id(id));
     }
 
     pub fn merge_now(&self, id: usize) -> Result<()> {

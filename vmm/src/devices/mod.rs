@@ -94,3 +94,39 @@ impl Devices {
         Action::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// Port I/O and MMIO anywhere, with any data, as a hostile guest would:
+    /// the serial port, the i8042 and the doorbell take it all.
+    #[test]
+    fn fuzzed_port_and_mmio_accesses() {
+        let console = Console::with_sink(Box::new(std::io::sink()));
+        let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
+        let devices = Devices::new(serial, Doorbell::new(7, 2), console, None);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = [1usize, 2, 4, 8][(x >> 50) as usize % 4];
+            let mut data: Vec<u8> = (0..len).map(|i| (x >> (8 * i)) as u8).collect();
+            let port = if x.is_multiple_of(3) { 0x3f8 + (x >> 20) as u16 % 8 } else { (x >> 16) as u16 };
+            let addr = if x.is_multiple_of(3) { doorbell::DOORBELL_BASE + (x >> 24) % 0x2000 } else { x >> 8 };
+            let vcpu = (x >> 60) as u8;
+            match (x >> 32) % 4 {
+                0 => devices.pio_read(port, &mut data),
+                1 => {
+                    devices.pio_write(port, &data);
+                }
+                2 => devices.mmio_read(vcpu, addr, &mut data),
+                _ => {
+                    devices.mmio_write(vcpu, addr, &data);
+                }
+            }
+        }
+    }
+}

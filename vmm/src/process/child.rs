@@ -14,6 +14,8 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::ipc::{self, Event, Reply, Request, Setup};
 use crate::devices::console::Console;
 use crate::disk::{BaseImage, Disk};
@@ -22,15 +24,6 @@ use crate::guest::{Guest, GuestOptions};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
-
-/// What the control loop waits for.
-enum Input {
-    Request(Request, Vec<u8>),
-    /// Every vCPU has left.
-    Finished,
-    /// The supervisor closed the channel (or sent garbage).
-    Closed(String),
-}
 
 pub fn main() -> ExitCode {
     // A panic anywhere ends this guest at once, with its message on stderr
@@ -68,55 +61,56 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     let protection = agent.as_ref().map(|a| format!("{:?}", a.protection()));
     ipc::send(&mut requests, &Reply::Created { regions, protection }, &[])?;
 
-    let (tx, rx) = mpsc::channel();
-    let mut replies = requests.try_clone()?;
-    let reader = tx.clone();
-    std::thread::Builder::new().name("requests".into()).spawn(move || loop {
-        let input = match ipc::receive::<Request>(&mut requests) {
-            Ok(Some((request, payload))) => Input::Request(request, payload),
-            Ok(None) => Input::Closed("the supervisor closed the channel".into()),
-            Err(e) => Input::Closed(format!("bad request: {e}")),
-        };
-        let closed = matches!(input, Input::Closed(_));
-        if reader.send(input).is_err() || closed {
-            return;
-        }
-    })?;
+    // The control loop waits for a request or for the vCPUs to finish,
+    // itself: no thread hop on the way to a merge.
+    let finished_fd = EventFd::new(EFD_NONBLOCK)?;
     let (finished_tx, finished_rx) = mpsc::channel::<usize>();
-    let finished = tx;
-    std::thread::Builder::new().name("finished".into()).spawn(move || {
-        if finished_rx.recv().is_ok() {
-            let _ = finished.send(Input::Finished);
-        }
-    })?;
+    {
+        let finished_fd = finished_fd.try_clone()?;
+        std::thread::Builder::new().name("finished".into()).spawn(move || {
+            if finished_rx.recv().is_ok() {
+                let _ = finished_fd.write(1);
+            }
+        })?;
+    }
 
     let mut started = false;
     let mut stopped_before_start = GuestEnd::Stopped;
     let mut mismatches = 0;
     let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
+    let mut closed = false;
     loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(Input::Request(request, payload)) => {
-                let stop = matches!(request, Request::Stop(_));
-                if let (Request::Stop(reason), false) = (&request, started) {
-                    stopped_before_start = reason.clone();
+        let (request_ready, finished) = wait_for_input(&requests, &finished_fd, Duration::from_millis(200))?;
+        if finished {
+            break;
+        }
+        if request_ready && !closed {
+            match ipc::receive::<Request>(&mut requests) {
+                Ok(Some((request, payload))) => {
+                    let stop = matches!(request, Request::Stop(_));
+                    if let (Request::Stop(reason), false) = (&request, started) {
+                        stopped_before_start = reason.clone();
+                    }
+                    let (reply, out) =
+                        handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload);
+                    ipc::send(&mut requests, &reply, &out)?;
+                    if stop && !started {
+                        break;
+                    }
                 }
-                let (reply, out) = handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload);
-                ipc::send(&mut replies, &reply, &out)?;
-                if stop && !started {
-                    break;
+                other => {
+                    let why = match other {
+                        Err(e) => format!("bad request: {e}"),
+                        _ => "the supervisor closed the channel".into(),
+                    };
+                    log::warn!("guest {}: {why}; stopping", setup.id);
+                    closed = true;
+                    guest.stop(GuestEnd::Stopped);
+                    if !started {
+                        break;
+                    }
                 }
             }
-            Ok(Input::Finished) => break,
-            Ok(Input::Closed(why)) => {
-                log::warn!("guest {}: {why}; stopping", setup.id);
-                guest.stop(GuestEnd::Stopped);
-                if !started {
-                    break;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
         let now = guest.reported_mismatches();
         if now != mismatches {
@@ -134,6 +128,23 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     drop(agent);
     let end = if started { guest.join() } else { stopped_before_start };
     ipc::send(&mut events, &Event::Ended { end, console }, &[])
+}
+
+/// Waits up to `limit` for a request or the vCPUs' end: (request ready,
+/// finished). A closed channel reads as a request (its end of file).
+fn wait_for_input(requests: &UnixStream, finished: &EventFd, limit: Duration) -> io::Result<(bool, bool)> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd { fd: requests.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: finished.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: poll on two pollfds of our own.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, limit.as_millis() as i32) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok((false, false)) } else { Err(e) };
+    }
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
 }
 
 /// Sends the guest's gap histogram if it grew since the last time.
@@ -173,7 +184,9 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options)?;
     let agent = match setup.sharing {
         None => None,
-        Some(protect) => {
+        Some(agent) => {
+            // This (the control) thread makes the merges.
+            dedup::os::prioritize_thread(agent.nice, "the merge agent");
             let memfd = guest.ram().memfd().ok_or_else(|| Error::host("page sharing needs memfd guest memory"))?;
             let memfd = memfd.try_clone().map_err(|e| Error::host(e.to_string()))?;
             // SAFETY: passed with in-process sharing, as the setup says.
@@ -182,7 +195,7 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
                 guest.ram().regions(),
                 memfd,
                 store,
-                protect.into(),
+                agent.protect.into(),
                 guest.freezer(),
                 guest.dirty_tracker(),
             )

@@ -331,6 +331,8 @@ fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Guests run at the default priority, below the supervisor's.
+            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
             // Out of the way first, so no source is overwritten by a target.
             let mut moved = [0; 8];
             for (i, &(from, _)) in mapping.iter().enumerate() {

@@ -42,9 +42,18 @@ pub struct Setup {
     /// The disk: its base image and, unless read-only, the overlay to create.
     pub disk_overlay: Option<PathBuf>,
     /// Keep KVM's dirty log and run a merge agent (in-process sharing).
-    pub sharing: Option<MergeProtect>,
+    pub sharing: Option<AgentSetup>,
     /// Mark RAM MADV_MERGEABLE for kernel KSM.
     pub ksm: bool,
+}
+
+/// How the guest's merge agent works.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct AgentSetup {
+    pub protect: MergeProtect,
+    /// Nice value of the thread that makes merges: it holds writers off
+    /// while it works, so it must not wait for a core behind them.
+    pub nice: i32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

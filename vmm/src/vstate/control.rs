@@ -287,6 +287,38 @@ mod tests {
         gate.pause();
     }
 
+    /// A pause that comes while the guest is stopping still waits until no
+    /// vCPU is in KVM_RUN (it would otherwise let a merge run beside one).
+    #[test]
+    fn a_pause_during_a_stop_waits_for_the_vcpus_to_leave() {
+        install_kick_handler();
+        let gate = Arc::new(VcpuGate::new(1));
+        let in_run = Arc::new(AtomicU8::new(0));
+        gate.starting();
+        let vcpu = {
+            let (gate, in_run) = (gate.clone(), in_run.clone());
+            std::thread::spawn(move || {
+                let exit_flag = Box::new(AtomicU8::new(0));
+                gate.register(0, exit_flag.as_ptr());
+                while gate.checkpoint() {
+                    // "KVM_RUN": busy for a while, deaf to kicks.
+                    in_run.store(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(100));
+                    in_run.store(0, Ordering::SeqCst);
+                }
+                gate.leave(0);
+            })
+        };
+        while in_run.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        gate.stop();
+        gate.pause();
+        assert_eq!(in_run.load(Ordering::SeqCst), 0, "pause returned while a vCPU was in KVM_RUN");
+        gate.resume();
+        vcpu.join().unwrap();
+    }
+
     #[test]
     fn io_freeze_waits_for_device_work_and_holds_off_new_work() {
         let gate = Arc::new(IoGate::default());

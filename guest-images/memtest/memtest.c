@@ -208,7 +208,7 @@ static const char *cmdline(void)
 #define ONE (1UL << 32) /* fractions are in parts per 2^32 */
 
 struct params {
-	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse;
+	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse, hammer;
 	u64 share, zero, near;
 };
 
@@ -266,6 +266,8 @@ static struct params parse_params(const char *w)
 			p.idle_ms = parse_uint(w + 5);
 		else if (word_is(w, "abuse="))
 			p.abuse = parse_uint(w + 6);
+		else if (word_is(w, "hammer="))
+			p.hammer = parse_uint(w + 7);
 		while (*w && *w != ' ')
 			w++;
 		while (*w == ' ')
@@ -370,7 +372,7 @@ static enum kind kind_of(u64 page)
 }
 
 /* The key a page's words are generated from (0 for a zero page). `round`
- * matters for volatile and churn pages only. */
+ * matters for volatile pages, and is the churn phase for churn pages. */
 static u64 page_key(u64 page, u64 round)
 {
 	u64 private = mix(page ^ (guest_id + 1) << 40);
@@ -383,7 +385,7 @@ static u64 page_key(u64 page, u64 round)
 	case PRIVATE:
 		return mix(params.seed ^ private);
 	case CHURN:
-		return mix(params.seed ^ mix(page) ^ mix(round % 3 + 7));
+		return mix(params.seed ^ mix(page) ^ mix(round % 3 + 7)); /* round: the churn phase */
 	default:
 		return mix(params.seed ^ private ^ mix(round + 1));
 	}
@@ -613,6 +615,16 @@ static void gap_report(u64 vcpu)
 	}
 }
 
+/* Each vCPU's churn phase: its churn pages hold the content of this phase
+ * (the same in every guest), one of three. */
+static u64 churn_phase[MAX_VCPUS];
+
+/* The `round` argument of fill_page and check_page for `page`. */
+static u64 round_of(u64 vcpu, u64 page, u64 round)
+{
+	return kind_of(page) == CHURN ? churn_phase[vcpu] : round;
+}
+
 /* Round `round` over pages [first, end): rewrite the volatile and churn
  * ones, verify all. Returns the pages that differ; reports them while
  * `reported` (those reported before) is under MAX_REPORTED. */
@@ -622,14 +634,36 @@ static u64 run_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
 	for (u64 page = first; page < end; page++) {
 		enum kind k = kind_of(page);
 		if (k == VOLATILE || k == CHURN) {
-			fill_page(page, round);
+			fill_page(page, k == CHURN ? churn_phase[vcpu] + 1 : round);
 			gap_tick(vcpu);
 		}
 	}
+	churn_phase[vcpu]++;
 	u64 bad = 0;
 	for (u64 page = first; page < end; page++) {
-		bad += check_page(page, round, reported + bad < MAX_REPORTED);
+		bad += check_page(page, round_of(vcpu, page, round), reported + bad < MAX_REPORTED);
 		gap_tick(vcpu);
+	}
+	return bad;
+}
+
+/* hammer=K: after each round, 3K sweeps over the vCPU's churn pages, each
+ * page checked, then rewritten: with the same content for K sweeps, then
+ * with the next phase's. The content stays put long enough for page
+ * sharing to merge it while it is being written, and then changes under
+ * the merge: a write lost to a merge shows at the page's next check. */
+static u64 hammer(u64 vcpu, u64 first, u64 end, u64 reported)
+{
+	u64 bad = 0;
+	for (u64 sweep = 0; sweep < 3 * params.hammer; sweep++) {
+		u64 next = churn_phase[vcpu] + (sweep % params.hammer == params.hammer - 1);
+		for (u64 page = first; page < end; page++) {
+			if (kind_of(page) != CHURN)
+				continue;
+			bad += check_page(page, churn_phase[vcpu], reported + bad < MAX_REPORTED);
+			fill_page(page, next);
+		}
+		churn_phase[vcpu] = next;
 	}
 	return bad;
 }
@@ -681,6 +715,8 @@ void user_main(u64 vcpu)
 		u64 bad = run_round(vcpu, first, end, round, mismatches);
 		if (vcpu == 0)
 			bad += check_initrd();
+		if (params.hammer)
+			bad += hammer(vcpu, first, end, mismatches + bad);
 		mismatches += bad;
 		print_round(vcpu, round, bad);
 		gap_report(vcpu);

@@ -260,6 +260,10 @@ pub struct HostArgs {
     /// or freeze the guest.
     #[arg(long, value_enum, default_value_t = MergeProtect::Auto)]
     pub merge_protect: MergeProtect,
+    /// How the scanner tells a page is being written: KVM's dirty log (and
+    /// the VMM's device writes), or content checksums (no dirty log).
+    #[arg(long, value_enum, default_value_t = config::Volatility::DirtyLog)]
+    pub volatility: config::Volatility,
     /// Merge groups (trust domains): pages merge only within a group. `all`
     /// (one group), `per-guest` (no sharing between guests), or one group
     /// number per guest of a run, comma separated (e.g. 0,0,1,1).
@@ -292,6 +296,7 @@ impl HostArgs {
             mode: self.dedup,
             settings,
             protect: self.merge_protect,
+            volatility: self.volatility,
             groups: MergeGroups::parse(&self.merge_group)?,
             raise_max_map_count: self.raise_max_map_count,
             auto_raise_max_map_count: !self.no_raise_max_map_count,

@@ -186,6 +186,18 @@ impl From<MergeProtect> for dedup::ProtectMode {
     }
 }
 
+/// How page sharing tells a page is being written (`--volatility`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Volatility {
+    /// KVM's dirty log plus the VMM's own device writes.
+    #[default]
+    DirtyLog,
+    /// A page whose content hash changed between two looks (no dirty log:
+    /// guests run without KVM's write tracking).
+    Checksum,
+}
+
 /// The page-sharing settings that can change while guests run (`GET` and
 /// `PATCH /dedup/config`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -351,6 +363,7 @@ pub struct SharingConfig {
     pub mode: DedupMode,
     pub settings: DedupSettings,
     pub protect: MergeProtect,
+    pub volatility: Volatility,
     pub groups: MergeGroups,
     /// Raise vm.max_map_count to this before the guests start.
     pub raise_max_map_count: Option<u64>,
@@ -364,6 +377,7 @@ impl Default for SharingConfig {
             mode: DedupMode::Inprocess,
             settings: DedupSettings::default(),
             protect: MergeProtect::Auto,
+            volatility: Volatility::DirtyLog,
             groups: MergeGroups::All,
             raise_max_map_count: None,
             auto_raise_max_map_count: true,

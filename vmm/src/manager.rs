@@ -270,6 +270,7 @@ impl Manager {
             disk_overlay: overlay.clone(),
             sharing: shared.map(|s| crate::process::ipc::AgentSetup {
                 protect: self.config.sharing.protect,
+                dirty_log: self.config.sharing.volatility == crate::config::Volatility::DirtyLog,
                 nice: s.settings().scan_nice as i32,
             }),
             ksm: self.config.sharing.mode == DedupMode::Ksm,

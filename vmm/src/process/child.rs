@@ -180,7 +180,10 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     };
     // SAFETY: the supervisor always passes the console descriptor.
     let console = Console::with_sink(Box::new(unsafe { File::from_raw_fd(ipc::FD_CONSOLE) }));
-    let options = GuestOptions { dirty_log: setup.sharing.is_some(), hide_virtualization: setup.sharing.is_some() };
+    let options = GuestOptions {
+        dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
+        hide_virtualization: setup.sharing.is_some(),
+    };
     let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options)?;
     let agent = match setup.sharing {
         None => None,

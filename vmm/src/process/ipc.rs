@@ -51,6 +51,8 @@ pub struct Setup {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct AgentSetup {
     pub protect: MergeProtect,
+    /// Keep KVM's dirty log (else the scanner compares checksums).
+    pub dirty_log: bool,
     /// Nice value of the thread that makes merges: it holds writers off
     /// while it works, so it must not wait for a core behind them.
     pub nice: i32,

@@ -73,6 +73,10 @@ fn bad_requests_get_the_right_status_and_a_json_error() {
         ("POST", format!("/guests/{id}/fly"), String::new(), 404, "no action"),
         ("PATCH", "/dedup/config".into(), "{\"scan_pages\": 0}".into(), 400, "scan_pages"),
         ("PATCH", "/dedup/config".into(), "{\"speed\": 1}".into(), 400, "unknown field"),
+        ("PATCH", "/dedup/config".into(), "{\"scan_target_secs\": 1e300}".into(), 400, "scan_target_secs must be"),
+        ("PATCH", "/dedup/config".into(), "{\"scan_target_secs\": 1e19}".into(), 400, "scan_target_secs must be"),
+        ("PATCH", "/dedup/config".into(), "{\"scan_pages\": 5, \"scan_nice\": 99}".into(), 400, "scan_nice"),
+        ("PATCH", "/dedup/config".into(), "{\"scan_pages\": null}".into(), 400, "invalid type: null"),
         ("GET", "/nowhere".into(), String::new(), 404, "no such route"),
         ("PUT", "/guests".into(), String::new(), 405, "method not allowed"),
     ];
@@ -82,6 +86,9 @@ fn bad_requests_get_the_right_status_and_a_json_error() {
         let error = reply["error"].as_str().unwrap_or_else(|| panic!("{method} {path}: no JSON error: {reply}"));
         assert!(error.contains(words), "{method} {path}: '{error}' does not say '{words}'");
     }
+    // A refused update changed nothing, not even its valid parts.
+    let (_, config) = server.call("GET", "/dedup/config", None);
+    assert_eq!((config["scan_target_secs"].clone(), config["scan_pages"].as_u64()), (Value::Null, Some(16384)), "{config}");
     // Deleting twice: the second is a 404.
     assert_eq!(server.call("DELETE", &format!("/guests/{id}"), None).0, 204);
     assert_eq!(server.call("DELETE", &format!("/guests/{id}"), None).0, 404);

@@ -153,7 +153,7 @@ fn churn_guests_verify_clean_while_the_api_stirs() {
                "cmdline": "rounds=0 seed=5 share=0.6 volatile=32 churn=256 near=0.2 hammer=300"})
     };
     let mut guests: Vec<u64> = Vec::new();
-    let mut start = |guests: &mut Vec<u64>| {
+    let start = |guests: &mut Vec<u64>| {
         let (status, g) = server.call("POST", "/guests", Some(spec()));
         assert_eq!(status, 201, "{g}");
         let id = g["id"].as_u64().unwrap();

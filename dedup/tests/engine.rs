@@ -374,6 +374,41 @@ fn no_page_stays_write_protected_after_a_merge() {
     }
 }
 
+/// Frames made for merges still queued are not shared yet: pages_shared
+/// counts frames guest pages map, and pages_sharing never goes negative.
+#[test]
+fn queued_merges_do_not_count_as_shared() {
+    let (a, b) = (TestGuest::new(16), TestGuest::new(16));
+    for i in 0..16 {
+        a.fill(i, 80 + i as u64);
+        b.fill(i, 80 + i as u64);
+    }
+    let mut e = Engine::new(Config { pages_to_scan: 24, batch: 1 << 20, ..Config::default() });
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
+    scan_passes(&mut e, 1);
+    e.scan(); // twins found, frames made, merges queued, none made yet
+    let s = e.stats();
+    assert!(e.audit().live_frames > 0, "no frame was made: {s:?}");
+    assert_eq!((s.pages_shared, s.pages_sharing), (0, 0), "{s:?}");
+    scan_passes(&mut e, 1);
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (16, 16), "{s:?}");
+}
+
+/// A page copied on write and then swapped out is still a private copy:
+/// the engine lets go of its frame.
+#[test]
+fn swapped_copies_are_copies() {
+    use dedup::os::PageMapEntry;
+    let present_anon = PageMapEntry(1 << 63 | 1 << 56);
+    let present_file = PageMapEntry(1 << 63 | 1 << 61);
+    let swapped = PageMapEntry(1 << 62);
+    let uffd_marker = PageMapEntry(1 << 62 | 1 << 57);
+    assert!(present_anon.private_copy() && swapped.private_copy());
+    assert!(!present_file.private_copy() && !uffd_marker.private_copy() && !PageMapEntry(0).private_copy());
+}
+
 /// `merge_now` in the middle of a pass, with merges of the same guest
 /// already queued, queues no page twice (frames and counters stay exact).
 #[test]

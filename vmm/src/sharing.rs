@@ -88,6 +88,12 @@ impl Sharing {
         self.published().guests.get(&engine_id(id)).cloned()
     }
 
+    /// The engine's books checked against each other (waits for a scan
+    /// step: for tests and soaks, not for monitoring).
+    pub fn audit(&self) -> dedup::Audit {
+        self.scanner.engine().audit()
+    }
+
     /// What the scanner last published: never waits for a scan step.
     pub fn published(&self) -> Arc<Published> {
         self.scanner.published()

@@ -33,6 +33,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/guests/{id}/merge"),
     ("GET", "/guests/{id}/console"),
     ("GET", "/dedup/stats"),
+    ("GET", "/dedup/audit"),
     ("GET", "/dedup/config"),
     ("PATCH", "/dedup/config"),
     ("GET", "/host"),
@@ -46,6 +47,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/guests/{id}/console", get(console))
         .route("/guests/{id}/{action}", axum::routing::post(action))
         .route("/dedup/stats", get(stats))
+        .route("/dedup/audit", get(audit))
         .route("/dedup/config", get(get_config).patch(patch_config))
         .route("/host", get(host))
         .route("/metrics", get(metrics))
@@ -177,6 +179,21 @@ fn stats_of(m: &Manager) -> StatsReply {
 
 async fn stats(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || Ok(Json(stats_of(&m)))).await
+}
+
+/// The engine's books recounted: frames held against frames used (slow:
+/// it waits for a scan step).
+async fn audit(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
+    blocking(move || {
+        let a = sharing_of(&m)?.audit();
+        Ok(Json(serde_json::json!({
+            "live_frames": a.live_frames,
+            "referenced_frames": a.referenced_frames,
+            "leaked_frames": a.leaked_frames,
+            "store_pages": a.store_pages,
+        })))
+    })
+    .await
 }
 
 fn sharing_of(m: &Manager) -> Result<&crate::sharing::Sharing, Error> {

@@ -297,6 +297,58 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A freeze waits for copies into guest memory, never for the disk: a
+    /// request's disk I/O goes on while the gate is closed, and only its
+    /// writes into guest memory wait for the thaw.
+    #[test]
+    fn disk_io_goes_on_during_a_freeze() {
+        let dir = scratch("freeze");
+        let mem = memory();
+        let mut blk = Block::new(Disk::with_overlay(base(&dir, 64), &dir.join("o")).unwrap());
+        let gate = std::sync::Arc::new(IoGate::default());
+        gate.freeze();
+        let payload = vec![0x77u8; 4096];
+        mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
+        let mut header = [0u8; 16];
+        header[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        header[8..16].copy_from_slice(&8u64.to_le_bytes());
+        mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.build_desc_chain(&[
+            RawDescriptor::from(SplitDescriptor::new(HEADER, 16, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 4096, 0, 0)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ])
+        .unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        std::thread::scope(|s| {
+            let device = s.spawn(|| blk.process_queue(&mem, &mut queue, &gate).unwrap());
+            // The write reaches the disk during the freeze...
+            let overlay = dir.join("o");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut on_disk = vec![0u8; 4096];
+            loop {
+                use std::os::unix::fs::FileExt;
+                std::fs::File::open(&overlay).unwrap().read_exact_at(&mut on_disk, 8 * 512).unwrap();
+                if on_disk == payload || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert_eq!(on_disk, payload, "the disk write waited for the freeze");
+            // ...but nothing lands in guest memory until the thaw.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0xff, "wrote guest memory while frozen");
+            assert_eq!(vq.used().idx().load(), 0);
+            gate.thaw();
+            assert!(device.join().unwrap());
+        });
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+        assert_eq!(vq.used().idx().load(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn malformed_requests_get_an_error_status() {
         let dir = scratch("bad");

@@ -70,7 +70,8 @@ fn bad_requests_get_the_right_status_and_a_json_error() {
         ("GET", "/guests/abc".into(), String::new(), 400, "not a guest id"),
         ("POST", format!("/guests/{id}/resume"), String::new(), 409, "cannot resume"),
         ("POST", format!("/guests/{id}/pause"), String::new(), 409, "cannot pause"),
-        ("POST", format!("/guests/{id}/fly"), String::new(), 404, "no action"),
+        ("POST", format!("/guests/{id}/fly"), String::new(), 404, "no such route"),
+        ("GET", "/guests/18446744073709551616".into(), String::new(), 400, "not a guest id"),
         ("PATCH", "/dedup/config".into(), "{\"scan_pages\": 0}".into(), 400, "scan_pages"),
         ("PATCH", "/dedup/config".into(), "{\"speed\": 1}".into(), 400, "unknown field"),
         ("PATCH", "/dedup/config".into(), "{\"scan_target_secs\": 1e300}".into(), 400, "scan_target_secs must be"),
@@ -88,7 +89,11 @@ fn bad_requests_get_the_right_status_and_a_json_error() {
     }
     // A refused update changed nothing, not even its valid parts.
     let (_, config) = server.call("GET", "/dedup/config", None);
-    assert_eq!((config["scan_target_secs"].clone(), config["scan_pages"].as_u64()), (Value::Null, Some(16384)), "{config}");
+    assert_eq!(
+        (config["scan_target_secs"].clone(), config["scan_pages"].as_u64()),
+        (Value::Null, Some(16384)),
+        "{config}"
+    );
     // Deleting twice: the second is a 404.
     assert_eq!(server.call("DELETE", &format!("/guests/{id}"), None).0, 204);
     assert_eq!(server.call("DELETE", &format!("/guests/{id}"), None).0, 404);
@@ -180,6 +185,18 @@ fn spec_routes() -> Vec<(String, String)> {
         .collect();
     routes.sort();
     routes
+}
+
+/// docs/api.json is made from the handlers' types (`vmm api-spec`), so
+/// it cannot drift from the code.
+#[test]
+fn the_spec_is_what_the_code_describes() {
+    let committed = std::fs::read_to_string(repo_root().join("docs/api.json")).unwrap();
+    let made = vmm::api::routes::openapi_json();
+    assert!(
+        committed.trim_end() == made.trim_end(),
+        "docs/api.json is stale: regenerate it with `cargo run --release -- api-spec > docs/api.json`"
+    );
 }
 
 #[test]

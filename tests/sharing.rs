@@ -109,7 +109,10 @@ fn churn_run(name: &str, extra: &[&str]) -> serde_json::Value {
     let stats = dir.join("stats.json");
     let mut args = vec!["--guests", "8", "--vcpus", "2", "--memory", "64", "--console-dir", dir.to_str().unwrap()];
     args.extend_from_slice(&["--stats-file", stats.to_str().unwrap()]);
-    args.extend_from_slice(&["--cmdline", "rounds=40 seed=3 share=0.5 zero=0.1 volatile=32 churn=512 near=0.2 idle=40"]);
+    args.extend_from_slice(&[
+        "--cmdline",
+        "rounds=40 seed=3 share=0.5 zero=0.1 volatile=32 churn=512 near=0.2 idle=40",
+    ]);
     args.extend_from_slice(extra);
     let out = run_memtest(&args);
     assert_eq!(out.code, Some(0), "{}", out.describe());

@@ -38,6 +38,8 @@ pub enum Command {
     /// (Internal) one guest's process, started by `vmm run` or `vmm serve`.
     #[command(hide = true)]
     Guest,
+    /// Print the API's OpenAPI description (docs/api.json is this).
+    ApiSpec,
 }
 
 /// What the bench guests run.

@@ -80,6 +80,38 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result:
     T::deserialize(d).map(Some)
 }
 
+/// An integer field: JSON's 12 or 12.0 (an integer, as JSON Schema counts
+/// them), never 12.5 or one out of the type's range.
+fn integer<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> std::result::Result<T, D::Error> {
+    struct Integer;
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = i128;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<i128, E> {
+            if v.fract() == 0.0 && v.abs() < 1e30 {
+                Ok(v as i128)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    let v = d.deserialize_any(Integer)?;
+    T::try_from(v).map_err(|_| serde::de::Error::custom(format!("integer {v} is out of range")))
+}
+
+/// [`integer`] for a field that may be left out.
+fn present_integer<'de, D: Deserializer<'de>, T: TryFrom<i128>>(d: D) -> std::result::Result<Option<T>, D::Error> {
+    integer(d).map(Some)
+}
+
 fn default_memory() -> u64 {
     MEMORY_MIB.default
 }
@@ -89,29 +121,38 @@ fn default_vcpus() -> u64 {
 }
 
 /// One guest: the body of `POST /guests`, and each guest of `vmm run`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"kernel": "guest-images/out/memtest", "memory_mib": 16, "cmdline": "rounds=0 idle=1000"}))]
 pub struct GuestConfig {
     /// A vmlinux ELF, a bzImage, or one of our test guests.
+    #[schema(value_type = String)]
     pub kernel: PathBuf,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, nullable = false)]
     pub initrd: Option<PathBuf>,
     /// `None`: our own guests get an empty line, Linux the host's default.
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub cmdline: Option<String>,
-    #[serde(default = "default_memory")]
+    /// Guest RAM, 8 MiB to 1 TiB.
+    #[serde(default = "default_memory", deserialize_with = "integer")]
+    #[schema(default = 256, minimum = 8, maximum = 1048576)]
     pub memory_mib: u64,
-    #[serde(default = "default_vcpus")]
+    #[serde(default = "default_vcpus", deserialize_with = "integer")]
+    #[schema(default = 1, minimum = 1, maximum = 32)]
     pub vcpus: u64,
     /// A raw disk image, shared read-only, each guest writing to an overlay.
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, nullable = false)]
     pub disk: Option<PathBuf>,
     /// A plain read-only disk, without an overlay.
     #[serde(default)]
     pub disk_readonly: bool,
-    /// Pages merge only within a group; `None`: the server's policy
+    /// Pages merge only within a group; left out: the server's policy
     /// (`--merge-group`).
-    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "present_integer", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub merge_group: Option<u32>,
     /// Never merge this guest's pages.
     #[serde(default)]
@@ -200,7 +241,7 @@ pub enum Volatility {
 
 /// The page-sharing settings that can change while guests run (`GET` and
 /// `PATCH /dedup/config`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DedupSettings {
     /// Off: the scanner sleeps; merged pages stay merged.
     pub enabled: bool,
@@ -273,27 +314,37 @@ impl DedupSettings {
 }
 
 /// The body of `PATCH /dedup/config`: what to change; absent fields stay.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+/// Ranges are those of the command line's flags (README).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DedupUpdate {
     #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub enabled: Option<bool>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(nullable = false, minimum = 1, maximum = 4194304)]
     pub scan_pages: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(nullable = false, minimum = 0, maximum = 60000)]
     pub scan_sleep_ms: Option<u64>,
     /// 0 turns the advisor off.
     #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, minimum = 0, maximum = 86400)]
     pub scan_target_secs: Option<f64>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, minimum = 1, maximum = 100)]
     pub scan_cpu_cap_pct: Option<f64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(nullable = false, minimum = -20, maximum = 19)]
     pub scan_nice: Option<i64>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(nullable = false, minimum = 2, maximum = 1048576)]
     pub max_page_sharing: Option<u64>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
     pub zero_pages: Option<bool>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "present_integer")]
+    #[schema(nullable = false, minimum = 1, maximum = 1048576)]
     pub merge_batch: Option<u64>,
 }
 
@@ -528,6 +579,38 @@ mod tests {
         assert_eq!((s.scan_pages, s.scan_target_secs), (100, Some(2.5)));
         let off: DedupUpdate = serde_json::from_str(r#"{"scan_target_secs": 0}"#).unwrap();
         assert_eq!(off.apply_to(&s).unwrap().scan_target_secs, None);
+    }
+
+    /// The API's description states each knob's range as the knob has it.
+    #[test]
+    fn the_api_description_states_the_knobs_ranges() {
+        let spec: serde_json::Value = serde_json::from_str(&crate::api::routes::openapi_json()).unwrap();
+        let fields = &spec["components"]["schemas"]["DedupUpdate"]["properties"];
+        let check = |field: &str, min: f64, max: f64| {
+            let f = &fields[field];
+            assert_eq!((f["minimum"].as_f64(), f["maximum"].as_f64()), (Some(min), Some(max)), "{field}: {f}");
+        };
+        for k in [SCAN_PAGES, SCAN_SLEEP_MS, MAX_PAGE_SHARING, MERGE_BATCH] {
+            check(k.field, k.min as f64, k.max as f64);
+        }
+        check(SCAN_TARGET_SECS.field, 0.0, SCAN_TARGET_SECS.max);
+        check(SCAN_CPU_CAP_PCT.field, SCAN_CPU_CAP_PCT.min, SCAN_CPU_CAP_PCT.max);
+        check(SCAN_NICE.field, SCAN_NICE.min as f64, SCAN_NICE.max as f64);
+        let guest = &spec["components"]["schemas"]["GuestConfig"]["properties"];
+        assert_eq!(guest["memory_mib"]["maximum"].as_u64(), Some(MEMORY_MIB.max));
+        assert_eq!(guest["vcpus"]["maximum"].as_u64(), Some(VCPUS.max));
+    }
+
+    /// 12.0 is an integer to JSON Schema, so to the API; 12.5 is not.
+    #[test]
+    fn integral_floats_are_integers() {
+        let u: DedupUpdate = serde_json::from_str(r#"{"scan_nice": -12.0, "scan_pages": 100.0}"#).unwrap();
+        assert_eq!((u.scan_nice, u.scan_pages), (Some(-12), Some(100)));
+        assert!(serde_json::from_str::<DedupUpdate>(r#"{"scan_pages": 1.5}"#).is_err());
+        assert!(serde_json::from_str::<DedupUpdate>(r#"{"scan_pages": -1}"#).is_err());
+        let g: GuestConfig =
+            serde_json::from_str(r#"{"kernel": "k", "memory_mib": 64.0, "merge_group": 3.0}"#).unwrap();
+        assert_eq!((g.memory_mib, g.merge_group), (64, Some(3)));
     }
 
     #[test]

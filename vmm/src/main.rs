@@ -48,6 +48,10 @@ fn main() -> ExitCode {
                 .map_err(String::from)
         }
         Command::Guest => return vmm::process::child::main(),
+        Command::ApiSpec => {
+            println!("{}", vmm::api::routes::openapi_json());
+            Ok(true)
+        }
         Command::Ctl(args) => vmm::ctl::run(args),
         Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
             println!("{}", report.table());

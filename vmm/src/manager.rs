@@ -28,7 +28,7 @@ use crate::process::handle::{Descriptors, Exit, GuestProcess};
 use crate::process::ipc::{Event, Reply, Request, Setup};
 use crate::sharing::Sharing;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum GuestState {
     Created,
@@ -38,7 +38,7 @@ pub enum GuestState {
 }
 
 /// A guest as the API shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct GuestInfo {
     pub id: usize,
     pub state: GuestState,
@@ -57,7 +57,7 @@ pub struct GuestInfo {
     pub sharing: Option<GuestSharing>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct GuestSharing {
     pub group: u32,
     pub merged_pages: u64,
@@ -561,9 +561,14 @@ impl Manager {
             (entry.process.clone(), entry.console_tail.clone())
         };
         let Some(process) = process else { return Ok(tail) };
-        match process.request(&Request::Console, &[])? {
-            (Reply::Console(text), _) => Ok(text),
-            (other, _) => Err(Error::host(format!("guest {id} answered {other:?} for its console"))),
+        match process.request(&Request::Console, &[]) {
+            Ok((Reply::Console(text), _)) => Ok(text),
+            // It is ending: its last words come with its end.
+            Err(_) if process.has_exited() => {
+                Ok(self.lock().map.get(&id).map(|e| e.console_tail.clone()).unwrap_or(tail))
+            }
+            Err(e) => Err(e),
+            Ok((other, _)) => Err(Error::host(format!("guest {id} answered {other:?} for its console"))),
         }
     }
 

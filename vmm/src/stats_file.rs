@@ -29,7 +29,7 @@ pub struct RunStats {
     pub finished: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SharingStats {
     pub pages_shared: u64,
     pub pages_sharing: u64,

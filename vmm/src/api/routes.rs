@@ -1,5 +1,7 @@
-//! The API's routes and handlers. docs/api.json is the OpenAPI description;
-//! a test keeps it and [`ROUTES`] the same.
+//! The API's routes: each handler translates HTTP into one manager call
+//! and the result (or the error, by its kind) back. The OpenAPI description
+//! is made from these handlers and their types ([`openapi`]); docs/api.json
+//! is that description, kept equal to it by a test.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,11 +10,12 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
 
-use crate::config::{DedupUpdate, GuestConfig, Source};
+use crate::config::{DedupSettings, DedupUpdate, GuestConfig, Source};
 use crate::error::{Error, Kind};
 use crate::manager::{GuestInfo, GuestSharing, GuestState, Manager};
 use crate::stats_file::SharingStats;
@@ -44,8 +47,12 @@ pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/guests", get(list).post(create))
         .route("/guests/{id}", get(get_guest).delete(delete))
+        .route("/guests/{id}/start", post(start))
+        .route("/guests/{id}/pause", post(pause))
+        .route("/guests/{id}/resume", post(resume))
+        .route("/guests/{id}/stop", post(stop))
+        .route("/guests/{id}/merge", post(merge))
         .route("/guests/{id}/console", get(console))
-        .route("/guests/{id}/{action}", axum::routing::post(action))
         .route("/dedup/stats", get(stats))
         .route("/dedup/audit", get(audit))
         .route("/dedup/config", get(get_config).patch(patch_config))
@@ -60,12 +67,59 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "vmm", description = "Guests, each in a process of its own, and their page sharing."),
+    paths(
+        list,
+        create,
+        get_guest,
+        delete,
+        start,
+        pause,
+        resume,
+        stop,
+        merge,
+        console,
+        stats,
+        audit,
+        get_config,
+        patch_config,
+        host,
+        metrics
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+/// The OpenAPI description of this API (docs/api.json), with links from a
+/// made guest to the routes that take its id.
+pub fn openapi_json() -> String {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description serializes");
+    let links: serde_json::Map<String, serde_json::Value> =
+        ["get_guest", "delete", "start", "pause", "resume", "stop", "merge", "console"]
+            .iter()
+            .map(|op| {
+                (op.to_string(), serde_json::json!({"operationId": op, "parameters": {"id": "$response.body#/id"}}))
+            })
+            .collect();
+    doc["paths"]["/guests"]["post"]["responses"]["201"]["links"] = links.into();
+    serde_json::to_string_pretty(&doc).expect("the description serializes")
+}
+
 /// An error as the API returns it: a status and `{"error": "..."}`.
 pub struct ApiError(pub StatusCode, pub String);
 
+/// The body of every error.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, in words.
+    pub error: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -103,46 +157,127 @@ async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Reply<T> {
     serde_json::from_slice(&bytes).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
+/// The guest id in a path: a number, else a 400 naming what was given.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+struct GuestId {
+    /// The guest's id, as `POST /guests` gave it.
+    id: u64,
+}
+
+#[utoipa::path(get, path = "/guests", responses((status = 200, body = Vec<GuestInfo>)))]
 async fn list(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || Ok(Json(m.list()))).await
 }
 
+/// Makes a guest, in a process of its own, ready to start.
+#[utoipa::path(post, path = "/guests", request_body = GuestConfig, responses(
+    (status = 201, description = "made", body = GuestInfo),
+    (status = 400, description = "a bad configuration or kernel", body = ErrorBody),
+    (status = 413, description = "body too large", body = ErrorBody),
+    (status = 500, description = "the host could not make it", body = ErrorBody),
+))]
 async fn create(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
     let config: GuestConfig = json_body(body).await?;
     let info = blocking(move || m.create(config, Source::Api).and_then(|id| m.get(id))).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
+#[utoipa::path(get, path = "/guests/{id}", params(GuestId), responses(
+    (status = 200, body = GuestInfo),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+))]
 async fn get_guest(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
     let id = guest_id(&id)?;
     blocking(move || m.get(id).map(Json)).await
 }
 
+/// Stops the guest if it runs, then forgets it.
+#[utoipa::path(delete, path = "/guests/{id}", params(GuestId), responses(
+    (status = 204, description = "deleted"),
+    (status = 400, body = ErrorBody),
+    (status = 404, body = ErrorBody),
+    (status = 500, body = ErrorBody),
+))]
 async fn delete(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
     let id = guest_id(&id)?;
     blocking(move || m.delete(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn action(State(m): State<Arc<Manager>>, Path((id, action)): Path<(String, String)>) -> Reply<impl IntoResponse> {
+/// Runs a guest action: the guest afterwards, or the error by its kind.
+async fn act(
+    m: Arc<Manager>,
+    id: String,
+    call: fn(&Manager, usize) -> Result<GuestInfo, Error>,
+) -> Reply<Json<GuestInfo>> {
     let id = guest_id(&id)?;
-    let call: fn(&Manager, usize) -> Result<GuestInfo, Error> = match action.as_str() {
-        "start" => Manager::start,
-        "pause" => Manager::pause,
-        "resume" => Manager::resume,
-        "stop" => Manager::stop,
-        "merge" => Manager::merge_now,
-        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("no action '{other}' on guests"))),
-    };
     blocking(move || call(&m, id).map(Json)).await
 }
 
-async fn console(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
-    let id = guest_id(&id)?;
-    blocking(move || m.console(id).map(|tail| Json(serde_json::json!({ "id": id, "tail": tail })))).await
+/// Starts a created guest.
+#[utoipa::path(post, path = "/guests/{id}/start", params(GuestId), responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn start(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
+    act(m, id, Manager::start).await
 }
 
-#[derive(Serialize, Default)]
+/// Parks a running guest's vCPUs; its memory stays mapped and mergeable.
+#[utoipa::path(post, path = "/guests/{id}/pause", params(GuestId), responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn pause(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
+    act(m, id, Manager::pause).await
+}
+
+#[utoipa::path(post, path = "/guests/{id}/resume", params(GuestId), responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn resume(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
+    act(m, id, Manager::resume).await
+}
+
+/// Ends a guest and waits until it has.
+#[utoipa::path(post, path = "/guests/{id}/stop", params(GuestId), responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn stop(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
+    act(m, id, Manager::stop).await
+}
+
+/// Merges what can be merged in the guest now.
+#[utoipa::path(post, path = "/guests/{id}/merge", params(GuestId), responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn merge(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
+    act(m, id, Manager::merge_now).await
+}
+
+/// The last bytes a guest wrote to its console.
+#[derive(Serialize, ToSchema)]
+struct ConsoleTail {
+    id: u64,
+    tail: String,
+}
+
+#[utoipa::path(get, path = "/guests/{id}/console", params(GuestId), responses(
+    (status = 200, body = ConsoleTail), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 500, body = ErrorBody),
+))]
+async fn console(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    blocking(move || m.console(id).map(|tail| Json(ConsoleTail { id: id as u64, tail }))).await
+}
+
+#[derive(Serialize, Default, ToSchema)]
 struct GroupStats {
     guests: usize,
     merged_pages: u64,
@@ -150,11 +285,15 @@ struct GroupStats {
     cow_breaks: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StatsReply {
     enabled: bool,
     global: Option<SharingStats>,
+    /// By guest id.
+    #[schema(value_type = BTreeMap<String, GuestSharing>)]
     guests: BTreeMap<usize, GuestSharing>,
+    /// By merge group.
+    #[schema(value_type = BTreeMap<String, GroupStats>)]
     groups: BTreeMap<u32, GroupStats>,
 }
 
@@ -177,21 +316,39 @@ fn stats_of(m: &Manager) -> StatsReply {
     StatsReply { enabled: sharing.settings().enabled, global: Some(SharingStats::new(&published)), guests, groups }
 }
 
+/// Page-sharing counters: global, per guest and per merge group.
+#[utoipa::path(get, path = "/dedup/stats", responses((status = 200, body = StatsReply)))]
 async fn stats(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || Ok(Json(stats_of(&m)))).await
 }
 
-/// The engine's books recounted: frames held against frames used (slow:
-/// it waits for a scan step).
+/// The engine's books recounted.
+#[derive(Serialize, ToSchema)]
+struct AuditReply {
+    /// Frames the stores hold.
+    live_frames: u64,
+    /// Frames guest pages map or queued merges are for.
+    referenced_frames: u64,
+    /// Frames nobody uses: always 0.
+    leaked_frames: u64,
+    /// Pages of memory the stores' files hold.
+    store_pages: u64,
+}
+
+/// Recounts the stable frames against the guest pages that use them (slow:
+/// it waits for a scan step; for tests and soaks).
+#[utoipa::path(get, path = "/dedup/audit", responses(
+    (status = 200, body = AuditReply), (status = 409, description = "page sharing is off", body = ErrorBody),
+))]
 async fn audit(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || {
         let a = sharing_of(&m)?.audit();
-        Ok(Json(serde_json::json!({
-            "live_frames": a.live_frames,
-            "referenced_frames": a.referenced_frames,
-            "leaked_frames": a.leaked_frames,
-            "store_pages": a.store_pages,
-        })))
+        Ok(Json(AuditReply {
+            live_frames: a.live_frames,
+            referenced_frames: a.referenced_frames,
+            leaked_frames: a.leaked_frames,
+            store_pages: a.store_pages,
+        }))
     })
     .await
 }
@@ -200,15 +357,39 @@ fn sharing_of(m: &Manager) -> Result<&crate::sharing::Sharing, Error> {
     m.sharing().ok_or_else(|| Error::conflict("page sharing is off (started with --dedup off or ksm)"))
 }
 
+#[utoipa::path(get, path = "/dedup/config", responses(
+    (status = 200, body = DedupSettings), (status = 409, description = "page sharing is off", body = ErrorBody),
+))]
 async fn get_config(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || sharing_of(&m).map(|s| Json(s.settings()))).await
 }
 
+/// Changes page-sharing settings, live; the update is checked whole and
+/// nothing changes if any part of it is refused.
+#[utoipa::path(patch, path = "/dedup/config", request_body = DedupUpdate, responses(
+    (status = 200, body = DedupSettings), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody),
+    (status = 413, body = ErrorBody),
+))]
 async fn patch_config(State(m): State<Arc<Manager>>, body: Body) -> Reply<impl IntoResponse> {
     let update: DedupUpdate = json_body(body).await?;
     blocking(move || sharing_of(&m)?.update(&update).map(Json)).await
 }
 
+/// The host the supervisor runs on.
+#[derive(Serialize, ToSchema)]
+struct HostInfo {
+    /// hardware, pvm or unknown.
+    kvm: String,
+    max_map_count: Option<u64>,
+    memory_total_mib: Option<u64>,
+    memory_available_mib: Option<u64>,
+    guests: usize,
+    /// inprocess or off.
+    dedup: String,
+    supervisor_pid: u32,
+}
+
+#[utoipa::path(get, path = "/host", responses((status = 200, body = HostInfo)))]
 async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     blocking(move || {
         let mib = |kib_key: &str| -> Option<u64> {
@@ -216,23 +397,26 @@ async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
             let line = text.lines().find(|l| l.starts_with(kib_key))?;
             Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
         };
-        Ok(Json(serde_json::json!({
-            "kvm": match m.host() {
+        Ok(Json(HostInfo {
+            kvm: match m.host() {
                 crate::host::HostKind::Hardware => "hardware",
                 crate::host::HostKind::Pvm => "pvm",
                 crate::host::HostKind::Unknown => "unknown",
-            },
-            "max_map_count": dedup::os::max_map_count().ok(),
-            "memory_total_mib": mib("MemTotal:"),
-            "memory_available_mib": mib("MemAvailable:"),
-            "guests": m.list().len(),
-            "dedup": if m.sharing().is_some() { "inprocess" } else { "off" },
-            "supervisor_pid": std::process::id(),
-        })))
+            }
+            .into(),
+            max_map_count: dedup::os::max_map_count().ok().map(|n| n as u64),
+            memory_total_mib: mib("MemTotal:"),
+            memory_available_mib: mib("MemAvailable:"),
+            guests: m.list().len(),
+            dedup: if m.sharing().is_some() { "inprocess" } else { "off" }.into(),
+            supervisor_pid: std::process::id(),
+        }))
     })
     .await
 }
 
+/// Prometheus text: guests by state, sharing counters, memory per guest.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     let text = blocking(move || Ok(prometheus_text(&m))).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))

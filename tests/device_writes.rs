@@ -15,10 +15,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::io_gate::IoGate;
 use vmm::devices::virtio::BlockDevice;
 use vmm::disk::{BaseImage, Disk};
 use vmm::memory::{guest_memfd, GuestMemoryMmap, GuestRam};
-use vmm::vstate::control::IoGate;
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 64;

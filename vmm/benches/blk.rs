@@ -14,10 +14,10 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::io_gate::IoGate;
 use vmm::devices::virtio::block::Block;
 use vmm::disk::{BaseImage, Disk};
 use vmm::memory::GuestMemoryMmap;
-use vmm::vstate::control::IoGate;
 
 const IMAGE: usize = 256 << 20;
 const REQUEST: u32 = 128 << 10;

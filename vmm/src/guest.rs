@@ -14,6 +14,7 @@ use crate::boot::{self, BootSource};
 use crate::config::GuestConfig;
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
+use crate::devices::io_gate::IoGate;
 use crate::devices::virtio::{BlockDevice, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
 use crate::devices::{serial, Devices};
 use crate::disk::Disk;
@@ -21,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
-use crate::vstate::control::{IoGate, VcpuGate};
+use crate::vstate::control::VcpuGate;
 use crate::vstate::{vcpu, vm};
 
 /// State the vCPU threads of one guest share.

@@ -15,8 +15,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemory;
 
 use super::VIRTIO_F_VERSION_1;
+use crate::devices::io_gate::IoGate;
 use crate::disk::{Disk, SECTOR_SIZE};
-use crate::vstate::control::IoGate;
 
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;

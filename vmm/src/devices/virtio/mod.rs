@@ -11,8 +11,8 @@ use event_manager::{EventOps, EventSet, EventSubscriber, Events};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::io_gate::IoGate;
 use crate::disk::Disk;
-use crate::vstate::control::IoGate;
 use block::Block;
 use mmio::{MmioEvent, MmioTransport, INT_VRING, MMIO_SIZE};
 

@@ -309,26 +309,6 @@ pub fn map_shared(file: &File, len: usize, offset: u64) -> io::Result<*mut u8> {
     map_file(file, len, offset, false)
 }
 
-/// Puts `file` back `MAP_SHARED` over `addr` (undoing a remap that failed
-/// half way, so the guest keeps its memory).
-///
-/// # Safety
-/// As for [`map_private`].
-pub unsafe fn map_shared_fixed(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
-    // SAFETY: as for map_private.
-    check_mmap(unsafe {
-        libc::mmap(
-            addr.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    })
-    .map(drop)
-}
-
 /// Sets the calling thread's nice value; without the privilege for it, says
 /// so (naming `who`) and goes on at the default priority.
 pub fn set_thread_nice(nice: i32, who: &str) {

@@ -130,6 +130,9 @@ pub struct Agent {
     map_limit: Option<u64>,
     /// Memfd ranges whose freeing failed: tried again at the next call.
     unfreed: Vec<(u64, u64)>,
+    /// Called with the first page of each remap, before it (tests).
+    #[cfg(test)]
+    before_remap: Option<Box<dyn FnMut(u32)>>,
 }
 
 // SAFETY: the agent's addresses are the guest's mappings in this process,
@@ -169,6 +172,8 @@ impl Agent {
             mappings_bound: 0,
             map_limit: None,
             unfreed: Vec::new(),
+            #[cfg(test)]
+            before_remap: None,
         })
     }
 
@@ -292,16 +297,15 @@ impl Agent {
                 return;
             }
         }
+        let mut window = HeldWindow::new(addr, len, held);
         let protected = held.elapsed();
-        let mut remapped = Vec::new();
         for &(start, n) in runs {
             let mut merged = std::mem::take(&mut out.merged);
-            remapped.extend(self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out));
+            self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out, Some(&mut window));
             out.merged = merged;
         }
         let remapping = held.elapsed() - protected;
         let Hold::WriteProtect(uffd) = &self.hold else { unreachable!() };
-        let blocked = uffd.blocked_writers();
         // Release: unprotect what is still the old mapping (which wakes its
         // writers) and wake the writers on remapped pages, who retry against
         // the frame and get their private copy. The new mappings are not
@@ -309,8 +313,8 @@ impl Agent {
         let mut at = addr;
         let end = addr.wrapping_add(len);
         let mut failed = false;
-        for (page, n) in remapped {
-            let (start, bytes) = (self.layout.host(page) as *mut u8, n * PAGE_SIZE);
+        for &(start, n) in &window.remapped {
+            let (start, bytes) = (start as *mut u8, n * PAGE_SIZE);
             if start > at {
                 failed |= uffd.unprotect(at, start as usize - at as usize).is_err();
             }
@@ -327,17 +331,19 @@ impl Agent {
             );
             release_pages(uffd, addr, len);
         }
+        // Writers that came after the last look were released just now.
+        window.release_writers(uffd, out);
         let whole = held.elapsed();
         if whole > Duration::from_millis(2) {
             log::debug!(
                 "page sharing: a window of {} pages ({} runs) was held {whole:?}: protect {protected:?}, \
-                 compare and remap {remapping:?}, release {:?}; {blocked} writers waited",
+                 compare and remap {remapping:?}, release {:?}; {} writers let go early",
                 len / PAGE_SIZE,
                 runs.len(),
-                whole - protected - remapping
+                whole - protected - remapping,
+                window.writers
             );
         }
-        out.stalls.extend(std::iter::repeat_n(whole, blocked));
     }
 
     /// Under a freeze: as many runs per freeze as the budget allows.
@@ -353,7 +359,7 @@ impl Agent {
             let first = i;
             while i < runs.len() && (i == first || parked.elapsed() < FREEZE_BUDGET) {
                 let (start, n) = runs[i];
-                self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out);
+                self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out, None);
                 i += 1;
             }
             out.merged = merged;
@@ -367,15 +373,16 @@ impl Agent {
     }
 
     /// With the run's writers held off: compares each page with its target
-    /// and remaps the longest stretches still equal, one mapping each.
-    /// Returns the (first page, pages) ranges it remapped.
+    /// and remaps the longest stretches still equal, one mapping each. In a
+    /// write-protected window, writers that fault meanwhile are let go after
+    /// each remap (see [`HeldWindow`]).
     fn remap_equal(
         &mut self,
         run: &[(u32, Target)],
         merged: &mut [bool],
         out: &mut MergeOutcome,
-    ) -> Vec<(usize, usize)> {
-        let mut remapped = Vec::new();
+        mut window: Option<&mut HeldWindow>,
+    ) {
         let equal: Vec<bool> = run
             .iter()
             .map(|&(page, target)| match target {
@@ -383,27 +390,40 @@ impl Agent {
                 Target::Frame(f) => self.held_content(page as usize) == self.store.page(f),
             })
             .collect();
+        // A page a writer was let go on is no longer held: never remapped.
+        let addrs: Vec<usize> = run.iter().map(|&(page, _)| self.ptr(page as usize) as usize).collect();
+        let still_held = |window: &Option<&mut HeldWindow>, k: usize| {
+            equal[k] && !window.as_ref().is_some_and(|w| w.let_go_on(addrs[k]))
+        };
         let mut k = 0;
         while k < run.len() {
-            if !equal[k] {
+            if !still_held(&window, k) {
                 k += 1;
                 continue;
             }
-            let n = equal[k..].iter().take_while(|&&e| e).count();
+            let n = (k..run.len()).take_while(|&i| still_held(&window, i)).count();
             match self.remap(run[k], n) {
                 Ok(()) => {
                     merged[k..k + n].fill(true);
-                    remapped.push((run[k].0 as usize, n));
+                    if let Some(w) = window.as_deref_mut() {
+                        w.remapped.push((addrs[k], n));
+                    }
                 }
                 Err(e) => out.error("remapping merged pages", e),
             }
             k += n;
+            if let (Some(w), Hold::WriteProtect(uffd)) = (window.as_deref_mut(), &self.hold) {
+                w.release_writers(uffd, out);
+            }
         }
-        remapped
     }
 
     /// Maps `n` pages from `page` onto their target(s) in one mapping.
     fn remap(&mut self, (page, target): (u32, Target), n: usize) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(hook) = &mut self.before_remap {
+            hook(page);
+        }
         let (addr, len) = (self.ptr(page as usize), n * PAGE_SIZE);
         // SAFETY: the pages belong to the guest, their writers are held
         // off, and they were just found equal to their target: replacing
@@ -452,6 +472,72 @@ impl Agent {
     }
 }
 
+/// One write-protected window while its merges are made. A writer blocked
+/// on one of its pages waits only until the next remap is done, not for the
+/// whole window: after each remap the agent reads the queued write faults
+/// and lets each writer go. On a page already remapped it is woken (its
+/// write lands in a private copy of the frame); on any other page that page
+/// is unprotected, and it is never remapped in this window, since it is no
+/// longer held (it is being written: it waits for a later pass).
+struct HeldWindow {
+    /// Address of the window's first page.
+    start: usize,
+    /// Per page: unprotected early, because a writer wanted it.
+    let_go: Vec<bool>,
+    /// (address, pages) of the runs remapped so far, in address order.
+    remapped: Vec<(usize, usize)>,
+    /// When the fault queue was last read: a writer found now faulted since.
+    last_look: Instant,
+    /// Writers let go so far.
+    writers: usize,
+}
+
+impl HeldWindow {
+    fn new(addr: *mut u8, len: usize, held: Instant) -> HeldWindow {
+        HeldWindow {
+            start: addr as usize,
+            let_go: vec![false; len / PAGE_SIZE],
+            remapped: Vec::new(),
+            last_look: held,
+            writers: 0,
+        }
+    }
+
+    fn let_go_on(&self, addr: usize) -> bool {
+        let index = addr.wrapping_sub(self.start) / PAGE_SIZE;
+        self.let_go.get(index).copied().unwrap_or(false)
+    }
+
+    fn is_remapped(&self, addr: usize) -> bool {
+        self.remapped.iter().any(|&(start, n)| (start..start + n * PAGE_SIZE).contains(&addr))
+    }
+
+    /// Lets go every writer queued since the last look, and records how
+    /// long each may have waited: from the last look (it faulted after it)
+    /// to its release.
+    fn release_writers(&mut self, uffd: &Uffd, out: &mut MergeOutcome) {
+        let looked = Instant::now();
+        let faults = uffd.take_write_faults();
+        for &addr in &faults {
+            let page = addr & !(PAGE_SIZE - 1);
+            if !self.is_remapped(page) {
+                let index = page.wrapping_sub(self.start) / PAGE_SIZE;
+                if let Some(flag) = self.let_go.get_mut(index) {
+                    *flag = true;
+                }
+                // Also wakes it; a page outside the window (a fault left
+                // over from an earlier one) was released already.
+                let _ = uffd.unprotect(page as *const u8, PAGE_SIZE);
+            }
+            let _ = uffd.wake(page as *const u8, PAGE_SIZE);
+        }
+        let waited = self.last_look.elapsed();
+        out.stalls.extend(std::iter::repeat_n(waited, faults.len()));
+        self.writers += faults.len();
+        self.last_look = looked;
+    }
+}
+
 /// Last resort after a failed release: unprotects page by page (pages of
 /// mappings that are not registered fail, harmlessly) and wakes everyone.
 fn release_pages(uffd: &Uffd, addr: *mut u8, len: usize) {
@@ -470,5 +556,108 @@ impl GuestAgent for Agent {
 
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
         Ok(Agent::merge(self, merges))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct NoFreezer;
+    impl Freezer for NoFreezer {
+        fn freeze(&self) -> usize {
+            0
+        }
+        fn thaw(&self) {}
+    }
+
+    struct SendPtr(*mut u8);
+    // SAFETY: the test keeps the mapping alive until the thread is joined.
+    unsafe impl Send for SendPtr {}
+
+    /// A writer blocked on a page of a window is let go after the next
+    /// remap, not at the window's end, and the page it then writes is not
+    /// remapped, even though it was found equal before the write: the write
+    /// survives.
+    #[test]
+    fn a_blocked_writer_is_let_go_early_and_its_page_is_not_merged() {
+        if let Err(e) = Uffd::open() {
+            assert!(
+                std::env::var_os("VMM_TEST_NO_UFFD").is_some(),
+                "no userfaultfd write-protection here ({e}): run as root on Linux >= 5.19, or set VMM_TEST_NO_UFFD=1"
+            );
+            return;
+        }
+        const PAGES: usize = 4;
+        let memfd = os::memfd("agent-test").unwrap();
+        memfd.set_len((PAGES * PAGE_SIZE) as u64).unwrap();
+        let base = os::map_shared(&memfd, PAGES * PAGE_SIZE, 0).unwrap();
+        let mut store = StableStore::new(0).unwrap();
+        // Adjacent frames with contents 1, 2, 3, 4; the pages hold the same
+        // but for page 1: one run of four, compared at once, remapped as
+        // [0] and [2, 3].
+        let mut merges = Vec::new();
+        for p in 0..PAGES {
+            let content = [p as u8 + 1; PAGE_SIZE];
+            merges.push((p as u32, Target::Frame(store.insert(p as u64, &content).unwrap())));
+            let fill = if p == 1 { 0x55 } else { p as u8 + 1 };
+            // SAFETY: our own fresh mapping.
+            unsafe { base.add(p * PAGE_SIZE).write_bytes(fill, PAGE_SIZE) };
+        }
+        let region = Region { host: base as u64, len: PAGES * PAGE_SIZE, file_offset: 0 };
+        let mut agent = Agent::new(
+            vec![region],
+            memfd.try_clone().unwrap(),
+            store.file().try_clone().unwrap(),
+            ProtectMode::WriteProtect,
+            Arc::new(NoFreezer),
+            None,
+        )
+        .unwrap();
+        assert_eq!(agent.layout.mapping_runs(&merges).len(), 1, "one run");
+        let written = Arc::new(AtomicBool::new(false));
+        let mut writer = None;
+        let flag = written.clone();
+        let mut page3 = Some(SendPtr(base.wrapping_add(3 * PAGE_SIZE)));
+        agent.before_remap = Some(Box::new(move |page| match page {
+            0 => {
+                // Page 3 is protected now: this write blocks until let go.
+                let (p, done) = (page3.take().unwrap(), flag.clone());
+                writer = Some(std::thread::spawn(move || {
+                    let p = p;
+                    // SAFETY: the mapping outlives the thread (joined below).
+                    unsafe { std::ptr::write_volatile(p.0, 9) };
+                    done.store(true, Ordering::SeqCst);
+                }));
+                std::thread::sleep(Duration::from_millis(100));
+                assert!(!flag.load(Ordering::SeqCst), "a write went through a write-protected page");
+            }
+            2 => {
+                // Let go after page 0's remap: the write lands while page 2
+                // is still held.
+                let t = Instant::now();
+                while !flag.load(Ordering::SeqCst) {
+                    assert!(t.elapsed() < Duration::from_secs(5), "the writer was not let go after the first remap");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                writer.take().unwrap().join().unwrap();
+            }
+            _ => panic!("page {page} was remapped"),
+        }));
+        let out = agent.merge(&merges);
+        assert!(written.load(Ordering::SeqCst));
+        // SAFETY: reading our own mapping.
+        let read = |p: usize| unsafe { std::ptr::read_volatile(base.add(p * PAGE_SIZE)) };
+        assert_eq!(
+            (0..PAGES).map(read).collect::<Vec<_>>(),
+            [1, 0x55, 3, 9],
+            "page 3 keeps the write it was let go for"
+        );
+        assert_eq!(out.merged, [true, false, true, false], "{:?}", out.first_error);
+        assert_eq!(out.stalls.len(), 1, "one writer waited");
+        drop(agent);
+        // SAFETY: nothing uses the mapping any more.
+        unsafe { os::unmap(base, PAGES * PAGE_SIZE) };
     }
 }

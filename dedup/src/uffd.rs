@@ -21,6 +21,7 @@ const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_MSG_SIZE: usize = 32;
 
 const fn ioc(dir: u64, nr: u64, size: u64) -> libc::c_ulong {
     ((dir << 30) | (size << 16) | (0xaa << 8) | nr) as libc::c_ulong
@@ -154,21 +155,23 @@ impl Uffd {
         self.ioctl(UFFDIO_WAKE, &mut r)
     }
 
-    /// Reads the write faults queued so far (without waiting): how many
-    /// writers are blocked now. Nobody has to read them for the writers to
-    /// be woken; they are read to measure.
-    pub fn blocked_writers(&self) -> usize {
-        let mut msgs = [0u8; 32 * 64];
-        let mut count = 0;
+    /// Takes the write faults queued so far, without waiting: the address
+    /// each blocked writer faulted on. Reading them wakes nobody; it tells
+    /// the caller whom to release first, and lets it count them.
+    pub fn take_write_faults(&self) -> Vec<usize> {
+        let mut msgs = [0u8; UFFD_MSG_SIZE * 64];
+        let mut faults = Vec::new();
         loop {
             match (&self.file).read(&mut msgs) {
                 Ok(n) if n > 0 => {
-                    count += msgs[..n].chunks_exact(32).filter(|m| m[0] == UFFD_EVENT_PAGEFAULT).count();
+                    let events = msgs[..n].chunks_exact(UFFD_MSG_SIZE).filter(|m| m[0] == UFFD_EVENT_PAGEFAULT);
+                    // struct uffd_msg: event at 0; pagefault.flags at 8, .address at 16.
+                    faults.extend(events.map(|m| u64::from_ne_bytes(m[16..24].try_into().unwrap()) as usize));
                     if n < msgs.len() {
-                        return count;
+                        return faults;
                     }
                 }
-                _ => return count,
+                _ => return faults,
             }
         }
     }
@@ -221,9 +224,12 @@ mod tests {
             })
         };
         let t = Instant::now();
-        while uffd.blocked_writers() == 0 && t.elapsed() < Duration::from_secs(5) {
+        let mut faults = Vec::new();
+        while faults.is_empty() && t.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(1));
+            faults = uffd.take_write_faults();
         }
+        assert_eq!(faults, [base as usize], "the writer's fault, at the page it wrote");
         std::thread::sleep(Duration::from_millis(20));
         assert!(!done.load(Ordering::SeqCst), "the write went through a protected page");
         // SAFETY: the unprotected second page is ours to write.

@@ -35,8 +35,8 @@ fn ideal_saved(dir: &std::path::Path, guests: usize, memory_mib: u64) -> (u64, u
 
 /// The peak pages saved that vmm reports at exit.
 fn reported_saved(stderr: &str) -> u64 {
-    let line = stderr.lines().find(|l| l.contains("page sharing:")).expect("no page sharing report");
-    let rest = &line[line.find("MiB saved (").unwrap() + "MiB saved (".len()..];
+    let line = stderr.lines().find(|l| l.starts_with("vmm: page sharing: ")).expect("no page sharing report");
+    let rest = &line[line.find("MiB saved (").expect("no 'MiB saved (' in the report") + "MiB saved (".len()..];
     rest.split_whitespace().next().unwrap().parse().unwrap()
 }
 

@@ -101,7 +101,8 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
                 write_stats(path, &run_stats(started, manager, false));
             }
         }
-        if manager.live() == 0 {
+        // From the same snapshot as the reports, so no end goes unreported.
+        if ends.values().all(Option::is_some) {
             break;
         }
         if stop_sent {

@@ -13,6 +13,10 @@ use crate::error::{Error, Result};
 use crate::process::handle::GuestProcess;
 use crate::process::ipc::{self, Reply, Request};
 
+/// How long a broken agent channel waits for its process to finish exiting,
+/// so that a guest ending normally is not reported as a lost agent.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The running scanner and the settings it runs with.
 pub struct Sharing {
     scanner: Scanner,
@@ -180,7 +184,7 @@ impl RemoteAgent {
     /// A failed request as the engine sees it: a process that has exited is
     /// gone (end of file), not a failure.
     fn channel_error(&self, e: Error) -> io::Error {
-        if self.0.has_exited() {
+        if self.0.exits_within(EXIT_GRACE) {
             io::Error::new(io::ErrorKind::UnexpectedEof, e.message)
         } else {
             io::Error::other(e.message)

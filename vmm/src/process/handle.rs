@@ -251,9 +251,17 @@ impl GuestProcess {
 
     /// Whether the process has exited (its pidfd is readable then).
     pub fn has_exited(&self) -> bool {
+        self.exits_within(Duration::ZERO)
+    }
+
+    /// Whether the process exits within `wait`. An exiting process closes
+    /// its sockets a moment before its pidfd turns readable, so a broken
+    /// channel is worth this short wait before it is called a failure.
+    pub fn exits_within(&self, wait: Duration) -> bool {
         let mut p = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one pollfd of our own, without waiting.
-        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: poll on one pollfd of our own; no memory but `p` involved.
+        unsafe { libc::poll(&mut p, 1, ms) == 1 }
     }
 
     /// Ends the process at once (SIGKILL).

@@ -142,7 +142,7 @@ impl GuestProcess {
         if let Some(cg) = cgroup {
             cg.enroll(&mut command);
         }
-        let mut child = command.spawn().map_err(|e| host("cannot start its process", e))?;
+        let mut child = spawn_from_lasting_thread(command).map_err(|e| host("cannot start its process", e))?;
         drop((child_requests, child_events, fds));
         let pid = child.id();
         let pidfd = pidfd_open(pid).map_err(|e| host("pidfd_open", e))?;
@@ -206,7 +206,12 @@ impl GuestProcess {
     /// Sends a request and waits for the reply; the guest's errors come back
     /// as they are, a silent or broken channel as a host error.
     pub fn request(&self, request: &Request, payload: &[u8]) -> Result<(Reply, Vec<u8>)> {
-        match self.call_with_timeout(request, payload, REQUEST_TIMEOUT)? {
+        self.request_within(request, payload, REQUEST_TIMEOUT)
+    }
+
+    /// As [`GuestProcess::request`], for requests that may take longer.
+    pub fn request_within(&self, request: &Request, payload: &[u8], timeout: Duration) -> Result<(Reply, Vec<u8>)> {
+        match self.call_with_timeout(request, payload, timeout)? {
             (Reply::Error { kind, message }, _) => Err(Error::new(kind, message)),
             reply => Ok(reply),
         }
@@ -326,6 +331,33 @@ fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::
         }
         last.into()
     })
+}
+
+/// Starts `command` from a thread that lives as long as this process.
+///
+/// A guest process dies with the thread that forked it
+/// (`PR_SET_PDEATHSIG` follows the forking thread, not the process), and
+/// the API makes guests on tokio's blocking threads, which exit after 10 s
+/// idle: forked there, a guest was killed 10 s after the API went quiet.
+fn spawn_from_lasting_thread(command: Command) -> io::Result<Child> {
+    type Job = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
+    static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<Job>>> = Mutex::new(None);
+    let (reply, answer) = std::sync::mpsc::channel();
+    {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+        if spawner.is_none() {
+            let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+            std::thread::Builder::new().name("guest-spawner".into()).spawn(move || {
+                for (mut command, reply) in queue {
+                    let _ = reply.send(command.spawn());
+                }
+            })?;
+            *spawner = Some(jobs);
+        }
+        let jobs = spawner.as_ref().expect("the spawner runs");
+        jobs.send((command, reply)).map_err(|_| io::Error::other("the guest spawner thread is gone"))?;
+    }
+    answer.recv().map_err(|_| io::Error::other("the guest spawner thread is gone"))?
 }
 
 /// Makes the child see each (parent fd, child fd) pair at its number, open

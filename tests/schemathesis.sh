@@ -20,7 +20,10 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-"$vmm" serve --api-socket "$work/api.sock" --console-dir "$work/consoles" > "$work/serve.log" 2>&1 &
+# From inside $work: snapshots to the relative directories the fuzzer makes
+# up land there, and go with it.
+vmm=$PWD/$vmm
+(cd "$work" && exec "$vmm" serve --api-socket "$work/api.sock" --console-dir "$work/consoles" > "$work/serve.log" 2>&1) &
 server_pid=$!
 for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
 socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$work/api.sock" &

@@ -35,11 +35,35 @@ pub enum Command {
     Serve(ServeArgs),
     /// Talk to a running vmm's API.
     Ctl(crate::ctl::CtlArgs),
+    /// Write a paused guest of a running vmm to a new directory (as `vmm
+    /// ctl snapshot`); `vmm run --restore DIR` starts clones of it.
+    Snapshot(SnapshotArgs),
     /// (Internal) one guest's process, started by `vmm run` or `vmm serve`.
     #[command(hide = true)]
     Guest,
     /// Print the API's OpenAPI description (docs/api.json is this).
     ApiSpec,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The server's socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// The guest (paused).
+    pub id: usize,
+    /// A directory that does not exist yet, or is empty.
+    pub dir: PathBuf,
+}
+
+impl From<SnapshotArgs> for crate::ctl::CtlArgs {
+    fn from(a: SnapshotArgs) -> Self {
+        crate::ctl::CtlArgs {
+            api_socket: a.api_socket,
+            json: false,
+            command: crate::ctl::CtlCommand::Snapshot { id: a.id, dir: a.dir },
+        }
+    }
 }
 
 /// What the bench guests run.
@@ -174,8 +198,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub guests: u64,
     /// Kernel to boot: a vmlinux ELF, a bzImage, or one of our test guests.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Start the guests from this snapshot (`vmm snapshot`) instead of
+    /// booting: each is a clone of the snapshotted guest, with its kernel,
+    /// command line, memory and vCPUs.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "image"])]
+    pub restore: Option<PathBuf>,
     /// Raw disk image every guest gets as its virtio-blk disk (/dev/vda):
     /// opened read-only and shared; each guest writes to its own overlay.
     #[arg(value_name = "IMAGE")]
@@ -381,7 +410,8 @@ impl TryFrom<RunArgs> for RunConfig {
         supervisor.overlay_dir = args.overlay_dir;
         supervisor.overcommit = args.overcommit;
         let guest = GuestConfig {
-            kernel: args.kernel,
+            kernel: args.kernel.unwrap_or_default(),
+            restore: args.restore,
             initrd: args.initrd,
             cmdline: args.cmdline,
             memory_mib: args.memory,

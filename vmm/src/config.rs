@@ -125,9 +125,17 @@ fn default_vcpus() -> u64 {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"kernel": "guest-images/out/memtest", "memory_mib": 16, "cmdline": "rounds=0 idle=1000"}))]
 pub struct GuestConfig {
-    /// A vmlinux ELF, a bzImage, or one of our test guests.
+    /// A vmlinux ELF, a bzImage, or one of our test guests (left out when
+    /// restoring: the snapshot's guest is used).
+    #[serde(default)]
     #[schema(value_type = String)]
     pub kernel: PathBuf,
+    /// Start from the snapshot in this directory (`PUT
+    /// /guests/{id}/snapshot`) instead of booting: kernel, command line,
+    /// memory and vCPUs are the snapshot's.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, nullable = false)]
+    pub restore: Option<PathBuf>,
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String, nullable = false)]
     pub initrd: Option<PathBuf>,
@@ -163,6 +171,7 @@ impl GuestConfig {
     pub fn new(kernel: PathBuf) -> Self {
         GuestConfig {
             kernel,
+            restore: None,
             initrd: None,
             cmdline: None,
             memory_mib: MEMORY_MIB.default,
@@ -181,8 +190,21 @@ impl GuestConfig {
             let name = if source == Source::Cli { "--disk-readonly" } else { "disk_readonly" };
             return Err(Error::bad_input(format!("{name} needs a disk image")));
         }
-        if self.kernel.as_os_str().is_empty() {
-            return Err(Error::bad_input("kernel must name a file"));
+        let (kernel, restore) = match source {
+            Source::Cli => ("--kernel", "--restore"),
+            Source::Api => ("kernel", "restore"),
+        };
+        match (&self.restore, self.kernel.as_os_str().is_empty()) {
+            (None, true) => return Err(Error::bad_input(format!("{kernel} must name a file (or give {restore})"))),
+            (Some(_), false) => {
+                return Err(Error::bad_input(format!(
+                    "give {kernel} or {restore}, not both: a restored guest runs its snapshot's kernel"
+                )))
+            }
+            (Some(dir), true) if dir.as_os_str().is_empty() => {
+                return Err(Error::bad_input(format!("{restore} must name a snapshot directory")))
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -87,6 +87,12 @@ pub enum CtlCommand {
     Console {
         id: usize,
     },
+    /// Write a paused guest to a new directory (restore it with `create
+    /// --restore DIR` or `vmm run --restore DIR`).
+    Snapshot {
+        id: usize,
+        dir: PathBuf,
+    },
     /// Page-sharing counters: global, per guest and per group.
     Stats,
     /// Show page-sharing settings, or change them: --set scan_pages=8192.
@@ -100,8 +106,12 @@ pub enum CtlCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
-    #[arg(long)]
-    pub kernel: PathBuf,
+    #[arg(long, required_unless_present = "restore")]
+    pub kernel: Option<PathBuf>,
+    /// Start from this snapshot instead of booting (kernel, memory and
+    /// vCPUs are the snapshot's).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "disk"])]
+    pub restore: Option<PathBuf>,
     #[arg(long)]
     pub initrd: Option<PathBuf>,
     #[arg(long)]
@@ -130,7 +140,8 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
         CtlCommand::Create(c) => {
             let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let config = crate::config::GuestConfig {
-                kernel: abs(&c.kernel),
+                kernel: c.kernel.as_ref().map(abs).unwrap_or_default(),
+                restore: c.restore.as_ref().map(abs),
                 initrd: c.initrd.as_ref().map(abs),
                 cmdline: c.cmdline.clone(),
                 memory_mib: c.memory,
@@ -148,6 +159,10 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
         CtlCommand::Stop { id } => ("POST", format!("/guests/{id}/stop"), None),
         CtlCommand::Delete { id } => ("DELETE", format!("/guests/{id}"), None),
         CtlCommand::Merge { id } => ("POST", format!("/guests/{id}/merge"), None),
+        CtlCommand::Snapshot { id, dir } => {
+            let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+            ("PUT", format!("/guests/{id}/snapshot"), Some(serde_json::json!({ "dir": dir })))
+        }
         CtlCommand::Console { id } => ("GET", format!("/guests/{id}/console"), None),
         CtlCommand::Stats => ("GET", "/dedup/stats".to_string(), None),
         CtlCommand::Config { set } if set.is_empty() => ("GET", "/dedup/config".to_string(), None),

@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
+use crate::snapshot::{SnapshotState, Written};
 use crate::vstate::control::VcpuGate;
+use crate::vstate::state::{VcpuState, VmState};
 use crate::vstate::{vcpu, vm};
 
 /// State the vCPU threads of one guest share.
@@ -68,8 +70,13 @@ pub struct GuestOptions {
 
 pub struct Guest {
     pub id: usize,
+    config: GuestConfig,
     shared: Arc<Shared>,
-    vcpus: Vec<VcpuFd>,
+    /// Each vCPU, locked by its thread while in `KVM_RUN` (see `vcpu::run`).
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    /// The MSRs KVM can save, for snapshots.
+    msr_list: Vec<u32>,
+    started: bool,
     threads: Vec<JoinHandle<()>>,
     /// The device I/O thread and its stop flag, when the guest has a disk.
     io: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
@@ -82,8 +89,11 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Builds guest `id` from `config` in `ram`, ready to start. `disk`, if
-    /// any, becomes its virtio-blk disk (`/dev/vda` in Linux).
+    /// Builds guest `id` from `config` in `ram`, ready to start: booted from
+    /// its kernel, or, with `restore`, from a snapshot's state (its memory
+    /// is in `ram` already). `disk`, if any, becomes its virtio-blk disk
+    /// (`/dev/vda` in Linux).
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         hv: &Hypervisor,
         id: usize,
@@ -92,22 +102,34 @@ impl Guest {
         console: Console,
         disk: Option<Disk>,
         options: &GuestOptions,
+        restore: Option<&SnapshotState>,
     ) -> Result<Guest> {
         let vcpu_count = config.vcpus as u8;
-        let device_args = if disk.is_some() { BlockDevice::cmdline_arg() } else { String::new() };
-        let source = BootSource {
-            kernel: &config.kernel,
-            initrd: config.initrd.as_deref(),
-            cmdline: config.cmdline.as_deref(),
-            default_linux_cmdline: hv.host.default_linux_cmdline(),
-            device_args: &device_args,
+        let boot = match restore {
+            Some(_) => None,
+            None => {
+                let device_args = if disk.is_some() { BlockDevice::cmdline_arg() } else { String::new() };
+                let source = BootSource {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: config.cmdline.as_deref(),
+                    default_linux_cmdline: hv.host.default_linux_cmdline(),
+                    device_args: &device_args,
+                };
+                Some(
+                    boot::load(ram.memory(), config.memory_bytes(), vcpu_count, &source)
+                        .map_err(|e| Error::bad_input(e.to_string()))?,
+                )
+            }
         };
-        let boot = boot::load(ram.memory(), config.memory_bytes(), vcpu_count, &source)
-            .map_err(|e| Error::bad_input(e.to_string()))?;
 
         let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("{what}: {e}"));
+        let restore_err = |e: String| Error::host(format!("cannot restore guest {id}: {e}"));
         let vm =
             Arc::new(vm::create(&hv.kvm, &ram, options.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
+        if let Some(snapshot) = restore {
+            snapshot.vm.restore(&vm).map_err(restore_err)?;
+        }
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
         let io_gate = Arc::new(IoGate::default());
@@ -126,19 +148,47 @@ impl Guest {
             }
             None => None,
         };
-        let devices =
-            Devices::new(serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count), console, disk);
+        let (serial, doorbell) = match restore {
+            Some(snapshot) => (
+                serial::restore(&snapshot.serial, serial_irq, console.clone()).map_err(restore_err)?,
+                Doorbell::restore(id as u64, &snapshot.doorbell),
+            ),
+            None => (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count)),
+        };
+        let devices = Devices::new(serial, doorbell, console, disk);
         let vcpus = (0..vcpu_count)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
-                vcpu::configure(&fd, i, &hv.cpuid, &boot, options.hide_virtualization)
-                    .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
-                Ok(fd)
+                match (&boot, restore) {
+                    (Some(boot), _) => vcpu::configure(&fd, i, &hv.cpuid, boot, options.hide_virtualization)
+                        .map_err(|e| kvm_err("cannot set up a vCPU", e))?,
+                    (None, Some(snapshot)) => {
+                        vcpu::set_cpuid(&fd, i, &hv.cpuid, options.hide_virtualization)
+                            .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
+                        snapshot.vcpus[i as usize].restore(&fd).map_err(|e| restore_err(format!("vCPU {i}: {e}")))?;
+                    }
+                    (None, None) => unreachable!("a guest is booted or restored"),
+                }
+                Ok(Arc::new(Mutex::new(fd)))
             })
             .collect::<Result<Vec<_>>>()?;
-        let tsc_khz = vcpus.first().and_then(|fd| fd.get_tsc_khz().ok());
+        let tsc_khz = vcpus.first().and_then(|fd| fd.lock().unwrap().get_tsc_khz().ok());
+        let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
         let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
-        Ok(Guest { id, shared, vcpus, threads: Vec::new(), io: None, vm, dirty_log: options.dirty_log, tsc_khz, ram })
+        Ok(Guest {
+            id,
+            config: config.clone(),
+            shared,
+            vcpus,
+            msr_list,
+            started: false,
+            threads: Vec::new(),
+            io: None,
+            vm,
+            dirty_log: options.dirty_log,
+            tsc_khz,
+            ram,
+        })
     }
 
     /// Starts one thread per vCPU; `finished` receives the guest id once the
@@ -148,14 +198,14 @@ impl Guest {
         if let Some(disk) = &self.shared.devices.disk {
             self.io = Some(spawn_io_thread(self.id, disk.clone())?);
         }
-        let vcpus: Vec<VcpuFd> = self.vcpus.drain(..).collect();
-        for (index, fd) in vcpus.into_iter().enumerate() {
+        self.started = true;
+        for (index, fd) in self.vcpus.iter().cloned().enumerate() {
             let shared = self.shared.clone();
             let finished = finished.clone();
             let id = self.id;
             self.shared.gate.starting();
             let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-                let (end, last) = vcpu::run(fd, index as u8, &shared.gate, &shared.devices);
+                let (end, last) = vcpu::run(&fd, index as u8, &shared.gate, &shared.devices);
                 if let Some(end) = end {
                     shared.end_guest(end);
                 }
@@ -184,6 +234,50 @@ impl Guest {
     /// Undoes one `pause`.
     pub fn resume(&self) {
         self.shared.gate.resume();
+    }
+
+    /// Writes the guest to `dir` (see `snapshot.rs`). The guest must have
+    /// started and be paused; it is frozen (its I/O gate closed as well)
+    /// for the time it takes. Returns the pages written and that time.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<Written> {
+        if !self.started || !self.shared.gate.is_paused() {
+            return Err(Error::conflict(format!(
+                "guest {} must be paused to take a snapshot: pause it first",
+                self.id
+            )));
+        }
+        if self.shared.devices.disk.is_some() {
+            return Err(Error::conflict("snapshots of guests with a disk are not supported yet"));
+        }
+        let held = std::time::Instant::now();
+        dedup::Freezer::freeze(self.shared.as_ref());
+        let result = self.write_snapshot(dir);
+        dedup::Freezer::thaw(self.shared.as_ref());
+        let pages = result?;
+        Ok(Written { pages, micros: held.elapsed().as_micros() as u64 })
+    }
+
+    fn write_snapshot(&self, dir: &std::path::Path) -> Result<u64> {
+        let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("cannot save {what}: {e}"));
+        let vcpus = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                VcpuState::save(&fd.lock().unwrap(), &self.msr_list).map_err(|e| kvm_err(&format!("vCPU {i}"), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // A clone's snapshot records the kernel it came from, not the clone.
+        let config = GuestConfig { restore: None, ..self.config.clone() };
+        let state = SnapshotState::new(
+            config,
+            VmState::save(&self.vm).map_err(|e| kvm_err("the VM", e))?,
+            vcpus,
+            self.shared.devices.serial_state(),
+            self.shared.devices.doorbell.save(),
+        );
+        crate::snapshot::write(dir, &state, &self.ram)
+            .map_err(|e| Error::host(format!("cannot write the snapshot to {}: {e}", dir.display())))
     }
 
     /// Ends the guest for `reason` unless it already ended for another.

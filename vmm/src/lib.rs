@@ -32,5 +32,6 @@ pub mod process;
 pub mod runner;
 pub mod sharing;
 pub mod signals;
+pub mod snapshot;
 pub mod stats_file;
 pub mod vstate;

@@ -53,6 +53,7 @@ fn main() -> ExitCode {
             Ok(true)
         }
         Command::Ctl(args) => vmm::ctl::run(args),
+        Command::Snapshot(args) => vmm::ctl::run(args.into()),
         Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
             println!("{}", report.table());
             report.failures() == 0

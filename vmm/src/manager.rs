@@ -233,6 +233,9 @@ impl Manager {
     /// id. `source` names its settings in errors the way the user gave them.
     pub fn create(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
         config.validate(source)?;
+        if let Some(dir) = &config.restore {
+            config = crate::snapshot::SnapshotState::open(dir)?.clone_config(&config, dir)?;
+        }
         if !self.config.overcommit {
             let available =
                 host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
@@ -274,6 +277,7 @@ impl Manager {
                 nice: s.settings().scan_nice as i32,
             }),
             ksm: self.config.sharing.mode == DedupMode::Ksm,
+            restore: config.restore.clone(),
         };
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -590,6 +594,40 @@ impl Manager {
         }
         sharing.merge_now(id)?;
         self.get(id)
+    }
+
+    /// Writes paused guest `id` to `dir`, a new or empty directory (made
+    /// here; removed again if the snapshot fails).
+    pub fn snapshot(&self, id: usize, dir: &Path) -> Result<crate::snapshot::Written> {
+        let (process, memory_mib) = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            if entry.state != GuestState::Paused {
+                return Err(Error::conflict(format!(
+                    "guest {id} is {}: pause it before taking a snapshot",
+                    serde_json::to_value(entry.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                )));
+            }
+            (
+                entry.process.clone().ok_or_else(|| Error::conflict(format!("guest {id} has ended")))?,
+                entry.config.memory_mib,
+            )
+        };
+        let dir = crate::snapshot::prepare_dir(dir)?;
+        // Writing runs at disk speed: allow for a slow disk (16 MiB/s).
+        let limit = Duration::from_secs(60 + memory_mib / 16);
+        let result = match process.request_within(&Request::Snapshot(dir.clone()), &[], limit) {
+            Ok((Reply::Snapshotted(written), _)) => Ok(written),
+            Ok((other, _)) => Err(Error::host(format!("guest {id} answered {other:?} to a snapshot"))),
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            crate::snapshot::discard(&dir);
+        }
+        result
     }
 
     /// Waits until something about the guests changes, or `limit` passes.

@@ -32,7 +32,11 @@ impl RunReport {
 pub fn run(config: &RunConfig) -> Result<RunReport> {
     config.validate()?;
     let available = host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
-    check_memory_fits(config.guests, config.guest.memory_mib, available, config.supervisor.overcommit)?;
+    let memory_mib = match &config.guest.restore {
+        Some(dir) => crate::snapshot::SnapshotState::open(dir)?.config.memory_mib,
+        None => config.guest.memory_mib,
+    };
+    check_memory_fits(config.guests, memory_mib, available, config.supervisor.overcommit)?;
     // A bad image is refused before any guest exists.
     if let Some(image) = &config.guest.disk {
         BaseImage::open(image).map_err(|e| Error::bad_input(e.to_string()))?;

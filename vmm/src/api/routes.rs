@@ -10,7 +10,7 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/guests/{id}/resume"),
     ("POST", "/guests/{id}/stop"),
     ("POST", "/guests/{id}/merge"),
+    ("PUT", "/guests/{id}/snapshot"),
     ("GET", "/guests/{id}/console"),
     ("GET", "/dedup/stats"),
     ("GET", "/dedup/audit"),
@@ -52,6 +53,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/guests/{id}/resume", post(resume))
         .route("/guests/{id}/stop", post(stop))
         .route("/guests/{id}/merge", post(merge))
+        .route("/guests/{id}/snapshot", put(snapshot))
         .route("/guests/{id}/console", get(console))
         .route("/dedup/stats", get(stats))
         .route("/dedup/audit", get(audit))
@@ -80,6 +82,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         resume,
         stop,
         merge,
+        snapshot,
         console,
         stats,
         audit,
@@ -259,6 +262,45 @@ async fn stop(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Js
 ))]
 async fn merge(State(m): State<Arc<Manager>>, Path(id): Path<String>) -> Reply<Json<GuestInfo>> {
     act(m, id, Manager::merge_now).await
+}
+
+/// Where to write a snapshot.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    /// A directory that does not exist yet, or is empty (absolute, or
+    /// relative to the server's working directory).
+    #[schema(value_type = String)]
+    dir: std::path::PathBuf,
+}
+
+/// A snapshot written.
+#[derive(Serialize, ToSchema)]
+struct SnapshotReply {
+    #[schema(value_type = String)]
+    dir: std::path::PathBuf,
+    /// Pages of guest memory written (zero pages are holes in the file).
+    pages: u64,
+    /// How long the guest was held, in milliseconds, beyond its pause.
+    held_ms: f64,
+}
+
+/// Writes a paused guest to a directory: its state and its memory, which
+/// `POST /guests {"restore": DIR}` starts clones of. A running guest is
+/// refused (409): pause it first.
+#[utoipa::path(put, path = "/guests/{id}/snapshot", params(GuestId), request_body = SnapshotRequest, responses(
+    (status = 200, body = SnapshotReply), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn snapshot(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: Body) -> Reply<impl IntoResponse> {
+    let id = guest_id(&id)?;
+    let request: SnapshotRequest = json_body(body).await?;
+    let dir = std::path::absolute(&request.dir).unwrap_or(request.dir);
+    blocking(move || {
+        let written = m.snapshot(id, &dir)?;
+        Ok(Json(SnapshotReply { dir, pages: written.pages, held_ms: written.micros as f64 / 1000.0 }))
+    })
+    .await
 }
 
 /// The last bytes a guest wrote to its console.

@@ -11,6 +11,8 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::console::Console;
 use super::Action;
 use crate::outcome::{GuestEnd, MemtestReport};
@@ -72,7 +74,50 @@ struct State {
     gaps: Vec<u64>,
 }
 
+/// What a snapshot keeps of a doorbell: the memtest's progress and what it
+/// reported, so a restored memtest goes on counting (its gap histogram is
+/// a measurement of the run, and starts afresh).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DoorbellState {
+    progress: Vec<Option<u64>>,
+    finished_vcpus: u8,
+    mismatches: u64,
+    reported_mismatches: u64,
+    fill_micros: Option<u64>,
+}
+
+impl DoorbellState {
+    pub fn vcpus(&self) -> usize {
+        self.progress.len()
+    }
+}
+
 impl Doorbell {
+    /// The doorbell of a guest restored from `state`, as guest `guest_id`.
+    pub fn restore(guest_id: u64, state: &DoorbellState) -> Self {
+        let doorbell = Doorbell::new(guest_id, state.progress.len() as u8);
+        {
+            let mut s = doorbell.state.lock().unwrap();
+            s.progress = state.progress.clone();
+            s.finished_vcpus = state.finished_vcpus;
+            s.mismatches = state.mismatches;
+            s.reported_mismatches = state.reported_mismatches;
+            s.fill_done = state.fill_micros.map(Duration::from_micros);
+        }
+        doorbell
+    }
+
+    pub fn save(&self) -> DoorbellState {
+        let s = self.state.lock().unwrap();
+        DoorbellState {
+            progress: s.progress.clone(),
+            finished_vcpus: s.finished_vcpus,
+            mismatches: s.mismatches,
+            reported_mismatches: s.reported_mismatches,
+            fill_micros: s.fill_done.map(|d| d.as_micros() as u64),
+        }
+    }
+
     pub fn new(guest_id: u64, vcpus: u8) -> Self {
         Doorbell {
             guest_id,

@@ -45,6 +45,11 @@ impl Devices {
         Devices { serial: Mutex::new(serial), doorbell, console, disk }
     }
 
+    /// The serial port's registers, for a snapshot.
+    pub fn serial_state(&self) -> serial::SerialSnapshot {
+        self.serial.lock().unwrap().state().into()
+    }
+
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if let Some(offset) = serial::offset(port) {
             data[0] = self.serial.lock().unwrap().read(offset);

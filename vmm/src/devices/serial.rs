@@ -4,7 +4,8 @@
 
 use std::io;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,4 +33,50 @@ pub fn new(irq: EventFd, console: Console) -> Serial {
 /// The register offset for `port`, if it belongs to COM1.
 pub fn offset(port: u16) -> Option<u8> {
     (COM1_BASE..COM1_BASE + 8).contains(&port).then(|| (port - COM1_BASE) as u8)
+}
+
+/// The UART's registers and input FIFO, as a snapshot keeps them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// The UART of a restored guest: the saved registers, a new console.
+pub fn restore(saved: &SerialSnapshot, irq: EventFd, console: Console) -> Result<Serial, String> {
+    let [baud_divisor_low, baud_divisor_high, interrupt_enable, interrupt_identification, line_control, line_status, modem_control, modem_status, scratch] =
+        saved.registers;
+    let state = SerialState {
+        baud_divisor_low,
+        baud_divisor_high,
+        interrupt_enable,
+        interrupt_identification,
+        line_control,
+        line_status,
+        modem_control,
+        modem_status,
+        scratch,
+        in_buffer: saved.in_buffer.clone(),
+    };
+    vm_superio::Serial::from_state(&state, IrqLine(irq), NoEvents, console)
+        .map_err(|e| format!("the snapshot's serial port state: {e:?}"))
 }

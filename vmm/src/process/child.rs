@@ -24,6 +24,7 @@ use crate::guest::{Guest, GuestOptions};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
+use crate::snapshot::SnapshotState;
 
 pub fn main() -> ExitCode {
     // A panic anywhere ends this guest at once, with its message on stderr
@@ -58,7 +59,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         }
     };
     let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
-    let protection = agent.as_ref().map(|a| format!("{:?}", a.protection()));
+    // Named as --merge-protect names them.
+    let protection = agent.as_ref().map(|a| match a.protection() {
+        dedup::Protection::WriteProtect => "uffd".to_string(),
+        dedup::Protection::Freeze => "freeze".to_string(),
+    });
     ipc::send(&mut requests, &Reply::Created { regions, protection }, &[])?;
 
     // The control loop waits for a request or for the vCPUs to finish,
@@ -165,6 +170,18 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     let memfd = (setup.backend == MemoryBackend::Memfd).then(|| unsafe { File::from_raw_fd(ipc::FD_MEMORY) });
     let ram = GuestRam::new(config.memory_bytes(), memfd)
         .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", config.memory_mib)))?;
+    let restore = match &setup.restore {
+        None => None,
+        Some(dir) => {
+            let state = SnapshotState::open(dir)?;
+            if state.config.memory_mib != config.memory_mib || state.config.vcpus != config.vcpus {
+                return Err(Error::bad_input(format!("snapshot {} is of another guest shape", dir.display())));
+            }
+            crate::snapshot::load_memory(dir, &ram)
+                .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
+            Some(state)
+        }
+    };
     if setup.ksm {
         ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
     }
@@ -184,7 +201,7 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),
     };
-    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options)?;
+    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options, restore.as_ref())?;
     let agent = match setup.sharing {
         None => None,
         Some(agent) => {
@@ -246,6 +263,10 @@ fn handle(
             ok
         }
         Request::Console => (Reply::Console(guest.console_tail()), Vec::new()),
+        Request::Snapshot(dir) => match guest.snapshot(&dir) {
+            Ok(written) => (Reply::Snapshotted(written), Vec::new()),
+            Err(e) => error_reply(e.kind, e.message),
+        },
         Request::Status => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
             match agent.status() {

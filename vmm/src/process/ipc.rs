@@ -45,6 +45,8 @@ pub struct Setup {
     pub sharing: Option<AgentSetup>,
     /// Mark RAM MADV_MERGEABLE for kernel KSM.
     pub ksm: bool,
+    /// Start from the snapshot in this directory instead of booting.
+    pub restore: Option<PathBuf>,
 }
 
 /// How the guest's merge agent works.
@@ -73,6 +75,8 @@ pub enum Request {
     Merge,
     /// The console's last bytes.
     Console,
+    /// Writes a snapshot of the paused guest to this (new, empty) directory.
+    Snapshot(PathBuf),
 }
 
 /// The target number that stands for the zero page in a merge list.
@@ -103,6 +107,7 @@ pub enum Reply {
         first_error: Option<String>,
     },
     Console(String),
+    Snapshotted(crate::snapshot::Written),
     Error {
         kind: Kind,
         message: String,

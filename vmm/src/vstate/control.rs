@@ -178,6 +178,11 @@ impl VcpuGate {
         self.changed.notify_all();
     }
 
+    /// Whether a pause is in force (the vCPUs are parked or parking).
+    pub fn is_paused(&self) -> bool {
+        self.state.lock().unwrap().pause_depth > 0
+    }
+
     pub fn live_vcpus(&self) -> usize {
         self.state.lock().unwrap().live
     }

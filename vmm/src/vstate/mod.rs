@@ -2,5 +2,6 @@
 //! through which other threads stop or park them.
 
 pub mod control;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,5 +1,7 @@
 //! One vCPU: its initial state, and the loop its thread runs.
 
+use std::sync::Mutex;
+
 use kvm_bindings::{kvm_fpu, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -35,8 +37,7 @@ pub fn configure(
     boot: &BootInfo,
     hide_virtualization: bool,
 ) -> Result<(), kvm_ioctls::Error> {
-    let cpuid = guest_cpuid(supported_cpuid, index, hide_virtualization);
-    fd.set_cpuid2(&cpuid)?;
+    set_cpuid(fd, index, supported_cpuid, hide_virtualization)?;
     fd.set_fpu(&kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() })?;
 
     let mut lapic = fd.get_lapic()?;
@@ -54,6 +55,17 @@ pub fn configure(
         }
     }
     Ok(())
+}
+
+/// Gives vCPU `index` the CPUID it sees (a restored vCPU gets it too,
+/// before its saved state).
+pub fn set_cpuid(
+    fd: &VcpuFd,
+    index: u8,
+    supported_cpuid: &CpuId,
+    hide_virtualization: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    fd.set_cpuid2(&guest_cpuid(supported_cpuid, index, hide_virtualization))
 }
 
 /// The CPUID vCPU `index` sees: KVM's, with its APIC ID, the hypervisor
@@ -89,14 +101,18 @@ fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
 /// Runs vCPU `index` until the gate stops it, its work is done, or it ends
 /// the guest. Returns the reason when it is this vCPU that ends the guest,
 /// and whether it was the guest's last vCPU to leave.
-pub fn run(mut fd: VcpuFd, index: u8, gate: &VcpuGate, devices: &Devices) -> (Option<GuestEnd>, bool) {
-    let immediate_exit: *mut u8 = &mut fd.get_kvm_run().immediate_exit;
+///
+/// The vCPU's descriptor is locked only around `KVM_RUN` and the exit's
+/// handling, so while the vCPU is parked a snapshot can read its state.
+pub fn run(fd: &Mutex<VcpuFd>, index: u8, gate: &VcpuGate, devices: &Devices) -> (Option<GuestEnd>, bool) {
+    let immediate_exit: *mut u8 = &mut fd.lock().unwrap().get_kvm_run().immediate_exit;
     gate.register(index as usize, immediate_exit);
     let end = loop {
         if !gate.checkpoint() {
             break None;
         }
-        match handle_exit(&mut fd, index, devices, immediate_exit) {
+        let action = handle_exit(&mut fd.lock().unwrap(), index, devices, immediate_exit);
+        match action {
             Action::Continue => {}
             Action::Idle(time) => gate.idle(time),
             Action::VcpuFinished => break None,

@@ -1,0 +1,200 @@
+//! Snapshots and clones: a guest written to a directory while paused, and
+//! guests started from it that go on where it left off.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// A memtest template made through the API, started, run for `rounds`
+/// rounds (so its memory is filled), paused and written to a fresh
+/// directory; returns the directory and the snapshot's reply.
+fn snapshot_memtest(server: &Server, name: &str, spec: Value, rounds_first: usize) -> (u64, PathBuf, Value) {
+    let (status, g) = server.call("POST", "/guests", Some(spec));
+    assert_eq!(status, 201, "{g}");
+    let id = g["id"].as_u64().unwrap();
+    assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+    wait_for("the template to fill its memory", || rounds(server, id) >= rounds_first);
+    let dir = scratch_dir(&format!("{name}-dir")).join("snapshot");
+    let (status, refused) = server.call("PUT", &format!("/guests/{id}/snapshot"), Some(json!({"dir": dir})));
+    assert_eq!(status, 409, "a running guest was snapshotted: {refused}");
+    assert!(refused["error"].as_str().unwrap().contains("pause it"), "{refused}");
+    assert!(!dir.exists(), "a refused snapshot left its directory");
+    assert_eq!(server.call("POST", &format!("/guests/{id}/pause"), None).0, 200);
+    let (status, written) = server.call("PUT", &format!("/guests/{id}/snapshot"), Some(json!({"dir": dir})));
+    assert_eq!(status, 200, "{written}");
+    (id, dir, written)
+}
+
+fn memtest(cmdline: &str, memory_mib: u64, vcpus: u64) -> Value {
+    json!({"kernel": image("memtest"), "memory_mib": memory_mib, "vcpus": vcpus, "cmdline": cmdline})
+}
+
+/// The console lines of a run's guest `id`.
+fn console(dir: &Path, id: usize) -> String {
+    std::fs::read_to_string(dir.join(format!("guest-{id}.log"))).unwrap_or_default()
+}
+
+#[test]
+fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
+    let server = Server::start("snap-memtest");
+    let spec = memtest("rounds=40 seed=5 share=0.6 zero=0.1 volatile=64 churn=128 near=0.1 idle=30", 64, 2);
+    let (template, dir, written) = snapshot_memtest(&server, "snap-memtest", spec, 3);
+    let pages = written["pages"].as_u64().unwrap();
+    assert!(pages > 8_000 && pages < 16_384, "{written}: 64 MiB, about 70% of it not zero");
+    assert!(written["held_ms"].as_f64().is_some(), "{written}");
+    let memory_blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(dir.join("memory")).unwrap());
+    assert!(memory_blocks * 512 < 60 << 20, "the memory file is not sparse: {} bytes", memory_blocks * 512);
+    let (status, again) = server.call("PUT", &format!("/guests/{template}/snapshot"), Some(json!({"dir": dir})));
+    assert_eq!(status, 409, "a snapshot overwrote another: {again}");
+
+    // Quiet for longer than tokio keeps an idle blocking thread (10 s): a
+    // guest must not die with the thread that made it.
+    std::thread::sleep(Duration::from_secs(12));
+    let (_, g) = server.call("GET", &format!("/guests/{template}"), None);
+    assert_eq!(g["state"], "paused", "{g}");
+
+    // Eight clones in a run of their own.
+    let consoles = scratch_dir("snap-memtest-clones");
+    let out = run_vmm(
+        &[
+            "run",
+            "--restore",
+            dir.to_str().unwrap(),
+            "--guests",
+            "8",
+            "--console-dir",
+            consoles.to_str().unwrap(),
+            "--scan-pages",
+            "16384",
+            "--scan-sleep-ms",
+            "5",
+        ],
+        Duration::from_secs(300),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert_eq!(out.stderr.matches("memtest passed: 40 rounds verified").count(), 8, "{}", out.describe());
+    for id in 0..8 {
+        let log = console(&consoles, id);
+        // It went on: no boot banner, and its first round is past the template's.
+        assert!(!log.contains("memtest: guest "), "clone {id} booted afresh:\n{log}");
+        let first: usize = log
+            .lines()
+            .find_map(|l| l.strip_prefix("memtest: vcpu 0 round ")?.strip_suffix(" ok")?.parse().ok())
+            .unwrap_or_else(|| panic!("clone {id} verified nothing:\n{log}"));
+        assert!(first > 3, "clone {id} started over at round {first}");
+    }
+    // Clones of one guest are the same memory: nearly all of it merges.
+    let saved: u64 = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("vmm: page sharing: ")?.split(" pages").next()?.split('(').nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("no sharing report\n{}", out.describe()));
+    assert!(saved >= 7 * pages * 8 / 10, "clones saved {saved} pages of {} possible\n{}", 7 * pages, out.describe());
+
+    // And one clone into the server that made the snapshot.
+    let (status, clone) = server.call("POST", "/guests", Some(json!({"restore": dir})));
+    assert_eq!(status, 201, "{clone}");
+    assert_eq!((clone["spec"]["memory_mib"].as_u64(), clone["spec"]["vcpus"].as_u64()), (Some(64), Some(2)), "{clone}");
+    let id = clone["id"].as_u64().unwrap();
+    assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+    wait_for("the clone to verify rounds", || rounds(&server, id) >= 3);
+    let (_, ended) = server.call("POST", &format!("/guests/{id}/stop"), None);
+    assert_eq!(ended["clean"], true, "{ended}");
+}
+
+#[test]
+fn bad_snapshots_are_refused_and_start_nothing() {
+    let server = Server::start("snap-bad");
+    let (_, dir, _) = snapshot_memtest(&server, "snap-bad", memtest("rounds=0 seed=2 idle=50", 16, 1), 1);
+    let (_, before) = server.call("GET", "/guests", None);
+    let copy = |name: &str| -> PathBuf {
+        let to = scratch_dir(name);
+        for f in ["state.json", "memory"] {
+            std::fs::copy(dir.join(f), to.join(f)).unwrap();
+        }
+        to
+    };
+    let truncated = copy("snap-bad-truncated");
+    std::fs::OpenOptions::new().write(true).open(truncated.join("memory")).unwrap().set_len(8 << 20).unwrap();
+    let other_version = copy("snap-bad-version");
+    let state = std::fs::read_to_string(other_version.join("state.json")).unwrap();
+    std::fs::write(other_version.join("state.json"), state.replacen("\"version\":1", "\"version\":7", 1)).unwrap();
+    let cut_state = copy("snap-bad-cut");
+    std::fs::write(cut_state.join("state.json"), &state[..state.len() / 2]).unwrap();
+    let cases: [(&Path, &str); 4] = [
+        (&scratch_dir("snap-bad-empty"), "no state.json"),
+        (&truncated, "truncated"),
+        (&other_version, "version 7"),
+        (&cut_state, "truncated"),
+    ];
+    for (bad, why) in cases {
+        let (status, e) = server.call("POST", "/guests", Some(json!({"restore": bad})));
+        assert_eq!(status, 400, "{e}");
+        assert!(e["error"].as_str().unwrap().contains(why), "expected '{why}': {e}");
+        let out = run_vmm(&["run", "--restore", bad.to_str().unwrap(), "--guests", "2"], Duration::from_secs(30));
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert!(out.stderr.contains(why), "expected '{why}'\n{}", out.describe());
+        assert!(!out.stderr.contains("vmm: guest "), "a guest started\n{}", out.describe());
+    }
+    let (status, e) = server.call("POST", "/guests", Some(json!({"restore": dir, "kernel": image("memtest")})));
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("not both"), "{e}");
+    let ids =
+        |list: Value| -> Vec<u64> { list.as_array().unwrap().iter().map(|g| g["id"].as_u64().unwrap()).collect() };
+    assert_eq!(ids(before), ids(server.call("GET", "/guests", None).1), "a refused restore left a guest behind");
+}
+
+/// Linux, paused mid-boot and restored twice: each clone boots on to its
+/// init from where the snapshot left off, which only works if its vCPU,
+/// interrupt controller, timer and serial port state came through. The
+/// clones also share their kernel's pages.
+#[test]
+fn tiny_linux_snapshotted_mid_boot_boots_on_in_two_clones() {
+    let server = Server::start("snap-linux");
+    let dir = image("tiny-linux");
+    let spec = json!({"kernel": dir.join("vmlinux"), "initrd": dir.join("initramfs.cpio.gz"), "memory_mib": 128});
+    let (status, g) = server.call("POST", "/guests", Some(spec));
+    assert_eq!(status, 201, "{g}");
+    assert_eq!(server.call("POST", "/guests/0/start", None).0, 200);
+    // The last line before the kernel unpacks its initramfs and starts
+    // init (on PVM hosts about a third of the way).
+    let mid_boot = "io scheduler";
+    let deadline = std::time::Instant::now() + Duration::from_secs(400);
+    let console = || server.call("GET", "/guests/0/console", None).1["tail"].as_str().unwrap_or_default().to_string();
+    while !console().contains(mid_boot) {
+        assert!(std::time::Instant::now() < deadline, "no '{mid_boot}' in 400 s:\n{}", console());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(server.call("POST", "/guests/0/pause", None).0, 200);
+    let snapshot = scratch_dir("snap-linux-dir").join("snapshot");
+    let (status, written) = server.call("PUT", "/guests/0/snapshot", Some(json!({"dir": snapshot})));
+    assert_eq!(status, 200, "{written}");
+    assert!(console().contains(mid_boot) && !console().contains("Run /init"), "snapshot not mid-boot");
+    assert_eq!(server.call("DELETE", "/guests/0", None).0, 204);
+    drop(server);
+
+    let consoles = scratch_dir("snap-linux-clones");
+    let args = ["run", "--restore", snapshot.to_str().unwrap(), "--guests", "2", "--console-dir"];
+    let args: Vec<&str> = args.iter().copied().chain([consoles.to_str().unwrap(), "--timeout", "600"]).collect();
+    let out = run_vmm(&args, Duration::from_secs(680));
+    let marker = if is_pvm_host() { "Run /init as init process" } else { "VMM-TINY-LINUX: init reached user space" };
+    for id in 0..2 {
+        let log = std::fs::read_to_string(consoles.join(format!("guest-{id}.log"))).unwrap_or_default();
+        assert!(log.contains(marker), "clone {id}: no '{marker}':\n{log}\n{}", out.describe());
+        assert!(!log.contains("Linux version"), "clone {id} booted from the start:\n{log}");
+    }
+    assert_eq!(out.stderr.matches("guest reset").count(), 2, "{}", out.describe());
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    // The kernel image alone is thousands of identical pages.
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("vmm: guest 1 sharing: "))
+        .unwrap_or_else(|| panic!("{}", out.describe()));
+    let on_frames: u64 = line["vmm: guest 1 sharing: ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(on_frames >= 1000, "only {on_frames} pages of clone 1 shared\n{}", out.describe());
+}

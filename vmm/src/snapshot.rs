@@ -1,0 +1,420 @@
+//! Snapshots: a paused guest written to a directory, and guests started
+//! from one (restored, or cloned N times).
+//!
+//! A snapshot directory holds two files:
+//!
+//! - `state.json`: the format name and version, the guest's configuration,
+//!   KVM's state (every vCPU, the irqchip, PIT and clock: `vstate::state`)
+//!   and the state of our devices (the serial port, the doorbell). Written
+//!   last, through a temporary name, so a directory with a `state.json` is a
+//!   whole snapshot.
+//! - `memory`: the guest's RAM as one sparse file, laid out as the guest's
+//!   memfd (RAM ranges in guest-address order). Zero pages are holes, so a
+//!   256 MiB guest that touched 100 MiB writes 100 MiB.
+//!
+//! The guest's process writes both (it alone sees all of its memory: pages
+//! merged by page sharing live in the stable store, mapped into its RAM),
+//! while the guest is paused, so nothing changes under it. A guest with a
+//! disk is refused for now: its virtio queues are not saved yet.
+//!
+//! A restored guest is built like a booted one, except that its RAM is read
+//! from `memory` instead of loading a kernel, and its vCPUs, VM and devices
+//! take the saved state before they first run. What a clone gets from
+//! itself rather than from the snapshot: its guest id (the doorbell's
+//! `GUEST_ID`), its console and its page-sharing identity. Everything in
+//! guest memory is the snapshot's, including any random seed the guest
+//! kernel drew before it (docs/snapshots.md).
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::config::GuestConfig;
+use crate::devices::doorbell::DoorbellState;
+use crate::devices::serial::SerialSnapshot;
+use crate::error::{Error, Result};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::vstate::state::{VcpuState, VmState};
+
+/// What `state.json` says it is.
+const FORMAT: &str = "vmm-snapshot";
+/// Bumped whenever the state's layout changes: another version is refused.
+pub const VERSION: u32 = 1;
+pub const STATE_FILE: &str = "state.json";
+pub const MEMORY_FILE: &str = "memory";
+const PARTIAL_STATE_FILE: &str = "state.json.partial";
+/// Memory is copied in chunks of this many bytes.
+const CHUNK: usize = 1 << 20;
+
+/// A guest's whole state, but for its memory.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    format: String,
+    version: u32,
+    /// The guest as it was created (kernel and command line for the record;
+    /// memory size and vCPU count for the clones).
+    pub config: GuestConfig,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    pub doorbell: DoorbellState,
+}
+
+/// Only the fields every version has: read first, so another version gets
+/// a clear error and not a parse error.
+#[derive(Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+}
+
+/// What writing a snapshot took.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Written {
+    /// Pages written to the memory file (not zero).
+    pub pages: u64,
+    /// How long the guest was held for it, in microseconds.
+    pub micros: u64,
+}
+
+impl SnapshotState {
+    pub fn new(
+        config: GuestConfig,
+        vm: VmState,
+        vcpus: Vec<VcpuState>,
+        serial: SerialSnapshot,
+        doorbell: DoorbellState,
+    ) -> Self {
+        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell }
+    }
+
+    /// Reads and checks the snapshot in `dir`: its version, that its memory
+    /// file is there and as large as its guest's RAM, that its state fits
+    /// its configuration.
+    pub fn open(dir: &Path) -> Result<SnapshotState> {
+        let name = dir.display();
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Error::bad_input(format!("{name} is not a snapshot: no {STATE_FILE} in it")),
+            _ => Error::bad_input(format!("cannot read {}: {e}", path.display())),
+        })?;
+        let header: Header = serde_json::from_str(&text).map_err(|e| {
+            Error::bad_input(format!("{} is not a vmm snapshot state (truncated?): {e}", path.display()))
+        })?;
+        if header.format != FORMAT {
+            return Err(Error::bad_input(format!("{} is not a vmm snapshot state", path.display())));
+        }
+        if header.version != VERSION {
+            return Err(Error::bad_input(format!(
+                "snapshot {name} is version {} of the format; this vmm reads version {VERSION} only",
+                header.version
+            )));
+        }
+        let state: SnapshotState = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_input(format!("{}: a damaged snapshot state: {e}", path.display())))?;
+        state.config.validate(crate::config::Source::Api)?;
+        if state.vcpus.len() as u64 != state.config.vcpus || state.doorbell.vcpus() != state.vcpus.len() {
+            return Err(Error::bad_input(format!(
+                "snapshot {name} has state for {} vCPUs but its guest has {}",
+                state.vcpus.len(),
+                state.config.vcpus
+            )));
+        }
+        if state.config.disk.is_some() {
+            return Err(Error::bad_input(format!("snapshot {name} has a disk: not supported yet")));
+        }
+        let memory = dir.join(MEMORY_FILE);
+        let size = std::fs::metadata(&memory)
+            .map_err(|e| Error::bad_input(format!("snapshot {name} has no readable memory file: {e}")))?
+            .len();
+        if size != state.config.memory_bytes() {
+            return Err(Error::bad_input(format!(
+                "snapshot {name}: its memory file holds {size} bytes, its guest has {} MiB of RAM (truncated?)",
+                state.config.memory_mib
+            )));
+        }
+        Ok(state)
+    }
+}
+
+impl SnapshotState {
+    /// The configuration of a guest restored from this snapshot (in
+    /// `dir`) as `asked`: the snapshot's guest, with the merge group and
+    /// opt-out asked for, and the directory made absolute.
+    pub fn clone_config(&self, asked: &GuestConfig, dir: &Path) -> Result<GuestConfig> {
+        let dir = std::path::absolute(dir).map_err(|e| Error::bad_input(format!("{}: {e}", dir.display())))?;
+        Ok(GuestConfig {
+            restore: Some(dir),
+            merge_group: asked.merge_group,
+            dedup_opt_out: asked.dedup_opt_out,
+            ..self.config.clone()
+        })
+    }
+}
+
+/// Where to write a snapshot: `dir` must not exist yet, or be empty; it is
+/// made here. Returns it absolute (the guest's process writes there).
+pub fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::bad_input("the snapshot directory must be named"));
+    }
+    let dir = std::path::absolute(dir).map_err(|e| Error::bad_input(format!("{}: {e}", dir.display())))?;
+    match std::fs::read_dir(&dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::conflict(format!(
+                    "{} is not empty: snapshots go to a new directory",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::bad_input(format!("cannot make {}: {e}", dir.display())))?,
+        Err(e) => return Err(Error::bad_input(format!("{}: {e}", dir.display()))),
+    }
+    Ok(dir)
+}
+
+/// Removes what a failed snapshot left in `dir`, and `dir` itself if that
+/// leaves it empty.
+pub fn discard(dir: &Path) {
+    for name in [STATE_FILE, MEMORY_FILE, PARTIAL_STATE_FILE] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Writes `state` and the memory of `ram` to `dir` (made by [`prepare_dir`]).
+/// The guest must be paused. Returns the pages written.
+pub fn write(dir: &Path, state: &SnapshotState, ram: &GuestRam) -> io::Result<u64> {
+    let memory = File::create(dir.join(MEMORY_FILE))?;
+    memory.set_len(state.config.memory_bytes())?;
+    let pages = write_memory(ram, &memory)?;
+    memory.sync_all()?;
+    let temporary = dir.join(PARTIAL_STATE_FILE);
+    std::fs::write(&temporary, serde_json::to_vec(state).map_err(io::Error::other)?)?;
+    File::open(&temporary)?.sync_all()?;
+    std::fs::rename(temporary, dir.join(STATE_FILE))?;
+    Ok(pages)
+}
+
+/// Copies guest RAM into `out` at the memfd's offsets, leaving zero pages
+/// as holes. Each page is read where it lives: pages still in the memfd
+/// from the memfd (a `pread` of a hole reads zeros without allocating the
+/// page, which a read through the mapping would), pages page sharing has
+/// remapped (stable-store frames, the zero page, copy-on-write copies)
+/// through this process's mapping.
+fn write_memory(ram: &GuestRam, out: &File) -> io::Result<u64> {
+    let memfd_inode = match ram.memfd() {
+        Some(f) => Some(f.metadata()?.ino()),
+        None => None,
+    };
+    let maps = MappedFiles::read()?;
+    let mut pages = 0;
+    let mut buf = vec![0u8; CHUNK];
+    for region in ram.memory().iter() {
+        let host = region.as_ptr() as u64;
+        let file_offset = region.file_offset().map_or(0, |f| f.start());
+        let len = region.len();
+        let mut done = 0;
+        while done < len {
+            let addr = host + done;
+            // The run of this chunk that one mapping covers.
+            let (inode, vma_end) = maps.at(addr);
+            let n = (len - done).min(CHUNK as u64).min(vma_end.saturating_sub(addr).max(PAGE_SIZE)) as usize;
+            let chunk = &mut buf[..n];
+            match (ram.memfd(), memfd_inode) {
+                (Some(memfd), Some(ino)) if inode == Some(ino) => memfd.read_exact_at(chunk, file_offset + done)?,
+                _ => {
+                    // SAFETY: [addr, addr + n) lies inside this region's live
+                    // mapping; the guest is paused, so nothing writes it.
+                    let src = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
+                    chunk.copy_from_slice(src);
+                }
+            }
+            pages += write_nonzero_pages(out, chunk, file_offset + done)?;
+            done += n as u64;
+        }
+    }
+    Ok(pages)
+}
+
+/// Writes the pages of `chunk` that are not all zero at `offset` on; runs
+/// of them in one write. Returns how many pages it wrote.
+fn write_nonzero_pages(out: &File, chunk: &[u8], offset: u64) -> io::Result<u64> {
+    let page = PAGE_SIZE as usize;
+    let mut written = 0;
+    let mut run_start = None;
+    for i in 0..=chunk.len() / page {
+        let nonzero = i < chunk.len() / page && chunk[i * page..(i + 1) * page].iter().any(|&b| b != 0);
+        match (nonzero, run_start) {
+            (true, None) => run_start = Some(i),
+            (false, Some(s)) => {
+                out.write_all_at(&chunk[s * page..i * page], offset + (s * page) as u64)?;
+                written += (i - s) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    Ok(written)
+}
+
+/// This process's file mappings: (start, end, inode), sorted.
+struct MappedFiles(Vec<(u64, u64, Option<u64>)>);
+
+impl MappedFiles {
+    fn read() -> io::Result<MappedFiles> {
+        let mut text = String::new();
+        File::open("/proc/self/maps")?.read_to_string(&mut text)?;
+        let mut maps = Vec::new();
+        for line in text.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(range), Some(inode)) = (fields.next(), fields.nth(3)) else { continue };
+            let Some((start, end)) = range.split_once('-') else { continue };
+            let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) else {
+                continue;
+            };
+            let inode = inode.parse::<u64>().ok().filter(|&i| i != 0);
+            maps.push((start, end, inode));
+        }
+        Ok(MappedFiles(maps))
+    }
+
+    /// The inode mapped at `addr` (None: anonymous or unmapped) and where
+    /// that mapping ends.
+    fn at(&self, addr: u64) -> (Option<u64>, u64) {
+        let i = self.0.partition_point(|&(_, end, _)| end <= addr);
+        match self.0.get(i) {
+            Some(&(start, end, inode)) if start <= addr => (inode, end),
+            Some(&(start, _, _)) => (None, start),
+            None => (None, u64::MAX),
+        }
+    }
+}
+
+/// Fills fresh guest RAM from the snapshot's memory file: only its data
+/// (holes stay holes, so a restored guest costs what it had written).
+pub fn load_memory(dir: &Path, ram: &GuestRam) -> io::Result<u64> {
+    let file = File::open(dir.join(MEMORY_FILE))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut pages = 0;
+    let mut offset = 0u64;
+    for region in ram.memory().iter() {
+        let host = region.as_ptr() as u64;
+        let len = region.len();
+        let mut done = 0;
+        while done < len {
+            // Skip the file's holes (SEEK_DATA); where it cannot tell, read.
+            let data = seek_data(&file, offset + done).unwrap_or(offset + done);
+            if data >= offset + len {
+                break;
+            }
+            done = data - offset;
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, offset + done)?;
+            for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    let at = done + (i as u64) * PAGE_SIZE;
+                    match ram.memfd() {
+                        Some(memfd) => memfd.write_all_at(page, offset + at)?,
+                        // SAFETY: inside this region's mapping, of a guest not yet running.
+                        None => unsafe {
+                            std::ptr::copy_nonoverlapping(page.as_ptr(), (host + at) as *mut u8, page.len())
+                        },
+                    }
+                    pages += 1;
+                }
+            }
+            done += n as u64;
+        }
+        offset += len;
+    }
+    Ok(pages)
+}
+
+/// The first offset at or after `from` that holds data; None where the
+/// file system cannot tell (then everything counts as data).
+fn seek_data(file: &File, from: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; it does not touch memory.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
+    if at >= 0 {
+        return Some(at as u64);
+    }
+    // ENXIO: no data after `from`.
+    (io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{guest_memfd, MIB};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn nonzero_pages_are_written_in_runs_and_zeros_stay_holes() {
+        let dir = std::env::temp_dir().join(format!("vmm-snap-pages-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.join("m")).unwrap();
+        out.set_len(8 * PAGE_SIZE).unwrap();
+        let mut chunk = vec![0u8; 6 * PAGE_SIZE as usize];
+        for p in [1usize, 2, 5] {
+            chunk[p * PAGE_SIZE as usize + 7] = p as u8;
+        }
+        assert_eq!(write_nonzero_pages(&out, &chunk, PAGE_SIZE).unwrap(), 3);
+        let mut back = vec![0u8; 8 * PAGE_SIZE as usize];
+        out.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[PAGE_SIZE as usize..7 * PAGE_SIZE as usize], &chunk[..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// RAM written, saved, loaded into fresh RAM: the same bytes, and only
+    /// the written pages cost anything.
+    #[test]
+    fn memory_survives_a_round_trip() {
+        let dir = std::env::temp_dir().join(format!("vmm-snap-mem-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let dir = prepare_dir(&dir).unwrap();
+        let ram = GuestRam::new(16 * MIB, Some(guest_memfd("t", 16 * MIB).unwrap())).unwrap();
+        for (i, addr) in [0x1000u64, 0x2000, 0x7f_f000, 0xff_f000].iter().enumerate() {
+            ram.memory().write_obj(0xdead_0000_u64 + i as u64, GuestAddress(*addr)).unwrap();
+        }
+        let memory = File::create(dir.join(MEMORY_FILE)).unwrap();
+        memory.set_len(16 * MIB).unwrap();
+        assert_eq!(write_memory(&ram, &memory).unwrap(), 4);
+        assert!(memory.metadata().unwrap().blocks() * 512 < MIB, "zero pages were written");
+
+        for memfd in [Some(guest_memfd("u", 16 * MIB).unwrap()), None] {
+            let fresh = GuestRam::new(16 * MIB, memfd).unwrap();
+            assert_eq!(load_memory(&dir, &fresh).unwrap(), 4);
+            for (i, addr) in [0x1000u64, 0x2000, 0x7f_f000, 0xff_f000].iter().enumerate() {
+                assert_eq!(fresh.memory().read_obj::<u64>(GuestAddress(*addr)).unwrap(), 0xdead_0000 + i as u64);
+            }
+            assert_eq!(fresh.memory().read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0);
+        }
+        // A non-empty directory is refused.
+        assert!(prepare_dir(&dir).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_or_foreign_snapshot_is_refused_clearly() {
+        let dir = std::env::temp_dir().join(format!("vmm-snap-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let err = |dir: &Path| SnapshotState::open(dir).err().unwrap().to_string();
+        assert!(err(&dir).contains("no state.json"), "{}", err(&dir));
+        std::fs::write(dir.join(STATE_FILE), r#"{"format": "vmm-snapshot", "version": 99}"#).unwrap();
+        assert!(err(&dir).contains("version 99"), "{}", err(&dir));
+        std::fs::write(dir.join(STATE_FILE), r#"{"format": "vmm-snapsh"#).unwrap();
+        assert!(err(&dir).contains("truncated"), "{}", err(&dir));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,143 @@
+//! What KVM holds for a guest that a snapshot must carry: each vCPU's
+//! registers, FPU/XSAVE, MSRs, LAPIC and pending events, and the VM's
+//! in-kernel irqchip (two PICs, the IOAPIC), PIT and clock. Read while the
+//! guest's vCPUs are parked; written into fresh vCPUs before they first run.
+//!
+//! The order of the writes matters to KVM (as in other VMMs): CPUID first,
+//! then MSRs (the TSC before the TSC deadline), registers, special
+//! registers, XSAVE, XCRs, debug registers, the LAPIC, the MP state and the
+//! pending events last, since they refer to the rest.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// KVM's limit on MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
+const MSRS_PER_CALL: usize = 256;
+
+type KvmResult<T> = Result<T, kvm_ioctls::Error>;
+
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    xsave: kvm_xsave,
+    xcrs: kvm_xcrs,
+    debug_regs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+    msrs: Vec<kvm_msr_entry>,
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not in `KVM_RUN`. `msr_list` is
+    /// what KVM says it can save; an MSR it then refuses to read (not
+    /// offered to this guest) is left out.
+    pub fn save(fd: &VcpuFd, msr_list: &[u32]) -> KvmResult<VcpuState> {
+        Ok(VcpuState {
+            regs: fd.get_regs()?,
+            sregs: fd.get_sregs()?,
+            xsave: fd.get_xsave()?,
+            xcrs: fd.get_xcrs()?,
+            debug_regs: fd.get_debug_regs()?,
+            lapic: fd.get_lapic()?,
+            mp_state: fd.get_mp_state()?,
+            events: fd.get_vcpu_events()?,
+            msrs: save_msrs(fd, msr_list)?,
+        })
+    }
+
+    /// Writes the state into a vCPU whose CPUID is set and that has not run.
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), String> {
+        let step = |what: &str, r: KvmResult<()>| r.map_err(|e| format!("restoring {what}: {e}"));
+        restore_msrs(fd, &self.msrs)?;
+        step("the registers", fd.set_regs(&self.regs))?;
+        step("the special registers", fd.set_sregs(&self.sregs))?;
+        // SAFETY: a legacy 4 KiB kvm_xsave, as KVM_GET_XSAVE returned it,
+        // without the dynamic features KVM_SET_XSAVE2 would need.
+        step("XSAVE", unsafe { fd.set_xsave(&self.xsave) })?;
+        step("the XCRs", fd.set_xcrs(&self.xcrs))?;
+        step("the debug registers", fd.set_debug_regs(&self.debug_regs))?;
+        step("the LAPIC", fd.set_lapic(&self.lapic))?;
+        step("the MP state", fd.set_mp_state(self.mp_state))?;
+        step("the pending events", fd.set_vcpu_events(&self.events))
+    }
+
+    pub fn msr_count(&self) -> usize {
+        self.msrs.len()
+    }
+}
+
+/// Reads every MSR of `list` that KVM will read, in order. KVM_GET_MSRS
+/// stops at the first MSR it refuses and says how many it read: skip that
+/// one and go on.
+fn save_msrs(fd: &VcpuFd, list: &[u32]) -> KvmResult<Vec<kvm_msr_entry>> {
+    let mut saved = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(MSRS_PER_CALL)];
+        let entries: Vec<kvm_msr_entry> =
+            chunk.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        let read = fd.get_msrs(&mut msrs)?;
+        saved.extend_from_slice(&msrs.as_slice()[..read]);
+        // The MSR at `read` (if any) was refused.
+        rest = &rest[(read + usize::from(read < chunk.len())).min(rest.len())..];
+    }
+    Ok(saved)
+}
+
+fn restore_msrs(fd: &VcpuFd, saved: &[kvm_msr_entry]) -> Result<(), String> {
+    for chunk in saved.chunks(MSRS_PER_CALL) {
+        let msrs = Msrs::from_entries(chunk).map_err(|e| format!("restoring MSRs: {e:?}"))?;
+        let written = fd.set_msrs(&msrs).map_err(|e| format!("restoring MSRs: {e}"))?;
+        if written < chunk.len() {
+            return Err(format!("KVM refused MSR {:#x} of the snapshot", chunk[written].index));
+        }
+    }
+    Ok(())
+}
+
+/// The VM's in-kernel devices and clock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+impl VmState {
+    pub fn save(vm: &VmFd) -> KvmResult<VmState> {
+        let chip = |chip_id| -> KvmResult<kvm_irqchip> {
+            let mut c = kvm_irqchip { chip_id, ..Default::default() };
+            vm.get_irqchip(&mut c)?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2()?,
+            clock: vm.get_clock()?,
+        })
+    }
+
+    /// Writes the state into a VM whose irqchip and PIT exist.
+    pub fn restore(&self, vm: &VmFd) -> Result<(), String> {
+        let step = |what: &str, r: KvmResult<()>| r.map_err(|e| format!("restoring {what}: {e}"));
+        step("the PIC", vm.set_irqchip(&self.pic_master))?;
+        step("the second PIC", vm.set_irqchip(&self.pic_slave))?;
+        step("the IOAPIC", vm.set_irqchip(&self.ioapic))?;
+        step("the PIT", vm.set_pit2(&self.pit))?;
+        // Only the clock's value: the flags describe the host it was read on.
+        let clock = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
+        step("the KVM clock", vm.set_clock(&clock))
+    }
+}

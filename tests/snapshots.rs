@@ -85,7 +85,7 @@ fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
             .lines()
             .find_map(|l| l.strip_prefix("memtest: vcpu 0 round ")?.strip_suffix(" ok")?.parse().ok())
             .unwrap_or_else(|| panic!("clone {id} verified nothing:\n{log}"));
-        assert!(first > 3, "clone {id} started over at round {first}");
+        assert!(first >= 2, "clone {id} started over at round {first}");
     }
     // Clones of one guest are the same memory: nearly all of it merges.
     let saved: u64 = out
@@ -95,11 +95,19 @@ fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
         .unwrap_or_else(|| panic!("no sharing report\n{}", out.describe()));
     assert!(saved >= 7 * pages * 8 / 10, "clones saved {saved} pages of {} possible\n{}", 7 * pages, out.describe());
 
-    // And one clone into the server that made the snapshot.
+    // And one clone into the server that made the snapshot: all of its
+    // memory is on shared frames before it first runs, and costs its
+    // process next to nothing.
     let (status, clone) = server.call("POST", "/guests", Some(json!({"restore": dir})));
     assert_eq!(status, 201, "{clone}");
     assert_eq!((clone["spec"]["memory_mib"].as_u64(), clone["spec"]["vcpus"].as_u64()), (Some(64), Some(2)), "{clone}");
     let id = clone["id"].as_u64().unwrap();
+    wait_for("the clone's adopted pages in the stats", || {
+        server.call("GET", "/dedup/stats", None).1["guests"][id.to_string()]["merged_pages"].as_u64() == Some(pages)
+    });
+    let (_, created) = server.call("GET", &format!("/guests/{id}"), None);
+    let memory = created["memory_bytes"].as_u64().unwrap_or(0);
+    assert!(memory < pages * 4096 / 4, "a clone's process holds {memory} bytes of a {pages}-page snapshot");
     assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
     wait_for("the clone to verify rounds", || rounds(&server, id) >= 3);
     let (_, ended) = server.call("POST", &format!("/guests/{id}/stop"), None);
@@ -148,10 +156,13 @@ fn bad_snapshots_are_refused_and_start_nothing() {
     assert_eq!(ids(before), ids(server.call("GET", "/guests", None).1), "a refused restore left a guest behind");
 }
 
-/// Linux, paused mid-boot and restored twice: each clone boots on to its
-/// init from where the snapshot left off, which only works if its vCPU,
-/// interrupt controller, timer and serial port state came through. The
-/// clones also share their kernel's pages.
+/// Linux boots from its kernel, is paused mid-boot and restored twice:
+/// each clone boots on to its init (the marker its init prints on hardware
+/// KVM; on PVM hosts, where user space cannot make system calls, the
+/// kernel's line) from where the snapshot left off, which only works if its
+/// vCPU, interrupt controller, timer and serial port state came through.
+/// The clones also share their kernel's pages. (This is the suite's Linux
+/// boot test: one boot and two half-boots instead of three whole boots.)
 #[test]
 fn tiny_linux_snapshotted_mid_boot_boots_on_in_two_clones() {
     let server = Server::start("snap-linux");

@@ -100,6 +100,9 @@ pub trait GuestAgent: Send {
     /// Makes the merges it can of `merges` (sorted by page); an `Err` means
     /// nobody knows which happened (the guest is then given up).
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome>;
+    /// Maps frames over pages of a guest that has not run yet, without
+    /// comparing: its memory is to become theirs (a clone of a snapshot).
+    fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome>;
 }
 
 enum Hold {
@@ -247,6 +250,36 @@ impl Agent {
         }
         if let Err(e) = self.free_merged() {
             out.error("freeing merged pages", e);
+        }
+        out.mappings = self.mappings_bound;
+        out.map_limit = limit;
+        out
+    }
+
+    /// Maps each page onto its target without comparing: only for a guest
+    /// that has not run yet, whose memory is still holes (a clone whose
+    /// memory is the snapshot's frames). Nothing can be writing it, so
+    /// nothing needs holding off, and nothing is punched: the memfd holds
+    /// nothing there.
+    pub fn adopt(&mut self, pages: &[(u32, Target)]) -> MergeOutcome {
+        let mut out = MergeOutcome { merged: vec![false; pages.len()], ..Default::default() };
+        let sorted = pages.windows(2).all(|w| w[0].0 < w[1].0);
+        if !sorted || pages.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
+            out.error("adopt request", io::Error::other("pages out of order or beyond the guest"));
+            return out;
+        }
+        let mut runs = self.layout.mapping_runs(pages);
+        let (bound, limit) = self.refresh_mappings();
+        let room = limit.saturating_sub(bound + MAP_COUNT_MARGIN) / 2;
+        if (runs.len() as u64) > room {
+            runs.truncate(room as usize);
+            out.map_limited = true;
+        }
+        for (start, n) in runs {
+            match self.remap(pages[start], n) {
+                Ok(()) => out.merged[start..start + n].fill(true),
+                Err(e) => out.error("mapping a snapshot's frames", e),
+            }
         }
         out.mappings = self.mappings_bound;
         out.map_limit = limit;
@@ -425,9 +458,10 @@ impl Agent {
             hook(page);
         }
         let (addr, len) = (self.ptr(page as usize), n * PAGE_SIZE);
-        // SAFETY: the pages belong to the guest, their writers are held
-        // off, and they were just found equal to their target: replacing
-        // the mapping loses nothing.
+        // SAFETY: the pages belong to the guest, and either their writers
+        // are held off and they were just found equal to their target, or
+        // the guest has not run and they hold nothing yet (`adopt`):
+        // replacing the mapping loses nothing.
         unsafe {
             match target {
                 Target::Zero => {
@@ -556,6 +590,10 @@ impl GuestAgent for Agent {
 
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
         Ok(Agent::merge(self, merges))
+    }
+
+    fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        Ok(Agent::adopt(self, pages))
     }
 }
 

@@ -360,6 +360,77 @@ impl Engine {
         Ok(())
     }
 
+    /// Makes guest `id`, which has not run yet and whose memory is all
+    /// holes, a clone of `pages` ((page, content) in page order): each page
+    /// that is not zero goes onto a stable frame of the guest's group (one
+    /// already holding that content, else a new one) and the guest's agent
+    /// maps the frames in, as if every page had been merged. Zero pages stay
+    /// holes. Returns how many pages were adopted; an error when any page
+    /// could not be (the guest's memory is then incomplete: it must not
+    /// run).
+    pub fn adopt(&mut self, id: GuestId, pages: impl IntoIterator<Item = (usize, Vec<u8>)>) -> io::Result<u64> {
+        let guest = self.guests.get_mut(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let mut queue = Vec::new();
+        let mut failed = None;
+        for (page, content) in pages {
+            if page >= guest.state.len() || guest.state[page] != UNMERGED || content.len() != PAGE_SIZE {
+                failed = Some(io::Error::other(format!("page {page} cannot be adopted")));
+                break;
+            }
+            if content.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let hash = xxh3_64(&content);
+            let frame = match store.find(hash, &content, self.config.max_page_sharing) {
+                Some(f) => f,
+                None => match store.insert(hash, &content) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
+            };
+            store.reserve(frame);
+            guest.state[page] = QUEUED;
+            guest.last_hash[page] = hash;
+            queue.push((page as u32, Target::Frame(frame)));
+        }
+        if let Some(e) = failed {
+            // The agent was not asked: nothing is mapped.
+            let none = MergeOutcome { merged: vec![false; queue.len()], ..Default::default() };
+            self.book(id, &queue, none);
+            return Err(e);
+        }
+        match guest.agent.adopt(&queue) {
+            Ok(o) if o.merged.len() == queue.len() => {
+                let adopted = o.merged.iter().filter(|&&m| m).count();
+                self.book(id, &queue, o);
+                if adopted < queue.len() {
+                    return Err(io::Error::other(format!("{} of {} pages adopted", adopted, queue.len())));
+                }
+                Ok(adopted as u64)
+            }
+            Ok(o) => {
+                // An answer for other pages: nobody knows what is mapped.
+                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
+                self.book(id, &queue, all);
+                let why = format!("its agent adopted {} pages of {}", o.merged.len(), queue.len());
+                self.lose(id, why.clone());
+                Err(io::Error::other(why))
+            }
+            Err(e) => {
+                // Nobody knows what the agent mapped: keep every frame until
+                // the guest is removed.
+                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
+                self.book(id, &queue, all);
+                self.lose(id, format!("its agent failed to adopt a snapshot: {e}"));
+                Err(e)
+            }
+        }
+    }
+
     fn count_error(&mut self, what: String) {
         if self.stats.errors == 0 || self.stats.errors.is_power_of_two() {
             log::warn!("page sharing: {what} ({} failures so far; sharing goes on)", self.stats.errors + 1);

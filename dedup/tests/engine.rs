@@ -593,3 +593,42 @@ fn remembered_hashes_pick_candidates_but_bytes_decide() {
     assert_eq!(a.read(2), expected(11), "a stale hash merged different bytes");
     assert_eq!(b.read(2), expected(8));
 }
+
+/// A clone adopts a snapshot's pages: every page that is not zero is on a
+/// frame at once (shared with a guest already merged, where one holds that
+/// content), its memfd stays empty, and its writes are copied on write like
+/// any merged page's, reaching neither the frame nor the other guest.
+#[test]
+fn a_clone_adopts_a_snapshot_as_merged_pages() {
+    let (template, clone) = (TestGuest::new(16), TestGuest::new(16));
+    let snapshot: Vec<(usize, Vec<u8>)> =
+        (0..16).map(|i| (i, if i % 4 == 3 { vec![0; PAGE_SIZE] } else { expected(300 + i as u64) })).collect();
+    for (i, content) in &snapshot {
+        if content.iter().any(|&b| b != 0) {
+            template.fill(*i, 300 + *i as u64);
+        }
+    }
+    let mut e = engine();
+    template.add(&mut e, 0, ProtectMode::WriteProtect);
+    let id = clone.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(id, snapshot.clone()).unwrap(), 12);
+    assert_eq!(clone.resident_bytes(), 0, "the clone's memfd holds nothing");
+    for (i, content) in &snapshot {
+        assert_eq!(&clone.read(*i), content, "page {i}");
+    }
+    let s = e.guest_stats(id).unwrap();
+    assert_eq!((s.merged_pages, s.zero_pages), (12, 0), "{s:?}");
+    settle(&mut e);
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (12, 12), "the template's pages joined the clone's frames: {s:?}");
+
+    clone.fill(5, 4242);
+    assert_eq!(clone.read(5), expected(4242));
+    assert_eq!(template.read(5), expected(305), "a clone's write reached another guest");
+    scan_passes(&mut e, 1);
+    assert_eq!(e.stats().cow_breaks, 1);
+    // A page already merged is not adopted twice; nothing leaked either way.
+    assert!(e.adopt(id, vec![(0, expected(300))]).is_err());
+    e.remove_guest(id).unwrap();
+    assert_eq!(e.audit().leaked_frames, 0);
+}

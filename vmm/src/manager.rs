@@ -278,6 +278,8 @@ impl Manager {
             }),
             ksm: self.config.sharing.mode == DedupMode::Ksm,
             restore: config.restore.clone(),
+            // Clones of a snapshot share its memory from the start.
+            adopt_memory: config.restore.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd,
         };
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -319,6 +321,15 @@ impl Manager {
             },
             _ => false,
         };
+        if let (true, Some(s), Some(dir)) = (setup.adopt_memory, shared, &setup.restore) {
+            if let Err(e) = s.adopt_snapshot(id, dir) {
+                // Its memory is incomplete: it must never run.
+                process.kill_for(e.message.clone());
+                process.exits_within(Duration::from_secs(10));
+                s.remove_guest(id);
+                return Err(e);
+            }
+        }
         let mut g = self.lock();
         let entry = g.map.get_mut(&id).expect("a guest being made stays listed");
         if entry.state == GuestState::Ended {

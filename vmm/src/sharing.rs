@@ -83,6 +83,23 @@ impl Sharing {
         self.scanner.remove_guest(engine_id(id));
     }
 
+    /// Maps the memory of the snapshot in `dir` into guest `id` (added,
+    /// not started) as pages on shared frames: clones of one snapshot share
+    /// all of it from the start. Returns the pages adopted.
+    pub fn adopt_snapshot(&self, id: usize, dir: &std::path::Path) -> Result<u64> {
+        let read_error = |e: io::Error| Error::host(format!("cannot read snapshot {}: {e}", dir.display()));
+        let mut pages = crate::snapshot::MemoryPages::open(dir).map_err(read_error)?;
+        let adopted = self
+            .scanner
+            .engine()
+            .adopt(engine_id(id), &mut pages)
+            .map_err(|e| Error::host(format!("cannot map in snapshot {}: {e}", dir.display())))?;
+        match pages.error {
+            Some(e) => Err(read_error(e)),
+            None => Ok(adopted),
+        }
+    }
+
     pub fn merge_now(&self, id: usize) -> Result<()> {
         self.scanner.engine().merge_now(engine_id(id)).map_err(|e| Error::conflict(format!("cannot merge: {e}")))
     }
@@ -180,18 +197,6 @@ fn raise_for_guests(e: &Engine) -> bool {
 /// A guest's merge agent, in its process, reached over its channel.
 struct RemoteAgent(Arc<GuestProcess>);
 
-impl RemoteAgent {
-    /// A failed request as the engine sees it: a process that has exited is
-    /// gone (end of file), not a failure.
-    fn channel_error(&self, e: Error) -> io::Error {
-        if self.0.exits_within(EXIT_GRACE) {
-            io::Error::new(io::ErrorKind::UnexpectedEof, e.message)
-        } else {
-            io::Error::other(e.message)
-        }
-    }
-}
-
 impl dedup::GuestAgent for RemoteAgent {
     fn status(&mut self) -> io::Result<AgentStatus> {
         match self.0.request(&Request::Status, &[]).map_err(|e| self.channel_error(e))? {
@@ -205,7 +210,28 @@ impl dedup::GuestAgent for RemoteAgent {
     }
 
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
-        let reply = self.0.request(&Request::Merge, &ipc::encode_merges(merges));
+        self.remap(Request::Merge, merges)
+    }
+
+    fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        self.remap(Request::Adopt, pages)
+    }
+}
+
+impl RemoteAgent {
+    /// A failed request as the engine sees it: a process that has exited is
+    /// gone (end of file), not a failure.
+    fn channel_error(&self, e: Error) -> io::Error {
+        if self.0.exits_within(EXIT_GRACE) {
+            io::Error::new(io::ErrorKind::UnexpectedEof, e.message)
+        } else {
+            io::Error::other(e.message)
+        }
+    }
+
+    /// A merge or an adoption, made by the guest's agent.
+    fn remap(&mut self, request: Request, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        let reply = self.0.request(&request, &ipc::encode_merges(merges));
         let (reply, payload) = match reply {
             Ok(r) => r,
             Err(e) => {
@@ -224,11 +250,12 @@ impl dedup::GuestAgent for RemoteAgent {
                 Ok(MergeOutcome {
                     merged: payload.iter().map(|&b| b == 1).collect(),
                     stalls: stalls_ns.into_iter().map(std::time::Duration::from_nanos).collect(),
-                    protection: Some(if write_protected {
-                        dedup::Protection::WriteProtect
-                    } else {
-                        dedup::Protection::Freeze
-                    }),
+                    // An adoption holds nothing off.
+                    protection: match (&request, write_protected) {
+                        (Request::Adopt, _) => None,
+                        (_, true) => Some(dedup::Protection::WriteProtect),
+                        (_, false) => Some(dedup::Protection::Freeze),
+                    },
                     map_limited,
                     mappings,
                     map_limit,
@@ -236,7 +263,7 @@ impl dedup::GuestAgent for RemoteAgent {
                     first_error,
                 })
             }
-            other => Err(io::Error::other(format!("merge answered with {other:?}"))),
+            other => Err(io::Error::other(format!("{request:?} answered with {other:?}"))),
         }
     }
 }

@@ -338,6 +338,60 @@ pub fn load_memory(dir: &Path, ram: &GuestRam) -> io::Result<u64> {
     Ok(pages)
 }
 
+/// The pages of the snapshot's memory that are not zero, as (page number,
+/// content) in order, read a chunk at a time: what page sharing adopts for
+/// a clone. A read that fails ends the pages early and is kept in `error`:
+/// check it after use.
+pub struct MemoryPages {
+    file: File,
+    len: u64,
+    offset: u64,
+    chunk: std::vec::IntoIter<(usize, Vec<u8>)>,
+    pub error: Option<io::Error>,
+}
+
+impl MemoryPages {
+    pub fn open(dir: &Path) -> io::Result<MemoryPages> {
+        let file = File::open(dir.join(MEMORY_FILE))?;
+        let len = file.metadata()?.len();
+        Ok(MemoryPages { file, len, offset: 0, chunk: Vec::new().into_iter(), error: None })
+    }
+}
+
+impl Iterator for MemoryPages {
+    type Item = (usize, Vec<u8>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(page) = self.chunk.next() {
+                return Some(page);
+            }
+            if self.error.is_some() {
+                return None;
+            }
+            self.offset = seek_data(&self.file, self.offset).unwrap_or(self.offset);
+            if self.offset >= self.len {
+                return None;
+            }
+            let n = (self.len - self.offset).min(CHUNK as u64) as usize;
+            let mut buf = vec![0u8; n];
+            if let Err(e) = self.file.read_exact_at(&mut buf, self.offset) {
+                self.error = Some(e);
+                return None;
+            }
+            let first = (self.offset / PAGE_SIZE) as usize;
+            self.chunk = buf
+                .chunks(PAGE_SIZE as usize)
+                .enumerate()
+                .filter(|(_, p)| p.iter().any(|&b| b != 0))
+                .map(|(i, p)| (first + i, p.to_vec()))
+                .collect::<Vec<_>>()
+                .into_iter();
+            self.offset += n as u64;
+        }
+    }
+}
+
 /// The first offset at or after `from` that holds data; None where the
 /// file system cannot tell (then everything counts as data).
 fn seek_data(file: &File, from: u64) -> Option<u64> {

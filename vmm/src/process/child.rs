@@ -177,8 +177,10 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
             if state.config.memory_mib != config.memory_mib || state.config.vcpus != config.vcpus {
                 return Err(Error::bad_input(format!("snapshot {} is of another guest shape", dir.display())));
             }
-            crate::snapshot::load_memory(dir, &ram)
-                .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
+            if !setup.adopt_memory {
+                crate::snapshot::load_memory(dir, &ram)
+                    .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
+            }
             Some(state)
         }
     };
@@ -277,13 +279,14 @@ fn handle(
                 Err(e) => error_reply(Kind::Host, format!("reading the dirty log: {e}")),
             }
         }
-        Request::Merge => {
+        Request::Adopt if *started => error_reply(Kind::Conflict, "only a guest that has not run can adopt pages"),
+        Request::Merge | Request::Adopt => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
             let merges = match ipc::decode_merges(payload) {
                 Ok(m) => m,
                 Err(e) => return error_reply(Kind::BadInput, e.to_string()),
             };
-            let out = agent.merge(&merges);
+            let out = if matches!(request, Request::Adopt) { agent.adopt(&merges) } else { agent.merge(&merges) };
             let merged = out.merged.iter().map(|&m| u8::from(m)).collect();
             let reply = Reply::Merged {
                 stalls_ns: out.stalls.iter().map(|d| d.as_nanos() as u64).collect(),

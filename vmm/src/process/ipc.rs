@@ -47,6 +47,9 @@ pub struct Setup {
     pub ksm: bool,
     /// Start from the snapshot in this directory instead of booting.
     pub restore: Option<PathBuf>,
+    /// With `restore`: the supervisor maps the snapshot's memory in as
+    /// shared frames (`Adopt`) instead of the guest reading it.
+    pub adopt_memory: bool,
 }
 
 /// How the guest's merge agent works.
@@ -73,6 +76,10 @@ pub enum Request {
     /// Merges; the payload is (page u32, target u32) pairs, target
     /// [`ZERO_TARGET`] for the zero page, else a frame id.
     Merge,
+    /// Maps frames over pages without comparing, before the guest first
+    /// runs (a clone taking its snapshot's memory); payload as `Merge`,
+    /// reply `Merged`.
+    Adopt,
     /// The console's last bytes.
     Console,
     /// Writes a snapshot of the paused guest to this (new, empty) directory.

@@ -203,7 +203,7 @@ pub struct RunArgs {
     /// Start the guests from this snapshot (`vmm snapshot`) instead of
     /// booting: each is a clone of the snapshotted guest, with its kernel,
     /// command line, memory and vCPUs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "image"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "image", "disk_readonly"])]
     pub restore: Option<PathBuf>,
     /// Raw disk image every guest gets as its virtio-blk disk (/dev/vda):
     /// opened read-only and shared; each guest writes to its own overlay.
@@ -396,8 +396,10 @@ impl TryFrom<RunArgs> for RunConfig {
         let guests = config::GUESTS.check(args.guests, Source::Cli)? as usize;
         let timeout = args.timeout.map(|t| config::TIMEOUT_SECS.check(t, Source::Cli)).transpose()?;
         let disk_readonly = match (&args.image, args.disk_readonly, &args.overlay_dir) {
+            // A snapshot brings its disk: its clones' overlays go to --overlay-dir.
+            (None, false, Some(_)) if args.restore.is_some() => false,
             (None, true, _) | (None, _, Some(_)) => {
-                return Err(Error::bad_input("--disk-readonly and --overlay-dir need a disk IMAGE"))
+                return Err(Error::bad_input("--disk-readonly and --overlay-dir need a disk IMAGE (or --restore)"))
             }
             (Some(_), true, Some(_)) => {
                 return Err(Error::bad_input("--disk-readonly disks have no overlays: drop --overlay-dir"))

@@ -25,6 +25,7 @@ pub enum DiskError {
     BadSize(PathBuf, u64),
     Qcow2(PathBuf),
     Overlay(PathBuf, io::Error),
+    Changed(PathBuf),
 }
 
 impl fmt::Display for DiskError {
@@ -42,6 +43,9 @@ impl fmt::Display for DiskError {
                 p.display()
             ),
             DiskError::Overlay(p, e) => write!(f, "cannot create overlay {}: {e}", p.display()),
+            DiskError::Changed(p) => {
+                write!(f, "disk {} changed since the snapshot was taken (size or modification time)", p.display())
+            }
         }
     }
 }
@@ -80,6 +84,54 @@ impl BaseImage {
     pub fn size(&self) -> u64 {
         self.len
     }
+
+    /// What tells this image from a changed one: its path, size and
+    /// modification time.
+    fn identity(&self) -> io::Result<BaseIdentity> {
+        let modified = self.file.metadata()?.modified()?;
+        let modified_ns = modified.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        Ok(BaseIdentity { path: self.path.clone(), len: self.len, modified_ns })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseIdentity {
+    path: PathBuf,
+    len: u64,
+    modified_ns: u64,
+}
+
+/// A disk as a snapshot keeps it (the overlay's clusters are a file beside).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DiskState {
+    base: BaseIdentity,
+    /// The overlay's cluster bitmap; None for a read-only disk.
+    present: Option<Vec<u64>>,
+}
+
+impl DiskState {
+    /// Whether `base` is the image this disk was saved on, unchanged.
+    pub fn matches(&self, base: &BaseImage) -> bool {
+        base.identity().ok().as_ref() == Some(&self.base)
+    }
+
+    pub fn has_overlay(&self) -> bool {
+        self.present.is_some()
+    }
+}
+
+/// Copies the clusters `present` marks from `from` to `to`.
+fn copy_clusters(from: &File, to: &File, present: &[u64], len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; CLUSTER as usize];
+    for cluster in 0..len.div_ceil(CLUSTER) {
+        if present.get((cluster / 64) as usize).is_some_and(|w| w & (1 << (cluster % 64)) != 0) {
+            let at = cluster * CLUSTER;
+            let n = CLUSTER.min(len - at) as usize;
+            from.read_exact_at(&mut buf[..n], at)?;
+            to.write_all_at(&buf[..n], at)?;
+        }
+    }
+    Ok(())
 }
 
 /// What one guest sees as its disk.
@@ -207,6 +259,40 @@ impl Disk {
         Ok(())
     }
 
+    /// Writes the clusters the overlay holds to `to` (a sparse copy) and
+    /// returns what a restore needs besides: the base's identity and the
+    /// overlay's cluster bitmap.
+    pub fn save(&self, to: &Path) -> io::Result<DiskState> {
+        let present = match &self.overlay {
+            None => None,
+            Some(o) => {
+                let out = File::create(to)?;
+                out.set_len(self.base.len)?;
+                copy_clusters(&o.file, &out, &o.present, self.base.len)?;
+                out.sync_all()?;
+                Some(o.present.clone())
+            }
+        };
+        Ok(DiskState { base: self.base.identity()?, present })
+    }
+
+    /// A clone's disk: a fresh overlay at `path` holding what the saved
+    /// overlay `saved` held (the clone's writes then go there alone).
+    pub fn restore(base: Arc<BaseImage>, state: &DiskState, saved: &Path, path: &Path) -> Result<Disk, DiskError> {
+        if !state.matches(&base) {
+            return Err(DiskError::Changed(base.path.clone()));
+        }
+        let mut disk = Disk::with_overlay(base, path)?;
+        let (Some(present), Some(overlay)) = (&state.present, disk.overlay.as_mut()) else { return Ok(disk) };
+        if present.len() != overlay.present.len() {
+            return Err(DiskError::Changed(saved.into()));
+        }
+        let from = File::open(saved).map_err(|e| DiskError::Open(saved.into(), e))?;
+        copy_clusters(&from, &overlay.file, present, disk.base.len).map_err(|e| DiskError::Overlay(path.into(), e))?;
+        disk.overlay.as_mut().expect("made with an overlay").present = present.clone();
+        Ok(disk)
+    }
+
     /// Makes the overlay's writes durable.
     pub fn flush(&self) -> io::Result<()> {
         match &self.overlay {
@@ -251,6 +337,37 @@ mod tests {
         assert_eq!(got, pattern(8192), "b does not see a's write");
         assert_eq!(std::fs::read(&base_path).unwrap(), pattern(64 * 1024), "the base changed");
         a.flush().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A disk saved and restored as two clones: each sees what was written
+    /// before the snapshot, neither sees the other's writes after it; a
+    /// changed base is refused.
+    #[test]
+    fn clones_of_a_saved_disk_start_from_its_writes() {
+        let dir = scratch("saved");
+        let base_path = dir.join("base.img");
+        std::fs::write(&base_path, pattern(64 * 1024)).unwrap();
+        let base = BaseImage::open(&base_path).unwrap();
+        let mut template = Disk::with_overlay(base.clone(), &dir.join("t.overlay")).unwrap();
+        template.write_at(&[0x11; 600], 8000).unwrap();
+        let state = template.save(&dir.join("saved.overlay")).unwrap();
+        let mut one = Disk::restore(base.clone(), &state, &dir.join("saved.overlay"), &dir.join("1.overlay")).unwrap();
+        let two = Disk::restore(base.clone(), &state, &dir.join("saved.overlay"), &dir.join("2.overlay")).unwrap();
+        one.write_at(&[0x22; 100], 8100).unwrap();
+        let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 1000]);
+        one.read_at(&mut a, 7800).unwrap();
+        two.read_at(&mut b, 7800).unwrap();
+        let mut want = pattern(8800)[7800..].to_vec();
+        want[200..800].fill(0x11);
+        assert_eq!(b, want, "a clone does not see the template's write");
+        want[300..400].fill(0x22);
+        assert_eq!(a, want);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&base_path, pattern(64 * 1024)).unwrap();
+        let changed = BaseImage::open(&base_path).unwrap();
+        let err = Disk::restore(changed, &state, &dir.join("saved.overlay"), &dir.join("3.overlay")).unwrap_err();
+        assert!(err.to_string().contains("changed since the snapshot"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

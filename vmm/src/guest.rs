@@ -15,7 +15,7 @@ use crate::config::GuestConfig;
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
 use crate::devices::io_gate::IoGate;
-use crate::devices::virtio::{BlockDevice, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
+use crate::devices::virtio::{BlockDevice, BlockState, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
 use crate::devices::{serial, Devices};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -139,6 +139,9 @@ impl Guest {
                 vm.register_irqfd(&irq, BLOCK_GSI).map_err(|e| kvm_err("cannot wire the disk interrupt", e))?;
                 let device = BlockDevice::new(disk, irq, io_gate.clone(), ram.memory().clone())
                     .map_err(|e| Error::host(format!("eventfd: {e}")))?;
+                if let Some(saved) = restore.and_then(|s| s.disk.as_ref()) {
+                    device.restore(&saved.transport).map_err(|e| restore_err(format!("its disk: {e}")))?;
+                }
                 let kick = IoEventAddress::Mmio(BLOCK_QUEUE_NOTIFY);
                 if let Err(e) = vm.register_ioevent(&device.notify, &kick, NoDatamatch) {
                     // Kicks then exit to the vCPU thread, which serves them.
@@ -197,6 +200,8 @@ impl Guest {
         self.shared.devices.doorbell.mark_start();
         if let Some(disk) = &self.shared.devices.disk {
             self.io = Some(spawn_io_thread(self.id, disk.clone())?);
+            // A restored guest's last kick may not have been served.
+            disk.kick();
         }
         self.started = true;
         for (index, fd) in self.vcpus.iter().cloned().enumerate() {
@@ -237,8 +242,9 @@ impl Guest {
     }
 
     /// Writes the guest to `dir` (see `snapshot.rs`). The guest must have
-    /// started and be paused; it is frozen (its I/O gate closed as well)
-    /// for the time it takes. Returns the pages written and that time.
+    /// started and be paused (its vCPUs parked); its disk's I/O thread is
+    /// held for the time it takes, so no device writes guest memory or the
+    /// disk meanwhile. Returns the pages written and that time.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<Written> {
         if !self.started || !self.shared.gate.is_paused() {
             return Err(Error::conflict(format!(
@@ -246,18 +252,19 @@ impl Guest {
                 self.id
             )));
         }
-        if self.shared.devices.disk.is_some() {
-            return Err(Error::conflict("snapshots of guests with a disk are not supported yet"));
-        }
         let held = std::time::Instant::now();
-        dedup::Freezer::freeze(self.shared.as_ref());
-        let result = self.write_snapshot(dir);
-        dedup::Freezer::thaw(self.shared.as_ref());
-        let pages = result?;
+        let disk = self.shared.devices.disk.as_ref().map(|d| d.hold());
+        let disk_state = disk
+            .as_ref()
+            .map(|d| d.save(&dir.join(crate::snapshot::OVERLAY_FILE)))
+            .transpose()
+            .map_err(|e| Error::host(format!("cannot save the disk to {}: {e}", dir.display())))?;
+        let pages = self.write_snapshot(dir, disk_state)?;
+        drop(disk);
         Ok(Written { pages, micros: held.elapsed().as_micros() as u64 })
     }
 
-    fn write_snapshot(&self, dir: &std::path::Path) -> Result<u64> {
+    fn write_snapshot(&self, dir: &std::path::Path, disk: Option<BlockState>) -> Result<u64> {
         let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("cannot save {what}: {e}"));
         let vcpus = self
             .vcpus
@@ -275,6 +282,7 @@ impl Guest {
             vcpus,
             self.shared.devices.serial_state(),
             self.shared.devices.doorbell.save(),
+            disk,
         );
         crate::snapshot::write(dir, &state, &self.ram)
             .map_err(|e| Error::host(format!("cannot write the snapshot to {}: {e}", dir.display())))

@@ -14,8 +14,9 @@
 //!
 //! The guest's process writes both (it alone sees all of its memory: pages
 //! merged by page sharing live in the stable store, mapped into its RAM),
-//! while the guest is paused, so nothing changes under it. A guest with a
-//! disk is refused for now: its virtio queues are not saved yet.
+//! while the guest is paused, so nothing changes under it; a guest with a
+//! disk also gets its virtio transport and queue saved, and the clusters its
+//! overlay holds copied to `overlay`, while its I/O thread is held.
 //!
 //! A restored guest is built like a booted one, except that its RAM is read
 //! from `memory` instead of loading a kernel, and its vCPUs, VM and devices
@@ -36,6 +37,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::GuestConfig;
 use crate::devices::doorbell::DoorbellState;
 use crate::devices::serial::SerialSnapshot;
+use crate::devices::virtio::BlockState;
+use crate::disk::{BaseImage, DiskError};
 use crate::error::{Error, Result};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::vstate::state::{VcpuState, VmState};
@@ -46,6 +49,8 @@ const FORMAT: &str = "vmm-snapshot";
 pub const VERSION: u32 = 1;
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory";
+/// The clusters the guest's disk overlay held.
+pub const OVERLAY_FILE: &str = "overlay";
 const PARTIAL_STATE_FILE: &str = "state.json.partial";
 /// Memory is copied in chunks of this many bytes.
 const CHUNK: usize = 1 << 20;
@@ -62,6 +67,8 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub doorbell: DoorbellState,
+    /// The virtio disk, if the guest has one (its overlay is [`OVERLAY_FILE`]).
+    pub disk: Option<BlockState>,
 }
 
 /// Only the fields every version has: read first, so another version gets
@@ -88,8 +95,9 @@ impl SnapshotState {
         vcpus: Vec<VcpuState>,
         serial: SerialSnapshot,
         doorbell: DoorbellState,
+        disk: Option<BlockState>,
     ) -> Self {
-        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell }
+        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell, disk }
     }
 
     /// Reads and checks the snapshot in `dir`: its version, that its memory
@@ -124,8 +132,18 @@ impl SnapshotState {
                 state.config.vcpus
             )));
         }
-        if state.config.disk.is_some() {
-            return Err(Error::bad_input(format!("snapshot {name} has a disk: not supported yet")));
+        match (&state.config.disk, &state.disk) {
+            (None, None) => {}
+            (Some(path), Some(disk)) => {
+                let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
+                if !disk.disk.matches(&base) {
+                    return Err(Error::bad_input(DiskError::Changed(path.clone()).to_string()));
+                }
+                if disk.disk.has_overlay() && !dir.join(OVERLAY_FILE).is_file() {
+                    return Err(Error::bad_input(format!("snapshot {name} has no {OVERLAY_FILE} file for its disk")));
+                }
+            }
+            _ => return Err(Error::bad_input(format!("snapshot {name}: its disk state does not fit its guest"))),
         }
         let memory = dir.join(MEMORY_FILE);
         let size = std::fs::metadata(&memory)
@@ -182,7 +200,7 @@ pub fn prepare_dir(dir: &Path) -> Result<PathBuf> {
 /// Removes what a failed snapshot left in `dir`, and `dir` itself if that
 /// leaves it empty.
 pub fn discard(dir: &Path) {
-    for name in [STATE_FILE, MEMORY_FILE, PARTIAL_STATE_FILE] {
+    for name in [STATE_FILE, MEMORY_FILE, OVERLAY_FILE, PARTIAL_STATE_FILE] {
         let _ = std::fs::remove_file(dir.join(name));
     }
     let _ = std::fs::remove_dir(dir);

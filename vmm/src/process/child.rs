@@ -191,9 +191,14 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         None => None,
         Some(path) => {
             let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
-            Some(match &setup.disk_overlay {
-                Some(overlay) => Disk::with_overlay(base, overlay).map_err(|e| Error::host(e.to_string()))?,
-                None => Disk::read_only(base),
+            let saved = setup.restore.as_ref().zip(restore.as_ref().and_then(|s| s.disk.as_ref()));
+            Some(match (&setup.disk_overlay, saved) {
+                (Some(overlay), Some((dir, saved))) => {
+                    Disk::restore(base, &saved.disk, &dir.join(crate::snapshot::OVERLAY_FILE), overlay)
+                        .map_err(|e| Error::bad_input(e.to_string()))?
+                }
+                (Some(overlay), None) => Disk::with_overlay(base, overlay).map_err(|e| Error::host(e.to_string()))?,
+                (None, _) => Disk::read_only(base),
             })
         }
     };

@@ -50,6 +50,10 @@ impl Block {
         Block { disk }
     }
 
+    pub fn disk(&self) -> &Disk {
+        &self.disk
+    }
+
     pub fn features(&self) -> u64 {
         let ro = if self.disk.is_read_only() { VIRTIO_BLK_F_RO } else { 0 };
         VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | ro

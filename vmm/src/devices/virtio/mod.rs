@@ -4,7 +4,7 @@
 pub mod block;
 pub mod mmio;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::memory::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, EventSubscriber, Events};
@@ -12,9 +12,9 @@ use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::io_gate::IoGate;
-use crate::disk::Disk;
+use crate::disk::{Disk, DiskState};
 use block::Block;
-use mmio::{MmioEvent, MmioTransport, INT_VRING, MMIO_SIZE};
+use mmio::{MmioEvent, MmioTransport, TransportState, INT_VRING, MMIO_SIZE};
 
 /// Feature bit: virtio 1.x (modern) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -53,6 +53,24 @@ impl BlockDevice {
             MmioTransport::new(VIRTIO_ID_BLOCK, block.features(), block.config_space().to_vec(), QUEUE_SIZE);
         let notify = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
         Ok(BlockDevice { state: Mutex::new((transport, block)), irq, notify, io_gate, mem })
+    }
+
+    /// Holds the device still until the guard is dropped: its I/O thread
+    /// finishes the pass it is in and then waits, writing neither guest
+    /// memory nor the disk (a snapshot is taken meanwhile).
+    pub fn hold(&self) -> HeldBlock<'_> {
+        HeldBlock(self.state.lock().unwrap())
+    }
+
+    /// Takes a saved transport state (a restored guest, before it runs).
+    pub fn restore(&self, saved: &TransportState) -> Result<(), String> {
+        self.state.lock().unwrap().0.restore(saved)
+    }
+
+    /// Has the I/O thread look at the queue once: a restored guest's last
+    /// kick may have been pending when its snapshot was taken.
+    pub fn kick(&self) {
+        let _ = self.notify.write(1);
     }
 
     /// The kernel parameter that announces the device to Linux.
@@ -94,6 +112,23 @@ impl BlockDevice {
             }
             Err(e) => log::warn!("virtio-blk: the queue is broken: {e}"),
         }
+    }
+}
+
+/// What a snapshot keeps of the disk device: the transport's registers and
+/// queue, and the disk (its overlay's clusters go to a file beside).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    pub transport: TransportState,
+    pub disk: DiskState,
+}
+
+pub struct HeldBlock<'a>(MutexGuard<'a, (MmioTransport, Block)>);
+
+impl HeldBlock<'_> {
+    /// The device's state, its overlay's clusters written to `overlay`.
+    pub fn save(&self, overlay: &std::path::Path) -> std::io::Result<BlockState> {
+        Ok(BlockState { transport: self.0 .0.save(), disk: self.0 .1.disk().save(overlay)? })
     }
 }
 

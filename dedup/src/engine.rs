@@ -361,24 +361,39 @@ impl Engine {
     }
 
     /// Makes guest `id`, which has not run yet and whose memory is all
-    /// holes, a clone of `pages` ((page, content) in page order): each page
-    /// that is not zero goes onto a stable frame of the guest's group (one
-    /// already holding that content, else a new one) and the guest's agent
-    /// maps the frames in, as if every page had been merged. Zero pages stay
-    /// holes. Returns how many pages were adopted; an error when any page
-    /// could not be (the guest's memory is then incomplete: it must not
-    /// run).
+    /// holes, a clone of `pages` ((page, content) in page order; pages left
+    /// out are zero): each page that is not zero goes onto a stable frame of
+    /// the guest's group (one already holding that content, else a new one),
+    /// and, with zero pages on, every other page onto the zero page; the
+    /// guest's agent maps them in, as if every page had been merged. So a
+    /// clone reading a zero page allocates nothing either. Returns how many
+    /// pages were adopted; an error when any page could not be (the guest's
+    /// memory is then incomplete: it must not run).
     pub fn adopt(&mut self, id: GuestId, pages: impl IntoIterator<Item = (usize, Vec<u8>)>) -> io::Result<u64> {
         let guest = self.guests.get_mut(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
         let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let zero_pages = self.config.zero_pages;
         let mut queue = Vec::new();
         let mut failed = None;
+        // Pages before `next` are handled.
+        let mut next = 0;
+        let zeros_up_to = |guest: &mut Guest, queue: &mut Vec<(u32, Target)>, end: usize| {
+            for p in (0..end).skip(queue.last().map_or(0, |&(q, _)| q as usize + 1)) {
+                if zero_pages && guest.state[p] == UNMERGED {
+                    guest.state[p] = QUEUED;
+                    queue.push((p as u32, Target::Zero));
+                }
+            }
+        };
         for (page, content) in pages {
-            if page >= guest.state.len() || guest.state[page] != UNMERGED || content.len() != PAGE_SIZE {
+            if page < next || page >= guest.state.len() || guest.state[page] != UNMERGED || content.len() != PAGE_SIZE {
                 failed = Some(io::Error::other(format!("page {page} cannot be adopted")));
                 break;
             }
+            zeros_up_to(guest, &mut queue, page);
+            next = page + 1;
             if content.iter().all(|&b| b == 0) {
+                zeros_up_to(guest, &mut queue, next);
                 continue;
             }
             let hash = xxh3_64(&content);
@@ -396,6 +411,10 @@ impl Engine {
             guest.state[page] = QUEUED;
             guest.last_hash[page] = hash;
             queue.push((page as u32, Target::Frame(frame)));
+        }
+        if failed.is_none() {
+            let end = guest.state.len();
+            zeros_up_to(guest, &mut queue, end);
         }
         if let Some(e) = failed {
             // The agent was not asked: nothing is mapped.

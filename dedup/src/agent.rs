@@ -218,15 +218,22 @@ impl Agent {
         (self.mappings_bound, limit)
     }
 
-    /// Makes what merges it can; see the module documentation.
-    pub fn merge(&mut self, merges: &[(u32, Target)]) -> MergeOutcome {
-        let mut out = MergeOutcome { merged: vec![false; merges.len()], ..Default::default() };
-        let sorted = merges.windows(2).all(|w| w[0].0 < w[1].0);
-        if !sorted || merges.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
-            out.error("merge request", io::Error::other("pages out of order or beyond the guest"));
-            return out;
+    /// Checks a request (pages in order, all in the guest) and plans its
+    /// mappings: the outcome to fill in, the runs (index, length) that fit
+    /// under vm.max_map_count, and that limit. Err: refused, and why.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &mut self,
+        what: &str,
+        pages: &[(u32, Target)],
+    ) -> Result<(MergeOutcome, Vec<(usize, usize)>, u64), MergeOutcome> {
+        let mut out = MergeOutcome { merged: vec![false; pages.len()], ..Default::default() };
+        let sorted = pages.windows(2).all(|w| w[0].0 < w[1].0);
+        if !sorted || pages.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
+            out.error(what, io::Error::other("pages out of order or beyond the guest"));
+            return Err(out);
         }
-        let mut runs = self.layout.mapping_runs(merges);
+        let mut runs = self.layout.mapping_runs(pages);
         // Each mapping made may split one mapping into three.
         let (bound, limit) = self.refresh_mappings();
         let room = limit.saturating_sub(bound + MAP_COUNT_MARGIN) / 2;
@@ -234,6 +241,15 @@ impl Agent {
             runs.truncate(room as usize);
             out.map_limited = true;
         }
+        Ok((out, runs, limit))
+    }
+
+    /// Makes what merges it can; see the module documentation.
+    pub fn merge(&mut self, merges: &[(u32, Target)]) -> MergeOutcome {
+        let (mut out, runs, limit) = match self.plan("merge request", merges) {
+            Ok(plan) => plan,
+            Err(refused) => return refused,
+        };
         out.protection = Some(self.protection());
         match &self.hold {
             Hold::WriteProtect(_) => self.merge_write_protected(merges, &runs, &mut out),
@@ -262,19 +278,10 @@ impl Agent {
     /// nothing needs holding off, and nothing is punched: the memfd holds
     /// nothing there.
     pub fn adopt(&mut self, pages: &[(u32, Target)]) -> MergeOutcome {
-        let mut out = MergeOutcome { merged: vec![false; pages.len()], ..Default::default() };
-        let sorted = pages.windows(2).all(|w| w[0].0 < w[1].0);
-        if !sorted || pages.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
-            out.error("adopt request", io::Error::other("pages out of order or beyond the guest"));
-            return out;
-        }
-        let mut runs = self.layout.mapping_runs(pages);
-        let (bound, limit) = self.refresh_mappings();
-        let room = limit.saturating_sub(bound + MAP_COUNT_MARGIN) / 2;
-        if (runs.len() as u64) > room {
-            runs.truncate(room as usize);
-            out.map_limited = true;
-        }
+        let (mut out, runs, limit) = match self.plan("adopt request", pages) {
+            Ok(plan) => plan,
+            Err(refused) => return refused,
+        };
         for (start, n) in runs {
             match self.remap(pages[start], n) {
                 Ok(()) => out.merged[start..start + n].fill(true),

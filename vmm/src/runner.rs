@@ -85,7 +85,8 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
     let mut last_stats = Instant::now();
     // What sharing had reached while every guest was still there.
     let mut sharing_at_peak = manager.sharing().map(|s| s.published());
-    let mut stop_sent = false;
+    // The thread stopping the guests, once one is asked for.
+    let mut stopper: Option<std::thread::JoinHandle<()>> = None;
     loop {
         manager.wait_for_change(Duration::from_millis(100));
         let ends = manager.ends();
@@ -109,7 +110,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
         if ends.values().all(Option::is_some) {
             break;
         }
-        if stop_sent {
+        if stopper.is_some() {
             continue;
         }
         let reason = if crate::signals::stop_requested() {
@@ -119,11 +120,16 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
         };
         if let Some(reason) = reason {
             eprintln!("vmm: stopping {} guest(s): {reason}", manager.live());
-            stop_sent = true;
             let m = manager.clone();
             // Stopping waits for each guest; the loop goes on reporting.
-            std::thread::spawn(move || m.stop_all(reason));
+            stopper = Some(std::thread::spawn(move || m.stop_all(reason)));
         }
+    }
+    // Its hold on the manager must go before the run ends: the manager's
+    // drop removes its temporary directories (found left behind when the
+    // process exited while this thread still held it).
+    if let Some(stopper) = stopper {
+        let _ = stopper.join();
     }
     let mut last = run_stats(started, manager, true);
     if let Some(sharing) = manager.sharing() {

@@ -110,8 +110,22 @@ fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
     assert!(memory < pages * 4096 / 4, "a clone's process holds {memory} bytes of a {pages}-page snapshot");
     assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
     wait_for("the clone to verify rounds", || rounds(&server, id) >= 3);
-    let (_, ended) = server.call("POST", &format!("/guests/{id}/stop"), None);
-    assert_eq!(ended["clean"], true, "{ended}");
+
+    // A clone can be snapshotted in turn, and its clone goes on from there.
+    assert_eq!(server.call("POST", &format!("/guests/{id}/pause"), None).0, 200);
+    let again = scratch_dir("snap-memtest-again").join("snapshot");
+    let (status, written) = server.call("PUT", &format!("/guests/{id}/snapshot"), Some(json!({"dir": again})));
+    assert_eq!(status, 200, "{written}");
+    let (status, grandchild) = server.call("POST", "/guests", Some(json!({"restore": again})));
+    assert_eq!(status, 201, "{grandchild}");
+    assert_eq!(grandchild["spec"]["kernel"], clone["spec"]["kernel"], "{grandchild}");
+    let second = grandchild["id"].as_u64().unwrap();
+    assert_eq!(server.call("POST", &format!("/guests/{second}/start"), None).0, 200);
+    wait_for("the clone's clone to verify rounds", || rounds(&server, second) >= 3);
+    for g in [id, second] {
+        let (_, ended) = server.call("POST", &format!("/guests/{g}/stop"), None);
+        assert_eq!(ended["clean"], true, "{ended}");
+    }
 }
 
 #[test]

@@ -608,8 +608,9 @@ impl Manager {
     }
 
     /// Writes paused guest `id` to `dir`, a new or empty directory (made
-    /// here; removed again if the snapshot fails).
-    pub fn snapshot(&self, id: usize, dir: &Path) -> Result<crate::snapshot::Written> {
+    /// here; removed again if the snapshot fails). Returns the directory,
+    /// absolute, and what was written.
+    pub fn snapshot(&self, id: usize, dir: &Path) -> Result<(PathBuf, crate::snapshot::Written)> {
         let (process, memory_mib) = {
             let g = self.lock();
             let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
@@ -631,7 +632,7 @@ impl Manager {
         // Writing runs at disk speed: allow for a slow disk (16 MiB/s).
         let limit = Duration::from_secs(60 + memory_mib / 16);
         let result = match process.request_within(&Request::Snapshot(dir.clone()), &[], limit) {
-            Ok((Reply::Snapshotted(written), _)) => Ok(written),
+            Ok((Reply::Snapshotted(written), _)) => Ok((dir.clone(), written)),
             Ok((other, _)) => Err(Error::host(format!("guest {id} answered {other:?} to a snapshot"))),
             Err(e) => Err(e),
         };

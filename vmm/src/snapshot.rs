@@ -318,42 +318,40 @@ impl MappedFiles {
 /// Fills fresh guest RAM from the snapshot's memory file: only its data
 /// (holes stay holes, so a restored guest costs what it had written).
 pub fn load_memory(dir: &Path, ram: &GuestRam) -> io::Result<u64> {
-    let file = File::open(dir.join(MEMORY_FILE))?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut pages = 0;
-    let mut offset = 0u64;
-    for region in ram.memory().iter() {
-        let host = region.as_ptr() as u64;
-        let len = region.len();
-        let mut done = 0;
-        while done < len {
-            // Skip the file's holes (SEEK_DATA); where it cannot tell, read.
-            let data = seek_data(&file, offset + done).unwrap_or(offset + done);
-            if data >= offset + len {
-                break;
+    let mut pages = MemoryPages::open(dir)?;
+    let mut loaded = 0;
+    for (page, content) in &mut pages {
+        let offset = page as u64 * PAGE_SIZE;
+        match ram.memfd() {
+            Some(memfd) => memfd.write_all_at(&content, offset)?,
+            None => {
+                let host = host_address(ram, offset).ok_or_else(|| {
+                    io::Error::other(format!("page {page} of the snapshot is beyond the guest's RAM"))
+                })?;
+                // SAFETY: a whole page inside one region's mapping, of a
+                // guest not yet running.
+                unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), host as *mut u8, content.len()) }
             }
-            done = data - offset;
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            file.read_exact_at(chunk, offset + done)?;
-            for (i, page) in chunk.chunks(PAGE_SIZE as usize).enumerate() {
-                if page.iter().any(|&b| b != 0) {
-                    let at = done + (i as u64) * PAGE_SIZE;
-                    match ram.memfd() {
-                        Some(memfd) => memfd.write_all_at(page, offset + at)?,
-                        // SAFETY: inside this region's mapping, of a guest not yet running.
-                        None => unsafe {
-                            std::ptr::copy_nonoverlapping(page.as_ptr(), (host + at) as *mut u8, page.len())
-                        },
-                    }
-                    pages += 1;
-                }
-            }
-            done += n as u64;
         }
-        offset += len;
+        loaded += 1;
     }
-    Ok(pages)
+    match pages.error {
+        Some(e) => Err(e),
+        None => Ok(loaded),
+    }
+}
+
+/// Where the page at `offset` of the memory file (laid out as the memfd:
+/// regions in guest-address order) is mapped.
+fn host_address(ram: &GuestRam, offset: u64) -> Option<u64> {
+    let mut start = 0;
+    for region in ram.memory().iter() {
+        if offset + PAGE_SIZE <= start + region.len() {
+            return (offset >= start).then(|| region.as_ptr() as u64 + (offset - start));
+        }
+        start += region.len();
+    }
+    None
 }
 
 /// The pages of the snapshot's memory that are not zero, as (page number,

@@ -295,9 +295,8 @@ struct SnapshotReply {
 async fn snapshot(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: Body) -> Reply<impl IntoResponse> {
     let id = guest_id(&id)?;
     let request: SnapshotRequest = json_body(body).await?;
-    let dir = std::path::absolute(&request.dir).unwrap_or(request.dir);
     blocking(move || {
-        let written = m.snapshot(id, &dir)?;
+        let (dir, written) = m.snapshot(id, &request.dir)?;
         Ok(Json(SnapshotReply { dir, pages: written.pages, held_ms: written.micros as f64 / 1000.0 }))
     })
     .await

@@ -432,19 +432,12 @@ impl Engine {
                 Ok(adopted as u64)
             }
             Ok(o) => {
-                // An answer for other pages: nobody knows what is mapped.
-                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
-                self.book(id, &queue, all);
                 let why = format!("its agent adopted {} pages of {}", o.merged.len(), queue.len());
-                self.lose(id, why.clone());
+                self.book_unknown_and_lose(id, &queue, why.clone());
                 Err(io::Error::other(why))
             }
             Err(e) => {
-                // Nobody knows what the agent mapped: keep every frame until
-                // the guest is removed.
-                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
-                self.book(id, &queue, all);
-                self.lose(id, format!("its agent failed to adopt a snapshot: {e}"));
+                self.book_unknown_and_lose(id, &queue, format!("its agent failed to adopt a snapshot: {e}"));
                 Err(e)
             }
         }
@@ -674,19 +667,24 @@ impl Engine {
         match guest.agent.merge(&queue) {
             Ok(outcome) if outcome.merged.len() == queue.len() => self.book(id, &queue, outcome),
             answer => {
-                // Nobody knows which merges happened: book them all as made,
-                // so no frame the guest may map is freed before the guest is
-                // removed, and give the guest up.
                 let why = match answer {
                     Err(e) if process_gone(&e) => format!("{GONE}: {e}"),
                     Err(e) => format!("its merge agent failed: {e}"),
                     Ok(o) => format!("its merge agent answered {} merges for {}", o.merged.len(), queue.len()),
                 };
-                let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
-                self.book(id, &queue, all);
-                self.lose(id, why);
+                self.book_unknown_and_lose(id, &queue, why);
             }
         }
+    }
+
+    /// The agent's answer to `queue` is unknown (it failed, or answered
+    /// for other pages): nobody knows what it mapped, so every page is
+    /// booked as merged (keeping its frame until the guest is removed) and
+    /// the guest is given up.
+    fn book_unknown_and_lose(&mut self, id: GuestId, queue: &[(u32, Target)], why: String) {
+        let all = MergeOutcome { merged: vec![true; queue.len()], ..Default::default() };
+        self.book(id, queue, all);
+        self.lose(id, why);
     }
 
     fn book(&mut self, id: GuestId, queue: &[(u32, Target)], outcome: MergeOutcome) {

@@ -103,6 +103,11 @@ pub struct BenchArgs {
     /// ksm-matched, ksm-default (ksm-matched needs inprocess).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "off,inprocess,ksm-matched,ksm-default")]
     pub modes: Vec<crate::bench::Mode>,
+    /// N clones of one snapshot against N booted guests: the modes
+    /// inprocess and cloned (cloned restores a snapshot of one guest booted
+    /// first until it verified a round).
+    #[arg(long, conflicts_with = "modes")]
+    pub clone: bool,
     /// Seconds each mode runs (default 40 for memtest, 150 for tiny-linux).
     #[arg(long, value_name = "SECS")]
     pub duration: Option<u64>,
@@ -134,11 +139,19 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
         config::GUESTS.check(args.guests as u64, Source::Cli)?;
         config::MEMORY_MIB.check(args.memory, Source::Cli)?;
         config::VCPUS.check(u64::from(args.vcpus), Source::Cli)?;
-        let mut modes = args.modes;
+        let mut modes = match args.clone {
+            true => vec![crate::bench::Mode::Inprocess, crate::bench::Mode::Cloned],
+            false => args.modes,
+        };
         modes.sort();
         modes.dedup();
         if modes.contains(&crate::bench::Mode::KsmMatched) && !modes.contains(&crate::bench::Mode::Inprocess) {
             return Err("--modes ksm-matched needs inprocess too: it runs KSM at the CPU rate inprocess used".into());
+        }
+        if modes.contains(&crate::bench::Mode::Cloned) && args.image != BenchImage::Memtest {
+            return Err("the cloned mode needs --image memtest: its template is snapshotted once it has verified \
+                        a round of its memory"
+                .into());
         }
         let image = |rel: &str| args.images_dir.join(rel);
         let (name, kernel, initrd_parts, cmdline, duration) = match args.image {
@@ -470,6 +483,17 @@ mod tests {
         assert!(err.contains("/nonexistent/memtest not found") && err.contains("guest-images/build.sh"), "{err}");
         let err = crate::bench::BenchConfig::try_from(bench_args(&["--modes", "ksm-matched"])).unwrap_err();
         assert!(err.contains("needs inprocess"), "{err}");
+        let err = crate::bench::BenchConfig::try_from(bench_args(&["--clone", "--image", "tiny-linux"])).unwrap_err();
+        assert!(err.contains("cloned mode needs --image memtest"), "{err}");
+        assert!(Cli::try_parse_from(["vmm", "bench", "--clone", "--modes", "off"]).is_err());
+        let images = crate::manager::fresh_temp_dir("vmm-cli-test").unwrap();
+        std::fs::create_dir(images.join("tiny-linux")).unwrap();
+        for f in ["memtest", "tiny-linux/vmlinux", "tiny-linux/initramfs.cpio.gz"] {
+            std::fs::write(images.join(f), "").unwrap();
+        }
+        let config = crate::bench::BenchConfig::try_from(BenchArgs { images_dir: images.clone(), ..bench_args(&["--clone"]) });
+        std::fs::remove_dir_all(&images).unwrap();
+        assert_eq!(config.unwrap().modes, [crate::bench::Mode::Inprocess, crate::bench::Mode::Cloned]);
     }
 
     #[test]

@@ -318,6 +318,12 @@ impl Guest {
         self.shared.devices.doorbell.reported_mismatches()
     }
 
+    /// Rounds a memtest guest has verified on every vCPU (a clone counts
+    /// its template's too).
+    pub fn rounds(&self) -> Option<u64> {
+        self.shared.devices.doorbell.rounds()
+    }
+
     /// How long a memtest guest's pages took, in nanoseconds (empty for
     /// other guests, or without the TSC rate).
     pub fn gaps(&self) -> crate::gaps::Gaps {

@@ -52,6 +52,9 @@ pub struct GuestInfo {
     pub memory_bytes: Option<u64>,
     /// Corrupted pages a memtest guest has reported.
     pub corrupted_pages: u64,
+    /// Rounds a memtest guest has verified on every vCPU since it started
+    /// (a clone's count starts at 0).
+    pub rounds_verified: u64,
     /// How page sharing holds off its writers during a merge.
     pub merge_protection: Option<String>,
     pub sharing: Option<GuestSharing>,
@@ -94,6 +97,7 @@ struct Entry {
     end: Option<GuestEnd>,
     console_tail: String,
     corrupted_pages: u64,
+    rounds_verified: u64,
     gaps: crate::gaps::Gaps,
     protection: Option<String>,
     overlay: Option<PathBuf>,
@@ -114,6 +118,7 @@ impl Entry {
             end: None,
             console_tail: String::new(),
             corrupted_pages: 0,
+            rounds_verified: 0,
             gaps: Default::default(),
             protection: None,
             overlay: None,
@@ -373,6 +378,7 @@ impl Manager {
         let Some(entry) = g.map.get_mut(&id) else { return };
         match event {
             Event::Mismatches(n) => entry.corrupted_pages = n,
+            Event::Rounds(n) => entry.rounds_verified = n,
             Event::Gaps(gaps) => entry.gaps = gaps,
             Event::Ended { end, console } => {
                 entry.reported_end = Some(end);
@@ -435,6 +441,7 @@ impl Manager {
                 entry.cgroup.as_ref().and_then(MemoryCgroup::usage).or_else(|| crate::proc::pss_bytes(p.pid))
             }),
             corrupted_pages: entry.corrupted_pages,
+            rounds_verified: entry.rounds_verified,
             merge_protection: entry.protection.clone(),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
         })
@@ -678,6 +685,11 @@ impl Manager {
             all.add(&e.gaps);
         }
         all
+    }
+
+    /// Guests that have verified at least one round of memtest.
+    pub fn verified(&self) -> usize {
+        self.lock().map.values().filter(|e| e.made && e.rounds_verified > 0).count()
     }
 
     /// Corrupted pages over every guest, and guests that failed or

@@ -15,7 +15,7 @@ use crate::host::HostKind;
 use crate::manager::Manager;
 use crate::memory::{host_available_memory, MIB};
 use crate::outcome::GuestEnd;
-use crate::stats_file::{self, RunStats, SharingStats};
+use crate::stats_file::{self, Created, RunStats, SharingStats};
 
 /// How every guest ended.
 pub struct RunReport {
@@ -53,8 +53,15 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     }
     crate::vstate::control::install_kick_handler();
     crate::signals::install_stop_handlers().map_err(Error::host)?;
+    let mut created = Vec::with_capacity(config.guests);
     for i in 0..config.guests {
-        let made = manager.create(config.guest(i), Source::Cli).and_then(|id| manager.start(id));
+        let t = Instant::now();
+        let made = manager.create(config.guest(i), Source::Cli).and_then(|id| {
+            // What the guest costs before it has run a single instruction.
+            let memory_bytes = manager.get(id)?.memory_bytes;
+            created.push(Created { ms: t.elapsed().as_secs_f64() * 1000.0, memory_bytes });
+            manager.start(id)
+        });
         if let Err(e) = made {
             manager.stop_all(GuestEnd::Stopped);
             return Err(if config.guests == 1 { e } else { e.context(format!("starting guest {i}")) });
@@ -72,14 +79,14 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         }
         None => None,
     };
-    let report = wait(config, &manager);
+    let report = wait(config, &manager, created);
     drop(server);
     Ok(report)
 }
 
 /// Waits for the guests, reporting each end as it comes; ends them all on
 /// Ctrl-C or when the timeout runs out.
-fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
+fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> RunReport {
     let started = Instant::now();
     let mut reported = std::collections::BTreeSet::new();
     let mut last_stats = Instant::now();
@@ -103,7 +110,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
         if let Some(path) = &config.stats_file {
             if last_stats.elapsed() >= stats_file::INTERVAL {
                 last_stats = Instant::now();
-                write_stats(path, &run_stats(started, manager, false));
+                write_stats(path, &run_stats(started, manager, &created, false));
             }
         }
         // From the same snapshot as the reports, so no end goes unreported.
@@ -131,7 +138,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
     if let Some(stopper) = stopper {
         let _ = stopper.join();
     }
-    let mut last = run_stats(started, manager, true);
+    let mut last = run_stats(started, manager, &created, true);
     if let Some(sharing) = manager.sharing() {
         let now = sharing.published();
         let peak = sharing_at_peak.unwrap_or(now.clone());
@@ -146,7 +153,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>) -> RunReport {
     RunReport { ends }
 }
 
-fn run_stats(started: Instant, manager: &Manager, finished: bool) -> RunStats {
+fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished: bool) -> RunStats {
     let ends = manager.ends();
     let (corrupted_pages, guests_failed) = manager.failures();
     RunStats {
@@ -155,6 +162,8 @@ fn run_stats(started: Instant, manager: &Manager, finished: bool) -> RunStats {
         guests_running: manager.live(),
         guests_failed,
         corrupted_pages,
+        guests_verified: manager.verified(),
+        created: created.to_vec(),
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
         finished,

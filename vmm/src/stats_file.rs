@@ -20,6 +20,14 @@ pub struct RunStats {
     pub guests_failed: usize,
     /// Corrupted pages memtest guests reported, over all guests.
     pub corrupted_pages: u64,
+    /// Guests that have verified at least one round of memtest since they
+    /// started.
+    #[serde(default)]
+    pub guests_verified: usize,
+    /// How long each guest took to make (booted or restored), and what its
+    /// process held then, before it ran: in the order they were made.
+    #[serde(default)]
+    pub created: Vec<Created>,
     /// In-process page sharing; `None` when it is not on.
     pub sharing: Option<SharingStats>,
     /// How long memtest guests' pages took, in nanosecond buckets.
@@ -27,6 +35,14 @@ pub struct RunStats {
     pub gaps: crate::gaps::Gaps,
     /// Set in the last snapshot, written after every guest ended.
     pub finished: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Created {
+    pub ms: f64,
+    /// Its memory cgroup (or Pss) right after it was made; None where
+    /// neither can be read.
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -109,6 +125,8 @@ mod tests {
             guests_running: 1,
             guests_failed: 1,
             corrupted_pages: 3,
+            guests_verified: 1,
+            created: vec![Created { ms: 2.5, memory_bytes: Some(4096) }],
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
             finished: false,

@@ -2,7 +2,8 @@
 //! `vmm run` child process per mode, measured from outside every 0.5 s.
 //!
 //! Modes run in a fixed order: `off` (no sharing), `inprocess` (our
-//! scanner), `ksm-matched` (kernel KSM at about the CPU rate our scanner
+//! scanner), `cloned` (our scanner, the guests restored from a snapshot of
+//! one booted guest instead of booted: template.rs), `ksm-matched` (kernel KSM at about the CPU rate our scanner
 //! used while converging, held there by a feedback loop on ksmd's CPU
 //! time) and `ksm-default` (KSM at its own defaults). docs/benchmarks.md
 //! explains the method and the guest profile.
@@ -11,6 +12,7 @@ mod ksm;
 mod meter;
 mod plot;
 pub mod report;
+mod template;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ use report::{BenchReport, ModeResult, Sample};
 pub enum Mode {
     Off,
     Inprocess,
+    Cloned,
     KsmMatched,
     KsmDefault,
 }
@@ -40,6 +43,7 @@ impl Mode {
         match self {
             Mode::Off => "off",
             Mode::Inprocess => "inprocess",
+            Mode::Cloned => "cloned",
             Mode::KsmMatched => "ksm-matched",
             Mode::KsmDefault => "ksm-default",
         }
@@ -48,7 +52,7 @@ impl Mode {
     fn dedup_flag(self) -> &'static str {
         match self {
             Mode::Off => "off",
-            Mode::Inprocess => "inprocess",
+            Mode::Inprocess | Mode::Cloned => "inprocess",
             Mode::KsmMatched | Mode::KsmDefault => "ksm",
         }
     }
@@ -118,6 +122,10 @@ fn run_modes(config: &BenchConfig, work_dir: &Path) -> Result<BenchReport, Strin
         false => None,
     };
     let initrd = build_initrd(config, work_dir)?;
+    let template = match config.modes.contains(&Mode::Cloned) {
+        true => Some(template::make(config, initrd.as_deref(), &work_dir.join("template"))?),
+        false => None,
+    };
     let mut results: Vec<ModeResult> = Vec::new();
     let mut memory_measure = String::new();
     for &mode in &config.modes {
@@ -133,14 +141,18 @@ fn run_modes(config: &BenchConfig, work_dir: &Path) -> Result<BenchReport, Strin
         };
         let meter = Meter::new(&format!("vmm-bench-{}-{}", std::process::id(), mode.name()));
         memory_measure = meter.describe();
-        let result = run_mode(config, work_dir, initrd.as_deref(), mode, &meter, ksm.as_ref(), target_cpu)?;
+        let guests = match (mode, &template) {
+            (Mode::Cloned, Some(t)) => Guests::Restored(&t.dir),
+            _ => Guests::Booted(initrd.as_deref()),
+        };
+        let result = run_mode(config, work_dir, guests, mode, &meter, ksm.as_ref(), target_cpu)?;
         if let Some(ksm) = &ksm {
             ksm.unmerge().map_err(|e| e.to_string())?;
         }
         results.push(result);
     }
     drop(ksm);
-    let report = BenchReport::new(config, memory_measure, results);
+    let report = BenchReport::new(config, memory_measure, template, results);
     if let Some(path) = &config.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -188,10 +200,19 @@ fn build_initrd(config: &BenchConfig, work_dir: &Path) -> Result<Option<PathBuf>
     }
 }
 
+/// How a run's guests start.
+#[derive(Clone, Copy)]
+enum Guests<'a> {
+    /// Booted from the bench's kernel, with this initrd.
+    Booted(Option<&'a Path>),
+    /// Clones of this snapshot.
+    Restored(&'a Path),
+}
+
 fn run_mode(
     config: &BenchConfig,
     work_dir: &Path,
-    initrd: Option<&Path>,
+    guests: Guests,
     mode: Mode,
     meter: &Meter,
     ksm: Option<&Ksm>,
@@ -208,7 +229,13 @@ fn run_mode(
         ksm_pages = Some(pages);
     }
     let ksmd_at_start = ksm::ksmd_cpu().unwrap_or_default();
-    let mut child = spawn_child(config, initrd, mode, meter, &dir, &stats_file)?;
+    let mut command = run_command(config, config.guests, guests, &dir)?;
+    command.args(["--dedup", mode.dedup_flag()]).arg("--stats-file").arg(&stats_file);
+    if let (Mode::Inprocess | Mode::Cloned, Some(n)) = (mode, config.raise_max_map_count) {
+        command.args(["--raise-max-map-count", &n.to_string()]);
+    }
+    meter.enroll(&mut command);
+    let mut child = command.spawn().map_err(|e| format!("cannot start vmm run for {}: {e}", mode.name()))?;
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
     let mut progress = Progress::new(mode, config.duration);
@@ -229,14 +256,14 @@ fn run_mode(
             last_snapshot = snap;
         }
         let cpu = match mode {
-            Mode::Inprocess => last_snapshot.sharing.as_ref().map_or(0.0, |s| s.scanner_cpu_s),
+            Mode::Inprocess | Mode::Cloned => last_snapshot.sharing.as_ref().map_or(0.0, |s| s.scanner_cpu_s),
             Mode::KsmMatched | Mode::KsmDefault => {
                 ksm::ksmd_cpu().unwrap_or_default().saturating_sub(ksmd_at_start).as_secs_f64()
             }
             Mode::Off => 0.0,
         };
         let saved_pages = match (mode, ksm) {
-            (Mode::Inprocess, _) => last_snapshot.sharing.as_ref().map_or(0, |s| s.pages_saved),
+            (Mode::Inprocess | Mode::Cloned, _) => last_snapshot.sharing.as_ref().map_or(0, |s| s.pages_saved),
             (Mode::KsmMatched | Mode::KsmDefault, Some(k)) => k.pages_saved(),
             _ => 0,
         };
@@ -245,6 +272,7 @@ fn run_mode(
             memory_mib: meter.bytes(child.id()).unwrap_or(0) as f64 / MIB as f64,
             saved_mib: saved_pages as f64 * 4096.0 / MIB as f64,
             cpu_s: cpu,
+            verified: last_snapshot.guests_verified,
         };
         progress.show(&sample);
         if let (Some(target), Some(ksm), Some(pages)) = (target_cpu, ksm, ksm_pages.as_mut()) {
@@ -271,41 +299,37 @@ fn run_mode(
     Ok(ModeResult::new(mode, config, samples, pss_at_end, &last_snapshot, ksm_pages, exited_early.is_some()))
 }
 
-fn spawn_child(
-    config: &BenchConfig,
-    initrd: Option<&Path>,
-    mode: Mode,
-    meter: &Meter,
-    dir: &Path,
-    stats_file: &Path,
-) -> Result<Child, String> {
+/// `vmm run` for `guests` of the bench's guests, its consoles and log in
+/// `dir`.
+fn run_command(config: &BenchConfig, guests: usize, how: Guests, dir: &Path) -> Result<Command, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the vmm binary: {e}"))?;
     let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| format!("cannot create a log in {dir:?}: {e}"))?;
     let mut command = Command::new(exe);
+    command.arg("run").args(["--guests", &guests.to_string()]);
+    match how {
+        // A snapshot brings its kernel, command line, memory and vCPUs.
+        Guests::Restored(snapshot) => {
+            command.arg("--restore").arg(snapshot);
+        }
+        Guests::Booted(initrd) => {
+            command
+                .args(["--memory", &config.memory_mib.to_string()])
+                .args(["--vcpus", &config.vcpus.to_string()])
+                .arg("--kernel")
+                .arg(&config.kernel)
+                .args(["--cmdline", &config.cmdline]);
+            if let Some(initrd) = initrd {
+                command.arg("--initrd").arg(initrd);
+            }
+        }
+    }
     command
-        .arg("run")
-        .args(["--guests", &config.guests.to_string()])
-        .args(["--memory", &config.memory_mib.to_string()])
-        .args(["--vcpus", &config.vcpus.to_string()])
-        .arg("--kernel")
-        .arg(&config.kernel)
-        .args(["--cmdline", &config.cmdline])
-        .args(["--dedup", mode.dedup_flag()])
         .arg("--console-dir")
         .arg(dir)
-        .arg("--stats-file")
-        .arg(stats_file)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log);
-    if let Some(initrd) = initrd {
-        command.arg("--initrd").arg(initrd);
-    }
-    if let (Mode::Inprocess, Some(n)) = (mode, config.raise_max_map_count) {
-        command.args(["--raise-max-map-count", &n.to_string()]);
-    }
-    meter.enroll(&mut command);
-    command.spawn().map_err(|e| format!("cannot start vmm run for {}: {e}", mode.name()))
+    Ok(command)
 }
 
 /// SIGTERM (the child stops its guests and exits), then SIGKILL if it

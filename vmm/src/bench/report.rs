@@ -16,6 +16,8 @@ pub struct Sample {
     pub saved_mib: f64,
     /// CPU seconds the scanner (our thread, or ksmd) has used.
     pub cpu_s: f64,
+    /// Guests that have verified a round of their memory since they started.
+    pub verified: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -55,6 +57,18 @@ pub struct ModeResult {
     pub gap_p99_us: f64,
     pub gap_p999_us: f64,
     pub gap_max_us: f64,
+    /// When every guest had verified a round (all running), and the host
+    /// memory then.
+    pub all_verified_s: Option<f64>,
+    pub memory_all_verified_mib: Option<f64>,
+    /// How long making a guest took (booting: set-up; cloning: restore and
+    /// adoption), p50 and p99, and the first's.
+    pub create_p50_ms: Option<f64>,
+    pub create_p99_ms: Option<f64>,
+    pub create_first_ms: Option<f64>,
+    /// Host memory of a guest's process right after it was made, before
+    /// it ran (median over the guests).
+    pub memory_at_create_mib: Option<f64>,
     pub samples: Vec<Sample>,
 }
 
@@ -78,6 +92,12 @@ impl ModeResult {
         let configured = (config.guests as u64 * config.memory_mib) as f64;
         let sharing = last.sharing.clone().unwrap_or_default();
         let us = |ns: u64| ns as f64 / 1000.0;
+        let all_verified = samples.iter().find(|s| s.verified >= config.guests);
+        let mut create_ms: Vec<f64> = last.created.iter().map(|c| c.ms).collect();
+        create_ms.sort_by(f64::total_cmp);
+        let mut at_create: Vec<f64> =
+            last.created.iter().filter_map(|c| c.memory_bytes).map(|b| b as f64 / (1 << 20) as f64).collect();
+        at_create.sort_by(f64::total_cmp);
         ModeResult {
             mode,
             steady_memory_mib,
@@ -100,6 +120,12 @@ impl ModeResult {
             gap_p99_us: us(last.gaps.quantile_ns(0.99)),
             gap_p999_us: us(last.gaps.quantile_ns(0.999)),
             gap_max_us: us(last.gaps.max_ns()),
+            all_verified_s: all_verified.map(|s| s.t),
+            memory_all_verified_mib: all_verified.map(|s| s.memory_mib),
+            create_p50_ms: quantile(&create_ms, 0.5),
+            create_p99_ms: quantile(&create_ms, 0.99),
+            create_first_ms: last.created.first().map(|c| c.ms),
+            memory_at_create_mib: quantile(&at_create, 0.5),
             samples,
         }
     }
@@ -110,6 +136,24 @@ impl ModeResult {
         let at = self.samples.iter().find(|s| s.t >= t95)?;
         (at.t > 0.0 && at.cpu_s > 0.0).then(|| at.cpu_s / at.t)
     }
+}
+
+/// The value at `q` (0..=1) of sorted `values`, nearest rank.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get(((last as f64 * q).round() as usize).min(last)).copied()
+}
+
+/// Clones against booted guests (inprocess), in the same bench: each
+/// figure is how many times better cloning does.
+#[derive(Clone, Debug, Serialize)]
+pub struct CloneRatios {
+    /// Booted's time until all verified a round / the clones'.
+    pub all_verified: Option<f64>,
+    /// Booted's host memory then / the clones'.
+    pub memory_then: Option<f64>,
+    /// Booted's guest memory when made / a clone's.
+    pub memory_at_create: Option<f64>,
 }
 
 /// In-process against one KSM mode: each figure is how many times better
@@ -149,6 +193,9 @@ pub struct BenchReport {
     pub modes: Vec<ModeResult>,
     pub ratios: Vec<Ratios>,
     pub gap_ratios: Vec<GapRatios>,
+    /// The snapshot the cloned mode restored.
+    pub template: Option<super::template::Template>,
+    pub clone_ratios: Option<CloneRatios>,
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -159,7 +206,12 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 impl BenchReport {
-    pub fn new(config: &BenchConfig, memory_measure: String, modes: Vec<ModeResult>) -> BenchReport {
+    pub fn new(
+        config: &BenchConfig,
+        memory_measure: String,
+        template: Option<super::template::Template>,
+        modes: Vec<ModeResult>,
+    ) -> BenchReport {
         let ours = modes.iter().find(|m| m.mode == Mode::Inprocess);
         let ratios = match ours {
             None => Vec::new(),
@@ -188,6 +240,12 @@ impl BenchReport {
                 })
                 .collect(),
         };
+        let cloned = modes.iter().find(|m| m.mode == Mode::Cloned);
+        let clone_ratios = ours.zip(cloned).map(|(booted, cloned)| CloneRatios {
+            all_verified: ratio(booted.all_verified_s, cloned.all_verified_s),
+            memory_then: ratio(booted.memory_all_verified_mib, cloned.memory_all_verified_mib),
+            memory_at_create: ratio(booted.memory_at_create_mib, cloned.memory_at_create_mib),
+        });
         BenchReport {
             host: format!("{:?}", crate::host::HostKind::detect()),
             guests: config.guests,
@@ -200,6 +258,8 @@ impl BenchReport {
             modes,
             ratios,
             gap_ratios,
+            template,
+            clone_ratios,
         }
     }
 
@@ -251,6 +311,7 @@ impl BenchReport {
                 m.gap_max_us
             );
         }
+        out += &self.start_up_table();
         for g in &self.gap_ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
             out += &format!("\n{} vs off, guest page gaps: p99 {}, p99.9 {}", g.mode.name(), x(g.p99), x(g.p999));
@@ -266,13 +327,57 @@ impl BenchReport {
                 x(r.overcommit)
             );
         }
+        if let Some(r) = &self.clone_ratios {
+            let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
+            out += &format!(
+                "\ncloned vs inprocess (booted): all verified {} sooner, host memory then {} less, \
+                 a guest's memory when made {} less",
+                x(r.all_verified),
+                x(r.memory_then),
+                x(r.memory_at_create)
+            );
+        }
         out + "\n"
+    }
+
+    /// How the guests came up: when all ran, what making each cost.
+    fn start_up_table(&self) -> String {
+        let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
+        let mut out = format!(
+            "\n| mode | all {} verified a round (s) | host memory then (MiB) | make a guest p50 (ms) | p99 (ms) | \
+             first (ms) | guest memory when made (MiB) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+            self.guests
+        );
+        for m in &self.modes {
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                m.mode.name(),
+                f(m.all_verified_s, 1),
+                f(m.memory_all_verified_mib, 0),
+                f(m.create_p50_ms, 0),
+                f(m.create_p99_ms, 0),
+                f(m.create_first_ms, 0),
+                f(m.memory_at_create_mib, 1)
+            );
+        }
+        if let Some(t) = &self.template {
+            out += &format!(
+                "\ncloned restores {}: its guest verified a round {:.1} s after its run started; the snapshot \
+                 ({} pages) held it {:.0} ms\n",
+                t.dir.display(),
+                t.boot_s,
+                t.pages,
+                t.held_ms
+            );
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats_file::Created;
     use std::time::Duration;
 
     fn config() -> BenchConfig {
@@ -299,7 +404,7 @@ mod tests {
             .map(|i| {
                 let t = i as f64 * 0.5;
                 let saved = ((t - 1.0) * 50.0).clamp(0.0, 100.0);
-                Sample { t, memory_mib: 300.0 - saved, saved_mib: saved, cpu_s: t.min(3.0) * 0.5 }
+                Sample { t, memory_mib: 300.0 - saved, saved_mib: saved, cpu_s: t.min(3.0) * 0.5, verified: (t >= 2.0) as usize * 4 }
             })
             .collect()
     }
@@ -313,18 +418,40 @@ mod tests {
         assert_eq!(r.overcommit_ratio, 2.0);
         assert!(r.settled);
         assert_eq!(r.converging_cpu_rate(), Some(0.5));
+        // All 4 guests verified from 2 s on, when 50 MiB were saved.
+        assert_eq!((r.all_verified_s, r.memory_all_verified_mib), (Some(2.0), Some(250.0)));
+        assert_eq!(r.create_p50_ms, None);
+    }
+
+    #[test]
+    fn start_up_figures_and_clone_ratios() {
+        let made = |ms: &[f64], mib: u64| RunStats {
+            created: ms.iter().map(|&ms| Created { ms, memory_bytes: Some(mib << 20) }).collect(),
+            ..Default::default()
+        };
+        let booted = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &made(&[40.0, 10.0, 20.0, 30.0], 64), None, false);
+        assert_eq!((booted.create_p50_ms, booted.create_p99_ms, booted.create_first_ms), (Some(30.0), Some(40.0), Some(40.0)));
+        assert_eq!(booted.memory_at_create_mib, Some(64.0));
+        let late: Vec<Sample> = ramp().into_iter().map(|s| Sample { verified: (s.t >= 1.0) as usize * 4, memory_mib: 100.0, ..s }).collect();
+        let cloned = ModeResult::new(Mode::Cloned, &config(), late, None, &made(&[5.0], 2), None, false);
+        let report = BenchReport::new(&config(), "test".into(), None, vec![booted, cloned]);
+        let r = report.clone_ratios.as_ref().unwrap();
+        assert_eq!((r.all_verified, r.memory_then, r.memory_at_create), (Some(2.0), Some(2.5), Some(32.0)));
+        let table = report.table();
+        assert!(table.contains("| cloned | 1.0 | 100 | 5 | 5 | 5 | 2.0 |"), "{table}");
+        assert!(table.contains("all verified 2.00x sooner"), "{table}");
     }
 
     #[test]
     fn still_growing_is_not_settled_and_ratios_compare() {
         let growing: Vec<Sample> = (0..=20)
-            .map(|i| Sample { t: i as f64 * 0.5, memory_mib: 300.0, saved_mib: i as f64 * 5.0, cpu_s: 1.0 })
+            .map(|i| Sample { t: i as f64 * 0.5, memory_mib: 300.0, saved_mib: i as f64 * 5.0, cpu_s: 1.0, verified: 0 })
             .collect();
         let snap = RunStats::default();
         let ksm = ModeResult::new(Mode::KsmDefault, &config(), growing, None, &snap, Some(100), false);
         assert!(!ksm.settled);
         let ours = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &snap, None, false);
-        let report = BenchReport::new(&config(), "test".into(), vec![ours, ksm]);
+        let report = BenchReport::new(&config(), "test".into(), None, vec![ours, ksm]);
         let r = &report.ratios[0];
         assert_eq!(r.versus, Mode::KsmDefault);
         assert_eq!(r.savings, Some(1.0));

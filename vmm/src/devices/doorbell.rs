@@ -154,6 +154,12 @@ impl Doorbell {
         self.state.lock().unwrap().reported_mismatches
     }
 
+    /// Rounds every vCPU has verified, once all have filled (as the guest
+    /// says: any number).
+    pub fn rounds(&self) -> Option<u64> {
+        self.state.lock().unwrap().min_progress()
+    }
+
     /// The gap histogram so far (counts per bucket).
     pub fn gaps(&self) -> Vec<u64> {
         self.state.lock().unwrap().gaps.clone()

@@ -82,6 +82,9 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     let mut started = false;
     let mut stopped_before_start = GuestEnd::Stopped;
     let mut mismatches = 0;
+    // What a clone's doorbell brought from its template.
+    let rounds_before = guest.rounds().unwrap_or(0);
+    let mut rounds = 0;
     let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
     let mut closed = false;
     loop {
@@ -121,6 +124,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         if now != mismatches {
             mismatches = now;
             ipc::send(&mut events, &Event::Mismatches(now), &[])?;
+        }
+        let now = guest.rounds().unwrap_or(0).saturating_sub(rounds_before);
+        if now != rounds {
+            rounds = now;
+            ipc::send(&mut events, &Event::Rounds(now), &[])?;
         }
         if gaps_at.elapsed() >= Duration::from_secs(1) {
             gaps_at = std::time::Instant::now();

@@ -125,6 +125,9 @@ pub enum Reply {
 pub enum Event {
     /// Corrupted pages the guest has reported so far.
     Mismatches(u64),
+    /// Rounds a memtest guest has verified in this process (a clone's
+    /// count starts at 0, not at its template's).
+    Rounds(u64),
     /// How long its pages took so far (memtest), in nanoseconds.
     Gaps(crate::gaps::Gaps),
     /// How the guest ended, and its console's tail; the process exits next.

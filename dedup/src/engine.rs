@@ -169,6 +169,19 @@ pub struct Engine {
     scratch_other: Box<[u8]>,
     /// mincore's answer for the pages being looked at.
     residency: Vec<u8>,
+    /// Where recent snapshots' pages were placed, oldest first (`adopt`).
+    placements: Vec<Placement>,
+}
+
+/// Where one snapshot's pages went when a clone adopted it.
+struct Placement {
+    key: u64,
+    group: GroupId,
+    /// The guest's size in pages.
+    pages: usize,
+    zero_pages: bool,
+    /// (page, target, content hash, frame generation), in page order.
+    entries: Vec<(u32, Target, u64, u64)>,
 }
 
 // SAFETY: the guests' views are mappings owned by the engine; the agents
@@ -203,6 +216,7 @@ impl Engine {
             scratch: vec![0; PAGE_SIZE].into_boxed_slice(),
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
             residency: Vec::new(),
+            placements: Vec::new(),
         }
     }
 
@@ -369,7 +383,53 @@ impl Engine {
     /// clone reading a zero page allocates nothing either. Returns how many
     /// pages were adopted; an error when any page could not be (the guest's
     /// memory is then incomplete: it must not run).
-    pub fn adopt(&mut self, id: GuestId, pages: impl IntoIterator<Item = (usize, Vec<u8>)>) -> io::Result<u64> {
+    ///
+    /// `snapshot` names the pages' source for good (a caller's key): the
+    /// next clone of it reuses this clone's placement without reading
+    /// `pages` at all, as long as every frame is still the one it was. A
+    /// failed read fails the adoption (and nothing is remembered).
+    pub fn adopt(
+        &mut self,
+        id: GuestId,
+        snapshot: Option<u64>,
+        pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
+    ) -> io::Result<u64> {
+        let queue = match snapshot.and_then(|key| self.placement_again(id, key)) {
+            Some(queue) => queue,
+            None => self.place(id, pages)?,
+        };
+        let guest = self.guests.get_mut(&id).expect("placed pages of a listed guest");
+        match guest.agent.adopt(&queue) {
+            Ok(o) if o.merged.len() == queue.len() => {
+                let adopted = o.merged.iter().filter(|&&m| m).count();
+                self.book(id, &queue, o);
+                if adopted < queue.len() {
+                    return Err(io::Error::other(format!("{} of {} pages adopted", adopted, queue.len())));
+                }
+                if let Some(key) = snapshot {
+                    self.keep_placement(id, key, queue);
+                }
+                Ok(adopted as u64)
+            }
+            Ok(o) => {
+                let why = format!("its agent adopted {} pages of {}", o.merged.len(), queue.len());
+                self.book_unknown_and_lose(id, &queue, why.clone());
+                Err(io::Error::other(why))
+            }
+            Err(e) => {
+                self.book_unknown_and_lose(id, &queue, format!("its agent failed to adopt a snapshot: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Finds (or makes) a frame for each page of `pages` and queues it, as
+    /// `adopt` describes; on an error nothing stays queued or reserved.
+    fn place(
+        &mut self,
+        id: GuestId,
+        pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
+    ) -> io::Result<Vec<(u32, Target)>> {
         let guest = self.guests.get_mut(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
         let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
         let zero_pages = self.config.zero_pages;
@@ -385,7 +445,14 @@ impl Engine {
                 }
             }
         };
-        for (page, content) in pages {
+        for read in pages {
+            let (page, content) = match read {
+                Ok(page) => page,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
             if page < next || page >= guest.state.len() || guest.state[page] != UNMERGED || content.len() != PAGE_SIZE {
                 failed = Some(io::Error::other(format!("page {page} cannot be adopted")));
                 break;
@@ -412,35 +479,80 @@ impl Engine {
             guest.last_hash[page] = hash;
             queue.push((page as u32, Target::Frame(frame)));
         }
-        if failed.is_none() {
-            let end = guest.state.len();
-            zeros_up_to(guest, &mut queue, end);
-        }
         if let Some(e) = failed {
             // The agent was not asked: nothing is mapped.
             let none = MergeOutcome { merged: vec![false; queue.len()], ..Default::default() };
             self.book(id, &queue, none);
             return Err(e);
         }
-        match guest.agent.adopt(&queue) {
-            Ok(o) if o.merged.len() == queue.len() => {
-                let adopted = o.merged.iter().filter(|&&m| m).count();
-                self.book(id, &queue, o);
-                if adopted < queue.len() {
-                    return Err(io::Error::other(format!("{} of {} pages adopted", adopted, queue.len())));
+        let end = guest.state.len();
+        zeros_up_to(guest, &mut queue, end);
+        Ok(queue)
+    }
+
+    /// The placement an earlier clone of snapshot `key` got, queued again
+    /// for guest `id`, if it still holds: same group, size and zero-page
+    /// setting, a guest with nothing merged yet, and every frame still the
+    /// generation it was (frames never change while live, so the content is
+    /// what it was) with room for one more user. None (with nothing
+    /// reserved) otherwise.
+    fn placement_again(&mut self, id: GuestId, key: u64) -> Option<Vec<(u32, Target)>> {
+        let plan = self.placements.iter().find(|p| p.key == key)?;
+        let guest = self.guests.get_mut(&id)?;
+        if plan.group != guest.group
+            || plan.pages != guest.state.len()
+            || plan.zero_pages != self.config.zero_pages
+            || guest.state.iter().any(|&s| s != UNMERGED)
+        {
+            return None;
+        }
+        let store = self.stores.get_mut(&guest.group)?;
+        for (n, &(_, target, _, generation)) in plan.entries.iter().enumerate() {
+            if let Target::Frame(f) = target {
+                if !store.reserve_if_same(f, generation, self.config.max_page_sharing) {
+                    for &(_, target, _, _) in &plan.entries[..n] {
+                        if let Target::Frame(f) = target {
+                            let _ = store.unreserve(f);
+                        }
+                    }
+                    return None;
                 }
-                Ok(adopted as u64)
-            }
-            Ok(o) => {
-                let why = format!("its agent adopted {} pages of {}", o.merged.len(), queue.len());
-                self.book_unknown_and_lose(id, &queue, why.clone());
-                Err(io::Error::other(why))
-            }
-            Err(e) => {
-                self.book_unknown_and_lose(id, &queue, format!("its agent failed to adopt a snapshot: {e}"));
-                Err(e)
             }
         }
+        for &(page, target, hash, _) in &plan.entries {
+            guest.state[page as usize] = QUEUED;
+            if let Target::Frame(_) = target {
+                guest.last_hash[page as usize] = hash;
+            }
+        }
+        Some(plan.entries.iter().map(|&(page, target, _, _)| (page, target)).collect())
+    }
+
+    /// Remembers where guest `id`'s adopted pages went, for the next clone
+    /// of snapshot `key` (the last few snapshots are kept).
+    fn keep_placement(&mut self, id: GuestId, key: u64, queue: Vec<(u32, Target)>) {
+        const KEPT: usize = 4;
+        let guest = &self.guests[&id];
+        let store = &self.stores[&guest.group];
+        let entries = queue
+            .into_iter()
+            .map(|(page, target)| match target {
+                Target::Frame(f) => (page, target, guest.last_hash[page as usize], store.generation(f)),
+                Target::Zero => (page, target, 0, 0),
+            })
+            .collect();
+        let plan = Placement {
+            key,
+            group: guest.group,
+            pages: guest.state.len(),
+            zero_pages: self.config.zero_pages,
+            entries,
+        };
+        self.placements.retain(|p| p.key != key);
+        if self.placements.len() == KEPT {
+            self.placements.remove(0);
+        }
+        self.placements.push(plan);
     }
 
     fn count_error(&mut self, what: String) {

@@ -30,6 +30,10 @@ struct Frame {
     /// Merges queued onto it that have not happened yet.
     reserved: u32,
     hash: u64,
+    /// Which filling of this id it is: a frame id freed and filled again
+    /// gets a new generation, so (id, generation) names one content for
+    /// good.
+    generation: u64,
 }
 
 /// The frames of one merge group.
@@ -46,6 +50,7 @@ pub struct StableStore {
     mapped_frames: usize,
     file_len: u64,
     last: Option<FrameId>,
+    generations: u64,
 }
 
 // SAFETY: `view` is a mapping owned by the store; it is only used through
@@ -66,6 +71,7 @@ impl StableStore {
             mapped_frames: 0,
             file_len: 0,
             last: None,
+            generations: 0,
         })
     }
 
@@ -124,7 +130,8 @@ impl StableStore {
         // fresh page without the fault and the clearing a store would cost.
         // The frame is not mapped by any guest yet, so nobody sees it early.
         os::write_page(&self.file, content, Self::offset(id))?;
-        let frame = Some(Frame { mapped: 0, reserved: 0, hash });
+        self.generations += 1;
+        let frame = Some(Frame { mapped: 0, reserved: 0, hash, generation: self.generations });
         if id as usize == self.frames.len() {
             self.frames.push(frame);
         } else {
@@ -139,6 +146,24 @@ impl StableStore {
 
     fn frame(&mut self, id: FrameId) -> &mut Frame {
         self.frames[id as usize].as_mut().expect("a freed frame is still in use")
+    }
+
+    /// The generation of live frame `id`.
+    pub fn generation(&self, id: FrameId) -> u64 {
+        self.frames[id as usize].as_ref().expect("a freed frame is still in use").generation
+    }
+
+    /// Reserves frame `id` for a queued merge if it is still the filling
+    /// `generation` (so still holds the content it held then) and has room
+    /// for one more user under `max_users`.
+    pub fn reserve_if_same(&mut self, id: FrameId, generation: u64, max_users: u32) -> bool {
+        match self.frames.get_mut(id as usize) {
+            Some(Some(f)) if f.generation == generation && f.mapped + f.reserved < max_users => {
+                f.reserved += 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Reserves the frame for a queued merge.

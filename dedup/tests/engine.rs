@@ -612,7 +612,7 @@ fn a_clone_adopts_a_snapshot_as_merged_pages() {
     template.add(&mut e, 0, ProtectMode::WriteProtect);
     let id = clone.add(&mut e, 0, ProtectMode::WriteProtect);
     // The last page (zero) is left out, as a hole in a snapshot is.
-    assert_eq!(e.adopt(id, snapshot[..15].to_vec()).unwrap(), 16);
+    assert_eq!(e.adopt(id, None, snapshot[..15].iter().cloned().map(Ok)).unwrap(), 16);
     assert_eq!(clone.resident_bytes(), 0, "the clone's memfd holds nothing");
     for (i, content) in &snapshot {
         assert_eq!(&clone.read(*i), content, "page {i}");
@@ -629,7 +629,64 @@ fn a_clone_adopts_a_snapshot_as_merged_pages() {
     scan_passes(&mut e, 1);
     assert_eq!(e.stats().cow_breaks, 1);
     // A page already merged is not adopted twice; nothing leaked either way.
-    assert!(e.adopt(id, vec![(0, expected(300))]).is_err());
+    assert!(e.adopt(id, None, [Ok((0, expected(300)))]).is_err());
     e.remove_guest(id).unwrap();
+    assert_eq!(e.audit().leaked_frames, 0);
+}
+
+/// A second clone of the same snapshot takes the first one's placement
+/// without reading the snapshot; once those frames have been freed and
+/// their ids filled with other content, the placement is not trusted and
+/// the snapshot is read again; a read that fails leaves nothing behind to
+/// be trusted.
+#[test]
+fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
+    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(500 + (i as u64 % 5)))).collect();
+    let read = |pages: &[(usize, Vec<u8>)]| pages.iter().cloned().map(Ok).collect::<Vec<_>>();
+    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    let mut e = engine();
+    let (first, second) = (TestGuest::new(16), TestGuest::new(16));
+    let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(a, Some(7), read(&snapshot)).unwrap(), 16);
+    let b = second.add(&mut e, 0, ProtectMode::WriteProtect);
+    // No pages given: everything comes from the first clone's placement.
+    assert_eq!(e.adopt(b, Some(7), unread()).unwrap(), 16);
+    for (i, content) in &snapshot {
+        assert_eq!(&second.read(*i), content, "page {i}");
+    }
+    assert_eq!(e.stats().pages_shared, 5, "both clones on the same 5 frames: {:?}", e.stats());
+    assert_eq!(e.guest_stats(b).unwrap().merged_pages, 16);
+
+    // Every user gone: the frames are freed; other content takes their ids.
+    e.remove_guest(a).unwrap();
+    e.remove_guest(b).unwrap();
+    let other = TestGuest::new(16);
+    let o = other.add(&mut e, 0, ProtectMode::WriteProtect);
+    let others: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(900 + i as u64))).collect();
+    assert_eq!(e.adopt(o, None, read(&others)).unwrap(), 16);
+    let third = TestGuest::new(16);
+    let c = third.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(c, Some(7), read(&snapshot)).unwrap(), 16);
+    for (i, content) in &snapshot {
+        assert_eq!(&third.read(*i), content, "page {i} of a clone after its frames were reused");
+    }
+    for i in 0..16 {
+        assert_eq!(other.read(i), expected(900 + i as u64));
+    }
+
+    // A read that fails half way fails the clone, and is not remembered:
+    // the next clone of that snapshot, given nothing to read, gets zeros.
+    let fourth = TestGuest::new(16);
+    let d = fourth.add(&mut e, 0, ProtectMode::WriteProtect);
+    let mut broken = read(&snapshot[..8]);
+    broken.push(Err(std::io::Error::other("disk on fire")));
+    assert!(e.adopt(d, Some(8), broken).is_err());
+    let fifth = TestGuest::new(16);
+    let f = fifth.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(f, Some(8), unread()).unwrap(), 16);
+    assert_eq!(fifth.read(0), vec![0; PAGE_SIZE], "a failed adoption's placement was trusted");
+    for id in [c, d, f, o] {
+        e.remove_guest(id).unwrap();
+    }
     assert_eq!(e.audit().leaked_frames, 0);
 }

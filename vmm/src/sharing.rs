@@ -88,16 +88,12 @@ impl Sharing {
     /// all of it from the start. Returns the pages adopted.
     pub fn adopt_snapshot(&self, id: usize, dir: &std::path::Path) -> Result<u64> {
         let read_error = |e: io::Error| Error::host(format!("cannot read snapshot {}: {e}", dir.display()));
-        let mut pages = crate::snapshot::MemoryPages::open(dir).map_err(read_error)?;
-        let adopted = self
-            .scanner
+        let pages = crate::snapshot::MemoryPages::open(dir).map_err(read_error)?;
+        let key = pages.identity().map_err(read_error)?;
+        self.scanner
             .engine()
-            .adopt(engine_id(id), &mut pages)
-            .map_err(|e| Error::host(format!("cannot map in snapshot {}: {e}", dir.display())))?;
-        match pages.error {
-            Some(e) => Err(read_error(e)),
-            None => Ok(adopted),
-        }
+            .adopt(engine_id(id), Some(key), pages)
+            .map_err(|e| Error::host(format!("cannot map in snapshot {}: {e}", dir.display())))
     }
 
     pub fn merge_now(&self, id: usize) -> Result<()> {

@@ -318,9 +318,9 @@ impl MappedFiles {
 /// Fills fresh guest RAM from the snapshot's memory file: only its data
 /// (holes stay holes, so a restored guest costs what it had written).
 pub fn load_memory(dir: &Path, ram: &GuestRam) -> io::Result<u64> {
-    let mut pages = MemoryPages::open(dir)?;
     let mut loaded = 0;
-    for (page, content) in &mut pages {
+    for read in MemoryPages::open(dir)? {
+        let (page, content) = read?;
         let offset = page as u64 * PAGE_SIZE;
         match ram.memfd() {
             Some(memfd) => memfd.write_all_at(&content, offset)?,
@@ -335,10 +335,7 @@ pub fn load_memory(dir: &Path, ram: &GuestRam) -> io::Result<u64> {
         }
         loaded += 1;
     }
-    match pages.error {
-        Some(e) => Err(e),
-        None => Ok(loaded),
-    }
+    Ok(loaded)
 }
 
 /// Where the page at `offset` of the memory file (laid out as the memfd:
@@ -356,33 +353,45 @@ fn host_address(ram: &GuestRam, offset: u64) -> Option<u64> {
 
 /// The pages of the snapshot's memory that are not zero, as (page number,
 /// content) in order, read a chunk at a time: what page sharing adopts for
-/// a clone. A read that fails ends the pages early and is kept in `error`:
-/// check it after use.
+/// a clone. A read that fails is the last item.
 pub struct MemoryPages {
     file: File,
     len: u64,
     offset: u64,
     chunk: std::vec::IntoIter<(usize, Vec<u8>)>,
-    pub error: Option<io::Error>,
+    failed: bool,
 }
 
 impl MemoryPages {
     pub fn open(dir: &Path) -> io::Result<MemoryPages> {
         let file = File::open(dir.join(MEMORY_FILE))?;
         let len = file.metadata()?.len();
-        Ok(MemoryPages { file, len, offset: 0, chunk: Vec::new().into_iter(), error: None })
+        Ok(MemoryPages { file, len, offset: 0, chunk: Vec::new().into_iter(), failed: false })
+    }
+
+    /// Names this memory file as it is now: the same file unchanged has the
+    /// same identity; any write to it, or another file put in its place,
+    /// gives another. (Page sharing places a snapshot's pages once, and
+    /// each further clone of the same identity the same way.)
+    pub fn identity(&self) -> io::Result<u64> {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
+        let m = self.file.metadata()?;
+        let mut h = std::hash::DefaultHasher::new();
+        (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()).hash(&mut h);
+        Ok(h.finish())
     }
 }
 
 impl Iterator for MemoryPages {
-    type Item = (usize, Vec<u8>);
+    type Item = io::Result<(usize, Vec<u8>)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(page) = self.chunk.next() {
-                return Some(page);
+                return Some(Ok(page));
             }
-            if self.error.is_some() {
+            if self.failed {
                 return None;
             }
             self.offset = seek_data(&self.file, self.offset).unwrap_or(self.offset);
@@ -392,8 +401,8 @@ impl Iterator for MemoryPages {
             let n = (self.len - self.offset).min(CHUNK as u64) as usize;
             let mut buf = vec![0u8; n];
             if let Err(e) = self.file.read_exact_at(&mut buf, self.offset) {
-                self.error = Some(e);
-                return None;
+                self.failed = true;
+                return Some(Err(e));
             }
             let first = (self.offset / PAGE_SIZE) as usize;
             self.chunk = buf

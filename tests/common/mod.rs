@@ -182,7 +182,12 @@ impl Server {
         let socket = scratch_dir(name).join("api.sock");
         let mut args = vec!["serve", "--api-socket", socket.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let child = vmm(&args).spawn().unwrap();
+        Self::spawn(vmm(&args), socket)
+    }
+
+    /// Starts `command`, a `vmm serve` on `socket`, and waits for its API.
+    pub fn spawn(mut command: Command, socket: PathBuf) -> Server {
+        let child = command.spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             assert!(Instant::now() < deadline, "the server did not come up");

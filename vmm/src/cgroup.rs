@@ -1,7 +1,9 @@
 //! Memory cgroups: one per guest process (what it uses, whether the OOM
-//! killer took it), and one per `vmm bench` run. v1 (`memory` controller)
-//! or v2 (unified); each is made under the cgroup this process is in, so
-//! whatever measures or limits us includes them.
+//! killer took it), and one per `vmm bench` run (limited with
+//! `--host-memory`). v1 (`memory` controller) or v2 (unified); each is made
+//! under the cgroup this process is in, so whatever measures or limits us
+//! includes them. [`OwnCgroup`] reads that cgroup's limit and use: one side
+//! of the wall the memory governor (pressure.rs) keeps guests from.
 
 use std::fs::File;
 use std::io;
@@ -76,6 +78,16 @@ impl MemoryCgroup {
         read_number(&self.dir.join(usage_file(self.version)))
     }
 
+    /// Caps what it may hold (v1 `memory.limit_in_bytes`, v2 `memory.max`).
+    pub fn set_limit(&self, bytes: u64) -> io::Result<()> {
+        let file = match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        };
+        std::fs::write(self.dir.join(file), bytes.to_string())
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot limit {}: {e}", self.dir.display())))
+    }
+
     /// Processes of this cgroup the kernel's OOM killer has killed.
     pub fn oom_kills(&self) -> u64 {
         let file = match self.version {
@@ -86,6 +98,48 @@ impl MemoryCgroup {
             .ok()
             .and_then(|text| text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok())))
             .unwrap_or(0)
+    }
+}
+
+/// The memory cgroup this process runs in, read but never made, changed
+/// or removed here.
+pub struct OwnCgroup {
+    dir: PathBuf,
+    version: Version,
+}
+
+/// Limits at or above this are "no limit" (v1 writes 2^63 rounded down to
+/// a page).
+const NO_LIMIT: u64 = 1 << 62;
+
+impl OwnCgroup {
+    pub fn find() -> Option<OwnCgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let (dir, version) = memory_cgroup_of(&own)?;
+        dir.join(usage_file(version)).exists().then_some(OwnCgroup { dir, version })
+    }
+
+    /// Its limit, if it has one (its own, not its ancestors').
+    pub fn limit(&self) -> Option<u64> {
+        let file = match self.version {
+            Version::V1 => "memory.limit_in_bytes",
+            Version::V2 => "memory.max",
+        };
+        // v2 writes "max" for none, which does not parse.
+        read_number(&self.dir.join(file)).filter(|&l| l < NO_LIMIT)
+    }
+
+    /// What it holds that the kernel cannot simply drop: its use less
+    /// inactive file pages (page cache it would reclaim before failing).
+    pub fn working_set(&self) -> Option<u64> {
+        let usage = read_number(&self.dir.join(usage_file(self.version)))?;
+        let key = match self.version {
+            Version::V1 => "total_inactive_file ",
+            Version::V2 => "inactive_file ",
+        };
+        let stat = std::fs::read_to_string(self.dir.join("memory.stat")).unwrap_or_default();
+        let inactive: u64 = stat.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok()).unwrap_or(0);
+        Some(usage.saturating_sub(inactive))
     }
 }
 

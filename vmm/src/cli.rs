@@ -320,6 +320,13 @@ pub struct HostArgs {
     /// as root, when a guest's merged pages need more mappings).
     #[arg(long)]
     pub no_raise_max_map_count: bool,
+    /// Memory kept free, in percent of host RAM (or of the memory cgroup's
+    /// limit, if smaller): below it, guests whose memory grows are
+    /// throttled while page sharing makes room, and when it cannot, the
+    /// largest guest is ended. 0 turns this off (the kernel's OOM killer
+    /// decides).
+    #[arg(long, default_value_t = config::MEMORY_RESERVE_PCT.default, value_name = "PCT")]
+    pub memory_reserve: u64,
 }
 
 impl HostArgs {
@@ -349,7 +356,8 @@ impl HostArgs {
             config::MAX_MAP_COUNT.check(n, Source::Cli)?;
         }
         let backend = sharing.backend(self.memory_backend)?;
-        Ok(SupervisorConfig { sharing, backend, ..Default::default() })
+        let memory_reserve_pct = config::MEMORY_RESERVE_PCT.check(self.memory_reserve, Source::Cli)?;
+        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, ..Default::default() })
     }
 }
 
@@ -491,7 +499,8 @@ mod tests {
         for f in ["memtest", "tiny-linux/vmlinux", "tiny-linux/initramfs.cpio.gz"] {
             std::fs::write(images.join(f), "").unwrap();
         }
-        let config = crate::bench::BenchConfig::try_from(BenchArgs { images_dir: images.clone(), ..bench_args(&["--clone"]) });
+        let config =
+            crate::bench::BenchConfig::try_from(BenchArgs { images_dir: images.clone(), ..bench_args(&["--clone"]) });
         std::fs::remove_dir_all(&images).unwrap();
         assert_eq!(config.unwrap().modes, [crate::bench::Mode::Inprocess, crate::bench::Mode::Cloned]);
     }

@@ -72,6 +72,10 @@ pub const MERGE_BATCH: Knob<u64> =
     Knob { field: "merge_batch", flag: "--merge-batch", default: 8192, min: 1, max: 1 << 20 };
 pub const MAX_PAGE_SHARING: Knob<u64> =
     Knob { field: "max_page_sharing", flag: "--max-page-sharing", default: 256, min: 2, max: 1 << 20 };
+/// The memory governor's reserve, in percent of what there is (0: no
+/// governor: the kernel's OOM killer decides, as without a VMM that knows).
+pub const MEMORY_RESERVE_PCT: Knob<u64> =
+    Knob { field: "memory_reserve", flag: "--memory-reserve", default: 5, min: 0, max: 50 };
 pub const MAX_MAP_COUNT: Knob<u64> =
     Knob { field: "max_map_count", flag: "--raise-max-map-count", default: 65530, min: 65530, max: i32::MAX as u64 };
 
@@ -488,6 +492,8 @@ pub struct SupervisorConfig {
     pub overlay_dir: Option<PathBuf>,
     /// Start guests whose RAM the host does not have available.
     pub overcommit: bool,
+    /// The memory governor's reserve in percent (pressure.rs); 0: off.
+    pub memory_reserve_pct: u64,
 }
 
 impl Default for SupervisorConfig {
@@ -499,6 +505,7 @@ impl Default for SupervisorConfig {
             console_to_terminal: false,
             overlay_dir: None,
             overcommit: false,
+            memory_reserve_pct: MEMORY_RESERVE_PCT.default,
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct Guest {
     /// The MSRs KVM can save, for snapshots.
     msr_list: Vec<u32>,
     started: bool,
+    /// Held by the supervisor for memory (see pressure.rs): one pause of
+    /// the gate, on top of any the user asked for.
+    throttled: bool,
     threads: Vec<JoinHandle<()>>,
     /// The device I/O thread and its stop flag, when the guest has a disk.
     io: Option<(JoinHandle<()>, Arc<AtomicBool>)>,
@@ -185,6 +188,7 @@ impl Guest {
             vcpus,
             msr_list,
             started: false,
+            throttled: false,
             threads: Vec::new(),
             io: None,
             vm,
@@ -239,6 +243,19 @@ impl Guest {
     /// Undoes one `pause`.
     pub fn resume(&self) {
         self.shared.gate.resume();
+    }
+
+    /// Holds (or lets go of) the vCPUs for memory: a pause of its own,
+    /// so a user's pause and resume neither undo it nor are undone by it.
+    pub fn throttle(&mut self, on: bool) {
+        if on != self.throttled {
+            self.throttled = on;
+            if on {
+                self.pause();
+            } else {
+                self.resume();
+            }
+        }
     }
 
     /// Writes the guest to `dir` (see `snapshot.rs`). The guest must have

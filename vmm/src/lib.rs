@@ -27,6 +27,7 @@ pub mod hypervisor;
 pub mod manager;
 pub mod memory;
 pub mod outcome;
+pub mod pressure;
 pub mod proc;
 pub mod process;
 pub mod runner;

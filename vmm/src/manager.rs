@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::host::HostKind;
 use crate::memory::{guest_memfd, host_available_memory, MemoryBackend};
 use crate::outcome::GuestEnd;
+use crate::pressure::{Action, Governor, GuestMemory, Wall};
 use crate::process::handle::{Descriptors, Exit, GuestProcess};
 use crate::process::ipc::{Event, Reply, Request, Setup};
 use crate::sharing::Sharing;
@@ -55,6 +57,9 @@ pub struct GuestInfo {
     /// Rounds a memtest guest has verified on every vCPU since it started
     /// (a clone's count starts at 0).
     pub rounds_verified: u64,
+    /// Held by the memory governor now, and for how long in all.
+    pub throttled: bool,
+    pub throttled_ms: u64,
     /// How page sharing holds off its writers during a merge.
     pub merge_protection: Option<String>,
     pub sharing: Option<GuestSharing>,
@@ -98,6 +103,10 @@ struct Entry {
     console_tail: String,
     corrupted_pages: u64,
     rounds_verified: u64,
+    /// Since when the memory governor holds it, and for how long it held
+    /// it before.
+    throttled_since: Option<Instant>,
+    throttled_before: Duration,
     gaps: crate::gaps::Gaps,
     protection: Option<String>,
     overlay: Option<PathBuf>,
@@ -119,11 +128,17 @@ impl Entry {
             console_tail: String::new(),
             corrupted_pages: 0,
             rounds_verified: 0,
+            throttled_since: None,
+            throttled_before: Duration::ZERO,
             gaps: Default::default(),
             protection: None,
             overlay: None,
             made: false,
         }
+    }
+
+    fn throttled(&self) -> Duration {
+        self.throttled_before + self.throttled_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 }
 
@@ -161,6 +176,9 @@ impl Drop for Dir {
 
 /// Nice value of the supervisor's threads (the scanner's is its own).
 const SUPERVISOR_NICE: i32 = -5;
+/// The supervisor's and each guest process's OOM score adjustment.
+const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
+pub const GUEST_OOM_SCORE_ADJ: i32 = 500;
 
 pub struct Manager {
     config: SupervisorConfig,
@@ -173,7 +191,17 @@ pub struct Manager {
     overlays: Dir,
     /// The cgroup the guests' cgroups live in, where the host allows one.
     cgroups: Option<MemoryCgroup>,
+    /// The memory governor, unless it is off or cannot see the guests.
+    governed: Option<Governed>,
     this: Weak<Manager>,
+}
+
+/// The memory governor (pressure.rs) and its thread.
+struct Governed {
+    wall: Wall,
+    governor: Mutex<Governor>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Manager {
@@ -184,6 +212,13 @@ impl Manager {
         // guests: making, stopping and answering for guests must not wait
         // behind their vCPUs. (Guest processes go back to the default.)
         dedup::os::set_thread_nice(SUPERVISOR_NICE, "the supervisor");
+        // The supervisor maps every guest's memory to scan it, so to the
+        // kernel's OOM killer it looks the biggest process of all: killing
+        // it would end every guest. Ask the kernel to pick a guest instead
+        // (guest processes raise their own score).
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", SUPERVISOR_OOM_SCORE_ADJ.to_string()) {
+            log::info!("cannot lower the supervisor's OOM score ({e}): the OOM killer may pick it over a guest");
+        }
         // Fail here, with KVM's own words, rather than in each guest.
         let hv = crate::hypervisor::Hypervisor::open().map_err(Error::host)?;
         let sharing = match config.sharing.mode {
@@ -205,7 +240,29 @@ impl Manager {
                 None
             }
         };
-        Ok(Arc::new_cyclic(|this| Manager {
+        let governed = match (config.memory_reserve_pct, &cgroups) {
+            (0, _) => None,
+            (_, None) => {
+                log::warn!("no memory cgroup per guest: the memory governor cannot see guests grow, and is off");
+                None
+            }
+            (pct, Some(_)) => {
+                let wall = Wall::find();
+                let governor = Governor::new(wall.size() / 100 * pct);
+                log::info!(
+                    "memory governor: {} MiB reserve; the wall is {}",
+                    governor.reserve() >> 20,
+                    wall.describe()
+                );
+                Some(Governed {
+                    wall,
+                    governor: Mutex::new(governor),
+                    thread: Mutex::new(None),
+                    stop: Default::default(),
+                })
+            }
+        };
+        let manager = Arc::new_cyclic(|this| Manager {
             config,
             host: hv.host,
             sharing,
@@ -214,8 +271,108 @@ impl Manager {
             consoles,
             overlays,
             cgroups,
+            governed,
             this: this.clone(),
-        }))
+        });
+        if let Some(g) = &manager.governed {
+            let this = Arc::downgrade(&manager);
+            let thread = std::thread::Builder::new().name("memory-governor".into()).spawn(move || loop {
+                std::thread::sleep(crate::pressure::TICK);
+                match this.upgrade() {
+                    Some(m) if !m.governed.as_ref().is_some_and(|g| g.stop.load(Ordering::Relaxed)) => m.govern(),
+                    _ => return,
+                }
+            });
+            *g.thread.lock().unwrap() =
+                Some(thread.map_err(|e| Error::host(format!("cannot start the memory governor: {e}")))?);
+        }
+        Ok(manager)
+    }
+
+    /// Stops the memory governor's thread, so that the caller's hold on
+    /// the manager is the last: its drop (which removes its directories)
+    /// then runs before the process exits, not on that thread.
+    pub fn close(&self) {
+        if let Some(g) = &self.governed {
+            g.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = g.thread.lock().unwrap().take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// One tick of the memory governor: measure, decide, apply.
+    fn govern(&self) {
+        let Some(g) = &self.governed else { return };
+        let room = g.wall.room();
+        let guests: Vec<GuestMemory> = self
+            .lock()
+            .map
+            .iter()
+            .filter(|(_, e)| e.made && e.state != GuestState::Ended)
+            .filter_map(|(&id, e)| {
+                let bytes = e.cgroup.as_ref()?.usage()?;
+                Some(GuestMemory { id, bytes, size: e.config.memory_bytes(), running: e.state == GuestState::Running })
+            })
+            .collect();
+        let actions = g.governor.lock().unwrap().step(Instant::now(), room, &guests);
+        for action in actions {
+            match action {
+                Action::Throttle(id) => self.throttle(id, true),
+                Action::Release(id) => self.throttle(id, false),
+                Action::End(id, why) => {
+                    eprintln!("vmm: guest {id}: ending it: {why}");
+                    let _ = self.send_stop(id, GuestEnd::OutOfMemory(why));
+                }
+            }
+        }
+    }
+
+    /// Holds guest `id`'s vCPUs for memory (and has its pages merged
+    /// first), or lets them go.
+    fn throttle(&self, id: usize, on: bool) {
+        let process = {
+            let mut g = self.lock();
+            let Some(entry) = g.map.get_mut(&id) else { return };
+            match (on, entry.throttled_since) {
+                (true, None) => entry.throttled_since = Some(Instant::now()),
+                (false, Some(since)) => {
+                    entry.throttled_before += since.elapsed();
+                    entry.throttled_since = None;
+                }
+                _ => return,
+            }
+            entry.process.clone()
+        };
+        if let Some(p) = process {
+            // A process that does not answer is ended by `ask`.
+            let _ = Self::ask(&p, Request::Throttle(on));
+        }
+        if let (true, Some(s)) = (on, &self.sharing) {
+            let _ = s.merge_now(id);
+        }
+    }
+
+    /// Waits until a guest of `bytes` may start without pushing the others
+    /// into the wall (the governor's waves); returns how long it waited.
+    pub fn wait_for_room(&self, bytes: u64) -> Duration {
+        let started = Instant::now();
+        let Some(g) = &self.governed else { return Duration::ZERO };
+        while !crate::signals::stop_requested()
+            && !g.governor.lock().unwrap().admits(Instant::now(), g.wall.room(), bytes)
+        {
+            std::thread::sleep(crate::pressure::TICK);
+        }
+        started.elapsed()
+    }
+
+    /// What the memory governor did so far: (time guests were held, guests
+    /// held at some point, guests ended for memory).
+    pub fn pressure(&self) -> (Duration, usize, usize) {
+        let g = self.lock();
+        let held: Vec<Duration> = g.map.values().map(Entry::throttled).filter(|d| !d.is_zero()).collect();
+        let ended = g.map.values().filter(|e| matches!(e.end, Some(GuestEnd::OutOfMemory(_)))).count();
+        (held.iter().sum(), held.len(), ended)
     }
 
     pub fn sharing(&self) -> Option<&Sharing> {
@@ -301,6 +458,7 @@ impl Manager {
                 .ok()
         });
         let (on_event, on_gone) = (self.this.clone(), self.this.clone());
+        let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
             &setup,
             Descriptors { memory: memory.as_ref(), store, console },
@@ -316,6 +474,7 @@ impl Manager {
                 }
             },
         )?;
+        let t1 = Instant::now();
         let registered = match (shared, &memory) {
             (Some(s), Some(memfd)) => match s.add_guest(id, memfd, created.regions, group, process.clone()) {
                 Ok(()) => true,
@@ -326,6 +485,7 @@ impl Manager {
             },
             _ => false,
         };
+        let t2 = Instant::now();
         if let (true, Some(s), Some(dir)) = (setup.adopt_memory, shared, &setup.restore) {
             if let Err(e) = s.adopt_snapshot(id, dir) {
                 // Its memory is incomplete: it must never run.
@@ -335,6 +495,14 @@ impl Manager {
                 return Err(e);
             }
         }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+        let t3 = Instant::now();
+        log::debug!(
+            "guest {id}: its process set up in {:.1} ms, registered for sharing in {:.1} ms, memory adopted in {:.1} ms",
+            ms(t0, t1),
+            ms(t1, t2),
+            ms(t2, t3)
+        );
         let mut g = self.lock();
         let entry = g.map.get_mut(&id).expect("a guest being made stays listed");
         if entry.state == GuestState::Ended {
@@ -413,6 +581,9 @@ impl Manager {
         };
         entry.end = Some(end);
         entry.state = GuestState::Ended;
+        if let Some(since) = entry.throttled_since.take() {
+            entry.throttled_before += since.elapsed();
+        }
         entry.process = None;
         entry.memory = None;
         entry.cgroup = None;
@@ -442,6 +613,8 @@ impl Manager {
             }),
             corrupted_pages: entry.corrupted_pages,
             rounds_verified: entry.rounds_verified,
+            throttled: entry.throttled_since.is_some(),
+            throttled_ms: entry.throttled().as_millis() as u64,
             merge_protection: entry.protection.clone(),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
         })

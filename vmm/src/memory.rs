@@ -160,13 +160,22 @@ fn create_memfd(name: &str) -> io::Result<File> {
 
 /// Reads `MemAvailable` from /proc/meminfo, in bytes.
 pub fn host_available_memory() -> io::Result<u64> {
+    meminfo("MemAvailable")
+}
+
+/// Reads `MemTotal` from /proc/meminfo, in bytes.
+pub fn host_total_memory() -> io::Result<u64> {
+    meminfo("MemTotal")
+}
+
+fn meminfo(key: &str) -> io::Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .ok_or_else(|| io::Error::other("no MemAvailable in /proc/meminfo"))
+        .ok_or_else(|| io::Error::other(format!("no {key} in /proc/meminfo")))
 }
 
 #[cfg(test)]

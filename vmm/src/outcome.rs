@@ -36,6 +36,8 @@ pub enum GuestEnd {
     TimedOut(Duration),
     /// The VMM failed while running this guest.
     VmmError(String),
+    /// Ended by the memory governor: page sharing could not make room.
+    OutOfMemory(String),
     /// The guest's process ended without reporting an end (a panic, a
     /// signal, the OOM killer), or was ended by the supervisor.
     ProcessEnded(String),
@@ -80,6 +82,7 @@ impl fmt::Display for GuestEnd {
             GuestEnd::Stopped => write!(f, "stopped"),
             GuestEnd::TimedOut(d) => write!(f, "timed out after {} s", d.as_secs()),
             GuestEnd::VmmError(e) => write!(f, "VMM error: {e}"),
+            GuestEnd::OutOfMemory(why) => write!(f, "ended for memory: {why}"),
             GuestEnd::ProcessEnded(why) => write!(f, "failed: {why}"),
         }
     }
@@ -99,6 +102,7 @@ mod tests {
         assert!(!GuestEnd::TripleFault.is_clean());
         assert!(!GuestEnd::InternalError { suberror: 1, rip: 0 }.is_clean());
         assert!(!GuestEnd::TimedOut(Duration::from_secs(1)).is_clean());
+        assert!(!GuestEnd::OutOfMemory("not enough memory".into()).is_clean());
     }
 
     #[test]

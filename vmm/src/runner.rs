@@ -55,15 +55,19 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     crate::signals::install_stop_handlers().map_err(Error::host)?;
     let mut created = Vec::with_capacity(config.guests);
     for i in 0..config.guests {
+        // Waves: a guest starts once it fits without squeezing the others.
+        let waited = manager.wait_for_room(memory_mib * MIB);
         let t = Instant::now();
         let made = manager.create(config.guest(i), Source::Cli).and_then(|id| {
             // What the guest costs before it has run a single instruction.
             let memory_bytes = manager.get(id)?.memory_bytes;
-            created.push(Created { ms: t.elapsed().as_secs_f64() * 1000.0, memory_bytes });
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            created.push(Created { ms, memory_bytes, waited_ms: waited.as_secs_f64() * 1000.0 });
             manager.start(id)
         });
         if let Err(e) = made {
             manager.stop_all(GuestEnd::Stopped);
+            manager.close();
             return Err(if config.guests == 1 { e } else { e.context(format!("starting guest {i}")) });
         }
     }
@@ -73,6 +77,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
             let server = ApiServer::start(path, manager.clone());
             if server.is_err() {
                 manager.stop_all(GuestEnd::Stopped);
+                manager.close();
             }
             eprintln!("vmm: API on {}", path.display());
             Some(server?)
@@ -81,6 +86,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     };
     let report = wait(config, &manager, created);
     drop(server);
+    manager.close();
     Ok(report)
 }
 
@@ -146,6 +152,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
         report_sharing_per_guest(&peak);
         last.sharing = Some(SharingStats { scanner_cpu_s: now.cpu.as_secs_f64(), ..SharingStats::new(&peak) });
     }
+    report_pressure(&last);
     if let Some(path) = &config.stats_file {
         write_stats(path, &last);
     }
@@ -156,6 +163,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
 fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished: bool) -> RunStats {
     let ends = manager.ends();
     let (corrupted_pages, guests_failed) = manager.failures();
+    let (throttled, guests_throttled, guests_ended_for_memory) = manager.pressure();
     RunStats {
         elapsed_s: started.elapsed().as_secs_f64(),
         guests: ends.len(),
@@ -164,6 +172,9 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         corrupted_pages,
         guests_verified: manager.verified(),
         created: created.to_vec(),
+        throttled_s: throttled.as_secs_f64(),
+        guests_throttled,
+        guests_ended_for_memory,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
         finished,
@@ -173,6 +184,19 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
 fn write_stats(path: &Path, stats: &RunStats) {
     if let Err(e) = stats.write_to(path) {
         log::warn!("cannot write the stats file {}: {e}", path.display());
+    }
+}
+
+/// What the memory governor did, if anything.
+fn report_pressure(s: &RunStats) {
+    let waited: f64 = s.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0;
+    let waves = s.created.iter().filter(|c| c.waited_ms >= 1.0).count();
+    if s.guests_throttled + s.guests_ended_for_memory + waves > 0 {
+        eprintln!(
+            "vmm: memory governor: {} guest(s) throttled for {:.1} s in all; {waves} guest(s) waited {waited:.1} s \
+             in all to start; {} guest(s) ended for memory",
+            s.guests_throttled, s.throttled_s, s.guests_ended_for_memory
+        );
     }
 }
 

@@ -28,6 +28,14 @@ pub struct RunStats {
     /// process held then, before it ran: in the order they were made.
     #[serde(default)]
     pub created: Vec<Created>,
+    /// The memory governor (pressure.rs): time guests were held, guests
+    /// held at some point, guests ended because sharing could not make room.
+    #[serde(default)]
+    pub throttled_s: f64,
+    #[serde(default)]
+    pub guests_throttled: usize,
+    #[serde(default)]
+    pub guests_ended_for_memory: usize,
     /// In-process page sharing; `None` when it is not on.
     pub sharing: Option<SharingStats>,
     /// How long memtest guests' pages took, in nanosecond buckets.
@@ -40,6 +48,9 @@ pub struct RunStats {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Created {
     pub ms: f64,
+    /// How long it waited for room before it was made (waves).
+    #[serde(default)]
+    pub waited_ms: f64,
     /// Its memory cgroup (or Pss) right after it was made; None where
     /// neither can be read.
     pub memory_bytes: Option<u64>,
@@ -126,7 +137,10 @@ mod tests {
             guests_failed: 1,
             corrupted_pages: 3,
             guests_verified: 1,
-            created: vec![Created { ms: 2.5, memory_bytes: Some(4096) }],
+            created: vec![Created { ms: 2.5, memory_bytes: Some(4096), waited_ms: 1.0 }],
+            throttled_s: 0.5,
+            guests_throttled: 1,
+            guests_ended_for_memory: 1,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
             finished: false,

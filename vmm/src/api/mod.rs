@@ -98,5 +98,6 @@ pub fn serve(path: &Path, config: SupervisorConfig) -> Result<()> {
     }
     drop(server);
     manager.stop_all(GuestEnd::Stopped);
+    manager.close();
     Ok(())
 }

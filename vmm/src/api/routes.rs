@@ -506,6 +506,19 @@ fn prometheus_text(m: &Manager) -> String {
             let _ = writeln!(out, "vmm_guest_memory_bytes{{guest=\"{}\"}} {bytes}", g.id);
         }
     }
+    out += "# HELP vmm_guest_throttled_seconds_total Time the memory governor held a guest.\n\
+            # TYPE vmm_guest_throttled_seconds_total counter\n";
+    for g in &guests {
+        let _ =
+            writeln!(out, "vmm_guest_throttled_seconds_total{{guest=\"{}\"}} {}", g.id, g.throttled_ms as f64 / 1e3);
+    }
+    let for_memory =
+        guests.iter().filter(|g| g.end.as_deref().is_some_and(|e| e.starts_with("ended for memory"))).count();
+    let _ = writeln!(
+        out,
+        "# HELP vmm_guests_ended_for_memory Guests the memory governor ended.\n\
+         # TYPE vmm_guests_ended_for_memory gauge\nvmm_guests_ended_for_memory {for_memory}"
+    );
     out += "# HELP vmm_guest_merged_pages Pages of a guest on shared frames.\n# TYPE vmm_guest_merged_pages gauge\n";
     for (id, s) in &stats.guests {
         let _ = writeln!(out, "vmm_guest_merged_pages{{guest=\"{id}\",group=\"{}\"}} {}", s.group, s.merged_pages);

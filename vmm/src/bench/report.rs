@@ -404,7 +404,13 @@ mod tests {
             .map(|i| {
                 let t = i as f64 * 0.5;
                 let saved = ((t - 1.0) * 50.0).clamp(0.0, 100.0);
-                Sample { t, memory_mib: 300.0 - saved, saved_mib: saved, cpu_s: t.min(3.0) * 0.5, verified: (t >= 2.0) as usize * 4 }
+                Sample {
+                    t,
+                    memory_mib: 300.0 - saved,
+                    saved_mib: saved,
+                    cpu_s: t.min(3.0) * 0.5,
+                    verified: (t >= 2.0) as usize * 4,
+                }
             })
             .collect()
     }
@@ -426,13 +432,27 @@ mod tests {
     #[test]
     fn start_up_figures_and_clone_ratios() {
         let made = |ms: &[f64], mib: u64| RunStats {
-            created: ms.iter().map(|&ms| Created { ms, memory_bytes: Some(mib << 20) }).collect(),
+            created: ms.iter().map(|&ms| Created { ms, memory_bytes: Some(mib << 20), waited_ms: 0.0 }).collect(),
             ..Default::default()
         };
-        let booted = ModeResult::new(Mode::Inprocess, &config(), ramp(), None, &made(&[40.0, 10.0, 20.0, 30.0], 64), None, false);
-        assert_eq!((booted.create_p50_ms, booted.create_p99_ms, booted.create_first_ms), (Some(30.0), Some(40.0), Some(40.0)));
+        let booted = ModeResult::new(
+            Mode::Inprocess,
+            &config(),
+            ramp(),
+            None,
+            &made(&[40.0, 10.0, 20.0, 30.0], 64),
+            None,
+            false,
+        );
+        assert_eq!(
+            (booted.create_p50_ms, booted.create_p99_ms, booted.create_first_ms),
+            (Some(30.0), Some(40.0), Some(40.0))
+        );
         assert_eq!(booted.memory_at_create_mib, Some(64.0));
-        let late: Vec<Sample> = ramp().into_iter().map(|s| Sample { verified: (s.t >= 1.0) as usize * 4, memory_mib: 100.0, ..s }).collect();
+        let late: Vec<Sample> = ramp()
+            .into_iter()
+            .map(|s| Sample { verified: (s.t >= 1.0) as usize * 4, memory_mib: 100.0, ..s })
+            .collect();
         let cloned = ModeResult::new(Mode::Cloned, &config(), late, None, &made(&[5.0], 2), None, false);
         let report = BenchReport::new(&config(), "test".into(), None, vec![booted, cloned]);
         let r = report.clone_ratios.as_ref().unwrap();
@@ -445,7 +465,13 @@ mod tests {
     #[test]
     fn still_growing_is_not_settled_and_ratios_compare() {
         let growing: Vec<Sample> = (0..=20)
-            .map(|i| Sample { t: i as f64 * 0.5, memory_mib: 300.0, saved_mib: i as f64 * 5.0, cpu_s: 1.0, verified: 0 })
+            .map(|i| Sample {
+                t: i as f64 * 0.5,
+                memory_mib: 300.0,
+                saved_mib: i as f64 * 5.0,
+                cpu_s: 1.0,
+                verified: 0,
+            })
             .collect();
         let snap = RunStats::default();
         let ksm = ModeResult::new(Mode::KsmDefault, &config(), growing, None, &snap, Some(100), false);

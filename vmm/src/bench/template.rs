@@ -40,7 +40,12 @@ pub fn make(config: &BenchConfig, initrd: Option<&Path>, dir: &Path) -> Result<T
     made.map_err(|e| format!("the cloned mode's template: {e} (its log: {})", dir.join("vmm.log").display()))
 }
 
-fn snapshot_when_verified(child: &mut Child, socket: &Path, snapshot: &Path, started: Instant) -> Result<Template, String> {
+fn snapshot_when_verified(
+    child: &mut Child,
+    socket: &Path,
+    snapshot: &Path,
+    started: Instant,
+) -> Result<Template, String> {
     let boot_s = loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("its vmm run ended ({status}) before the guest verified a round"));

@@ -35,6 +35,9 @@ pub fn main() -> ExitCode {
         std::process::abort();
     }));
     crate::vstate::control::install_kick_handler();
+    // If the kernel's OOM killer must act, this guest goes, not the
+    // supervisor (which maps every guest's memory and so looks biggest).
+    let _ = std::fs::write("/proc/self/oom_score_adj", crate::manager::GUEST_OOM_SCORE_ADJ.to_string());
     // SAFETY: the supervisor started us with these descriptors open (ipc.rs).
     let (requests, events) =
         unsafe { (UnixStream::from_raw_fd(ipc::FD_REQUESTS), UnixStream::from_raw_fd(ipc::FD_EVENTS)) };
@@ -271,6 +274,10 @@ fn handle(
         }
         Request::Resume => {
             guest.resume();
+            ok
+        }
+        Request::Throttle(on) => {
+            guest.throttle(on);
             ok
         }
         Request::Stop(reason) => {

@@ -69,6 +69,9 @@ pub enum Request {
     Start,
     Pause,
     Resume,
+    /// Holds the vCPUs for memory (true) or lets them go: apart from
+    /// Pause and Resume, which stay the user's.
+    Throttle(bool),
     /// Ends the guest for this reason; the process exits once it has.
     Stop(GuestEnd),
     /// The merge agent's status; the reply's payload is the dirty bitmap.

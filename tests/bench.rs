@@ -73,12 +73,61 @@ fn bench_compares_the_modes_and_restores_ksm() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `--clone`: clones of a template against booted guests, each run in a
+/// memory cgroup with a limit (`--host-memory`); every start-up and limit
+/// figure is there and makes sense.
+#[test]
+fn bench_clones_against_booted_guests_under_a_memory_limit() {
+    require_kvm();
+    let dir = scratch_dir("bench-clone");
+    let json = dir.join("bench.json");
+    let args = ["--guests", "3", "--memory", "64", "--duration", "8", "--clone", "--host-memory", "400"];
+    let images = images_dir();
+    let mut all = vec!["bench", "--images-dir", images.as_str(), "--json", json.to_str().unwrap()];
+    all.extend(args);
+    let out = wait_with_limit(vmm(&all).spawn().unwrap(), Duration::from_secs(240));
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let modes = report["modes"].as_array().unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
+    assert_eq!(names, ["inprocess", "cloned"]);
+    let f = |m: &serde_json::Value, key: &str| m[key].as_f64().unwrap_or_else(|| panic!("{}.{key}", m["mode"]));
+    for m in modes {
+        assert_eq!(
+            m["guests_failed"],
+            0,
+            "{}
+{}",
+            m["mode"],
+            out.describe()
+        );
+        assert_eq!((m["oom_kills"].as_u64(), m["guests_killed"].as_u64()), (Some(0), Some(0)));
+        assert!(
+            f(m, "all_verified_s") > 0.0
+                && f(m, "create_p50_ms") > 0.0
+                && f(m, "create_p99_ms") >= f(m, "create_p50_ms")
+        );
+        assert!(f(m, "peak_memory_mib") <= 400.0 + 1.0, "{}: more than the limit", m["mode"]);
+    }
+    let (booted, cloned) = (&modes[0], &modes[1]);
+    // A booted guest has loaded its OS image (about 12 MiB) before it runs;
+    // a clone's memory is all on shared frames.
+    assert!(f(cloned, "memory_at_create_mib") * 2.0 < f(booted, "memory_at_create_mib"), "{}", out.stdout);
+    assert!(f(cloned, "saved_mib") > 64.0, "clones share their snapshot from the start");
+    assert!(report["template"]["pages"].as_u64().unwrap() > 1000);
+    assert!(report["clone_ratios"]["memory_at_create"].as_f64().unwrap() > 2.0);
+    assert!(out.stdout.contains("In 400 MiB") && out.stdout.contains("| cloned | yes |"), "{}", out.stdout);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn bench_refuses_what_it_cannot_do() {
     let images = images_dir();
     let tmp = scratch_dir("bench-refusals");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (&["--modes", "off,ksm-matched"], "needs inprocess"),
+        (&["--clone", "--image", "tiny-linux"], "cloned mode needs --image memtest"),
+        (&["--host-memory", "10"], "--host-memory"),
         (&["--guests", "1000", "--memory", "65536"], "more than the"),
         (&["--duration", "1"], "--duration must be at least 5"),
         (&["--images-dir", "/nonexistent"], "guest-images/build.sh"),

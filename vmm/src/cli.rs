@@ -126,6 +126,11 @@ pub struct BenchArgs {
     /// default 65530 allows).
     #[arg(long, value_name = "N")]
     pub raise_max_map_count: Option<usize>,
+    /// Limit each run's memory cgroup to this much (guest RAM may exceed
+    /// it): the table says per mode whether every guest survived, how many
+    /// the OOM killer took, and how long the memory governor held guests.
+    #[arg(long, value_name = "MIB")]
+    pub host_memory: Option<u64>,
 }
 
 /// The memtest profile of `vmm bench`: docs/benchmarks.md says what it
@@ -201,6 +206,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             plot: args.plot,
             work_dir: args.work_dir,
             raise_max_map_count: args.raise_max_map_count,
+            host_memory_mib: args.host_memory.map(|m| config::HOST_MEMORY_MIB.check(m, Source::Cli)).transpose()?,
         })
     }
 }

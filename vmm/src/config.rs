@@ -76,6 +76,9 @@ pub const MAX_PAGE_SHARING: Knob<u64> =
 /// governor: the kernel's OOM killer decides, as without a VMM that knows).
 pub const MEMORY_RESERVE_PCT: Knob<u64> =
     Knob { field: "memory_reserve", flag: "--memory-reserve", default: 5, min: 0, max: 50 };
+/// `vmm bench --host-memory`: each run's memory cgroup limit.
+pub const HOST_MEMORY_MIB: Knob<u64> =
+    Knob { field: "host_memory", flag: "--host-memory", default: 0, min: 64, max: 1 << 30 };
 pub const MAX_MAP_COUNT: Knob<u64> =
     Knob { field: "max_map_count", flag: "--raise-max-map-count", default: 65530, min: 65530, max: i32::MAX as u64 };
 

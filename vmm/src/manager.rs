@@ -103,6 +103,8 @@ struct Entry {
     console_tail: String,
     corrupted_pages: u64,
     rounds_verified: u64,
+    /// Its process died of a SIGKILL the VMM did not send.
+    killed_from_outside: bool,
     /// Since when the memory governor holds it, and for how long it held
     /// it before.
     throttled_since: Option<Instant>,
@@ -128,6 +130,7 @@ impl Entry {
             console_tail: String::new(),
             corrupted_pages: 0,
             rounds_verified: 0,
+            killed_from_outside: false,
             throttled_since: None,
             throttled_before: Duration::ZERO,
             gaps: Default::default(),
@@ -176,9 +179,10 @@ impl Drop for Dir {
 
 /// Nice value of the supervisor's threads (the scanner's is its own).
 const SUPERVISOR_NICE: i32 = -5;
-/// The supervisor's and each guest process's OOM score adjustment.
+/// The supervisor's and each guest process's OOM score adjustment: a guest
+/// is always the OOM killer's first pick, and only that guest ends.
 const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
-pub const GUEST_OOM_SCORE_ADJ: i32 = 500;
+pub const GUEST_OOM_SCORE_ADJ: i32 = 1000;
 
 pub struct Manager {
     config: SupervisorConfig,
@@ -194,6 +198,18 @@ pub struct Manager {
     /// The memory governor, unless it is off or cannot see the guests.
     governed: Option<Governed>,
     this: Weak<Manager>,
+}
+
+/// What memory pressure did to the guests so far.
+pub struct PressureCounts {
+    /// Time the memory governor held guests, and how many it held.
+    pub throttled: Duration,
+    pub guests_throttled: usize,
+    /// Guests it ended because sharing could not make room.
+    pub ended_for_memory: usize,
+    /// Guests whose processes a SIGKILL from outside the VMM ended (with a
+    /// memory limit and no governor: the kernel's OOM killer).
+    pub killed_from_outside: usize,
 }
 
 /// The memory governor (pressure.rs) and its thread.
@@ -366,13 +382,16 @@ impl Manager {
         started.elapsed()
     }
 
-    /// What the memory governor did so far: (time guests were held, guests
-    /// held at some point, guests ended for memory).
-    pub fn pressure(&self) -> (Duration, usize, usize) {
+    /// What memory pressure did so far.
+    pub fn pressure(&self) -> PressureCounts {
         let g = self.lock();
         let held: Vec<Duration> = g.map.values().map(Entry::throttled).filter(|d| !d.is_zero()).collect();
-        let ended = g.map.values().filter(|e| matches!(e.end, Some(GuestEnd::OutOfMemory(_)))).count();
-        (held.iter().sum(), held.len(), ended)
+        PressureCounts {
+            throttled: held.iter().sum(),
+            guests_throttled: held.len(),
+            ended_for_memory: g.map.values().filter(|e| matches!(e.end, Some(GuestEnd::OutOfMemory(_)))).count(),
+            killed_from_outside: g.map.values().filter(|e| e.killed_from_outside).count(),
+        }
     }
 
     pub fn sharing(&self) -> Option<&Sharing> {
@@ -566,6 +585,9 @@ impl Manager {
         let Some(entry) = g.map.get_mut(&id) else { return };
         let oom = entry.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0);
         let killed_for = entry.process.as_ref().and_then(|p| p.killed_for());
+        // Nobody here sent it: the OOM killer (not always counted in the
+        // guest's own cgroup when the limit is an ancestor's), or a person.
+        entry.killed_from_outside = exit.sigkilled() && killed_for.is_none() && entry.reported_end.is_none();
         let end = match (entry.reported_end.take(), killed_for) {
             (Some(end), _) => end,
             (None, Some(why)) => GuestEnd::ProcessEnded(why),

@@ -163,7 +163,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
 fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished: bool) -> RunStats {
     let ends = manager.ends();
     let (corrupted_pages, guests_failed) = manager.failures();
-    let (throttled, guests_throttled, guests_ended_for_memory) = manager.pressure();
+    let pressure = manager.pressure();
     RunStats {
         elapsed_s: started.elapsed().as_secs_f64(),
         guests: ends.len(),
@@ -172,9 +172,10 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         corrupted_pages,
         guests_verified: manager.verified(),
         created: created.to_vec(),
-        throttled_s: throttled.as_secs_f64(),
-        guests_throttled,
-        guests_ended_for_memory,
+        throttled_s: pressure.throttled.as_secs_f64(),
+        guests_throttled: pressure.guests_throttled,
+        guests_ended_for_memory: pressure.ended_for_memory,
+        guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
         finished,

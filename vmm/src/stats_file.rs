@@ -36,6 +36,10 @@ pub struct RunStats {
     pub guests_throttled: usize,
     #[serde(default)]
     pub guests_ended_for_memory: usize,
+    /// Guests whose processes a SIGKILL from outside the VMM ended (the
+    /// kernel's OOM killer, under a memory limit).
+    #[serde(default)]
+    pub guests_killed: usize,
     /// In-process page sharing; `None` when it is not on.
     pub sharing: Option<SharingStats>,
     /// How long memtest guests' pages took, in nanosecond buckets.
@@ -141,6 +145,7 @@ mod tests {
             throttled_s: 0.5,
             guests_throttled: 1,
             guests_ended_for_memory: 1,
+            guests_killed: 1,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
             finished: false,

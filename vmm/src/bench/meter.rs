@@ -37,6 +37,22 @@ impl Meter {
         }
     }
 
+    /// Caps what the run may use (`--host-memory`): needs the cgroup.
+    pub fn limit(&self, bytes: u64) -> Result<(), String> {
+        match self {
+            Meter::Cgroup(cg) => cg.set_limit(bytes).map_err(|e| e.to_string()),
+            Meter::Pss => Err("--host-memory needs a memory cgroup per run, and none can be made here".into()),
+        }
+    }
+
+    /// Processes of the run the kernel's OOM killer killed.
+    pub fn oom_kills(&self) -> u64 {
+        match self {
+            Meter::Cgroup(cg) => cg.oom_kills(),
+            Meter::Pss => 0,
+        }
+    }
+
     /// Bytes in use by the child `pid`.
     pub fn bytes(&self, pid: u32) -> Option<u64> {
         match self {

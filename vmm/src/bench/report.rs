@@ -69,6 +69,19 @@ pub struct ModeResult {
     /// Host memory of a guest's process right after it was made, before
     /// it ran (median over the guests).
     pub memory_at_create_mib: Option<f64>,
+    /// The most host memory the run used at a sample.
+    pub peak_memory_mib: f64,
+    /// Processes of the run the kernel's OOM killer killed, as the run's
+    /// cgroup counts them, and guests whose processes a SIGKILL from
+    /// outside the VMM ended (the OOM killer's kills of a guest are not
+    /// always counted in that cgroup).
+    pub oom_kills: u64,
+    pub guests_killed: usize,
+    /// The memory governor: guests it ended, and time it held guests.
+    pub guests_ended_for_memory: usize,
+    pub throttled_s: f64,
+    /// Time guests waited to start (the governor's waves).
+    pub waited_s: f64,
     pub samples: Vec<Sample>,
 }
 
@@ -126,6 +139,12 @@ impl ModeResult {
             create_p99_ms: quantile(&create_ms, 0.99),
             create_first_ms: last.created.first().map(|c| c.ms),
             memory_at_create_mib: quantile(&at_create, 0.5),
+            peak_memory_mib: samples.iter().map(|s| s.memory_mib).fold(0.0, f64::max),
+            oom_kills: 0,
+            guests_killed: last.guests_killed,
+            guests_ended_for_memory: last.guests_ended_for_memory,
+            throttled_s: last.throttled_s,
+            waited_s: last.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0,
             samples,
         }
     }
@@ -190,6 +209,8 @@ pub struct BenchReport {
     pub cmdline: String,
     pub duration_s: f64,
     pub memory_measure: String,
+    /// Each run's memory cgroup limit, if one was set.
+    pub host_memory_mib: Option<u64>,
     pub modes: Vec<ModeResult>,
     pub ratios: Vec<Ratios>,
     pub gap_ratios: Vec<GapRatios>,
@@ -255,6 +276,7 @@ impl BenchReport {
             cmdline: config.cmdline.clone(),
             duration_s: config.duration.as_secs_f64(),
             memory_measure,
+            host_memory_mib: config.host_memory_mib,
             modes,
             ratios,
             gap_ratios,
@@ -263,9 +285,14 @@ impl BenchReport {
         }
     }
 
-    /// Guests that failed or corrupted pages, over every mode.
+    /// Guests that failed or corrupted pages, over every mode (with a host
+    /// memory limit, what the limit did to a mode is a result, not a
+    /// failure: only corrupted pages count).
     pub fn failures(&self) -> usize {
-        self.modes.iter().map(|m| m.guests_failed).sum()
+        match self.host_memory_mib {
+            Some(_) => self.modes.iter().filter(|m| m.corrupted_pages > 0).count(),
+            None => self.modes.iter().map(|m| m.guests_failed).sum(),
+        }
     }
 
     /// The result table and the ratios, for the terminal.
@@ -312,6 +339,7 @@ impl BenchReport {
             );
         }
         out += &self.start_up_table();
+        out += &self.limit_table();
         for g in &self.gap_ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
             out += &format!("\n{} vs off, guest page gaps: p99 {}, p99.9 {}", g.mode.name(), x(g.p99), x(g.p999));
@@ -338,6 +366,33 @@ impl BenchReport {
             );
         }
         out + "\n"
+    }
+
+    /// With a host memory limit: which modes' guests all made it.
+    fn limit_table(&self) -> String {
+        let Some(limit) = self.host_memory_mib else { return String::new() };
+        let mut out = format!(
+            "\nIn {limit} MiB ({:.2}x overcommitted):\n\n| mode | every guest verified and alive | OOM kills | \
+             guests killed | ended for memory | throttled (s) | waited to start (s) | all verified a round (s) | peak memory (MiB) |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+            (self.guests as u64 * self.memory_mib) as f64 / limit as f64
+        );
+        for m in &self.modes {
+            let survived = m.guests_failed == 0 && m.oom_kills == 0 && m.all_verified_s.is_some();
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.0} |\n",
+                m.mode.name(),
+                if survived { "yes" } else { "no" },
+                m.oom_kills,
+                m.guests_killed,
+                m.guests_ended_for_memory,
+                m.throttled_s,
+                m.waited_s,
+                m.all_verified_s.map_or("-".into(), |t| format!("{t:.1}")),
+                m.peak_memory_mib
+            );
+        }
+        out
     }
 
     /// How the guests came up: when all ran, what making each cost.
@@ -395,6 +450,7 @@ mod tests {
             plot: None,
             work_dir: None,
             raise_max_map_count: None,
+            host_memory_mib: None,
         }
     }
 

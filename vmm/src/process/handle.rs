@@ -41,6 +41,12 @@ pub struct Exit {
 }
 
 impl Exit {
+    /// Whether SIGKILL ended it.
+    pub fn sigkilled(&self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        self.status.is_some_and(|s| s.signal() == Some(libc::SIGKILL))
+    }
+
     /// Why the process ended without reporting an end of its own.
     pub fn reason(&self, oom_killed: bool) -> String {
         if let Some(panic) = self.stderr.iter().rev().find_map(|l| l.strip_prefix("vmm-guest panic: ")) {

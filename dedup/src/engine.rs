@@ -173,7 +173,10 @@ pub struct Engine {
     placements: Vec<Placement>,
 }
 
-/// Where one snapshot's pages went when a clone adopted it.
+/// Where one snapshot's pages went when a clone adopted it. Its frames are
+/// pinned (one reservation each) while it is kept, so they stay what they
+/// were however the clones write: the next clone maps them without
+/// reading the snapshot. Kept while its group has guests.
 struct Placement {
     key: u64,
     group: GroupId,
@@ -182,6 +185,13 @@ struct Placement {
     zero_pages: bool,
     /// (page, target, content hash, frame generation), in page order.
     entries: Vec<(u32, Target, u64, u64)>,
+}
+
+impl Placement {
+    /// Its frames, each once.
+    fn frames(&self) -> std::collections::BTreeSet<FrameId> {
+        self.entries.iter().filter_map(|&(_, t, _, _)| if let Target::Frame(f) = t { Some(f) } else { None }).collect()
+    }
 }
 
 // SAFETY: the guests' views are mappings owned by the engine; the agents
@@ -324,6 +334,11 @@ impl Engine {
         if let Err(e) = &first_error {
             self.count_error(format!("releasing guest {id}'s frames: {e}"));
         }
+        // A group without guests keeps no frames, placements' included.
+        if !self.guests.values().any(|g| g.group == guest.group) {
+            let gone: Vec<Placement> = self.placements.extract_if(.., |p| p.group == guest.group).collect();
+            self.unpin(gone);
+        }
         first_error
     }
 
@@ -394,9 +409,9 @@ impl Engine {
         snapshot: Option<u64>,
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<u64> {
-        let queue = match snapshot.and_then(|key| self.placement_again(id, key)) {
-            Some(queue) => queue,
-            None => self.place(id, pages)?,
+        let (queue, placed_anew) = match snapshot.and_then(|key| self.placement_again(id, key)) {
+            Some(queue) => (queue, false),
+            None => (self.place(id, pages)?, true),
         };
         let guest = self.guests.get_mut(&id).expect("placed pages of a listed guest");
         match guest.agent.adopt(&queue) {
@@ -406,7 +421,7 @@ impl Engine {
                 if adopted < queue.len() {
                     return Err(io::Error::other(format!("{} of {} pages adopted", adopted, queue.len())));
                 }
-                if let Some(key) = snapshot {
+                if let (Some(key), true) = (snapshot, placed_anew) {
                     self.keep_placement(id, key, queue);
                 }
                 Ok(adopted as u64)
@@ -494,8 +509,9 @@ impl Engine {
     /// for guest `id`, if it still holds: same group, size and zero-page
     /// setting, a guest with nothing merged yet, and every frame still the
     /// generation it was (frames never change while live, so the content is
-    /// what it was) with room for one more user. None (with nothing
-    /// reserved) otherwise.
+    /// what it was). A frame with no room for another user (content the
+    /// snapshot repeats) is copied, from the frame itself, to another frame
+    /// of that content. None (with nothing left reserved) otherwise.
     fn placement_again(&mut self, id: GuestId, key: u64) -> Option<Vec<(u32, Target)>> {
         let plan = self.placements.iter().find(|p| p.key == key)?;
         let guest = self.guests.get_mut(&id)?;
@@ -507,10 +523,30 @@ impl Engine {
             return None;
         }
         let store = self.stores.get_mut(&guest.group)?;
-        for (n, &(_, target, _, generation)) in plan.entries.iter().enumerate() {
-            if let Target::Frame(f) = target {
-                if !store.reserve_if_same(f, generation, self.config.max_page_sharing) {
-                    for &(_, target, _, _) in &plan.entries[..n] {
+        let max_users = self.config.max_page_sharing;
+        let mut queue = Vec::with_capacity(plan.entries.len());
+        for &(page, target, hash, generation) in &plan.entries {
+            let placed = match target {
+                Target::Zero => Some(Target::Zero),
+                Target::Frame(f) if !store.is_generation(f, generation) => None,
+                Target::Frame(f) => {
+                    let frame = match store.has_room(f, max_users) {
+                        true => Some(f),
+                        false => {
+                            let content = store.page(f).to_vec();
+                            store.find(hash, &content, max_users).or_else(|| store.insert(hash, &content).ok())
+                        }
+                    };
+                    frame.map(|f| {
+                        store.reserve(f);
+                        Target::Frame(f)
+                    })
+                }
+            };
+            match placed {
+                Some(target) => queue.push((page, target)),
+                None => {
+                    for &(_, target) in &queue {
                         if let Target::Frame(f) = target {
                             let _ = store.unreserve(f);
                         }
@@ -519,13 +555,13 @@ impl Engine {
                 }
             }
         }
-        for &(page, target, hash, _) in &plan.entries {
+        for (&(page, target), &(_, _, hash, _)) in queue.iter().zip(&plan.entries) {
             guest.state[page as usize] = QUEUED;
             if let Target::Frame(_) = target {
                 guest.last_hash[page as usize] = hash;
             }
         }
-        Some(plan.entries.iter().map(|&(page, target, _, _)| (page, target)).collect())
+        Some(queue)
     }
 
     /// Remembers where guest `id`'s adopted pages went, for the next clone
@@ -533,8 +569,8 @@ impl Engine {
     fn keep_placement(&mut self, id: GuestId, key: u64, queue: Vec<(u32, Target)>) {
         const KEPT: usize = 4;
         let guest = &self.guests[&id];
-        let store = &self.stores[&guest.group];
-        let entries = queue
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let entries: Vec<_> = queue
             .into_iter()
             .map(|(page, target)| match target {
                 Target::Frame(f) => (page, target, guest.last_hash[page as usize], store.generation(f)),
@@ -548,11 +584,30 @@ impl Engine {
             zero_pages: self.config.zero_pages,
             entries,
         };
-        self.placements.retain(|p| p.key != key);
+        // Pinned: the placement's frames outlive the clones' writes to them.
+        for f in plan.frames() {
+            store.reserve(f);
+        }
+        let old: Vec<Placement> = self.placements.extract_if(.., |p| p.key == key).collect();
+        self.unpin(old);
         if self.placements.len() == KEPT {
-            self.placements.remove(0);
+            let oldest = self.placements.remove(0);
+            self.unpin(vec![oldest]);
         }
         self.placements.push(plan);
+    }
+
+    /// Lets go of placements' frames (each frees with its last user).
+    fn unpin(&mut self, placements: Vec<Placement>) {
+        for plan in placements {
+            let Some(store) = self.stores.get_mut(&plan.group) else { continue };
+            for f in plan.frames() {
+                if let Err(e) = store.unreserve(f) {
+                    self.count_error(format!("releasing a kept placement's frame: {e}"));
+                    return;
+                }
+            }
+        }
     }
 
     fn count_error(&mut self, what: String) {
@@ -962,6 +1017,9 @@ impl Engine {
                 Target::Frame(f) => Some((group, f)),
                 Target::Zero => None,
             }));
+        }
+        for plan in &self.placements {
+            referenced.extend(plan.frames().into_iter().map(|f| (plan.group, f)));
         }
         let live: u64 = self.stores.values().map(|s| s.live_frames() as u64).sum();
         let store_pages = self

@@ -153,17 +153,15 @@ impl StableStore {
         self.frames[id as usize].as_ref().expect("a freed frame is still in use").generation
     }
 
-    /// Reserves frame `id` for a queued merge if it is still the filling
-    /// `generation` (so still holds the content it held then) and has room
-    /// for one more user under `max_users`.
-    pub fn reserve_if_same(&mut self, id: FrameId, generation: u64, max_users: u32) -> bool {
-        match self.frames.get_mut(id as usize) {
-            Some(Some(f)) if f.generation == generation && f.mapped + f.reserved < max_users => {
-                f.reserved += 1;
-                true
-            }
-            _ => false,
-        }
+    /// Whether frame `id` is live and still the filling `generation` (so
+    /// still holds the content it held then).
+    pub fn is_generation(&self, id: FrameId, generation: u64) -> bool {
+        matches!(self.frames.get(id as usize), Some(Some(f)) if f.generation == generation)
+    }
+
+    /// Whether live frame `id` can take one more user under `max_users`.
+    pub fn has_room(&self, id: FrameId, max_users: u32) -> bool {
+        self.frames[id as usize].as_ref().is_some_and(|f| f.mapped + f.reserved < max_users)
     }
 
     /// Reserves the frame for a queued merge.

@@ -690,3 +690,41 @@ fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
     }
     assert_eq!(e.audit().leaked_frames, 0);
 }
+
+/// A kept placement pins its frames: clones writing their pages (copy on
+/// write) do not free them, so later clones still take the placement; a
+/// frame with no room left (content the snapshot repeats) is copied, from
+/// the frame, to another. With the group's last guest gone, nothing stays.
+#[test]
+fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
+    let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 20, ..Config::default() });
+    // Every page the same content: one frame, 16 users per clone.
+    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(77))).collect();
+    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    let first = TestGuest::new(16);
+    let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(a, Some(3), snapshot.iter().cloned().map(Ok)).unwrap(), 16);
+    for i in 0..16 {
+        first.fill(i, 1000 + i as u64);
+    }
+    scan_passes(&mut e, 2);
+    assert_eq!(e.guest_stats(a).unwrap().merged_pages, 0, "the first clone wrote every page");
+    let second = TestGuest::new(16);
+    let b = second.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(b, Some(3), unread()).unwrap(), 16, "the placement outlived the writes");
+    let third = TestGuest::new(16);
+    let c = third.add(&mut e, 0, ProtectMode::WriteProtect);
+    // 1 pin + 16 users of the second clone leave room for 3: the rest copied.
+    assert_eq!(e.adopt(c, Some(3), unread()).unwrap(), 16);
+    for i in 0..16 {
+        assert_eq!(second.read(i), expected(77));
+        assert_eq!(third.read(i), expected(77));
+        assert_eq!(first.read(i), expected(1000 + i as u64));
+    }
+    assert_eq!(e.audit().leaked_frames, 0, "{:?}", e.audit());
+    for id in [a, b, c] {
+        e.remove_guest(id).unwrap();
+    }
+    let audit = e.audit();
+    assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
+}

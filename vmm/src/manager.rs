@@ -202,9 +202,8 @@ pub struct Manager {
 
 /// What memory pressure did to the guests so far.
 pub struct PressureCounts {
-    /// Time the memory governor held guests, and how many it held.
-    pub throttled: Duration,
-    pub guests_throttled: usize,
+    /// Time the memory governor held each guest it held.
+    pub held: BTreeMap<usize, Duration>,
     /// Guests it ended because sharing could not make room.
     pub ended_for_memory: usize,
     /// Guests whose processes a SIGKILL from outside the VMM ended (with a
@@ -385,10 +384,10 @@ impl Manager {
     /// What memory pressure did so far.
     pub fn pressure(&self) -> PressureCounts {
         let g = self.lock();
-        let held: Vec<Duration> = g.map.values().map(Entry::throttled).filter(|d| !d.is_zero()).collect();
+        let held: BTreeMap<usize, Duration> =
+            g.map.iter().map(|(&id, e)| (id, e.throttled())).filter(|(_, d)| !d.is_zero()).collect();
         PressureCounts {
-            throttled: held.iter().sum(),
-            guests_throttled: held.len(),
+            held,
             ended_for_memory: g.map.values().filter(|e| matches!(e.end, Some(GuestEnd::OutOfMemory(_)))).count(),
             killed_from_outside: g.map.values().filter(|e| e.killed_from_outside).count(),
         }

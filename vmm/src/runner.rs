@@ -172,8 +172,9 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         corrupted_pages,
         guests_verified: manager.verified(),
         created: created.to_vec(),
-        throttled_s: pressure.throttled.as_secs_f64(),
-        guests_throttled: pressure.guests_throttled,
+        throttled_s: pressure.held.values().sum::<Duration>().as_secs_f64(),
+        guests_throttled: pressure.held.len(),
+        throttled_s_per_guest: pressure.held.iter().map(|(&id, d)| (id, d.as_secs_f64())).collect(),
         guests_ended_for_memory: pressure.ended_for_memory,
         guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
@@ -193,10 +194,14 @@ fn report_pressure(s: &RunStats) {
     let waited: f64 = s.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0;
     let waves = s.created.iter().filter(|c| c.waited_ms >= 1.0).count();
     if s.guests_throttled + s.guests_ended_for_memory + waves > 0 {
+        let each: Vec<String> = s.throttled_s_per_guest.iter().map(|(id, t)| format!("guest {id} {t:.1} s")).collect();
         eprintln!(
-            "vmm: memory governor: {} guest(s) throttled for {:.1} s in all; {waves} guest(s) waited {waited:.1} s \
+            "vmm: memory governor: {} guest(s) throttled for {:.1} s in all{}; {waves} guest(s) waited {waited:.1} s \
              in all to start; {} guest(s) ended for memory",
-            s.guests_throttled, s.throttled_s, s.guests_ended_for_memory
+            s.guests_throttled,
+            s.throttled_s,
+            if each.is_empty() { String::new() } else { format!(" ({})", each.join(", ")) },
+            s.guests_ended_for_memory
         );
     }
 }

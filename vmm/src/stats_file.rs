@@ -34,6 +34,9 @@ pub struct RunStats {
     pub throttled_s: f64,
     #[serde(default)]
     pub guests_throttled: usize,
+    /// Seconds each guest it held was held, by guest id.
+    #[serde(default)]
+    pub throttled_s_per_guest: std::collections::BTreeMap<usize, f64>,
     #[serde(default)]
     pub guests_ended_for_memory: usize,
     /// Guests whose processes a SIGKILL from outside the VMM ended (the
@@ -144,6 +147,7 @@ mod tests {
             created: vec![Created { ms: 2.5, memory_bytes: Some(4096), waited_ms: 1.0 }],
             throttled_s: 0.5,
             guests_throttled: 1,
+            throttled_s_per_guest: [(3, 0.5)].into(),
             guests_ended_for_memory: 1,
             guests_killed: 1,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),

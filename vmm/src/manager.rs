@@ -291,11 +291,16 @@ impl Manager {
         });
         if let Some(g) = &manager.governed {
             let this = Arc::downgrade(&manager);
-            let thread = std::thread::Builder::new().name("memory-governor".into()).spawn(move || loop {
-                std::thread::sleep(crate::pressure::TICK);
-                match this.upgrade() {
-                    Some(m) if !m.governed.as_ref().is_some_and(|g| g.stop.load(Ordering::Relaxed)) => m.govern(),
-                    _ => return,
+            let thread = std::thread::Builder::new().name("memory-governor".into()).spawn(move || {
+                let mut wait = crate::pressure::TICK;
+                loop {
+                    std::thread::sleep(wait);
+                    match this.upgrade() {
+                        Some(m) if !m.governed.as_ref().is_some_and(|g| g.stop.load(Ordering::Relaxed)) => {
+                            wait = m.govern();
+                        }
+                        _ => return,
+                    }
                 }
             });
             *g.thread.lock().unwrap() =
@@ -316,9 +321,10 @@ impl Manager {
         }
     }
 
-    /// One tick of the memory governor: measure, decide, apply.
-    fn govern(&self) {
-        let Some(g) = &self.governed else { return };
+    /// One look of the memory governor: measure, decide, apply. Returns
+    /// how long until the next.
+    fn govern(&self) -> Duration {
+        let Some(g) = &self.governed else { return crate::pressure::SLOW_TICK };
         let room = g.wall.room();
         let guests: Vec<GuestMemory> = self
             .lock()
@@ -330,7 +336,10 @@ impl Manager {
                 Some(GuestMemory { id, bytes, size: e.config.memory_bytes(), running: e.state == GuestState::Running })
             })
             .collect();
-        let actions = g.governor.lock().unwrap().step(Instant::now(), room, &guests);
+        let (actions, next) = {
+            let mut governor = g.governor.lock().unwrap();
+            (governor.step(Instant::now(), room, &guests), governor.next_tick())
+        };
         for action in actions {
             match action {
                 Action::Throttle(id) => self.throttle(id, true),
@@ -341,6 +350,7 @@ impl Manager {
                 }
             }
         }
+        next
     }
 
     /// Holds guest `id`'s vCPUs for memory (and has its pages merged

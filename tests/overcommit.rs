@@ -19,9 +19,9 @@ use vmm::cgroup::MemoryCgroup;
 
 const MIB: u64 = 1 << 20;
 
-/// One at a time: each fills its guests as fast as two cores allow, and the
-/// governor must react within milliseconds; running both at once on a
-/// two-core host measures the scheduler instead.
+/// One at a time: each fills its guests as fast as two cores allow, and
+/// the governor must react within milliseconds; two at once on a two-core
+/// host would measure the scheduler as much as the governor.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn limited_cgroup(name: &str, limit_mib: u64) -> MemoryCgroup {

@@ -211,11 +211,17 @@ pub struct PressureCounts {
     pub killed_from_outside: usize,
 }
 
-/// The memory governor (pressure.rs) and its thread.
+/// The memory governor (pressure.rs) and its threads: one looks and
+/// decides; one carries out the merges it asks for, which take as long as
+/// a guest's pass (the looking must never wait for them).
 struct Governed {
     wall: Wall,
     governor: Mutex<Governor>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    merges: Mutex<Option<std::sync::mpsc::Sender<usize>>>,
+    /// Guests asked to be merged whose merge has not begun.
+    merges_waiting: Mutex<std::collections::BTreeSet<usize>>,
+    merger: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -273,6 +279,9 @@ impl Manager {
                     wall,
                     governor: Mutex::new(governor),
                     thread: Mutex::new(None),
+                    merges: Mutex::new(None),
+                    merges_waiting: Default::default(),
+                    merger: Mutex::new(None),
                     stop: Default::default(),
                 })
             }
@@ -305,6 +314,22 @@ impl Manager {
             });
             *g.thread.lock().unwrap() =
                 Some(thread.map_err(|e| Error::host(format!("cannot start the memory governor: {e}")))?);
+            let (merges, asked) = std::sync::mpsc::channel::<usize>();
+            let this = Arc::downgrade(&manager);
+            let merger = std::thread::Builder::new().name("memory-merges".into()).spawn(move || {
+                for id in asked {
+                    let Some(m) = this.upgrade() else { return };
+                    if let Some(g) = &m.governed {
+                        g.merges_waiting.lock().unwrap().remove(&id);
+                    }
+                    if let Some(s) = &m.sharing {
+                        let _ = s.merge_now(id);
+                    }
+                }
+            });
+            *g.merger.lock().unwrap() =
+                Some(merger.map_err(|e| Error::host(format!("cannot start the memory governor: {e}")))?);
+            *g.merges.lock().unwrap() = Some(merges);
         }
         Ok(manager)
     }
@@ -317,6 +342,23 @@ impl Manager {
             g.stop.store(true, Ordering::Relaxed);
             if let Some(thread) = g.thread.lock().unwrap().take() {
                 let _ = thread.join();
+            }
+            // Its channel closed, the merger ends after the merge at hand.
+            g.merges.lock().unwrap().take();
+            if let Some(thread) = g.merger.lock().unwrap().take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Has page sharing merge guest `id` at once, on the governor's merge
+    /// thread (a request already waiting is not queued twice).
+    fn ask_merge(&self, id: usize) {
+        if let (Some(g), Some(_)) = (&self.governed, &self.sharing) {
+            if g.merges_waiting.lock().unwrap().insert(id) {
+                if let Some(merges) = g.merges.lock().unwrap().as_ref() {
+                    let _ = merges.send(id);
+                }
             }
         }
     }
@@ -344,6 +386,7 @@ impl Manager {
             match action {
                 Action::Throttle(id) => self.throttle(id, true),
                 Action::Release(id) => self.throttle(id, false),
+                Action::Merge(id) => self.ask_merge(id),
                 Action::End(id, why) => {
                     eprintln!("vmm: guest {id}: ending it: {why}");
                     let _ = self.send_stop(id, GuestEnd::OutOfMemory(why));
@@ -373,8 +416,8 @@ impl Manager {
             // A process that does not answer is ended by `ask`.
             let _ = Self::ask(&p, Request::Throttle(on));
         }
-        if let (true, Some(s)) = (on, &self.sharing) {
-            let _ = s.merge_now(id);
+        if on {
+            self.ask_merge(id);
         }
     }
 
@@ -692,8 +735,42 @@ impl Manager {
         })
     }
 
+    /// Starts a guest; one that does not fit beside what the others may
+    /// still fill starts held by the memory governor, which lets it go
+    /// with the guests it holds (waves, for guests started through the
+    /// API).
     pub fn start(&self, id: usize) -> Result<GuestInfo> {
-        self.transition(id, "start", &[GuestState::Created], GuestState::Running, |p| Self::ask(p, Request::Start))
+        let size = self.lock().map.get(&id).filter(|e| e.made).map(|e| e.config.memory_bytes());
+        let hold = match (&self.governed, size) {
+            (Some(g), Some(size)) => !g.governor.lock().unwrap().admits(Instant::now(), g.wall.room(), size),
+            _ => false,
+        };
+        self.start_held(id, hold)
+    }
+
+    /// Starts a guest `wait_for_room` has let in.
+    pub fn start_admitted(&self, id: usize) -> Result<GuestInfo> {
+        self.start_held(id, false)
+    }
+
+    fn start_held(&self, id: usize, hold: bool) -> Result<GuestInfo> {
+        self.transition(id, "start", &[GuestState::Created], GuestState::Running, |p| {
+            if hold {
+                Self::ask(p, Request::Throttle(true))?;
+            }
+            let started = Self::ask(p, Request::Start);
+            if started.is_err() && hold {
+                let _ = Self::ask(p, Request::Throttle(false));
+            }
+            started
+        })?;
+        if let (true, Some(g)) = (hold, &self.governed) {
+            g.governor.lock().unwrap().hold(id);
+            if let Some(entry) = self.lock().map.get_mut(&id) {
+                entry.throttled_since.get_or_insert_with(Instant::now);
+            }
+        }
+        self.get(id)
     }
 
     pub fn pause(&self, id: usize) -> Result<GuestInfo> {

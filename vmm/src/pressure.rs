@@ -15,13 +15,16 @@
 //!   throttled: its vCPUs held
 //!   through the same gate as a pause (a pause of its own, so the user's
 //!   pause and resume stay the user's), and page sharing is asked to merge
-//!   it first. Once room is back above twice the reserve, throttled guests
+//!   it first; and in turn every [`MERGE_EVERY`] one guest is merged at
+//!   once, not at the scanner's pace. Once room is back above twice the
+//!   reserve, throttled guests
 //!   go again, first in first out, one per [`SETTLE`], so they do not all
 //!   fill at once again.
 //! - **Waves.** `vmm run` starts a guest only once its whole RAM fits in
 //!   the room above the reserve and above what the guests still filling
 //!   (or just let in) may yet take, or once no guest is growing or
-//!   throttled.
+//!   throttled. A guest started through the API that does not fit so
+//!   starts held, and goes with the others held.
 //! - **The last resort.** When room has stayed under the reserve (or
 //!   under twice it with a guest held) for [`STUCK`] without growing (sharing cannot give back more: the guests
 //!   really hold that much unique memory), one guest is ended, with "not
@@ -63,6 +66,8 @@ const GROWTH: u64 = 256 * 1024;
 const PROGRESS: u64 = 4 * MIB;
 /// A guest counts as growing for this long after it last grew (waves).
 const QUIET: Duration = Duration::from_secs(1);
+/// In a squeeze, one guest is asked to be merged at once this often.
+const MERGE_EVERY: Duration = Duration::from_millis(250);
 
 /// Where the wall is.
 pub struct Wall {
@@ -111,6 +116,8 @@ pub struct GuestMemory {
 pub enum Action {
     Throttle(usize),
     Release(usize),
+    /// Have page sharing merge this guest now, not at the scanner's pace.
+    Merge(usize),
     /// End this guest: sharing cannot make room. The reason says why.
     End(usize, String),
 }
@@ -140,6 +147,9 @@ pub struct Governor {
     last_step: Option<Instant>,
     /// How long until the next look.
     next_tick: Duration,
+    /// In a squeeze, the guest last asked to be merged, and when.
+    merged_up_to: usize,
+    last_merge_ask: Option<Instant>,
 }
 
 impl Governor {
@@ -157,6 +167,8 @@ impl Governor {
             filling: 0,
             last_step: None,
             next_tick: TICK,
+            merged_up_to: 0,
+            last_merge_ask: None,
         }
     }
 
@@ -227,6 +239,17 @@ impl Governor {
             if room > squeeze.best_room + PROGRESS {
                 *squeeze = Squeeze { since: now, best_room: room };
             }
+            // Room comes from merging: every guest in turn, the held ones
+            // (merged when throttled) and the ones that stopped growing.
+            if self.last_merge_ask.is_none_or(|t| now.duration_since(t) >= MERGE_EVERY) {
+                let next =
+                    guests.iter().map(|g| g.id).find(|&id| id > self.merged_up_to).or(guests.first().map(|g| g.id));
+                if let Some(id) = next {
+                    actions.push(Action::Merge(id));
+                    self.merged_up_to = id;
+                    self.last_merge_ask = Some(now);
+                }
+            }
             if now.duration_since(squeeze.since) >= STUCK {
                 // The guests asking for memory now go first (the largest of
                 // them), rather than one that has its memory and works.
@@ -267,14 +290,25 @@ impl Governor {
         actions
     }
 
-    /// Whether a guest of `bytes` may start now (waves): it fits above the
-    /// reserve and what others may still fill, or nothing else is growing
-    /// or held. A guest let in is counted as filling from then on.
+    /// Counts guest `id`, started held, among the throttled: it goes when
+    /// they go.
+    pub fn hold(&mut self, id: usize) {
+        if !self.throttled.contains(&id) {
+            self.throttled.push(id);
+        }
+    }
+
+    /// Whether a guest of `bytes` may start now (waves): no guest is held,
+    /// and it fits above the reserve and what others may still fill, or
+    /// nothing else is growing. A guest let in is counted as filling from
+    /// then on.
     pub fn admits(&mut self, now: Instant, room: u64, bytes: u64) -> bool {
         let promised: u64 = self.promised.iter().map(|&(_, b)| b).sum();
         let fits = room >= self.reserve + self.filling + promised + bytes;
         let quiet = self.last_growth.is_none_or(|t| now.duration_since(t) >= QUIET) && self.promised.is_empty();
-        let admitted = fits || (quiet && self.throttled.is_empty() && self.ending.is_empty());
+        // Nothing starts while a guest is held: it would take the room the
+        // held ones wait for, first come first served.
+        let admitted = self.throttled.is_empty() && self.ending.is_empty() && (fits || quiet);
         if admitted {
             self.promised.push((now, bytes));
         }
@@ -288,6 +322,11 @@ mod tests {
 
     const RESERVE: u64 = 100 * MIB;
 
+    /// The actions other than merge requests.
+    fn decided(actions: Vec<Action>) -> Vec<Action> {
+        actions.into_iter().filter(|a| !matches!(a, Action::Merge(_))).collect()
+    }
+
     fn guest(id: usize, mib: u64) -> GuestMemory {
         GuestMemory { id, bytes: mib * MIB, size: 512 * MIB, running: true }
     }
@@ -296,19 +335,23 @@ mod tests {
     fn throttles_only_the_growing_and_lets_them_go_one_at_a_time() {
         let mut gov = Governor::new(RESERVE);
         let t = Instant::now();
-        assert!(gov.step(t, 1000 * MIB, &[guest(0, 10), guest(1, 10), guest(2, 10)]).is_empty());
+        assert!(decided(gov.step(t, 1000 * MIB, &[guest(0, 10), guest(1, 10), guest(2, 10)])).is_empty());
         // Under the reserve: 0 and 2 grew, 1 did not; a user-paused one is left alone.
         let paused = GuestMemory { running: false, ..guest(3, 50) };
-        let actions = gov.step(t + TICK, 50 * MIB, &[guest(0, 60), guest(1, 10), guest(2, 30), paused.clone()]);
+        let actions =
+            decided(gov.step(t + TICK, 50 * MIB, &[guest(0, 60), guest(1, 10), guest(2, 30), paused.clone()]));
         assert_eq!(actions, [Action::Throttle(0), Action::Throttle(2)]);
         // Between the reserve and twice it: nothing changes.
-        assert!(gov.step(t + 2 * TICK, 150 * MIB, &[guest(0, 60), guest(1, 10), guest(2, 30)]).is_empty());
+        assert!(decided(gov.step(t + 2 * TICK, 150 * MIB, &[guest(0, 60), guest(1, 10), guest(2, 30)])).is_empty());
         // Room again: first in, first out, one per SETTLE.
         let now = t + 3 * TICK;
-        assert_eq!(gov.step(now, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)]), [Action::Release(0)]);
-        assert!(gov.step(now + TICK, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)]).is_empty());
         assert_eq!(
-            gov.step(now + SETTLE, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)]),
+            decided(gov.step(now, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)])),
+            [Action::Release(0)]
+        );
+        assert!(decided(gov.step(now + TICK, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)])).is_empty());
+        assert_eq!(
+            decided(gov.step(now + SETTLE, 300 * MIB, &[guest(0, 20), guest(1, 10), guest(2, 10)])),
             [Action::Release(2)]
         );
     }
@@ -318,22 +361,22 @@ mod tests {
         let mut gov = Governor::new(RESERVE);
         let t = Instant::now();
         gov.step(t, 1000 * MIB, &[guest(0, 10), guest(1, 10)]);
-        assert_eq!(gov.step(t, 50 * MIB, &[guest(0, 300), guest(1, 200)]).len(), 2);
+        assert_eq!(decided(gov.step(t, 50 * MIB, &[guest(0, 300), guest(1, 200)])).len(), 2);
         // Room grows (sharing at work): no end, however long it takes.
         let both = [guest(0, 300), guest(1, 200)];
         for i in 1..=9 {
-            let actions = gov.step(t + Duration::from_secs(i), (50 + 5 * i) * MIB, &both);
+            let actions = decided(gov.step(t + Duration::from_secs(i), (50 + 5 * i) * MIB, &both));
             assert!(actions.is_empty(), "at {i} s: {actions:?}");
         }
         // Stuck at 99 MiB from 9 s on (95 -> 99 is not progress): ended at
         // 9 s + STUCK, the largest first, once.
-        assert!(gov.step(t + Duration::from_secs(13), 99 * MIB, &both).is_empty());
+        assert!(decided(gov.step(t + Duration::from_secs(13), 99 * MIB, &both)).is_empty());
         let at = t + Duration::from_secs(9) + STUCK;
-        let actions = gov.step(at, 99 * MIB, &both);
+        let actions = decided(gov.step(at, 99 * MIB, &both));
         assert!(matches!(&actions[..], [Action::End(0, why)] if why.starts_with("not enough memory")), "{actions:?}");
-        assert!(gov.step(at + Duration::from_secs(1), 99 * MIB, &both).is_empty());
+        assert!(decided(gov.step(at + Duration::from_secs(1), 99 * MIB, &both)).is_empty());
         // Still stuck STUCK later, with 0 not gone yet: 1 goes next.
-        let actions = gov.step(at + STUCK, 99 * MIB, &both);
+        let actions = decided(gov.step(at + STUCK, 99 * MIB, &both));
         assert!(matches!(&actions[..], [Action::End(1, _)]), "{actions:?}");
     }
 
@@ -346,13 +389,42 @@ mod tests {
         // 50 MiB in 100 ms is 500 MiB/s: 50 MiB more expected in the next
         // 100 ms, which with 140 MiB of room over a 100 MiB reserve is a
         // squeeze.
-        let actions = gov.step(t + SLOW_TICK, 140 * MIB, &[guest(0, 60)]);
+        let actions = decided(gov.step(t + SLOW_TICK, 140 * MIB, &[guest(0, 60)]));
         assert_eq!(actions, [Action::Throttle(0)]);
         assert_eq!(gov.next_tick(), TICK);
         // 2 MiB over 100 ms is noise at that pace (256 KiB per 10 ms).
         let mut quiet = Governor::new(RESERVE);
         quiet.step(t, 160 * MIB, &[guest(0, 10)]);
-        assert!(quiet.step(t + SLOW_TICK, 160 * MIB, &[guest(0, 12)]).is_empty());
+        assert!(decided(quiet.step(t + SLOW_TICK, 160 * MIB, &[guest(0, 12)])).is_empty());
+    }
+
+    #[test]
+    fn a_squeeze_has_every_guest_merged_in_turn() {
+        let mut gov = Governor::new(RESERVE);
+        let t = Instant::now();
+        let three = [guest(0, 100), guest(1, 100), guest(2, 100)];
+        gov.step(t, 1000 * MIB, &three);
+        let merges = |a: Vec<Action>| a.into_iter().filter(|a| matches!(a, Action::Merge(_))).collect::<Vec<_>>();
+        assert_eq!(merges(gov.step(t + TICK, 50 * MIB, &three)), [Action::Merge(1)]);
+        assert!(merges(gov.step(t + 2 * TICK, 50 * MIB, &three)).is_empty(), "one every MERGE_EVERY");
+        assert_eq!(merges(gov.step(t + TICK + MERGE_EVERY, 50 * MIB, &three)), [Action::Merge(2)]);
+        assert_eq!(merges(gov.step(t + TICK + 2 * MERGE_EVERY, 50 * MIB, &three)), [Action::Merge(0)]);
+        assert!(merges(gov.step(t + TICK + 3 * MERGE_EVERY, 1000 * MIB, &three)).is_empty(), "no squeeze, no ask");
+    }
+
+    #[test]
+    fn a_guest_started_held_goes_with_the_others_held() {
+        let mut gov = Governor::new(RESERVE);
+        let t = Instant::now();
+        gov.step(t, 1000 * MIB, &[guest(0, 10)]);
+        gov.step(t + TICK, 1000 * MIB, &[guest(0, 100)]);
+        assert!(!gov.admits(t + TICK, 150 * MIB, 128 * MIB), "it does not fit while 0 fills");
+        gov.hold(4);
+        // While it is held, anything else waits behind it.
+        assert!(!gov.admits(t + TICK + QUIET, 1000 * MIB, 128 * MIB));
+        let both = [guest(0, 100), guest(4, 2)];
+        assert!(decided(gov.step(t + 2 * TICK, 150 * MIB, &both)).is_empty());
+        assert_eq!(decided(gov.step(t + 3 * TICK, 300 * MIB, &both)), [Action::Release(4)]);
     }
 
     #[test]
@@ -360,12 +432,12 @@ mod tests {
         let mut gov = Governor::new(RESERVE);
         let t = Instant::now();
         gov.step(t, 1000 * MIB, &[guest(0, 100), guest(1, 10)]);
-        assert_eq!(gov.step(t + TICK, 90 * MIB, &[guest(0, 100), guest(1, 60)]), [Action::Throttle(1)]);
+        assert_eq!(decided(gov.step(t + TICK, 90 * MIB, &[guest(0, 100), guest(1, 60)])), [Action::Throttle(1)]);
         // Room settles between the reserve and twice it: 1 cannot go again...
         let held = [guest(0, 100), guest(1, 60)];
-        assert!(gov.step(t + 2 * TICK, 150 * MIB, &held).is_empty());
+        assert!(decided(gov.step(t + 2 * TICK, 150 * MIB, &held)).is_empty());
         // ...so after STUCK without progress it is ended, not held for ever.
-        let actions = gov.step(t + 2 * TICK + STUCK, 150 * MIB, &held);
+        let actions = decided(gov.step(t + 2 * TICK + STUCK, 150 * MIB, &held));
         assert!(matches!(&actions[..], [Action::End(1, _)]), "{actions:?}");
     }
 
@@ -383,11 +455,12 @@ mod tests {
         let now = t + TICK;
         gov.step(now, 1000 * MIB, &[sized(0, 10), sized(1, 10), sized(2, 10)]);
         assert!(!gov.admits(now, 1000 * MIB, 256 * MIB));
-        // Filled, and quiet for a while: room is what it is; the next goes in
-        // if it fits, or anyway once nothing is growing or held.
-        gov.step(now + TICK, 300 * MIB, &[sized(0, 256), sized(1, 256), sized(2, 256)]);
-        assert!(!gov.admits(now + TICK, 300 * MIB, 256 * MIB));
-        let later = now + TICK + QUIET;
+        // Filled over half a second (no squeeze in 1000 MiB), then quiet for
+        // a while: the next goes in if it fits, or once nothing grows.
+        let filled = now + QUIET / 2;
+        assert!(decided(gov.step(filled, 1000 * MIB, &[sized(0, 256), sized(1, 256), sized(2, 256)])).is_empty());
+        assert!(!gov.admits(filled, 300 * MIB, 256 * MIB));
+        let later = filled + QUIET;
         gov.step(later, 300 * MIB, &[sized(0, 256), sized(1, 256), sized(2, 256)]);
         assert!(gov.admits(later, 400 * MIB, 256 * MIB), "it fits");
         assert!(!gov.admits(later, 300 * MIB, 256 * MIB), "the one just let in is not quiet yet");

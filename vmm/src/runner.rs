@@ -63,7 +63,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
             let memory_bytes = manager.get(id)?.memory_bytes;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             created.push(Created { ms, memory_bytes, waited_ms: waited.as_secs_f64() * 1000.0 });
-            manager.start(id)
+            manager.start_admitted(id)
         });
         if let Err(e) = made {
             manager.stop_all(GuestEnd::Stopped);

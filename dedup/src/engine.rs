@@ -599,14 +599,18 @@ impl Engine {
 
     /// Lets go of placements' frames (each frees with its last user).
     fn unpin(&mut self, placements: Vec<Placement>) {
+        let mut failures = Vec::new();
         for plan in placements {
             let Some(store) = self.stores.get_mut(&plan.group) else { continue };
             for f in plan.frames() {
+                // A failed punch still forgets the frame: go on with the rest.
                 if let Err(e) = store.unreserve(f) {
-                    self.count_error(format!("releasing a kept placement's frame: {e}"));
-                    return;
+                    failures.push(format!("releasing a kept placement's frame: {e}"));
                 }
             }
+        }
+        for what in failures {
+            self.count_error(what);
         }
     }
 

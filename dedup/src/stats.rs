@@ -96,9 +96,15 @@ impl StallTimes {
     pub fn summary(&self) -> StallSummary {
         let mut v: Vec<Duration> = self.recent.iter().copied().collect();
         v.sort_unstable();
-        let pct = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
+        let pct = |p: f64| nearest_rank(&v, p).unwrap_or_default();
         StallSummary { count: self.count, p50: pct(0.5), p99: pct(0.99), max: self.max }
     }
+}
+
+/// The value at `q` (0..=1) of `sorted`, by nearest rank; None when empty.
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    sorted.get(((last as f64 * q).round() as usize).min(last)).copied()
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! What `vmm bench` measured, the figures derived from it, and the table.
 
+use dedup::stats::nearest_rank;
 use serde::Serialize;
 
 use super::{BenchConfig, Mode, STEADY};
@@ -135,10 +136,10 @@ impl ModeResult {
             gap_max_us: us(last.gaps.max_ns()),
             all_verified_s: all_verified.map(|s| s.t),
             memory_all_verified_mib: all_verified.map(|s| s.memory_mib),
-            create_p50_ms: quantile(&create_ms, 0.5),
-            create_p99_ms: quantile(&create_ms, 0.99),
+            create_p50_ms: nearest_rank(&create_ms, 0.5),
+            create_p99_ms: nearest_rank(&create_ms, 0.99),
             create_first_ms: last.created.first().map(|c| c.ms),
-            memory_at_create_mib: quantile(&at_create, 0.5),
+            memory_at_create_mib: nearest_rank(&at_create, 0.5),
             peak_memory_mib: samples.iter().map(|s| s.memory_mib).fold(0.0, f64::max),
             oom_kills: 0,
             guests_killed: last.guests_killed,
@@ -155,12 +156,6 @@ impl ModeResult {
         let at = self.samples.iter().find(|s| s.t >= t95)?;
         (at.t > 0.0 && at.cpu_s > 0.0).then(|| at.cpu_s / at.t)
     }
-}
-
-/// The value at `q` (0..=1) of sorted `values`, nearest rank.
-fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
-    let last = sorted.len().checked_sub(1)?;
-    sorted.get(((last as f64 * q).round() as usize).min(last)).copied()
 }
 
 /// Clones against booted guests (inprocess), in the same bench: each

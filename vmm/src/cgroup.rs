@@ -80,11 +80,7 @@ impl MemoryCgroup {
 
     /// Caps what it may hold (v1 `memory.limit_in_bytes`, v2 `memory.max`).
     pub fn set_limit(&self, bytes: u64) -> io::Result<()> {
-        let file = match self.version {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
-        };
-        std::fs::write(self.dir.join(file), bytes.to_string())
+        std::fs::write(self.dir.join(limit_file(self.version)), bytes.to_string())
             .map_err(|e| io::Error::new(e.kind(), format!("cannot limit {}: {e}", self.dir.display())))
     }
 
@@ -121,12 +117,8 @@ impl OwnCgroup {
 
     /// Its limit, if it has one (its own, not its ancestors').
     pub fn limit(&self) -> Option<u64> {
-        let file = match self.version {
-            Version::V1 => "memory.limit_in_bytes",
-            Version::V2 => "memory.max",
-        };
         // v2 writes "max" for none, which does not parse.
-        read_number(&self.dir.join(file)).filter(|&l| l < NO_LIMIT)
+        read_number(&self.dir.join(limit_file(self.version))).filter(|&l| l < NO_LIMIT)
     }
 
     /// What it holds that the kernel cannot simply drop: its use less
@@ -161,6 +153,13 @@ fn usage_file(version: Version) -> &'static str {
     match version {
         Version::V1 => "memory.usage_in_bytes",
         Version::V2 => "memory.current",
+    }
+}
+
+fn limit_file(version: Version) -> &'static str {
+    match version {
+        Version::V1 => "memory.limit_in_bytes",
+        Version::V2 => "memory.max",
     }
 }
 

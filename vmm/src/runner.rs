@@ -191,7 +191,7 @@ fn write_stats(path: &Path, stats: &RunStats) {
 
 /// What the memory governor did, if anything.
 fn report_pressure(s: &RunStats) {
-    let waited: f64 = s.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0;
+    let waited = s.waited_s();
     let waves = s.created.iter().filter(|c| c.waited_ms >= 1.0).count();
     if s.guests_throttled + s.guests_ended_for_memory + waves > 0 {
         let each: Vec<String> = s.throttled_s_per_guest.iter().map(|(id, t)| format!("guest {id} {t:.1} s")).collect();

@@ -116,6 +116,12 @@ impl SharingStats {
 }
 
 impl RunStats {
+    /// Seconds guests waited to start, over all guests (the governor's
+    /// waves).
+    pub fn waited_s(&self) -> f64 {
+        self.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0
+    }
+
     /// Replaces `path` in one step (write a sibling, then rename), so a
     /// reader never sees half a file.
     pub fn write_to(&self, path: &Path) -> io::Result<()> {

@@ -145,7 +145,7 @@ impl ModeResult {
             guests_killed: last.guests_killed,
             guests_ended_for_memory: last.guests_ended_for_memory,
             throttled_s: last.throttled_s,
-            waited_s: last.created.iter().map(|c| c.waited_ms).sum::<f64>() / 1000.0,
+            waited_s: last.waited_s(),
             samples,
         }
     }

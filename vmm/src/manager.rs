@@ -143,6 +143,20 @@ impl Entry {
     fn throttled(&self) -> Duration {
         self.throttled_before + self.throttled_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
+
+    /// Books the memory governor holding it; false if it already was.
+    fn hold(&mut self) -> bool {
+        let held = self.throttled_since.is_none();
+        self.throttled_since.get_or_insert_with(Instant::now);
+        held
+    }
+
+    /// Books the governor letting it go; false if it was not held.
+    fn let_go(&mut self) -> bool {
+        let Some(since) = self.throttled_since.take() else { return false };
+        self.throttled_before += since.elapsed();
+        true
+    }
 }
 
 struct Guests {
@@ -223,6 +237,13 @@ struct Governed {
     merges_waiting: Mutex<std::collections::BTreeSet<usize>>,
     merger: Mutex<Option<std::thread::JoinHandle<()>>>,
     stop: std::sync::atomic::AtomicBool,
+}
+
+impl Governed {
+    /// Whether a guest of `bytes` may start now (counted as filling if so).
+    fn admits(&self, bytes: u64) -> bool {
+        self.governor.lock().unwrap().admits(Instant::now(), self.wall.room(), bytes)
+    }
 }
 
 impl Manager {
@@ -402,13 +423,9 @@ impl Manager {
         let process = {
             let mut g = self.lock();
             let Some(entry) = g.map.get_mut(&id) else { return };
-            match (on, entry.throttled_since) {
-                (true, None) => entry.throttled_since = Some(Instant::now()),
-                (false, Some(since)) => {
-                    entry.throttled_before += since.elapsed();
-                    entry.throttled_since = None;
-                }
-                _ => return,
+            let changed = if on { entry.hold() } else { entry.let_go() };
+            if !changed {
+                return;
             }
             entry.process.clone()
         };
@@ -426,9 +443,7 @@ impl Manager {
     pub fn wait_for_room(&self, bytes: u64) -> Duration {
         let started = Instant::now();
         let Some(g) = &self.governed else { return Duration::ZERO };
-        while !crate::signals::stop_requested()
-            && !g.governor.lock().unwrap().admits(Instant::now(), g.wall.room(), bytes)
-        {
+        while !crate::signals::stop_requested() && !g.admits(bytes) {
             std::thread::sleep(crate::pressure::TICK);
         }
         started.elapsed()
@@ -655,9 +670,7 @@ impl Manager {
         };
         entry.end = Some(end);
         entry.state = GuestState::Ended;
-        if let Some(since) = entry.throttled_since.take() {
-            entry.throttled_before += since.elapsed();
-        }
+        entry.let_go();
         entry.process = None;
         entry.memory = None;
         entry.cgroup = None;
@@ -742,7 +755,7 @@ impl Manager {
     pub fn start(&self, id: usize) -> Result<GuestInfo> {
         let size = self.lock().map.get(&id).filter(|e| e.made).map(|e| e.config.memory_bytes());
         let hold = match (&self.governed, size) {
-            (Some(g), Some(size)) => !g.governor.lock().unwrap().admits(Instant::now(), g.wall.room(), size),
+            (Some(g), Some(size)) => !g.admits(size),
             _ => false,
         };
         self.start_held(id, hold)
@@ -767,7 +780,7 @@ impl Manager {
         if let (true, Some(g)) = (hold, &self.governed) {
             g.governor.lock().unwrap().hold(id);
             if let Some(entry) = self.lock().map.get_mut(&id) {
-                entry.throttled_since.get_or_insert_with(Instant::now);
+                entry.hold();
             }
         }
         self.get(id)

@@ -226,8 +226,7 @@ impl Governor {
         let squeezed = room < self.reserve.saturating_add(incoming);
         if squeezed {
             for g in guests.iter().filter(|g| g.running && growing.contains(&g.id)) {
-                if !self.throttled.contains(&g.id) {
-                    self.throttled.push(g.id);
+                if self.hold(g.id) {
                     actions.push(Action::Throttle(g.id));
                 }
             }
@@ -290,12 +289,14 @@ impl Governor {
         actions
     }
 
-    /// Counts guest `id`, started held, among the throttled: it goes when
-    /// they go.
-    pub fn hold(&mut self, id: usize) {
-        if !self.throttled.contains(&id) {
+    /// Counts guest `id` among the held (throttled, or started held): it
+    /// goes when they go. False if it was already.
+    pub fn hold(&mut self, id: usize) -> bool {
+        let new = !self.throttled.contains(&id);
+        if new {
             self.throttled.push(id);
         }
+        new
     }
 
     /// Whether a guest of `bytes` may start now (waves): no guest is held,

@@ -512,8 +512,7 @@ fn prometheus_text(m: &Manager) -> String {
         let _ =
             writeln!(out, "vmm_guest_throttled_seconds_total{{guest=\"{}\"}} {}", g.id, g.throttled_ms as f64 / 1e3);
     }
-    let for_memory =
-        guests.iter().filter(|g| g.end.as_deref().is_some_and(|e| e.starts_with("ended for memory"))).count();
+    let for_memory = m.pressure().ended_for_memory;
     let _ = writeln!(
         out,
         "# HELP vmm_guests_ended_for_memory Guests the memory governor ended.\n\

@@ -51,6 +51,15 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     if !config.supervisor.console_to_terminal && config.supervisor.console_dir.is_none() {
         eprintln!("vmm: guest consoles in {}", manager.console_dir().display());
     }
+    let outcome = run_guests(config, &manager, memory_mib);
+    // Whatever happened, the governor's threads go before the manager does.
+    manager.close();
+    outcome
+}
+
+/// Makes and starts the guests (in waves), serves the API if asked, and
+/// waits for them; stops them all if any cannot be made.
+fn run_guests(config: &RunConfig, manager: &Arc<Manager>, memory_mib: u64) -> Result<RunReport> {
     crate::vstate::control::install_kick_handler();
     crate::signals::install_stop_handlers().map_err(Error::host)?;
     let mut created = Vec::with_capacity(config.guests);
@@ -67,26 +76,25 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
         });
         if let Err(e) = made {
             manager.stop_all(GuestEnd::Stopped);
-            manager.close();
             return Err(if config.guests == 1 { e } else { e.context(format!("starting guest {i}")) });
         }
     }
     // Served once the run's guests exist, so the API shows them from the start.
     let server = match &config.api_socket {
-        Some(path) => {
-            let server = ApiServer::start(path, manager.clone());
-            if server.is_err() {
-                manager.stop_all(GuestEnd::Stopped);
-                manager.close();
+        Some(path) => match ApiServer::start(path, manager.clone()) {
+            Ok(server) => {
+                eprintln!("vmm: API on {}", path.display());
+                Some(server)
             }
-            eprintln!("vmm: API on {}", path.display());
-            Some(server?)
-        }
+            Err(e) => {
+                manager.stop_all(GuestEnd::Stopped);
+                return Err(e);
+            }
+        },
         None => None,
     };
-    let report = wait(config, &manager, created);
+    let report = wait(config, manager, created);
     drop(server);
-    manager.close();
     Ok(report)
 }
 

@@ -199,6 +199,8 @@ fn tiny_linux_with_a_disk_snapshotted_mid_boot_boots_on_in_four_clones() {
     let console = || server.call("GET", "/guests/0/console", None).1["tail"].as_str().unwrap_or_default().to_string();
     while !console().contains(mid_boot) {
         assert!(std::time::Instant::now() < deadline, "no '{mid_boot}' in 400 s:\n{}", console());
+        let (_, g) = server.call("GET", "/guests/0", None);
+        assert_eq!(g["state"], "running", "the template stopped before '{mid_boot}': {g}\n{}", console());
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(server.call("POST", "/guests/0/pause", None).0, 200);

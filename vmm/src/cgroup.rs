@@ -2,8 +2,9 @@
 //! killer took it), and one per `vmm bench` run (limited with
 //! `--host-memory`). v1 (`memory` controller) or v2 (unified); each is made
 //! under the cgroup this process is in, so whatever measures or limits us
-//! includes them. [`OwnCgroup`] reads that cgroup's limit and use: one side
-//! of the wall the memory governor (pressure.rs) keeps guests from.
+//! includes them. [`OwnCgroup`] reads the limits and use of that cgroup and
+//! its ancestors: one side of the wall the memory governor (pressure.rs)
+//! keeps guests from.
 
 use std::fs::File;
 use std::io;
@@ -97,10 +98,13 @@ impl MemoryCgroup {
     }
 }
 
-/// The memory cgroup this process runs in, read but never made, changed
-/// or removed here.
+/// The memory cgroup this process runs in and its ancestors up to the
+/// controller's root, read but never made, changed or removed here. A limit
+/// anywhere on that chain is a wall: a parent's counts its other children
+/// too.
 pub struct OwnCgroup {
-    dir: PathBuf,
+    /// Own directory first, then each parent's.
+    chain: Vec<PathBuf>,
     version: Version,
 }
 
@@ -112,24 +116,45 @@ impl OwnCgroup {
     pub fn find() -> Option<OwnCgroup> {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let (dir, version) = memory_cgroup_of(&own)?;
-        dir.join(usage_file(version)).exists().then_some(OwnCgroup { dir, version })
+        let root = match version {
+            Version::V1 => Path::new("/sys/fs/cgroup/memory"),
+            Version::V2 => Path::new("/sys/fs/cgroup"),
+        };
+        dir.join(usage_file(version)).exists().then(|| OwnCgroup::at(root, &dir, version))
     }
 
-    /// Its limit, if it has one (its own, not its ancestors').
+    /// `dir` and its parents up to `root`.
+    fn at(root: &Path, dir: &Path, version: Version) -> OwnCgroup {
+        let chain = dir.ancestors().take_while(|d| d.starts_with(root)).map(Path::to_path_buf).collect();
+        OwnCgroup { chain, version }
+    }
+
+    fn limit_of(&self, dir: &Path) -> Option<u64> {
+        // v2 writes "max" for none, which does not parse; its root has no file.
+        read_number(&dir.join(limit_file(self.version))).filter(|&l| l < NO_LIMIT)
+    }
+
+    /// The tightest limit on the chain, if any level has one.
     pub fn limit(&self) -> Option<u64> {
-        // v2 writes "max" for none, which does not parse.
-        read_number(&self.dir.join(limit_file(self.version))).filter(|&l| l < NO_LIMIT)
+        self.chain.iter().filter_map(|d| self.limit_of(d)).min()
     }
 
-    /// What it holds that the kernel cannot simply drop: its use less
+    /// Bytes that may still be charged before some level's limit: the least,
+    /// over the limited levels, of the limit less that level's working set.
+    pub fn room(&self) -> Option<u64> {
+        let room = |d: &PathBuf| Some(self.limit_of(d)?.saturating_sub(self.working_set(d)?));
+        self.chain.iter().filter_map(room).min()
+    }
+
+    /// What a level holds that the kernel cannot simply drop: its use less
     /// inactive file pages (page cache it would reclaim before failing).
-    pub fn working_set(&self) -> Option<u64> {
-        let usage = read_number(&self.dir.join(usage_file(self.version)))?;
+    fn working_set(&self, dir: &Path) -> Option<u64> {
+        let usage = read_number(&dir.join(usage_file(self.version)))?;
         let key = match self.version {
             Version::V1 => "total_inactive_file ",
             Version::V2 => "inactive_file ",
         };
-        let stat = std::fs::read_to_string(self.dir.join("memory.stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
         let inactive: u64 = stat.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok()).unwrap_or(0);
         Some(usage.saturating_sub(inactive))
     }
@@ -199,5 +224,33 @@ mod tests {
             Some((PathBuf::from("/sys/fs/cgroup/user.slice/x.scope"), Version::V2))
         );
         assert_eq!(memory_cgroup_of(""), None);
+    }
+
+    /// Writes a fake v1 level: limit (None: unlimited), usage, inactive file pages.
+    fn level(dir: &Path, limit: Option<u64>, usage: u64, inactive: u64) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.unwrap_or(9223372036854771712).to_string()).unwrap();
+        std::fs::write(dir.join("memory.usage_in_bytes"), usage.to_string()).unwrap();
+        std::fs::write(dir.join("memory.stat"), format!("cache 1\ntotal_inactive_file {inactive}\n")).unwrap();
+    }
+
+    /// A parent's limit counts when it is the tighter room, though our own
+    /// limit is larger: its other children use it too.
+    #[test]
+    fn the_tightest_level_of_the_chain_is_the_wall() {
+        let root = std::env::temp_dir().join(format!("vmm-cgroup-test-{}", std::process::id()));
+        let (parent, own) = (root.join("machine"), root.join("machine/vmm"));
+        level(&root, None, 50 << 30, 0);
+        level(&parent, Some(8 << 30), 7 << 30, 1 << 30);
+        level(&own, Some(4 << 30), 1 << 30, 0);
+        let cgroup = OwnCgroup::at(&root, &own, Version::V1);
+        assert_eq!(cgroup.chain, [own.clone(), parent.clone(), root.clone()]);
+        assert_eq!(cgroup.limit(), Some(4 << 30), "the smallest limit");
+        assert_eq!(cgroup.room(), Some(2 << 30), "the parent's 8 GiB less its 6 GiB working set");
+        level(&parent, None, 7 << 30, 0);
+        assert_eq!(cgroup.room(), Some(3 << 30), "our own limit, once the parent has none");
+        level(&own, None, 1 << 30, 0);
+        assert_eq!((cgroup.limit(), cgroup.room()), (None, None), "no limit anywhere");
+        std::fs::remove_dir_all(root).unwrap();
     }
 }

@@ -5,9 +5,10 @@
 //! governor keeps them off the wall, every [`TICK`] near it ([`SLOW_TICK`]
 //! while room is plentiful and no guest is held):
 //!
-//! - **The wall.** Room is the tighter of host `MemAvailable` and our
-//!   cgroup's limit less its working set (`cgroup::OwnCgroup`). The reserve
-//!   is a share of the smaller of host RAM and that limit
+//! - **The wall.** Room is the tightest of host `MemAvailable` and, for our
+//!   cgroup and each of its ancestors with a limit, that limit less the
+//!   level's working set (`cgroup::OwnCgroup`). The reserve is a share of
+//!   the smaller of host RAM and the tightest limit
 //!   (`--memory-reserve`, 5% by default), at least [`MIN_RESERVE`].
 //! - **Backpressure.** While room is under the reserve (less what the
 //!   guests growing now will add in the next [`LOOKAHEAD`] at the rate they
@@ -82,8 +83,7 @@ impl Wall {
     /// Bytes that may still be used before the wall.
     pub fn room(&self) -> u64 {
         let host = host_available_memory().unwrap_or(u64::MAX);
-        let cgroup = self.cgroup.as_ref().and_then(|c| Some(c.limit()?.saturating_sub(c.working_set()?)));
-        cgroup.map_or(host, |c| c.min(host))
+        self.cgroup.as_ref().and_then(OwnCgroup::room).map_or(host, |c| c.min(host))
     }
 
     /// What there is in all: host RAM, or our cgroup's limit if smaller.
@@ -94,7 +94,7 @@ impl Wall {
 
     pub fn describe(&self) -> String {
         match self.cgroup.as_ref().and_then(OwnCgroup::limit) {
-            Some(limit) => format!("host MemAvailable and the memory cgroup limit ({} MiB)", limit / MIB),
+            Some(limit) => format!("host MemAvailable and the memory cgroup limits (the tightest {} MiB)", limit / MIB),
             None => "host MemAvailable".into(),
         }
     }

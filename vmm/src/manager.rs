@@ -29,6 +29,7 @@ use crate::pressure::{Action, Governor, GuestMemory, Wall};
 use crate::process::handle::{Descriptors, Exit, GuestProcess};
 use crate::process::ipc::{Event, Reply, Request, Setup};
 use crate::sharing::Sharing;
+use crate::snapshot::SnapshotState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -481,9 +482,14 @@ impl Manager {
     /// id. `source` names its settings in errors the way the user gave them.
     pub fn create(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
         config.validate(source)?;
-        if let Some(dir) = &config.restore {
-            config = crate::snapshot::SnapshotState::open(dir)?.clone_config(&config, dir)?;
-        }
+        let snapshot = match &config.restore {
+            None => None,
+            Some(dir) => {
+                let snapshot = SnapshotState::open(dir)?;
+                config = snapshot.clone_config(&config, dir)?;
+                Some(Box::new(snapshot))
+            }
+        };
         if !self.config.overcommit {
             let available =
                 host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
@@ -502,19 +508,21 @@ impl Manager {
             g.map.insert(id, Entry::new(config.clone()));
             id
         };
-        let made = self.make(id, config).map_err(|e| e.context(format!("guest {id}")));
+        let made = self.make(id, config, snapshot).map_err(|e| e.context(format!("guest {id}")));
         if made.is_err() {
             self.lock().map.remove(&id);
         }
         made.map(|()| id)
     }
 
-    fn make(&self, id: usize, config: GuestConfig) -> Result<()> {
+    fn make(&self, id: usize, config: GuestConfig, snapshot: Option<Box<SnapshotState>>) -> Result<()> {
         let group = config.merge_group.unwrap_or(0);
         let shared = self.sharing.as_ref().filter(|_| !config.dedup_opt_out);
         let overlay = (config.disk.is_some() && !config.disk_readonly)
             .then(|| self.overlays.path.join(format!("guest-{id}.overlay")));
-        let setup = Setup {
+        // Clones of a snapshot share its memory from the start.
+        let adopt_memory = snapshot.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd;
+        let setup = Box::new(Setup {
             id,
             guest: config.clone(),
             backend: self.config.backend,
@@ -525,10 +533,9 @@ impl Manager {
                 nice: s.settings().scan_nice as i32,
             }),
             ksm: self.config.sharing.mode == DedupMode::Ksm,
-            restore: config.restore.clone(),
-            // Clones of a snapshot share its memory from the start.
-            adopt_memory: config.restore.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd,
-        };
+            adopt_memory,
+            restore: snapshot,
+        });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
                 guest_memfd(&format!("guest{id}"), config.memory_bytes())
@@ -546,7 +553,7 @@ impl Manager {
         let (on_event, on_gone) = (self.this.clone(), self.this.clone());
         let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
-            &setup,
+            setup,
             Descriptors { memory: memory.as_ref(), store, console },
             cgroup.as_ref(),
             move |event| {
@@ -572,7 +579,7 @@ impl Manager {
             _ => false,
         };
         let t2 = Instant::now();
-        if let (true, Some(s), Some(dir)) = (setup.adopt_memory, shared, &setup.restore) {
+        if let (true, Some(s), Some(dir)) = (adopt_memory, shared, &config.restore) {
             if let Err(e) = s.adopt_snapshot(id, dir) {
                 // Its memory is incomplete: it must never run.
                 process.kill_for(e.message.clone());

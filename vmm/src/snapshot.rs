@@ -159,6 +159,17 @@ impl SnapshotState {
     }
 }
 
+/// Short: the vCPU and device state is no one's to read in a log.
+impl std::fmt::Debug for SnapshotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotState")
+            .field("version", &self.version)
+            .field("config", &self.config)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl SnapshotState {
     /// The configuration of a guest restored from this snapshot (in
     /// `dir`) as `asked`: the snapshot's guest, with the merge group and

@@ -24,7 +24,6 @@ use crate::guest::{Guest, GuestOptions};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
-use crate::snapshot::SnapshotState;
 
 pub fn main() -> ExitCode {
     // A panic anywhere ends this guest at once, with its message on stderr
@@ -181,20 +180,13 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     let memfd = (setup.backend == MemoryBackend::Memfd).then(|| unsafe { File::from_raw_fd(ipc::FD_MEMORY) });
     let ram = GuestRam::new(config.memory_bytes(), memfd)
         .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", config.memory_mib)))?;
-    let restore = match &setup.restore {
-        None => None,
-        Some(dir) => {
-            let state = SnapshotState::open(dir)?;
-            if state.config.memory_mib != config.memory_mib || state.config.vcpus != config.vcpus {
-                return Err(Error::bad_input(format!("snapshot {} is of another guest shape", dir.display())));
-            }
-            if !setup.adopt_memory {
-                crate::snapshot::load_memory(dir, &ram)
-                    .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
-            }
-            Some(state)
-        }
-    };
+    // The supervisor read and checked the snapshot's state; its memory is
+    // read here only when the supervisor does not adopt it.
+    let restore = setup.restore.as_deref().zip(config.restore.as_deref());
+    if let (Some((_, dir)), false) = (restore, setup.adopt_memory) {
+        crate::snapshot::load_memory(dir, &ram)
+            .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
+    }
     if setup.ksm {
         ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
     }
@@ -202,7 +194,7 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         None => None,
         Some(path) => {
             let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
-            let saved = setup.restore.as_ref().zip(restore.as_ref().and_then(|s| s.disk.as_ref()));
+            let saved = restore.and_then(|(state, dir)| Some((dir, state.disk.as_ref()?)));
             Some(match (&setup.disk_overlay, saved) {
                 (Some(overlay), Some((dir, saved))) => {
                     Disk::restore(base, &saved.disk, &dir.join(crate::snapshot::OVERLAY_FILE), overlay)
@@ -219,7 +211,7 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),
     };
-    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options, restore.as_ref())?;
+    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options, restore.map(|(state, _)| state))?;
     let agent = match setup.sharing {
         None => None,
         Some(agent) => {

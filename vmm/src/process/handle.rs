@@ -113,7 +113,7 @@ impl GuestProcess {
     /// it has exited (its memory mappings are gone then) and before it is
     /// reaped.
     pub fn spawn(
-        setup: &Setup,
+        setup: Box<Setup>,
         fds: Descriptors,
         cgroup: Option<&MemoryCgroup>,
         on_event: impl Fn(Event) + Send + 'static,
@@ -162,7 +162,7 @@ impl GuestProcess {
             killed_for: Mutex::new(None),
         });
         let stderr_tail = forward_stderr(id, stderr);
-        let created = process.call_with_timeout(&Request::Setup(Box::new(setup.clone())), &[], SETUP_TIMEOUT);
+        let created = process.call_with_timeout(&Request::Setup(setup), &[], SETUP_TIMEOUT);
         let created = match created {
             Ok((Reply::Created { regions, protection }, _)) => Ok(Created {
                 regions: regions

@@ -19,6 +19,7 @@ use crate::config::{GuestConfig, MergeProtect};
 use crate::error::Kind;
 use crate::memory::MemoryBackend;
 use crate::outcome::GuestEnd;
+use crate::snapshot::SnapshotState;
 
 /// Descriptors a guest process starts with (after stdin, stdout, stderr).
 pub const FD_REQUESTS: i32 = 3;
@@ -34,7 +35,7 @@ pub const FD_STORE: i32 = 7;
 pub const MAX_FRAME: usize = 40 << 20;
 
 /// Everything a guest process needs to build its guest.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Setup {
     pub id: usize,
     pub guest: GuestConfig,
@@ -45,8 +46,10 @@ pub struct Setup {
     pub sharing: Option<AgentSetup>,
     /// Mark RAM MADV_MERGEABLE for kernel KSM.
     pub ksm: bool,
-    /// Start from the snapshot in this directory instead of booting.
-    pub restore: Option<PathBuf>,
+    /// Start from this snapshot instead of booting: its state as the
+    /// supervisor read and checked it (its directory is `guest.restore`),
+    /// so the guest process never reads state.json itself.
+    pub restore: Option<Box<SnapshotState>>,
     /// With `restore`: the supervisor maps the snapshot's memory in as
     /// shared frames (`Adopt`) instead of the guest reading it.
     pub adopt_memory: bool,
@@ -63,7 +66,7 @@ pub struct AgentSetup {
     pub nice: i32,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum Request {
     Setup(Box<Setup>),
     Start,

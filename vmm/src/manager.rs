@@ -396,7 +396,7 @@ impl Manager {
             .iter()
             .filter(|(_, e)| e.made && e.state != GuestState::Ended)
             .filter_map(|(&id, e)| {
-                let bytes = e.cgroup.as_ref()?.usage()?;
+                let bytes = e.cgroup.as_ref()?.charged()?;
                 Some(GuestMemory { id, bytes, size: e.config.memory_bytes(), running: e.state == GuestState::Running })
             })
             .collect();

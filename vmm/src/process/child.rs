@@ -172,8 +172,12 @@ fn wait_for_input(requests: &UnixStream, finished: &EventFd, limit: Duration) ->
 /// host: the allocator keeps it otherwise, and a clone is meant to cost
 /// its host next to nothing.
 fn return_freed_heap() {
+    // glibc's allocator keeps freed memory until asked; musl has no malloc_trim.
+    #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory of the allocator's own.
-    unsafe { libc::malloc_trim(0) };
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Sends the guest's gap histogram if it grew since the last time.

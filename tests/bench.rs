@@ -108,6 +108,13 @@ fn bench_clones_against_booted_guests_under_a_memory_limit() {
                 && f(m, "create_p99_ms") >= f(m, "create_p50_ms")
         );
         assert!(f(m, "peak_memory_mib") <= 400.0 + 1.0, "{}: more than the limit", m["mode"]);
+        let psi = std::path::Path::new("/proc/pressure/memory").exists();
+        assert_eq!(
+            m["memory_stall_s"].as_f64().is_some_and(|s| s >= 0.0),
+            psi,
+            "{}: the host's memory stall",
+            m["mode"]
+        );
     }
     let (booted, cloned) = (&modes[0], &modes[1]);
     // A booted guest has loaded its OS image (about 12 MiB) before it runs;

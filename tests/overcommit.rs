@@ -72,6 +72,9 @@ fn guests_over_the_limit_are_throttled_and_all_finish() {
     assert!(throttled > 0, "nothing was throttled, so nothing was tested: {all:#?}");
     let metrics = vmm::ctl::request(&server.socket, "GET", "/metrics", None).unwrap().1;
     assert!(metrics.contains("vmm_guest_throttled_seconds_total{guest=\"0\"}"), "{metrics}");
+    // The host's memory stall (PSI) is reported where the kernel keeps it.
+    let psi = std::path::Path::new("/proc/pressure/memory").exists();
+    assert_eq!(metrics.contains("vmm_host_memory_stall_seconds_total{tasks=\"some\"}"), psi, "{metrics}");
 }
 
 /// Four guests of 96 MiB whose pages are all their own, in 400 MiB: three

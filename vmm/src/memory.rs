@@ -168,6 +168,34 @@ pub fn host_total_memory() -> io::Result<u64> {
     meminfo("MemTotal")
 }
 
+/// Time tasks on this host spent stalled on memory (reclaim, refaults,
+/// waiting at a cgroup limit) since boot, from PSI; None where the kernel
+/// has no /proc/pressure/memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStall {
+    /// Time at least one task stalled, in microseconds.
+    pub some_us: u64,
+    /// Time every runnable task stalled at once.
+    pub full_us: u64,
+}
+
+pub fn host_memory_stall() -> Option<MemoryStall> {
+    parse_pressure(&std::fs::read_to_string("/proc/pressure/memory").ok()?)
+}
+
+/// `some avg10=.. total=N` and `full ... total=N` lines.
+fn parse_pressure(text: &str) -> Option<MemoryStall> {
+    let total = |kind: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(kind))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("total="))?
+            .parse()
+            .ok()
+    };
+    Some(MemoryStall { some_us: total("some")?, full_us: total("full").unwrap_or(0) })
+}
+
 fn meminfo(key: &str) -> io::Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     meminfo
@@ -230,5 +258,15 @@ mod tests {
     #[test]
     fn a_short_memory_file_is_refused() {
         assert!(GuestRam::new(16 * MIB, Some(guest_memfd("test", 8 * MIB).unwrap())).is_err());
+    }
+
+    #[test]
+    fn memory_pressure_totals_are_read() {
+        let text = "some avg10=0.00 avg60=0.00 avg300=0.00 total=3749459\nfull avg10=1.50 avg60=0.00 avg300=0.00 total=1562582\n";
+        assert_eq!(parse_pressure(text), Some(MemoryStall { some_us: 3749459, full_us: 1562582 }));
+        // No full line counts none; a file without totals is no reading.
+        assert_eq!(parse_pressure("some avg10=0.00 total=7\n"), Some(MemoryStall { some_us: 7, full_us: 0 }));
+        assert_eq!(parse_pressure("some avg10=0.00\n"), None);
+        assert_eq!(parse_pressure(""), None);
     }
 }

@@ -512,6 +512,13 @@ fn prometheus_text(m: &Manager) -> String {
         let _ =
             writeln!(out, "vmm_guest_throttled_seconds_total{{guest=\"{}\"}} {}", g.id, g.throttled_ms as f64 / 1e3);
     }
+    if let Some(stall) = crate::memory::host_memory_stall() {
+        out += "# HELP vmm_host_memory_stall_seconds_total Time tasks on the host stalled on memory (PSI): \
+                some = at least one, full = all at once.\n# TYPE vmm_host_memory_stall_seconds_total counter\n";
+        for (tasks, us) in [("some", stall.some_us), ("full", stall.full_us)] {
+            let _ = writeln!(out, "vmm_host_memory_stall_seconds_total{{tasks=\"{tasks}\"}} {}", us as f64 / 1e6);
+        }
+    }
     let for_memory = m.pressure().ended_for_memory;
     let _ = writeln!(
         out,

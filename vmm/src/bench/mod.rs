@@ -267,6 +267,7 @@ fn run_mode(
         }
     }
     meter.enroll(&mut command);
+    let stall_at_start = crate::memory::host_memory_stall();
     let mut child = command.spawn().map_err(|e| format!("cannot start vmm run for {}: {e}", mode.name()))?;
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
@@ -331,6 +332,9 @@ fn run_mode(
     let mut result =
         ModeResult::new(mode, config, samples, pss_at_end, &last_snapshot, ksm_pages, exited_early.is_some());
     result.oom_kills = meter.oom_kills();
+    result.memory_stall_s = stall_at_start
+        .zip(crate::memory::host_memory_stall())
+        .map(|(before, after)| after.some_us.saturating_sub(before.some_us) as f64 / 1e6);
     Ok(result)
 }
 

@@ -81,6 +81,9 @@ pub struct ModeResult {
     /// The memory governor: guests it ended, and time it held guests.
     pub guests_ended_for_memory: usize,
     pub throttled_s: f64,
+    /// Time tasks on the host stalled on memory during the run (PSI
+    /// "some"; reclaim at the run's limit shows here), where the host has it.
+    pub memory_stall_s: Option<f64>,
     /// Time guests waited to start (the governor's waves).
     pub waited_s: f64,
     pub samples: Vec<Sample>,
@@ -146,6 +149,7 @@ impl ModeResult {
             guests_ended_for_memory: last.guests_ended_for_memory,
             throttled_s: last.throttled_s,
             waited_s: last.waited_s(),
+            memory_stall_s: None,
             samples,
         }
     }
@@ -368,14 +372,14 @@ impl BenchReport {
         let Some(limit) = self.host_memory_mib else { return String::new() };
         let mut out = format!(
             "\nIn {limit} MiB ({:.2}x overcommitted):\n\n| mode | every guest verified and alive | OOM kills | \
-             guests killed | ended for memory | throttled (s) | waited to start (s) | all verified a round (s) | peak memory (MiB) |\n\
-             |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+             guests killed | ended for memory | throttled (s) | waited to start (s) | all verified a round (s) | peak memory (MiB) | \
+             host memory stall (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             (self.guests as u64 * self.memory_mib) as f64 / limit as f64
         );
         for m in &self.modes {
             let survived = m.guests_failed == 0 && m.oom_kills == 0 && m.all_verified_s.is_some();
             out += &format!(
-                "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.0} |\n",
+                "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.0} | {} |\n",
                 m.mode.name(),
                 if survived { "yes" } else { "no" },
                 m.oom_kills,
@@ -384,7 +388,8 @@ impl BenchReport {
                 m.throttled_s,
                 m.waited_s,
                 m.all_verified_s.map_or("-".into(), |t| format!("{t:.1}")),
-                m.peak_memory_mib
+                m.peak_memory_mib,
+                m.memory_stall_s.map_or("-".into(), |t| format!("{t:.2}"))
             );
         }
         out

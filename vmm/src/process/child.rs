@@ -54,7 +54,12 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         Some((Request::Setup(setup), _)) => setup,
         _ => return Err(io::Error::other("the supervisor sent no setup")),
     };
-    let (mut guest, mut agent) = match build(&setup) {
+    let built = build(&setup);
+    // The snapshot's state is in the guest now; its copy goes before the
+    // heap is handed back.
+    let id = setup.id;
+    drop(setup);
+    let (mut guest, mut agent) = match built {
         Ok(built) => built,
         Err(e) => {
             return ipc::send(&mut requests, &Reply::Error { kind: e.kind, message: e.message }, &[]);
@@ -118,7 +123,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
                         Err(e) => format!("bad request: {e}"),
                         _ => "the supervisor closed the channel".into(),
                     };
-                    log::warn!("guest {}: {why}; stopping", setup.id);
+                    log::warn!("guest {id}: {why}; stopping");
                     closed = true;
                     guest.stop(GuestEnd::Stopped);
                     if !started {

@@ -130,11 +130,7 @@ impl OwnCgroup {
     pub fn find() -> Option<OwnCgroup> {
         let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         let (dir, version) = memory_cgroup_of(&own)?;
-        let root = match version {
-            Version::V1 => Path::new("/sys/fs/cgroup/memory"),
-            Version::V2 => Path::new("/sys/fs/cgroup"),
-        };
-        dir.join(usage_file(version)).exists().then(|| OwnCgroup::at(root, &dir, version))
+        dir.join(usage_file(version)).exists().then(|| OwnCgroup::at(&hierarchy_root(version), &dir, version))
     }
 
     /// `dir` and its parents up to `root`.
@@ -187,6 +183,15 @@ impl Drop for MemoryCgroup {
     }
 }
 
+/// Where the hierarchy holding the memory controller is mounted.
+fn hierarchy_root(version: Version) -> PathBuf {
+    let all = Path::new("/sys/fs/cgroup");
+    match version {
+        Version::V1 => all.join("memory"),
+        Version::V2 => all.to_path_buf(),
+    }
+}
+
 fn usage_file(version: Version) -> &'static str {
     match version {
         Version::V1 => "memory.usage_in_bytes",
@@ -221,17 +226,16 @@ fn read_number(path: &Path) -> Option<u64> {
 /// Our memory cgroup directory, from /proc/self/cgroup: a v1
 /// `N:memory:/path` line, else the v2 `0::/path` one.
 fn memory_cgroup_of(proc_self_cgroup: &str) -> Option<(PathBuf, Version)> {
-    let root = Path::new("/sys/fs/cgroup");
     let mut v2 = None;
     for line in proc_self_cgroup.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
         let path = path.trim_start_matches('/');
         if controllers.split(',').any(|c| c == "memory") {
-            return Some((root.join("memory").join(path), Version::V1));
+            return Some((hierarchy_root(Version::V1).join(path), Version::V1));
         }
         if controllers.is_empty() {
-            v2 = Some((root.join(path), Version::V2));
+            v2 = Some((hierarchy_root(Version::V2).join(path), Version::V2));
         }
     }
     v2

@@ -210,7 +210,7 @@ fn race_device_against_merges(mode: ProtectMode) {
 struct DeviceWrites(Option<GuestMemoryMmap>);
 
 impl DirtyTracker for DeviceWrites {
-    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
+    fn take_dirty(&self, _keep: &[u64]) -> std::io::Result<Vec<u64>> {
         Ok(self.0.as_ref().map(vmm::memory::take_device_writes).unwrap_or_default())
     }
 }

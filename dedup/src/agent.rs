@@ -34,8 +34,11 @@ pub trait Freezer: Send + Sync {
 /// log and the VMM's own device writes.
 pub trait DirtyTracker: Send + Sync {
     /// A bitmap over the guest's pages (bit i of word i / 64) of the pages
-    /// written since the previous call.
-    fn take_dirty(&self) -> io::Result<Vec<u64>>;
+    /// written since the previous call. Pages set in `keep` (a bitmap of
+    /// the same shape, or shorter) are not watched again: their bit stays
+    /// as it is, and a write to them costs the guest no fault (the engine
+    /// holds them back for a while and does not need to know).
+    fn take_dirty(&self, keep: &[u64]) -> io::Result<Vec<u64>>;
 }
 
 /// How a merge holds off the guest's writers.
@@ -70,6 +73,9 @@ pub struct AgentStatus {
 pub struct MergeOutcome {
     /// Per requested merge, whether the page now maps its target.
     pub merged: Vec<bool>,
+    /// Per requested merge, whether it was left alone because the page
+    /// changed: its compare failed, or a writer hit it while it was held.
+    pub changed: Vec<bool>,
     /// How long each writer held by the merge waited at most (one entry
     /// per blocked thread: a write that hit a protected page, or a vCPU
     /// or device thread stopped by a freeze).
@@ -96,7 +102,9 @@ impl MergeOutcome {
 
 /// A guest as seen by the engine: where its merges are made.
 pub trait GuestAgent: Send {
-    fn status(&mut self) -> io::Result<AgentStatus>;
+    /// The dirty log since the last status (not re-armed for the pages in
+    /// `keep`: see [`DirtyTracker::take_dirty`]) and the mapping count.
+    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus>;
     /// Makes the merges it can of `merges` (sorted by page); an `Err` means
     /// nobody knows which happened (the guest is then given up).
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome>;
@@ -227,7 +235,8 @@ impl Agent {
         what: &str,
         pages: &[(u32, Target)],
     ) -> Result<(MergeOutcome, Vec<(usize, usize)>, u64), MergeOutcome> {
-        let mut out = MergeOutcome { merged: vec![false; pages.len()], ..Default::default() };
+        let mut out =
+            MergeOutcome { merged: vec![false; pages.len()], changed: vec![false; pages.len()], ..Default::default() };
         let sorted = pages.windows(2).all(|w| w[0].0 < w[1].0);
         if !sorted || pages.last().is_some_and(|m| m.0 as usize >= self.layout.pages()) {
             out.error(what, io::Error::other("pages out of order or beyond the guest"));
@@ -340,9 +349,7 @@ impl Agent {
         let mut window = HeldWindow::new(addr, len, held);
         let protected = held.elapsed();
         for &(start, n) in runs {
-            let mut merged = std::mem::take(&mut out.merged);
-            self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out, Some(&mut window));
-            out.merged = merged;
+            self.remap_equal(merges, start..start + n, out, Some(&mut window));
         }
         let remapping = held.elapsed() - protected;
         let Hold::WriteProtect(uffd) = &self.hold else { unreachable!() };
@@ -395,14 +402,12 @@ impl Agent {
             let held = Instant::now();
             let threads = freezer.freeze();
             let parked = Instant::now();
-            let mut merged = std::mem::take(&mut out.merged);
             let first = i;
             while i < runs.len() && (i == first || parked.elapsed() < FREEZE_BUDGET) {
                 let (start, n) = runs[i];
-                self.remap_equal(&merges[start..start + n], &mut merged[start..start + n], out, None);
+                self.remap_equal(merges, start..start + n, out, None);
                 i += 1;
             }
-            out.merged = merged;
             freezer.thaw();
             out.stalls.extend(std::iter::repeat_n(held.elapsed(), threads));
             if i < runs.len() {
@@ -412,17 +417,19 @@ impl Agent {
         }
     }
 
-    /// With the run's writers held off: compares each page with its target
-    /// and remaps the longest stretches still equal, one mapping each. In a
-    /// write-protected window, writers that fault meanwhile are let go after
-    /// each remap (see [`HeldWindow`]).
+    /// With the writers of the run `merges[range]` held off: compares each
+    /// page with its target and remaps the longest stretches still equal,
+    /// one mapping each, marking them merged in `out` (and the others
+    /// changed). In a write-protected window, writers that fault meanwhile
+    /// are let go after each remap (see [`HeldWindow`]).
     fn remap_equal(
         &mut self,
-        run: &[(u32, Target)],
-        merged: &mut [bool],
+        merges: &[(u32, Target)],
+        range: std::ops::Range<usize>,
         out: &mut MergeOutcome,
         mut window: Option<&mut HeldWindow>,
     ) {
+        let run = &merges[range.clone()];
         let equal: Vec<bool> = run
             .iter()
             .map(|&(page, target)| match target {
@@ -438,13 +445,14 @@ impl Agent {
         let mut k = 0;
         while k < run.len() {
             if !still_held(&window, k) {
+                out.changed[range.start + k] = true;
                 k += 1;
                 continue;
             }
             let n = (k..run.len()).take_while(|&i| still_held(&window, i)).count();
             match self.remap(run[k], n) {
                 Ok(()) => {
-                    merged[k..k + n].fill(true);
+                    out.merged[range.start + k..range.start + k + n].fill(true);
                     if let Some(w) = window.as_deref_mut() {
                         w.remapped.push((addrs[k], n));
                     }
@@ -503,11 +511,11 @@ impl Agent {
     }
 
     /// Pages written since the last call, and the mapping room.
-    pub fn status(&mut self) -> io::Result<AgentStatus> {
+    pub fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
         if let Err(e) = self.free_merged() {
             log::warn!("page sharing: freeing merged guest pages: {e} (tried again later)");
         }
-        let dirty = self.dirty.as_ref().map(|d| d.take_dirty()).transpose()?;
+        let dirty = self.dirty.as_ref().map(|d| d.take_dirty(keep)).transpose()?;
         let (mappings, map_limit) = self.refresh_mappings();
         Ok(AgentStatus { dirty, mappings, map_limit })
     }
@@ -591,8 +599,8 @@ fn release_pages(uffd: &Uffd, addr: *mut u8, len: usize) {
 /// The agent called directly, for a guest whose memory this process maps
 /// (tests; a VMM that runs guests in its own process).
 impl GuestAgent for Agent {
-    fn status(&mut self) -> io::Result<AgentStatus> {
-        Agent::status(self)
+    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
+        Agent::status(self, keep)
     }
 
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {

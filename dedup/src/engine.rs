@@ -6,10 +6,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::agent::{GuestAgent, MergeOutcome, Protection, MAP_COUNT_MARGIN};
+use crate::churn::{self, Heat, Tick, Why};
 use crate::layout::{Layout, Region, Target};
 use crate::os::{self, PageMap, PageMapEntry, PAGE_SIZE};
 use crate::stats::{GuestStats, StallTimes, Stats};
@@ -78,7 +80,14 @@ struct Guest {
     last_hash: Vec<u64>,
     /// Pages written during the previous pass, from the dirty log.
     dirty: Vec<u64>,
+    /// Pages whose dirty log was not re-armed at the status before last
+    /// (they were held): their bit in `dirty` says nothing.
+    unwatched: Vec<u64>,
+    /// Pages whose dirty log the last status left unwatched.
+    unwatched_next: Vec<u64>,
     has_dirty_log: bool,
+    /// How much each page has been caught changing (crate::churn).
+    heat: Heat,
     /// Too close to its process's vm.max_map_count to merge more.
     at_map_limit: bool,
     /// Mappings its process had when it was added.
@@ -100,7 +109,12 @@ impl Guest {
     }
 
     fn written_last_pass(&self, page: usize) -> bool {
-        self.dirty.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0)
+        bit(&self.dirty, page)
+    }
+
+    /// Whether the dirty log watched the page over the last pass.
+    fn watched_last_pass(&self, page: usize) -> bool {
+        !bit(&self.unwatched, page)
     }
 
     fn lost(&self) -> bool {
@@ -124,6 +138,10 @@ impl Guest {
         // SAFETY: inside the view (see read_page).
         os::resident(unsafe { self.view.add(self.layout.file_offset(page) as usize) }, n * PAGE_SIZE, out)
     }
+}
+
+fn bit(bitmap: &[u64], i: usize) -> bool {
+    bitmap.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 impl Drop for Guest {
@@ -171,6 +189,13 @@ pub struct Engine {
     residency: Vec<u8>,
     /// Where recent snapshots' pages were placed, oldest first (`adopt`).
     placements: Vec<Placement>,
+    /// The engine's clock (crate::churn), read at each step.
+    started: Instant,
+    clock_offset: Duration,
+    now: Tick,
+    /// When the last pass ended, and the time between the last two passes.
+    last_pass_end: Tick,
+    look_interval: Tick,
 }
 
 /// Where one snapshot's pages went when a clone adopted it. Its frames are
@@ -227,6 +252,32 @@ impl Engine {
             scratch_other: vec![0; PAGE_SIZE].into_boxed_slice(),
             residency: Vec::new(),
             placements: Vec::new(),
+            started: Instant::now(),
+            clock_offset: Duration::ZERO,
+            now: churn::tick(Duration::ZERO),
+            last_pass_end: churn::tick(Duration::ZERO),
+            look_interval: 0,
+        }
+    }
+
+    fn read_clock(&mut self) -> Tick {
+        self.now = churn::tick(self.started.elapsed() + self.clock_offset);
+        self.now
+    }
+
+    /// Moves the engine's clock on by `by`, as if that much time had passed
+    /// (tests of how long pages are held).
+    pub fn advance_clock(&mut self, by: Duration) {
+        self.clock_offset += by;
+        self.read_clock();
+    }
+
+    /// A page that changed now: held for a while if it keeps changing.
+    fn changed(&mut self, id: GuestId, page: usize, why: Why) {
+        let unit = churn::unit(self.look_interval);
+        let guest = self.guests.get_mut(&id).unwrap();
+        if guest.heat.changed(page, self.now, unit) > 0 {
+            guest.stats.held.count(why);
         }
     }
 
@@ -290,7 +341,10 @@ impl Engine {
             private: vec![0; pages.div_ceil(64)],
             last_hash: vec![0; pages],
             dirty: Vec::new(),
+            unwatched: Vec::new(),
+            unwatched_next: Vec::new(),
             has_dirty_log: false,
+            heat: Heat::new(pages),
             at_map_limit: false,
             base_mappings: None,
             stats: GuestStats { group: mem.group, ..Default::default() },
@@ -347,6 +401,7 @@ impl Engine {
     /// full pass. Returns the pages looked at. Failures are counted in the
     /// stats and never stop the scan.
     pub fn scan(&mut self) -> usize {
+        self.read_clock();
         let mut budget = self.config.pages_to_scan.max(1);
         let mut scanned = 0;
         while budget > 0 && !self.guests.is_empty() {
@@ -384,6 +439,7 @@ impl Engine {
             return Err(io::Error::other(format!("page sharing gave this guest up: {why}")));
         }
         let pages = guest.layout.pages();
+        self.read_clock();
         self.look_at_range(id, 0, pages, true);
         self.flush_all();
         Ok(())
@@ -409,6 +465,7 @@ impl Engine {
         snapshot: Option<u64>,
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<u64> {
+        self.read_clock();
         let (queue, placed_anew) = match snapshot.and_then(|key| self.placement_again(id, key)) {
             Some(queue) => (queue, false),
             None => (self.place(id, pages)?, true),
@@ -666,10 +723,15 @@ impl Engine {
         if guest.lost() {
             return;
         }
-        match guest.agent.status() {
+        // Held pages need not be watched: they are not looked at until their
+        // hold ends, and a guest writing them takes no fault for it.
+        let (keep, held) = guest.heat.held_bitmap(self.now);
+        guest.stats.held.now = held;
+        match guest.agent.status(&keep) {
             Ok(status) => {
                 guest.has_dirty_log = status.dirty.is_some();
                 guest.dirty = status.dirty.unwrap_or_default();
+                guest.unwatched = std::mem::replace(&mut guest.unwatched_next, keep);
                 guest.base_mappings.get_or_insert(status.mappings);
                 guest.stats.mappings = status.mappings;
                 guest.stats.map_limit = status.map_limit;
@@ -723,6 +785,17 @@ impl Engine {
         self.collect_cow_breaks();
         self.stats.full_scans += 1;
         self.cursor = (0, 0);
+        self.look_interval = self.now.saturating_sub(self.last_pass_end);
+        self.last_pass_end = self.now;
+        if log::log_enabled!(log::Level::Debug) {
+            let mut levels = [0u64; churn::MAX_LEVEL as usize + 1];
+            for g in self.guests.values() {
+                for p in 0..g.layout.pages() {
+                    levels[g.heat.level(p) as usize] += 1;
+                }
+            }
+            log::debug!("page sharing: pages by heat level {levels:?}, look interval {} ticks", self.look_interval);
+        }
     }
 
     fn look_at(&mut self, id: GuestId, page: usize, fresh: bool) {
@@ -730,9 +803,18 @@ impl Engine {
         if guest.state[page] != UNMERGED || guest.at_map_limit {
             return;
         }
+        // A fresh look (a merge on request) takes every page as it is now.
+        if !fresh && guest.heat.is_held(page, self.now) {
+            return;
+        }
         if !fresh && guest.written_last_pass(page) {
-            guest.stats.volatile_this_pass += 1;
             guest.last_hash[page] = 0;
+            // A page the log did not watch may have been written long ago:
+            // it is watched from now on, and looked at next pass.
+            if guest.watched_last_pass(page) {
+                guest.stats.volatile_this_pass += 1;
+                self.changed(id, page, Why::Rewritten);
+            }
             return;
         }
         let group = guest.group;
@@ -770,6 +852,7 @@ impl Engine {
             }
             if last != hash {
                 guest.stats.volatile_this_pass += 1;
+                self.changed(id, page, Why::Rewritten);
                 return;
             }
         }
@@ -859,12 +942,14 @@ impl Engine {
     }
 
     fn book(&mut self, id: GuestId, queue: &[(u32, Target)], outcome: MergeOutcome) {
+        let unit = churn::unit(self.look_interval);
         let guest = self.guests.get_mut(&id).unwrap();
         let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
         let mut release_errors = Vec::new();
-        for (&(page, target), &merged) in queue.iter().zip(&outcome.merged) {
+        for (i, (&(page, target), &merged)) in queue.iter().zip(&outcome.merged).enumerate() {
             let page = page as usize;
             if merged {
+                guest.heat.merged(page, self.now);
                 guest.state[page] = match target {
                     Target::Zero => ZERO,
                     Target::Frame(f) => f,
@@ -878,9 +963,13 @@ impl Engine {
                     }
                 }
             } else {
-                // It changed since it was hashed.
+                // Not merged: it changed since it was hashed (or the agent
+                // could not map it).
                 guest.state[page] = UNMERGED;
                 guest.last_hash[page] = 0;
+                if outcome.changed.get(i) == Some(&true) && guest.heat.changed(page, self.now, unit) > 0 {
+                    guest.stats.held.count(Why::ChangedInMerge);
+                }
                 if let Target::Frame(f) = target {
                     if let Err(e) = store.unreserve(f) {
                         release_errors.push(e);
@@ -931,6 +1020,7 @@ impl Engine {
     }
 
     fn collect_guest_breaks(&mut self, id: GuestId, entries: &mut [PageMapEntry]) -> io::Result<()> {
+        let unit = churn::unit(self.look_interval);
         let guest = self.guests.get_mut(&id).unwrap();
         if guest.lost() {
             return Ok(());
@@ -960,6 +1050,9 @@ impl Engine {
                 guest.set_private(page + i, true);
                 guest.last_hash[page + i] = 0;
                 guest.stats.cow_breaks += 1;
+                if guest.heat.changed(page + i, self.now, unit) > 0 {
+                    guest.stats.held.count(Why::BrokenSoon);
+                }
                 if s == ZERO {
                     guest.stats.zero_pages -= 1;
                 } else {
@@ -983,6 +1076,9 @@ impl Engine {
         s.pages_sharing = merged.saturating_sub(s.pages_shared);
         s.zero_pages = self.guests.values().map(|g| g.stats.zero_pages).sum();
         s.cow_breaks = self.guests.values().map(|g| g.stats.cow_breaks).sum();
+        for g in self.guests.values() {
+            s.held.add(&g.stats.held);
+        }
         s.mappings_used = self.guests.values().map(|g| g.stats.mappings).sum();
         let made: u64 =
             self.guests.values().map(|g| g.stats.mappings.saturating_sub(g.base_mappings.unwrap_or(0))).sum();

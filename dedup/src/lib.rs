@@ -51,6 +51,7 @@
 //! write can be lost.
 
 pub mod agent;
+pub mod churn;
 pub mod engine;
 pub mod layout;
 pub mod os;
@@ -65,5 +66,5 @@ pub use agent::{
 pub use engine::{Audit, Config, Engine, GuestId, GuestMemory, PreparedGuest};
 pub use layout::{Region, Target};
 pub use scanner::{Published, ScanPace, Scanner, DEFAULT_SCAN_NICE};
-pub use stats::{GuestStats, StallSummary, Stats};
+pub use stats::{GuestStats, HeldPages, StallSummary, Stats};
 pub use store::{FrameId, GroupId};

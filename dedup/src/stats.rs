@@ -3,6 +3,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::churn::Why;
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
     /// Stable frames that guest pages map.
@@ -40,6 +42,8 @@ pub struct Stats {
     pub last_error: Option<String>,
     /// Guests whose merge agent stopped answering: no longer scanned.
     pub guests_lost: u64,
+    /// Pages held back because they keep changing.
+    pub held: HeldPages,
 }
 
 impl Stats {
@@ -62,7 +66,44 @@ pub struct GuestStats {
     pub map_limit_reached: bool,
     /// Why the engine gave up on this guest, if it did.
     pub lost: Option<String>,
+    pub held: HeldPages,
     pub(crate) volatile_this_pass: u64,
+}
+
+/// Pages page sharing leaves alone for a while because they keep changing
+/// (crate::churn): merging them would only be undone.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HeldPages {
+    /// Pages held at the guest's last look.
+    pub now: u64,
+    /// Holds begun, by why: a copy-on-write break soon after the merge
+    /// (zero and data in turn counts here too), a change found while
+    /// merging, written between two looks in a row.
+    pub after_break: u64,
+    pub changed_in_merge: u64,
+    pub rewritten: u64,
+}
+
+impl HeldPages {
+    pub fn count(&mut self, why: Why) {
+        match why {
+            Why::BrokenSoon => self.after_break += 1,
+            Why::ChangedInMerge => self.changed_in_merge += 1,
+            Why::Rewritten => self.rewritten += 1,
+        }
+    }
+
+    /// Holds begun for any reason.
+    pub fn holds(&self) -> u64 {
+        self.after_break + self.changed_in_merge + self.rewritten
+    }
+
+    pub fn add(&mut self, other: &HeldPages) {
+        self.now += other.now;
+        self.after_break += other.after_break;
+        self.changed_in_merge += other.changed_in_merge;
+        self.rewritten += other.rewritten;
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

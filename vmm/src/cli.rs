@@ -76,6 +76,20 @@ pub enum BenchImage {
     TinyLinux,
 }
 
+/// What the bench's memtest guests do (docs/benchmarks.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchProfile {
+    /// A mostly idle fleet of one OS image: shared, zero, private and
+    /// volatile memory and a real kernel image, verified twice a second.
+    Os,
+    /// Busy guests whose churn pages hold the same content in every guest
+    /// and change every round (buffers zeroed or read again), 90 s a mode.
+    Churn,
+    /// `churn` with one shared page in five a near-duplicate (one byte
+    /// apart in each guest: never mergeable, and many more mappings).
+    ChurnNear,
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[arg(long, default_value_t = 8, value_name = "N")]
@@ -87,6 +101,12 @@ pub struct BenchArgs {
     pub vcpus: u8,
     #[arg(long, value_enum, default_value_t = BenchImage::Memtest)]
     pub image: BenchImage,
+    /// What the memtest guests do.
+    #[arg(long, value_enum, default_value_t = BenchProfile::Os)]
+    pub profile: BenchProfile,
+    /// The scanner's settings for the in-process modes.
+    #[command(flatten)]
+    pub scan: ScanArgs,
     /// Where guest-images/build.sh put the images.
     #[arg(long, default_value = "guest-images/out", value_name = "DIR")]
     pub images_dir: PathBuf,
@@ -133,9 +153,11 @@ pub struct BenchArgs {
     pub host_memory: Option<u64>,
 }
 
-/// The memtest profile of `vmm bench`: docs/benchmarks.md says what it
-/// models and why.
+/// The memtest profiles of `vmm bench`: docs/benchmarks.md says what they
+/// model and why.
 pub const BENCH_MEMTEST_CMDLINE: &str = "seed=1 share=0.35 zero=0.2 volatile=1024 idle=400 rounds=0";
+pub const BENCH_CHURN_CMDLINE: &str = "seed=1 share=0.6 zero=0.1 churn=8192 idle=30 rounds=0";
+pub const BENCH_CHURN_NEAR_CMDLINE: &str = "seed=1 share=0.6 zero=0.1 churn=8192 near=0.2 idle=30 rounds=0";
 
 impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
     type Error = String;
@@ -159,8 +181,11 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
                 .into());
         }
         let image = |rel: &str| args.images_dir.join(rel);
-        let (name, kernel, initrd_parts, cmdline, duration) = match args.image {
-            BenchImage::Memtest => (
+        if args.image != BenchImage::Memtest && args.profile != BenchProfile::Os {
+            return Err("--profile is for --image memtest".into());
+        }
+        let (name, kernel, initrd_parts, cmdline, duration) = match (args.image, args.profile) {
+            (BenchImage::Memtest, BenchProfile::Os) => (
                 "memtest",
                 image("memtest"),
                 // The "OS image" every guest holds: a real kernel and its initramfs.
@@ -168,7 +193,18 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
                 BENCH_MEMTEST_CMDLINE.to_string(),
                 40,
             ),
-            BenchImage::TinyLinux => (
+            (BenchImage::Memtest, churn) => (
+                "memtest",
+                image("memtest"),
+                vec![],
+                match churn {
+                    BenchProfile::ChurnNear => BENCH_CHURN_NEAR_CMDLINE,
+                    _ => BENCH_CHURN_CMDLINE,
+                }
+                .to_string(),
+                90,
+            ),
+            (BenchImage::TinyLinux, _) => (
                 "tiny-linux",
                 image("tiny-linux/vmlinux"),
                 vec![image("tiny-linux/initramfs.cpio.gz")],
@@ -206,6 +242,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             plot: args.plot,
             work_dir: args.work_dir,
             raise_max_map_count: args.raise_max_map_count,
+            scan_flags: args.scan.as_flags(),
             host_memory_mib: args.host_memory.map(|m| config::HOST_MEMORY_MIB.check(m, Source::Cli)).transpose()?,
         })
     }
@@ -280,22 +317,8 @@ pub struct HostArgs {
     /// Who merges identical guest pages.
     #[arg(long, value_enum, default_value_t = DedupMode::Inprocess)]
     pub dedup: DedupMode,
-    /// Pages the scanner looks at per step.
-    #[arg(long, default_value_t = config::SCAN_PAGES.default, value_name = "N")]
-    pub scan_pages: u64,
-    /// Sleep between scanner steps.
-    #[arg(long, default_value_t = config::SCAN_SLEEP_MS.default, value_name = "MS")]
-    pub scan_sleep_ms: u64,
-    /// Advisor: pace the scanner to finish a full pass in this many seconds
-    /// (overrides --scan-sleep-ms), within --scan-cpu-cap.
-    #[arg(long, value_name = "SECS")]
-    pub scan_target_secs: Option<f64>,
-    /// Most CPU the advisor lets the scanner use, in percent of one core.
-    #[arg(long, default_value_t = config::SCAN_CPU_CAP_PCT.default, value_name = "PCT")]
-    pub scan_cpu_cap: f64,
-    /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
-    #[arg(long, default_value_t = config::SCAN_NICE.default, value_name = "N", allow_negative_numbers = true)]
-    pub scan_nice: i64,
+    #[command(flatten)]
+    pub scan: ScanArgs,
     /// Merges queued for a guest before they are made.
     #[arg(long, default_value_t = config::MERGE_BATCH.default, value_name = "N")]
     pub merge_batch: u64,
@@ -335,15 +358,53 @@ pub struct HostArgs {
     pub memory_reserve: u64,
 }
 
+/// How fast and at what priority the scanner works (`vmm run`, `vmm serve`
+/// and, for its in-process modes, `vmm bench`).
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct ScanArgs {
+    /// Pages the scanner looks at per step.
+    #[arg(long, default_value_t = config::SCAN_PAGES.default, value_name = "N")]
+    pub scan_pages: u64,
+    /// Sleep between scanner steps.
+    #[arg(long, default_value_t = config::SCAN_SLEEP_MS.default, value_name = "MS")]
+    pub scan_sleep_ms: u64,
+    /// Advisor: pace the scanner to finish a full pass in this many seconds
+    /// (overrides --scan-sleep-ms), within --scan-cpu-cap.
+    #[arg(long, value_name = "SECS")]
+    pub scan_target_secs: Option<f64>,
+    /// Most CPU the advisor lets the scanner use, in percent of one core.
+    #[arg(long, default_value_t = config::SCAN_CPU_CAP_PCT.default, value_name = "PCT")]
+    pub scan_cpu_cap: f64,
+    /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
+    #[arg(long, default_value_t = config::SCAN_NICE.default, value_name = "N", allow_negative_numbers = true)]
+    pub scan_nice: i64,
+}
+
+impl ScanArgs {
+    /// The same settings as `vmm run` flags.
+    pub fn as_flags(&self) -> Vec<String> {
+        let mut flags = vec![
+            format!("--scan-pages={}", self.scan_pages),
+            format!("--scan-sleep-ms={}", self.scan_sleep_ms),
+            format!("--scan-cpu-cap={}", self.scan_cpu_cap),
+            format!("--scan-nice={}", self.scan_nice),
+        ];
+        if let Some(secs) = self.scan_target_secs {
+            flags.push(format!("--scan-target-secs={secs}"));
+        }
+        flags
+    }
+}
+
 impl HostArgs {
     fn into_config(self) -> Result<SupervisorConfig, Error> {
         let settings = DedupSettings {
             enabled: true,
-            scan_pages: self.scan_pages,
-            scan_sleep_ms: self.scan_sleep_ms,
-            scan_target_secs: self.scan_target_secs,
-            scan_cpu_cap_pct: self.scan_cpu_cap,
-            scan_nice: self.scan_nice,
+            scan_pages: self.scan.scan_pages,
+            scan_sleep_ms: self.scan.scan_sleep_ms,
+            scan_target_secs: self.scan.scan_target_secs,
+            scan_cpu_cap_pct: self.scan.scan_cpu_cap,
+            scan_nice: self.scan.scan_nice,
             max_page_sharing: self.max_page_sharing,
             zero_pages: !self.no_zero_pages,
             merge_batch: self.merge_batch,

@@ -24,6 +24,7 @@ use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
 use crate::snapshot::{SnapshotState, Written};
 use crate::vstate::control::VcpuGate;
+use crate::vstate::kvm_stats::{KvmCounters, KvmStats};
 use crate::vstate::state::{VcpuState, VmState};
 use crate::vstate::{vcpu, vm};
 
@@ -88,6 +89,8 @@ pub struct Guest {
     dirty_log: bool,
     /// The guest's TSC rate (for memtest's gap times), if KVM says.
     tsc_khz: Option<u32>,
+    /// Each vCPU's KVM counters, where the kernel has them.
+    kvm_stats: Vec<KvmStats>,
     ram: GuestRam,
 }
 
@@ -175,9 +178,12 @@ impl Guest {
                     }
                     (None, None) => unreachable!("a guest is booted or restored"),
                 }
-                Ok(Arc::new(Mutex::new(fd)))
+                Ok(fd)
             })
             .collect::<Result<Vec<_>>>()?;
+        // Opened now: a running vCPU's descriptor is locked by its thread.
+        let kvm_stats = vcpus.iter().filter_map(|fd| KvmStats::open(fd).ok()).collect();
+        let vcpus: Vec<_> = vcpus.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
         let tsc_khz = vcpus.first().and_then(|fd| fd.lock().unwrap().get_tsc_khz().ok());
         let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
         let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
@@ -194,6 +200,7 @@ impl Guest {
             vm,
             dirty_log: options.dirty_log,
             tsc_khz,
+            kvm_stats,
             ram,
         })
     }
@@ -341,6 +348,15 @@ impl Guest {
         self.shared.devices.doorbell.rounds()
     }
 
+    /// What the guest has cost KVM so far, over its vCPUs.
+    pub fn kvm_counters(&self) -> KvmCounters {
+        let mut all = KvmCounters::default();
+        for s in &self.kvm_stats {
+            all.add(&s.read());
+        }
+        all
+    }
+
     /// How long a memtest guest's pages took, in nanoseconds (empty for
     /// other guests, or without the TSC rate).
     pub fn gaps(&self) -> crate::gaps::Gaps {
@@ -394,8 +410,8 @@ struct DirtyPages {
 }
 
 impl dedup::DirtyTracker for DirtyPages {
-    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
-        let mut bits = self.kvm.take_dirty()?;
+    fn take_dirty(&self, keep: &[u64]) -> std::io::Result<Vec<u64>> {
+        let mut bits = self.kvm.take_dirty(keep)?;
         for (word, device) in bits.iter_mut().zip(crate::memory::take_device_writes(&self.memory)) {
             *word |= device;
         }

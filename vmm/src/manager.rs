@@ -30,6 +30,7 @@ use crate::process::handle::{Descriptors, Exit, GuestProcess};
 use crate::process::ipc::{Event, Reply, Request, Setup};
 use crate::sharing::Sharing;
 use crate::snapshot::SnapshotState;
+use crate::vstate::kvm_stats::KvmCounters;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +65,8 @@ pub struct GuestInfo {
     /// How page sharing holds off its writers during a merge.
     pub merge_protection: Option<String>,
     pub sharing: Option<GuestSharing>,
+    /// What it has cost KVM so far: page faults, TLB flushes, exits.
+    pub kvm: KvmCounters,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
@@ -74,6 +77,10 @@ pub struct GuestSharing {
     pub cow_breaks: u64,
     pub mappings: u64,
     pub map_limit_reached: bool,
+    /// Pages held back because they keep changing, at its last look, and
+    /// holds begun so far.
+    pub pages_held: u64,
+    pub holds: u64,
 }
 
 impl From<&dedup::GuestStats> for GuestSharing {
@@ -85,6 +92,8 @@ impl From<&dedup::GuestStats> for GuestSharing {
             cow_breaks: s.cow_breaks,
             mappings: s.mappings,
             map_limit_reached: s.map_limit_reached,
+            pages_held: s.held.now,
+            holds: s.held.holds(),
         }
     }
 }
@@ -111,6 +120,8 @@ struct Entry {
     throttled_since: Option<Instant>,
     throttled_before: Duration,
     gaps: crate::gaps::Gaps,
+    /// What it has cost KVM, as its process last said.
+    kvm: KvmCounters,
     protection: Option<String>,
     overlay: Option<PathBuf>,
     /// Set once `create` has finished with it: listed from then on.
@@ -135,6 +146,7 @@ impl Entry {
             throttled_since: None,
             throttled_before: Duration::ZERO,
             gaps: Default::default(),
+            kvm: Default::default(),
             protection: None,
             overlay: None,
             made: false,
@@ -641,6 +653,7 @@ impl Manager {
             Event::Mismatches(n) => entry.corrupted_pages = n,
             Event::Rounds(n) => entry.rounds_verified = n,
             Event::Gaps(gaps) => entry.gaps = gaps,
+            Event::Kvm(counters) => entry.kvm = counters,
             Event::Ended { end, console } => {
                 entry.reported_end = Some(end);
                 entry.console_tail = console;
@@ -711,6 +724,7 @@ impl Manager {
             throttled_ms: entry.throttled().as_millis() as u64,
             merge_protection: entry.protection.clone(),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
+            kvm: entry.kvm,
         })
     }
 
@@ -988,9 +1002,23 @@ impl Manager {
         all
     }
 
-    /// Guests that have verified at least one round of memtest.
-    pub fn verified(&self) -> usize {
-        self.lock().map.values().filter(|e| e.made && e.rounds_verified > 0).count()
+    /// What the guests have cost KVM, ended ones included.
+    pub fn kvm_counters(&self) -> KvmCounters {
+        let mut all = KvmCounters::default();
+        for e in self.lock().map.values() {
+            all.add(&e.kvm);
+        }
+        all
+    }
+
+    /// Guests that have verified at least one round of memtest, and the
+    /// rounds verified over all guests.
+    pub fn verified(&self) -> (usize, u64) {
+        let g = self.lock();
+        let made = g.map.values().filter(|e| e.made);
+        made.fold((0, 0), |(guests, rounds), e| {
+            (guests + usize::from(e.rounds_verified > 0), rounds + e.rounds_verified)
+        })
     }
 
     /// Corrupted pages over every guest, and guests that failed or

@@ -158,6 +158,12 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
         let peak = sharing_at_peak.unwrap_or(now.clone());
         report_sharing(&peak.stats, sharing.uptime(), now.cpu);
         report_sharing_per_guest(&peak);
+        // What sharing's remaps, copy-on-write breaks and dirty log cost the guests shows here.
+        let kvm = &last.kvm;
+        eprintln!(
+            "vmm: the guests cost KVM {} page faults, {} TLB flushes and {} exits",
+            kvm.page_faults, kvm.tlb_flushes, kvm.exits
+        );
         last.sharing = Some(SharingStats { scanner_cpu_s: now.cpu.as_secs_f64(), ..SharingStats::new(&peak) });
     }
     report_pressure(&last);
@@ -172,13 +178,16 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
     let ends = manager.ends();
     let (corrupted_pages, guests_failed) = manager.failures();
     let pressure = manager.pressure();
+    let (guests_verified, rounds_verified) = manager.verified();
     RunStats {
         elapsed_s: started.elapsed().as_secs_f64(),
         guests: ends.len(),
         guests_running: manager.live(),
         guests_failed,
         corrupted_pages,
-        guests_verified: manager.verified(),
+        guests_verified,
+        rounds_verified,
+        kvm: manager.kvm_counters(),
         created: created.to_vec(),
         throttled_s: pressure.held.values().sum::<Duration>().as_secs_f64(),
         guests_throttled: pressure.held.len(),
@@ -228,6 +237,7 @@ fn report_sharing(s: &dedup::Stats, uptime: Duration, cpu: Duration) {
     eprintln!(
         "vmm: page sharing: {:.1} MiB saved ({} pages: {} sharing {} frames, {} zero), \
          {} full scans in {:.1} s using {:.2} CPU-s, {} pages unshared, {} volatile, {} copy-on-write breaks, \
+         {} pages held back as they keep changing ({} holds: {} after a break, {} changed in a merge, {} rewritten), \
          {} mappings{}; merges: {} write-protected, {} frozen; guests held: {} times (p50 {} us, p99 {} us, \
          max {} us){}",
         mib(s.pages_saved()),
@@ -241,6 +251,11 @@ fn report_sharing(s: &dedup::Stats, uptime: Duration, cpu: Duration) {
         s.pages_unshared,
         s.pages_volatile,
         s.cow_breaks,
+        s.held.now,
+        s.held.holds(),
+        s.held.after_break,
+        s.held.changed_in_merge,
+        s.held.rewritten,
         s.mappings_used,
         if s.map_limit_reached { " (a guest reached vm.max_map_count)" } else { "" },
         s.merges_write_protected,

@@ -194,8 +194,9 @@ fn raise_for_guests(e: &Engine) -> bool {
 struct RemoteAgent(Arc<GuestProcess>);
 
 impl dedup::GuestAgent for RemoteAgent {
-    fn status(&mut self) -> io::Result<AgentStatus> {
-        match self.0.request(&Request::Status, &[]).map_err(|e| self.channel_error(e))? {
+    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
+        let keep = ipc::words_to_bytes(keep);
+        match self.0.request(&Request::Status, &keep).map_err(|e| self.channel_error(e))? {
             (Reply::Status { has_dirty_log, mappings, map_limit }, payload) => Ok(AgentStatus {
                 dirty: if has_dirty_log { Some(ipc::bytes_to_words(&payload)?) } else { None },
                 mappings,
@@ -244,7 +245,8 @@ impl RemoteAgent {
         match reply {
             Reply::Merged { stalls_ns, write_protected, map_limited, mappings, map_limit, errors, first_error } => {
                 Ok(MergeOutcome {
-                    merged: payload.iter().map(|&b| b == 1).collect(),
+                    merged: payload.iter().map(|&b| b == ipc::MERGED).collect(),
+                    changed: payload.iter().map(|&b| b == ipc::CHANGED).collect(),
                     stalls: stalls_ns.into_iter().map(std::time::Duration::from_nanos).collect(),
                     // An adoption holds nothing off.
                     protection: match (&request, write_protected) {

@@ -24,6 +24,14 @@ pub struct RunStats {
     /// started.
     #[serde(default)]
     pub guests_verified: usize,
+    /// Rounds memtest guests verified, over all guests: what the guests
+    /// got done.
+    #[serde(default)]
+    pub rounds_verified: u64,
+    /// What the guests cost KVM (page faults, TLB flushes, exits), over
+    /// all guests.
+    #[serde(default)]
+    pub kvm: crate::vstate::kvm_stats::KvmCounters,
     /// How long each guest took to make (booted or restored), and what its
     /// process held then, before it ran: in the order they were made.
     #[serde(default)]
@@ -88,6 +96,13 @@ pub struct SharingStats {
     /// Failures page sharing counted (and went on after).
     pub errors: u64,
     pub general_profit: i64,
+    /// Pages held back because they keep changing, at each guest's last
+    /// look, and the holds begun, by why (docs/dedup.md, "Pages that keep
+    /// changing").
+    pub pages_held: u64,
+    pub held_after_break: u64,
+    pub held_changed_in_merge: u64,
+    pub held_rewritten: u64,
 }
 
 impl SharingStats {
@@ -111,6 +126,10 @@ impl SharingStats {
             map_limit_reached: stats.map_limit_reached,
             errors: stats.errors,
             general_profit: stats.general_profit,
+            pages_held: stats.held.now,
+            held_after_break: stats.held.after_break,
+            held_changed_in_merge: stats.held.changed_in_merge,
+            held_rewritten: stats.held.rewritten,
         }
     }
 }
@@ -150,6 +169,8 @@ mod tests {
             guests_failed: 1,
             corrupted_pages: 3,
             guests_verified: 1,
+            rounds_verified: 12,
+            kvm: crate::vstate::kvm_stats::KvmCounters { page_faults: 5, tlb_flushes: 6, exits: 7 },
             created: vec![Created { ms: 2.5, memory_bytes: Some(4096), waited_ms: 1.0 }],
             throttled_s: 0.5,
             guests_throttled: 1,

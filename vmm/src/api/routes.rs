@@ -491,6 +491,7 @@ fn prometheus_text(m: &Manager) -> String {
             ("vmm_dedup_pages_saved", "gauge", "Host pages saved by sharing.", g.pages_saved as f64),
             ("vmm_dedup_full_scans_total", "counter", "Full scanner passes.", g.full_scans as f64),
             ("vmm_dedup_cow_breaks_total", "counter", "Merged pages written since.", g.cow_breaks as f64),
+            ("vmm_dedup_pages_held", "gauge", "Pages held back as they keep changing.", g.pages_held as f64),
             ("vmm_dedup_scanner_cpu_seconds_total", "counter", "Scanner thread CPU time.", g.scanner_cpu_s),
             ("vmm_dedup_stalls_total", "counter", "Times page sharing held a guest thread.", g.stalls as f64),
             ("vmm_dedup_stall_p99_seconds", "gauge", "p99 of those holds.", g.stall_p99_us as f64 / 1e6),
@@ -498,6 +499,15 @@ fn prometheus_text(m: &Manager) -> String {
             ("vmm_dedup_errors_total", "counter", "Failures page sharing counted and survived.", g.errors as f64),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        out += "# HELP vmm_dedup_holds_total Times a page was held back as it keeps changing, by why.\n\
+                # TYPE vmm_dedup_holds_total counter\n";
+        for (why, n) in [
+            ("after_break", g.held_after_break),
+            ("changed_in_merge", g.held_changed_in_merge),
+            ("rewritten", g.held_rewritten),
+        ] {
+            let _ = writeln!(out, "vmm_dedup_holds_total{{why=\"{why}\"}} {n}");
         }
     }
     out += "# HELP vmm_guest_memory_bytes Host memory a guest's process uses.\n# TYPE vmm_guest_memory_bytes gauge\n";

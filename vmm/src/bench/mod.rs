@@ -68,7 +68,7 @@ impl Mode {
     }
 
     /// Ours: page sharing by this VMM, and its memory governor.
-    fn is_ours(self) -> bool {
+    pub fn is_ours(self) -> bool {
         matches!(self, Mode::Inprocess | Mode::Cloned)
     }
 }
@@ -96,6 +96,8 @@ pub struct BenchConfig {
     pub work_dir: Option<PathBuf>,
     /// Passed to the inprocess run.
     pub raise_max_map_count: Option<usize>,
+    /// The scanner's settings, as `vmm run` flags, for our modes.
+    pub scan_flags: Vec<String>,
     /// Each run's memory cgroup is limited to this (guests may overcommit).
     pub host_memory_mib: Option<u64>,
 }
@@ -259,6 +261,9 @@ fn run_mode(
     command.args(["--dedup", mode.dedup_flag()]).arg("--stats-file").arg(&stats_file);
     if let (true, Some(n)) = (mode.is_ours(), config.raise_max_map_count) {
         command.args(["--raise-max-map-count", &n.to_string()]);
+    }
+    if mode.is_ours() {
+        command.args(&config.scan_flags);
     }
     if config.host_memory_mib.is_some() {
         command.arg("--overcommit");

@@ -58,6 +58,18 @@ pub struct ModeResult {
     pub gap_p99_us: f64,
     pub gap_p999_us: f64,
     pub gap_max_us: f64,
+    /// Rounds the guests verified over the run: what they got done.
+    pub rounds_verified: u64,
+    /// Page faults KVM handled for the guests, and TLB flushes.
+    pub kvm_page_faults: u64,
+    pub kvm_tlb_flushes: u64,
+    /// In-process: merged pages written since, pages held back as they
+    /// keep changing (at the end) and the holds begun, by why.
+    pub cow_breaks: u64,
+    pub pages_held: u64,
+    pub held_after_break: u64,
+    pub held_changed_in_merge: u64,
+    pub held_rewritten: u64,
     /// When every guest had verified a round (all running), and the host
     /// memory then.
     pub all_verified_s: Option<f64>,
@@ -137,6 +149,14 @@ impl ModeResult {
             gap_p99_us: us(last.gaps.quantile_ns(0.99)),
             gap_p999_us: us(last.gaps.quantile_ns(0.999)),
             gap_max_us: us(last.gaps.max_ns()),
+            rounds_verified: last.rounds_verified,
+            kvm_page_faults: last.kvm.page_faults,
+            kvm_tlb_flushes: last.kvm.tlb_flushes,
+            cow_breaks: sharing.cow_breaks,
+            pages_held: sharing.pages_held,
+            held_after_break: sharing.held_after_break,
+            held_changed_in_merge: sharing.held_changed_in_merge,
+            held_rewritten: sharing.held_rewritten,
             all_verified_s: all_verified.map(|s| s.t),
             memory_all_verified_mib: all_verified.map(|s| s.memory_mib),
             create_p50_ms: nearest_rank(&create_ms, 0.5),
@@ -189,13 +209,15 @@ pub struct Ratios {
     pub overcommit: Option<f64>,
 }
 
-/// What a mode's guests felt against `off` in the same run: each figure is
-/// the mode's gap / off's (1.0: no worse than no sharing at all).
+/// What a mode's guests felt against `off` in the same run: each gap
+/// figure is the mode's gap / off's (1.0: no worse than no sharing at all),
+/// `rounds` the rounds its guests verified / off's (1.0: as fast).
 #[derive(Clone, Debug, Serialize)]
 pub struct GapRatios {
     pub mode: Mode,
     pub p99: Option<f64>,
     pub p999: Option<f64>,
+    pub rounds: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -257,6 +279,7 @@ impl BenchReport {
                     mode: m.mode,
                     p99: ratio(Some(m.gap_p99_us), Some(off.gap_p99_us)),
                     p999: ratio(Some(m.gap_p999_us), Some(off.gap_p999_us)),
+                    rounds: ratio(Some(m.rounds_verified as f64), Some(off.rounds_verified as f64)),
                 })
                 .collect(),
         };
@@ -322,11 +345,11 @@ impl BenchReport {
         if self.modes.iter().any(|m| m.map_limit_reached) {
             out += "\ninprocess stopped merging at vm.max_map_count: pass --raise-max-map-count to go further\n";
         }
-        out += "\n| mode | sharing held a guest thread | p50 (us) | p99 (us) | max (us) | guest page gap p99 (us) | p99.9 (us) | max (us) |\n";
-        out += "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+        out += "\n| mode | sharing held a guest thread | p50 (us) | p99 (us) | max (us) | guest page gap p99 (us) | p99.9 (us) | max (us) | rounds verified | KVM page faults | TLB flushes |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
         for m in &self.modes {
             out += &format!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} |\n",
                 m.mode.name(),
                 m.stalls,
                 m.stall_p50_us,
@@ -334,14 +357,24 @@ impl BenchReport {
                 m.stall_max_us,
                 m.gap_p99_us,
                 m.gap_p999_us,
-                m.gap_max_us
+                m.gap_max_us,
+                m.rounds_verified,
+                m.kvm_page_faults,
+                m.kvm_tlb_flushes
             );
         }
+        out += &self.churn_table();
         out += &self.start_up_table();
         out += &self.limit_table();
         for g in &self.gap_ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
-            out += &format!("\n{} vs off, guest page gaps: p99 {}, p99.9 {}", g.mode.name(), x(g.p99), x(g.p999));
+            out += &format!(
+                "\n{} vs off, guest page gaps: p99 {}, p99.9 {}; rounds verified {}",
+                g.mode.name(),
+                x(g.p99),
+                x(g.p999),
+                x(g.rounds)
+            );
         }
         for r in &self.ratios {
             let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}x"));
@@ -365,6 +398,32 @@ impl BenchReport {
             );
         }
         out + "\n"
+    }
+
+    /// Our modes: what pages that keep changing cost, and how many were
+    /// held back.
+    fn churn_table(&self) -> String {
+        let mut out =
+            "\n| mode | copy-on-write breaks | pages held at the end | held after a break | changed in a merge \
+                       | rewritten |\n|---|---:|---:|---:|---:|---:|\n"
+                .to_string();
+        let ours: Vec<&ModeResult> = self.modes.iter().filter(|m| m.mode.is_ours()).collect();
+        for m in &ours {
+            out += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                m.mode.name(),
+                m.cow_breaks,
+                m.pages_held,
+                m.held_after_break,
+                m.held_changed_in_merge,
+                m.held_rewritten
+            );
+        }
+        if ours.is_empty() {
+            String::new()
+        } else {
+            out
+        }
     }
 
     /// With a host memory limit: which modes' guests all made it.
@@ -450,6 +509,7 @@ mod tests {
             plot: None,
             work_dir: None,
             raise_max_map_count: None,
+            scan_flags: vec![],
             host_memory_mib: None,
         }
     }

@@ -94,6 +94,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     let rounds_before = guest.rounds().unwrap_or(0);
     let mut rounds = 0;
     let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
+    let mut kvm_sent = Default::default();
     let mut closed = false;
     loop {
         let (request_ready, finished) = wait_for_input(&requests, &finished_fd, Duration::from_millis(200))?;
@@ -145,9 +146,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         if gaps_at.elapsed() >= Duration::from_secs(1) {
             gaps_at = std::time::Instant::now();
             send_gaps(&guest, &mut gaps_sent, &mut events)?;
+            send_kvm_counters(&guest, &mut kvm_sent, &mut events)?;
         }
     }
     send_gaps(&guest, &mut gaps_sent, &mut events)?;
+    send_kvm_counters(&guest, &mut kvm_sent, &mut events)?;
     let console = guest.console_tail();
     // The agent maps guest memory: gone before the memory is.
     drop(agent);
@@ -193,6 +196,20 @@ fn send_gaps(guest: &Guest, sent: &mut u64, events: &mut UnixStream) -> io::Resu
     }
     *sent = gaps.count();
     ipc::send(events, &Event::Gaps(gaps), &[])
+}
+
+/// Sends what the guest has cost KVM if it changed since the last time.
+fn send_kvm_counters(
+    guest: &Guest,
+    sent: &mut crate::vstate::kvm_stats::KvmCounters,
+    events: &mut UnixStream,
+) -> io::Result<()> {
+    let now = guest.kvm_counters();
+    if now == *sent {
+        return Ok(());
+    }
+    *sent = now;
+    ipc::send(events, &Event::Kvm(now), &[])
 }
 
 /// Builds the guest and, with in-process sharing, its merge agent.
@@ -306,7 +323,11 @@ fn handle(
         },
         Request::Status => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
-            match agent.status() {
+            let keep = match ipc::bytes_to_words(payload) {
+                Ok(k) => k,
+                Err(e) => return error_reply(Kind::BadInput, e.to_string()),
+            };
+            match agent.status(&keep) {
                 Ok(s) => (
                     Reply::Status { has_dirty_log: s.dirty.is_some(), mappings: s.mappings, map_limit: s.map_limit },
                     ipc::words_to_bytes(&s.dirty.unwrap_or_default()),
@@ -322,7 +343,17 @@ fn handle(
                 Err(e) => return error_reply(Kind::BadInput, e.to_string()),
             };
             let out = if matches!(request, Request::Adopt) { agent.adopt(&merges) } else { agent.merge(&merges) };
-            let merged = out.merged.iter().map(|&m| u8::from(m)).collect();
+            let merged = (out.merged.iter().zip(&out.changed))
+                .map(|(&m, &c)| {
+                    if m {
+                        ipc::MERGED
+                    } else if c {
+                        ipc::CHANGED
+                    } else {
+                        0
+                    }
+                })
+                .collect();
             let reply = Reply::Merged {
                 stalls_ns: out.stalls.iter().map(|d| d.as_nanos() as u64).collect(),
                 write_protected: out.protection == Some(dedup::Protection::WriteProtect),

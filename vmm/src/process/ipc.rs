@@ -77,7 +77,9 @@ pub enum Request {
     Throttle(bool),
     /// Ends the guest for this reason; the process exits once it has.
     Stop(GuestEnd),
-    /// The merge agent's status; the reply's payload is the dirty bitmap.
+    /// The merge agent's status; the payload is the bitmap of pages whose
+    /// dirty log is not to be re-armed (held back by page sharing), the
+    /// reply's the dirty bitmap.
     Status,
     /// Merges; the payload is (page u32, target u32) pairs, target
     /// [`ZERO_TARGET`] for the zero page, else a frame id.
@@ -94,6 +96,9 @@ pub enum Request {
 
 /// The target number that stands for the zero page in a merge list.
 pub const ZERO_TARGET: u32 = u32::MAX;
+/// A merge made, and one left alone because the page changed (`Merged`).
+pub const MERGED: u8 = 1;
+pub const CHANGED: u8 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Reply {
@@ -109,7 +114,8 @@ pub enum Reply {
         mappings: u64,
         map_limit: u64,
     },
-    /// The payload: one byte per requested merge (1: made).
+    /// The payload: one byte per requested merge: [`MERGED`], [`CHANGED`]
+    /// (left alone: the page changed), or 0 (not made).
     Merged {
         stalls_ns: Vec<u64>,
         write_protected: bool,
@@ -136,6 +142,8 @@ pub enum Event {
     Rounds(u64),
     /// How long its pages took so far (memtest), in nanoseconds.
     Gaps(crate::gaps::Gaps),
+    /// What it has cost KVM so far.
+    Kvm(crate::vstate::kvm_stats::KvmCounters),
     /// How the guest ended, and its console's tail; the process exits next.
     Ended { end: GuestEnd, console: String },
 }

@@ -2,6 +2,7 @@
 //! through which other threads stop or park them.
 
 pub mod control;
+pub mod kvm_stats;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -83,13 +83,19 @@ impl DirtyLog {
 
 impl DirtyLog {
     /// Pages the vCPUs wrote since the last call (one bitmap over every
-    /// slot in order), and clears them.
-    pub fn take_dirty(&self) -> io::Result<Vec<u64>> {
+    /// slot in order), and clears them, except those set in `keep` (one
+    /// bitmap over every slot too): KVM goes on treating those as dirty, so
+    /// it does not write-protect them again and the guest's next writes to
+    /// them take no fault. (Without manual clearing KVM clears and
+    /// write-protects everything it reports.)
+    pub fn take_dirty(&self, keep: &[u64]) -> io::Result<Vec<u64>> {
         let mut all = Vec::new();
         for &(slot, bytes) in &self.slots {
-            let mut bits = self.vm.get_dirty_log(slot, bytes).map_err(io::Error::other)?;
-            if self.manual_clear && bits.iter().any(|&w| w != 0) {
-                self.clear(slot, &mut bits)?;
+            let bits = self.vm.get_dirty_log(slot, bytes).map_err(io::Error::other)?;
+            let kept = keep.iter().copied().skip(all.len()).chain(std::iter::repeat(0));
+            let mut clear: Vec<u64> = bits.iter().zip(kept).map(|(&b, k)| b & !k).collect();
+            if self.manual_clear && clear.iter().any(|&w| w != 0) {
+                self.clear(slot, &mut clear)?;
             }
             // Slots are whole MiBs, so each ends on a word boundary.
             debug_assert_eq!(bytes / PAGE_SIZE as usize % 64, 0);

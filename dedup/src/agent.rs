@@ -118,8 +118,11 @@ enum Hold {
     Freeze(Arc<dyn Freezer>),
 }
 
-/// Pages write-protected together: one protect and one release for a
-/// window of nearby runs, so scattered merges do not cost two ioctls a page.
+/// Most pages write-protected together: one protect and one release for a
+/// window of touching runs. A window holds only pages being merged: a
+/// write-protection makes KVM drop its mappings of every page it covers
+/// (the MMU notifier does not tell a protection from an unmap), and the
+/// guest would fault each one in again.
 const WINDOW_PAGES: usize = 512;
 /// Longest a freeze lasts before the vCPUs run again (the last remap may
 /// overrun it); the rest of a batch waits for the next freeze.
@@ -163,6 +166,12 @@ impl Agent {
         dirty: Option<Arc<dyn DirtyTracker>>,
     ) -> io::Result<Agent> {
         let layout = Layout::new(regions).map_err(io::Error::other)?;
+        // A remap splits the mapping it lands in: cut it up before the guest
+        // runs, where that costs it nothing (see os::cut_at_half_blocks).
+        let max_pieces = os::max_map_count().unwrap_or(65530) / 16;
+        for r in &layout.regions {
+            os::cut_at_half_blocks(r.host as *mut u8, r.len, max_pieces);
+        }
         let hold = match mode {
             ProtectMode::Freeze => Hold::Freeze(freezer),
             ProtectMode::WriteProtect => Hold::WriteProtect(Self::write_protection(&layout)?),
@@ -304,21 +313,23 @@ impl Agent {
 
     fn merge_write_protected(&mut self, merges: &[(u32, Target)], runs: &[(usize, usize)], out: &mut MergeOutcome) {
         let mut i = 0;
+        let last_page_of = |(start, n): (usize, usize)| merges[start + n - 1].0 as usize;
         while i < runs.len() {
-            // A window: runs of one region within WINDOW_PAGES of its start.
+            // A window: runs of one region, each starting where the last
+            // ended, within WINDOW_PAGES of the first.
             let first_page = merges[runs[i].0].0 as usize;
             let region = self.layout.locate(first_page).0;
             let mut j = i + 1;
             while j < runs.len() {
-                let (start, n) = runs[j];
-                let end_page = merges[start + n - 1].0 as usize;
-                if end_page - first_page >= WINDOW_PAGES || self.layout.locate(end_page).0 != region {
+                let (start, _) = runs[j];
+                let touches = merges[start].0 as usize == last_page_of(runs[j - 1]) + 1;
+                let end_page = last_page_of(runs[j]);
+                if !touches || end_page - first_page >= WINDOW_PAGES || self.layout.locate(end_page).0 != region {
                     break;
                 }
                 j += 1;
             }
-            let (last_start, last_n) = runs[j - 1];
-            let last_page = merges[last_start + last_n - 1].0 as usize;
+            let last_page = last_page_of(runs[j - 1]);
             let (addr, len) = (self.ptr(first_page), (last_page + 1 - first_page) * PAGE_SIZE);
             self.write_protected_window(merges, &runs[i..j], addr, len, out);
             i = j;

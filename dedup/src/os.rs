@@ -130,6 +130,58 @@ pub fn no_huge_pages(addr: *mut u8, len: usize) {
     unsafe { libc::madvise(addr.cast(), len, libc::MADV_NOHUGEPAGE) };
 }
 
+/// The size the kernel maps huge pages at (x86-64).
+const PMD_SIZE: usize = 2 << 20;
+
+/// Cuts the mapping `addr..addr + len` into pieces that each end in the
+/// middle of a 2 MiB block, before the guest runs, so no remap later
+/// splits a piece around a whole 2 MiB block. Why: when a mapping is split
+/// inside a 2 MiB block that lies wholly within it, the kernel tells the
+/// MMU notifier the whole block is being unmapped, in case a huge page maps
+/// it (Linux 6.x, `__split_huge_pmd`), and KVM drops its entries for all
+/// 512 pages: a remap of one page would cost the guest 512 faults. With
+/// the cuts made while KVM has nothing mapped, they cost nothing.
+///
+/// The pieces stay apart because every other one is marked `MADV_DONTFORK`
+/// (the guest's process never forks; the mark only keeps the kernel from
+/// merging them back). Skipped (returns false) where a 2 MiB shmem huge page
+/// could back the memory (the cuts would forbid it), or when it would take
+/// more than `max_pieces` mappings.
+pub fn cut_at_half_blocks(addr: *mut u8, len: usize, max_pieces: usize) -> bool {
+    if shmem_huge_pages_possible() || len / PMD_SIZE > max_pieces {
+        return false;
+    }
+    let (start, end) = (addr as usize, addr as usize + len);
+    // The first address past `start` halfway into a 2 MiB block.
+    let mut cut = (start & !(PMD_SIZE - 1)) + PMD_SIZE / 2;
+    if cut <= start {
+        cut += PMD_SIZE;
+    }
+    while cut + PMD_SIZE <= end {
+        // SAFETY: madvise on a mapping the caller owns; the advice changes
+        // no contents.
+        unsafe { libc::madvise(cut as *mut libc::c_void, PMD_SIZE, libc::MADV_DONTFORK) };
+        cut += 2 * PMD_SIZE;
+    }
+    true
+}
+
+/// Whether the kernel may back shared memory with 2 MiB huge pages.
+fn shmem_huge_pages_possible() -> bool {
+    let setting = |path: &str| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        // The chosen value is in brackets: "always [never] ...".
+        text.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_string())
+    };
+    const TOP: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    const PMD: &str = "/sys/kernel/mm/transparent_hugepage/hugepages-2048kB/shmem_enabled";
+    let possible = |v: Option<String>| !matches!(v.as_deref(), None | Some("never" | "deny"));
+    match setting(PMD).as_deref() {
+        Some("inherit") | None => possible(setting(TOP)),
+        other => possible(other.map(String::from)),
+    }
+}
+
 /// Frees the file's pages in `offset..offset + len` (they read back as zero).
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     may_fail(Op::Punch)?;

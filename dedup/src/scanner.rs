@@ -3,7 +3,7 @@
 //! wait for a step.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -98,6 +98,9 @@ pub struct Scanner {
     pace: Arc<Mutex<ScanPace>>,
     /// While false the scanner only sleeps.
     enabled: Arc<AtomicBool>,
+    /// A nice value to run at instead of the pace's, when it is lower
+    /// (memory is short): i32::MAX for none.
+    urgent_nice: Arc<AtomicI32>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     started: Instant,
@@ -117,6 +120,7 @@ impl Scanner {
         let stop = Arc::new(AtomicBool::new(false));
         let pace = Arc::new(Mutex::new(pace));
         let enabled = Arc::new(AtomicBool::new(true));
+        let urgent_nice = Arc::new(AtomicI32::new(i32::MAX));
         let changes: Changes = Arc::default();
         let started = Instant::now();
         let thread = {
@@ -127,12 +131,13 @@ impl Scanner {
                 stop: stop.clone(),
                 pace: pace.clone(),
                 enabled: enabled.clone(),
+                urgent_nice: urgent_nice.clone(),
                 started,
                 after_step,
             };
             std::thread::Builder::new().name(name.into()).spawn(move || shared.run())?
         };
-        Ok(Scanner { engine, changes, published, pace, enabled, stop, thread: Some(thread), started })
+        Ok(Scanner { engine, changes, published, pace, enabled, urgent_nice, stop, thread: Some(thread), started })
     }
 
     /// The engine, with every guest added or removed so far, for merging
@@ -172,6 +177,13 @@ impl Scanner {
         self.enabled.load(Ordering::SeqCst)
     }
 
+    /// Runs the scanner at `nice` while that is below the pace's own (memory
+    /// is short, and what it frees is needed now), or at the pace's again
+    /// (None). Applies at the next step.
+    pub fn set_urgent_nice(&self, nice: Option<i32>) {
+        self.urgent_nice.store(nice.unwrap_or(i32::MAX), Ordering::SeqCst);
+    }
+
     /// Turns scanning off (merged pages stay merged) or back on.
     pub fn set_enabled(&self, on: bool) {
         self.enabled.store(on, Ordering::SeqCst);
@@ -209,21 +221,22 @@ struct Loop {
     stop: Arc<AtomicBool>,
     pace: Arc<Mutex<ScanPace>>,
     enabled: Arc<AtomicBool>,
+    urgent_nice: Arc<AtomicI32>,
     started: Instant,
     after_step: Box<dyn FnMut(&mut Engine) + Send>,
 }
 
 impl Loop {
     fn run(mut self) {
-        let mut nice = self.pace.lock().unwrap().nice;
+        let mut nice = self.nice();
         set_thread_nice(nice);
         let (mut backoff, mut last_saved) = (Duration::ZERO, 0);
         let mut timeline = Vec::new();
         let cpu_at_start = thread_cpu();
         while !self.stop.load(Ordering::SeqCst) {
             let pace = self.pace.lock().unwrap().clone();
-            if pace.nice != nice {
-                nice = pace.nice;
+            if self.nice() != nice {
+                nice = self.nice();
                 set_thread_nice(nice);
             }
             if !self.enabled.load(Ordering::SeqCst) {
@@ -266,6 +279,11 @@ impl Loop {
             }
             self.sleep(sleep);
         }
+    }
+
+    /// The nice value to run at now: the pace's, or the urgent one if lower.
+    fn nice(&self) -> i32 {
+        self.pace.lock().unwrap().nice.min(self.urgent_nice.load(Ordering::SeqCst))
     }
 
     /// Sleeps in short slices so stopping is prompt.

@@ -421,6 +421,16 @@ impl Manager {
                 Action::Throttle(id) => self.throttle(id, true),
                 Action::Release(id) => self.throttle(id, false),
                 Action::Merge(id) => self.ask_merge(id),
+                Action::Urgent(on) => {
+                    log::info!(
+                        "memory governor: room is {}: page sharing {}",
+                        if on { "short" } else { "plentiful" },
+                        if on { "runs ahead of the vCPUs" } else { "yields to the vCPUs" }
+                    );
+                    if let Some(s) = &self.sharing {
+                        s.set_urgent(on);
+                    }
+                }
                 Action::End(id, why) => {
                     eprintln!("vmm: guest {id}: ending it: {why}");
                     let _ = self.send_stop(id, GuestEnd::OutOfMemory(why));

@@ -26,6 +26,12 @@
 //!   (or just let in) may yet take, or once no guest is growing or
 //!   throttled. A guest started through the API that does not fit so
 //!   starts held, and goes with the others held.
+//! - **Urgency.** Page sharing yields to the guests while room is
+//!   plentiful (its scanner runs at `--scan-nice`, below the vCPUs): the
+//!   memory it would free is not needed yet, and the CPU is. From the moment
+//!   room is no longer plentiful (less than four times the reserve and what
+//!   the guests filling now may still take) until it is again, the scanner
+//!   runs at [`URGENT_NICE`], ahead of the vCPUs.
 //! - **The last resort.** When room has stayed under the reserve (or
 //!   under twice it with a guest held) for [`STUCK`] without growing (sharing cannot give back more: the guests
 //!   really hold that much unique memory), one guest is ended, with "not
@@ -69,6 +75,9 @@ const PROGRESS: u64 = 4 * MIB;
 const QUIET: Duration = Duration::from_secs(1);
 /// In a squeeze, one guest is asked to be merged at once this often.
 const MERGE_EVERY: Duration = Duration::from_millis(250);
+/// The scanner's nice value while room is short: ahead of the vCPUs, whose
+/// memory it is freeing.
+pub const URGENT_NICE: i32 = -10;
 
 /// Where the wall is.
 pub struct Wall {
@@ -118,6 +127,9 @@ pub enum Action {
     Release(usize),
     /// Have page sharing merge this guest now, not at the scanner's pace.
     Merge(usize),
+    /// Room has become short (true) or plentiful again (false): the
+    /// scanner runs ahead of the vCPUs, or yields to them.
+    Urgent(bool),
     /// End this guest: sharing cannot make room. The reason says why.
     End(usize, String),
 }
@@ -150,6 +162,8 @@ pub struct Governor {
     /// In a squeeze, the guest last asked to be merged, and when.
     merged_up_to: usize,
     last_merge_ask: Option<Instant>,
+    /// Whether page sharing was last told room is short.
+    urgent: bool,
 }
 
 impl Governor {
@@ -169,6 +183,7 @@ impl Governor {
             next_tick: TICK,
             merged_up_to: 0,
             last_merge_ask: None,
+            urgent: false,
         }
     }
 
@@ -285,6 +300,10 @@ impl Governor {
             }
         }
         let plenty = room / 4 > self.reserve.saturating_add(self.filling).saturating_add(incoming);
+        if plenty == self.urgent {
+            self.urgent = !plenty;
+            actions.push(Action::Urgent(self.urgent));
+        }
         self.next_tick = if plenty && self.throttled.is_empty() && self.ending.is_empty() { SLOW_TICK } else { TICK };
         actions
     }
@@ -324,8 +343,9 @@ mod tests {
     const RESERVE: u64 = 100 * MIB;
 
     /// The actions other than merge requests.
+    /// The throttles, releases and ends (merges asked and urgency apart).
     fn decided(actions: Vec<Action>) -> Vec<Action> {
-        actions.into_iter().filter(|a| !matches!(a, Action::Merge(_))).collect()
+        actions.into_iter().filter(|a| !matches!(a, Action::Merge(_) | Action::Urgent(_))).collect()
     }
 
     fn guest(id: usize, mib: u64) -> GuestMemory {
@@ -397,6 +417,24 @@ mod tests {
         let mut quiet = Governor::new(RESERVE);
         quiet.step(t, 160 * MIB, &[guest(0, 10)]);
         assert!(decided(quiet.step(t + SLOW_TICK, 160 * MIB, &[guest(0, 12)])).is_empty());
+    }
+
+    #[test]
+    fn sharing_is_urgent_only_while_room_is_short() {
+        let mut gov = Governor::new(RESERVE);
+        let t = Instant::now();
+        let urgency = |a: Vec<Action>| a.into_iter().filter(|a| matches!(a, Action::Urgent(_))).collect::<Vec<_>>();
+        let idle = [GuestMemory { size: 100 * MIB, ..guest(0, 100) }];
+        assert!(urgency(gov.step(t, 10_000 * MIB, &idle)).is_empty(), "plenty of room: nothing to say");
+        // Under four times the reserve: urgent, said once.
+        assert_eq!(urgency(gov.step(t + TICK, 350 * MIB, &idle)), [Action::Urgent(true)]);
+        assert!(urgency(gov.step(t + 2 * TICK, 300 * MIB, &idle)).is_empty());
+        // Plenty again: yielding again.
+        assert_eq!(urgency(gov.step(t + 3 * TICK, 10_000 * MIB, &idle)), [Action::Urgent(false)]);
+        // What guests still filling may take counts: 2 GiB of them to fill
+        // in 5 GiB of room is not plenty.
+        let filling = [GuestMemory { size: 2048 * MIB, ..guest(1, 10) }];
+        assert_eq!(urgency(gov.step(t + 4 * TICK, 5000 * MIB, &filling)), [Action::Urgent(true)]);
     }
 
     #[test]

@@ -133,6 +133,13 @@ impl Sharing {
         Ok(new)
     }
 
+    /// Room is short (true): the scanner runs at
+    /// [`crate::pressure::URGENT_NICE`] whatever its own setting, until told
+    /// otherwise.
+    pub fn set_urgent(&self, on: bool) {
+        self.scanner.set_urgent_nice(on.then_some(crate::pressure::URGENT_NICE));
+    }
+
     pub fn uptime(&self) -> std::time::Duration {
         self.scanner.uptime()
     }

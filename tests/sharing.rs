@@ -40,6 +40,20 @@ fn reported_saved(stderr: &str) -> u64 {
     rest.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// Runs memtest guests with `args` (at the default scanner pace), their
+/// consoles in a scratch directory and a stats file; it must succeed.
+/// Returns the outcome, the console directory and the last stats.
+fn run_with_stats(name: &str, args: &[&str]) -> (Outcome, std::path::PathBuf, serde_json::Value) {
+    let dir = scratch_dir(name);
+    let stats = dir.join("stats.json");
+    let mut all = vec!["--console-dir", dir.to_str().unwrap(), "--stats-file", stats.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = run_memtest(&all);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let last = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    (out, dir, last)
+}
+
 /// Runs `guests` x 64 MiB memtest guests with a fast scanner; returns the
 /// outcome and the console directory.
 fn shared_run(name: &str, guests: &str, cmdline: &str, extra: &[&str]) -> (Outcome, std::path::PathBuf) {
@@ -90,19 +104,11 @@ fn separate_merge_groups_share_nothing_between_guests() {
 /// again, with near-duplicates (shared pages one byte apart) that must never
 /// merge, at the default scanner pace. Every page verifies every round.
 fn churn_run(name: &str, extra: &[&str]) -> serde_json::Value {
-    let dir = scratch_dir(name);
-    let stats = dir.join("stats.json");
-    let mut args = vec!["--guests", "8", "--vcpus", "2", "--memory", "64", "--console-dir", dir.to_str().unwrap()];
-    args.extend_from_slice(&["--stats-file", stats.to_str().unwrap()]);
-    args.extend_from_slice(&[
-        "--cmdline",
-        "rounds=40 seed=3 share=0.5 zero=0.1 volatile=32 churn=512 near=0.2 idle=40",
-    ]);
+    let cmdline = "rounds=40 seed=3 share=0.5 zero=0.1 volatile=32 churn=512 near=0.2 idle=40";
+    let mut args = vec!["--guests", "8", "--vcpus", "2", "--memory", "64", "--cmdline", cmdline];
     args.extend_from_slice(extra);
-    let out = run_memtest(&args);
-    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let (out, _, last) = run_with_stats(name, &args);
     assert_eq!(out.stderr.matches("memtest passed: 40 rounds").count(), 8, "{}", out.describe());
-    let last: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(last["corrupted_pages"], 0, "{last}");
     let s = &last["sharing"];
     assert!(s["pages_sharing"].as_u64().unwrap() > 5000, "little merged: {last}");
@@ -117,26 +123,11 @@ fn churn_run(name: &str, extra: &[&str]) -> serde_json::Value {
 /// in these 30 rounds), and everything else still merges.
 #[test]
 fn churning_pages_are_held_back_not_merged_every_round() {
-    let dir = scratch_dir("churn-held");
-    let stats = dir.join("stats.json");
     let cmdline = "rounds=30 seed=3 share=0.5 zero=0.1 volatile=32 churn=512 idle=300";
-    let out = run_memtest(&[
-        "--guests",
-        "4",
-        "--memory",
-        "64",
-        "--console-dir",
-        dir.to_str().unwrap(),
-        "--stats-file",
-        stats.to_str().unwrap(),
-        "--cmdline",
-        cmdline,
-    ]);
-    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let (out, dir, last) = run_with_stats("churn-held", &["--guests", "4", "--memory", "64", "--cmdline", cmdline]);
     assert_eq!(out.stderr.matches("memtest passed: 30 rounds").count(), 4, "{}", out.describe());
     let log = std::fs::read_to_string(dir.join("guest-0.log")).unwrap();
     let churn: u64 = log.split("churn=").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
-    let last: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     let s = &last["sharing"];
     let field = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("no {k}: {last}"));
     assert!(

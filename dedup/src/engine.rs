@@ -918,7 +918,10 @@ impl Engine {
         let Some(mut queue) = self.pending.remove(&id) else { return };
         queue.sort_unstable_by_key(|&(page, _)| page);
         let guest = self.guests.get_mut(&id).unwrap();
-        match guest.agent.merge(&queue) {
+        let asked = Instant::now();
+        let answer = guest.agent.merge(&queue);
+        log::debug!("page sharing: guest {id} merged a batch of {} pages in {:?}", queue.len(), asked.elapsed());
+        match answer {
             Ok(outcome) if outcome.merged.len() == queue.len() => self.book(id, &queue, outcome),
             answer => {
                 let why = match answer {

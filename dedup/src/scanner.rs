@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use crate::engine::{Engine, GuestId, PreparedGuest};
 use crate::stats::{GuestStats, Stats};
 
-pub const DEFAULT_SCAN_NICE: i32 = -10;
+/// Below the vCPUs (nice 0), as ksmd runs: memory that is plentiful is not
+/// worth the guests' CPU. The VMM's memory governor raises it while room
+/// is short (docs/dedup.md, "What a merge costs a guest").
+pub const DEFAULT_SCAN_NICE: i32 = 5;
 
 /// How fast the scanner works.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,10 +25,8 @@ pub struct ScanPace {
     pub target_pass: Option<Duration>,
     /// ...while using at most this fraction of one CPU.
     pub cpu_cap: f64,
-    /// Scheduling priority of the scanner thread (nice value). Below zero by
-    /// default: guests whose vCPUs keep every core busy would otherwise
-    /// starve it, and the memory it frees pays for its CPU; the pace and
-    /// the CPU cap bound what it takes.
+    /// Scheduling priority of the scanner thread (nice value):
+    /// [`DEFAULT_SCAN_NICE`] unless set.
     pub nice: i32,
 }
 
@@ -256,15 +257,21 @@ impl Loop {
                 if pass_done {
                     let t = self.started.elapsed();
                     log::info!(
-                        "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile, {} hashed so far",
+                        "page sharing: pass {} done at {:.2} s: {} pages saved, {} volatile, {} held, {} hashed, \
+                         {:.2} CPU-s so far",
                         now.full_scans,
                         t.as_secs_f64(),
                         now.pages_saved(),
                         now.pages_volatile,
-                        now.pages_hashed
+                        now.held.now,
+                        now.pages_hashed,
+                        thread_cpu().saturating_sub(cpu_at_start).as_secs_f64()
                     );
                     timeline.push((t, now.pages_saved()));
-                    backoff = idle_backoff(backoff, now.pages_saved().abs_diff(last_saved));
+                    // Pages found still being written are the next pass's
+                    // candidates: a pass that saw them was not idle.
+                    let changed = now.pages_saved().abs_diff(last_saved) + now.pages_volatile;
+                    backoff = idle_backoff(backoff, changed);
                     last_saved = now.pages_saved();
                 }
                 let guests = e.guest_ids().into_iter().filter_map(|id| Some((id, e.guest_stats(id)?))).collect();
@@ -295,13 +302,15 @@ impl Loop {
     }
 }
 
-/// The extra sleep after a full pass, from how many pages the pass merged or
-/// lost (net). Booting or busy guests keep breaking and re-forming a few
-/// shares every pass; rescanning at full speed for those costs a steady
-/// slice of a core (0.15 of one for four booting Linux guests) and
-/// saves nothing. So: a pass that changed less than `SMALL` pages doubles
-/// the pause (up to 1 s), a modest change halves it, and real progress
-/// drops it to zero so a converging scan runs flat out.
+/// The extra sleep after a full pass, from how many pages the pass changed:
+/// merged or lost (net), or found being written (they are the next pass's
+/// candidates: guests still filling their memory). Booting or busy guests
+/// keep breaking and re-forming a few shares every pass; rescanning at full
+/// speed for those costs a steady slice of a core (0.15 of one for four
+/// booting Linux guests) and saves nothing. So: a pass that changed less
+/// than `SMALL` pages doubles the pause (up to 1 s), a modest change halves
+/// it, and real progress drops it to zero so a converging scan runs flat
+/// out. (Pages rewritten pass after pass are held back, not counted.)
 fn idle_backoff(previous: Duration, pages_changed: u64) -> Duration {
     const SMALL: u64 = 64;
     const FIRST: Duration = Duration::from_millis(20);

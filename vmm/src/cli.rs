@@ -375,7 +375,9 @@ pub struct ScanArgs {
     /// Most CPU the advisor lets the scanner use, in percent of one core.
     #[arg(long, default_value_t = config::SCAN_CPU_CAP_PCT.default, value_name = "PCT")]
     pub scan_cpu_cap: f64,
-    /// Scheduling priority (nice value, -20 to 19) of the scanner thread.
+    /// Scheduling priority (nice value, -20 to 19) of the scanner thread
+    /// while memory is plentiful: below the vCPUs by default (the memory
+    /// governor runs it at -10 while room is short).
     #[arg(long, default_value_t = config::SCAN_NICE.default, value_name = "N", allow_negative_numbers = true)]
     pub scan_nice: i64,
 }

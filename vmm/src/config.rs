@@ -67,7 +67,8 @@ pub const SCAN_TARGET_SECS: Knob<f64> =
     Knob { field: "scan_target_secs", flag: "--scan-target-secs", default: 0.0, min: 0.1, max: 86_400.0 };
 pub const SCAN_CPU_CAP_PCT: Knob<f64> =
     Knob { field: "scan_cpu_cap_pct", flag: "--scan-cpu-cap", default: 100.0, min: 1.0, max: 100.0 };
-pub const SCAN_NICE: Knob<i64> = Knob { field: "scan_nice", flag: "--scan-nice", default: -10, min: -20, max: 19 };
+pub const SCAN_NICE: Knob<i64> =
+    Knob { field: "scan_nice", flag: "--scan-nice", default: dedup::DEFAULT_SCAN_NICE as i64, min: -20, max: 19 };
 pub const MERGE_BATCH: Knob<u64> =
     Knob { field: "merge_batch", flag: "--merge-batch", default: 8192, min: 1, max: 1 << 20 };
 pub const MAX_PAGE_SHARING: Knob<u64> =

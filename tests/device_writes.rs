@@ -210,7 +210,12 @@ fn race_device_against_merges(mode: ProtectMode) {
 struct DeviceWrites(Option<GuestMemoryMmap>);
 
 impl DirtyTracker for DeviceWrites {
-    fn take_dirty(&self, _keep: &[u64]) -> std::io::Result<Vec<u64>> {
+    /// Device writes are taken as they are read: nothing to watch again.
+    fn watch(&self, _pages: &[u64]) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
         Ok(self.0.as_ref().map(vmm::memory::take_device_writes).unwrap_or_default())
     }
 }

@@ -30,15 +30,18 @@ pub trait Freezer: Send + Sync {
     fn thaw(&self);
 }
 
-/// Tells which guest pages were written since the last call: KVM's dirty
-/// log and the VMM's own device writes.
+/// Tells which guest pages were written: KVM's dirty log and the VMM's own
+/// device writes.
 pub trait DirtyTracker: Send + Sync {
     /// A bitmap over the guest's pages (bit i of word i / 64) of the pages
-    /// written since the previous call. Pages set in `keep` (a bitmap of
-    /// the same shape, or shorter) are not watched again: their bit stays
-    /// as it is, and a write to them costs the guest no fault (the engine
-    /// holds them back for a while and does not need to know).
-    fn take_dirty(&self, keep: &[u64]) -> io::Result<Vec<u64>>;
+    /// written since each was last watched again (`watch`): a page nobody
+    /// asked to watch again reads as written for ever.
+    fn take_dirty(&self) -> io::Result<Vec<u64>>;
+    /// Watches the pages set in `pages` (a bitmap as above, or shorter)
+    /// again: KVM write-protects them, and the guest's next write to each
+    /// costs it a fault. Pages left out cost nothing more, whatever the
+    /// guest writes.
+    fn watch(&self, pages: &[u64]) -> io::Result<()>;
 }
 
 /// How a merge holds off the guest's writers.
@@ -102,9 +105,11 @@ impl MergeOutcome {
 
 /// A guest as seen by the engine: where its merges are made.
 pub trait GuestAgent: Send {
-    /// The dirty log since the last status (not re-armed for the pages in
-    /// `keep`: see [`DirtyTracker::take_dirty`]) and the mapping count.
-    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus>;
+    /// The dirty log (see [`DirtyTracker::take_dirty`]) and the mapping
+    /// count.
+    fn status(&mut self) -> io::Result<AgentStatus>;
+    /// Watches the written pages in `pages` again ([`DirtyTracker::watch`]).
+    fn watch(&mut self, pages: &[u64]) -> io::Result<()>;
     /// Makes the merges it can of `merges` (sorted by page); an `Err` means
     /// nobody knows which happened (the guest is then given up).
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome>;
@@ -522,11 +527,11 @@ impl Agent {
     }
 
     /// Pages written since the last call, and the mapping room.
-    pub fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
+    pub fn status(&mut self) -> io::Result<AgentStatus> {
         if let Err(e) = self.free_merged() {
             log::warn!("page sharing: freeing merged guest pages: {e} (tried again later)");
         }
-        let dirty = self.dirty.as_ref().map(|d| d.take_dirty(keep)).transpose()?;
+        let dirty = self.dirty.as_ref().map(|d| d.take_dirty()).transpose()?;
         let (mappings, map_limit) = self.refresh_mappings();
         Ok(AgentStatus { dirty, mappings, map_limit })
     }
@@ -610,8 +615,12 @@ fn release_pages(uffd: &Uffd, addr: *mut u8, len: usize) {
 /// The agent called directly, for a guest whose memory this process maps
 /// (tests; a VMM that runs guests in its own process).
 impl GuestAgent for Agent {
-    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
-        Agent::status(self, keep)
+    fn status(&mut self) -> io::Result<AgentStatus> {
+        Agent::status(self)
+    }
+
+    fn watch(&mut self, pages: &[u64]) -> io::Result<()> {
+        self.dirty.as_ref().map_or(Ok(()), |d| d.watch(pages))
     }
 
     fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {

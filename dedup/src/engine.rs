@@ -80,11 +80,9 @@ struct Guest {
     last_hash: Vec<u64>,
     /// Pages written during the previous pass, from the dirty log.
     dirty: Vec<u64>,
-    /// Pages whose dirty log was not re-armed at the status before last
-    /// (they were held): their bit in `dirty` says nothing.
+    /// Pages whose dirty log the last status did not watch again (they
+    /// were held): their next bit says nothing.
     unwatched: Vec<u64>,
-    /// Pages whose dirty log the last status left unwatched.
-    unwatched_next: Vec<u64>,
     has_dirty_log: bool,
     /// How much each page has been caught changing (crate::churn).
     heat: Heat,
@@ -110,11 +108,6 @@ impl Guest {
 
     fn written_last_pass(&self, page: usize) -> bool {
         bit(&self.dirty, page)
-    }
-
-    /// Whether the dirty log watched the page over the last pass.
-    fn watched_last_pass(&self, page: usize) -> bool {
-        !bit(&self.unwatched, page)
     }
 
     fn lost(&self) -> bool {
@@ -342,7 +335,6 @@ impl Engine {
             last_hash: vec![0; pages],
             dirty: Vec::new(),
             unwatched: Vec::new(),
-            unwatched_next: Vec::new(),
             has_dirty_log: false,
             heat: Heat::new(pages),
             at_map_limit: false,
@@ -723,15 +715,10 @@ impl Engine {
         if guest.lost() {
             return;
         }
-        // Held pages need not be watched: they are not looked at until their
-        // hold ends, and a guest writing them takes no fault for it.
-        let (keep, held) = guest.heat.held_bitmap(self.now);
-        guest.stats.held.now = held;
-        match guest.agent.status(&keep) {
+        match guest.agent.status() {
             Ok(status) => {
                 guest.has_dirty_log = status.dirty.is_some();
                 guest.dirty = status.dirty.unwrap_or_default();
-                guest.unwatched = std::mem::replace(&mut guest.unwatched_next, keep);
                 guest.base_mappings.get_or_insert(status.mappings);
                 guest.stats.mappings = status.mappings;
                 guest.stats.map_limit = status.map_limit;
@@ -739,9 +726,48 @@ impl Engine {
                 if guest.at_map_limit {
                     self.note_map_limit(id, status.map_limit);
                 }
+                self.judge_written(id);
             }
             Err(e) if process_gone(&e) => self.lose(id, format!("{GONE}: {e}")),
             Err(e) => self.lose(id, format!("its merge agent did not answer: {e}")),
+        }
+    }
+
+    /// Reads the guest's dirty log the moment it is read: each page written
+    /// since it was last watched is a change (crate::churn), unless its bit
+    /// says nothing (it was not watched: held then); then every written page
+    /// that is not held now is watched again, and the held ones are left
+    /// alone, so the guest's writes to them cost it no fault.
+    fn judge_written(&mut self, id: GuestId) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        let (now, pages) = (self.now, guest.layout.pages());
+        let mut changed = Vec::new();
+        for (w, &word) in guest.dirty.iter().enumerate() {
+            let unwatched = guest.unwatched.get(w).copied().unwrap_or(0);
+            let mut bits = word & !unwatched;
+            while bits != 0 {
+                let page = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                if page < pages && guest.state[page] == UNMERGED && !guest.heat.is_held(page, now) {
+                    guest.last_hash[page] = 0;
+                    changed.push(page);
+                }
+            }
+        }
+        guest.stats.volatile_this_pass += changed.len() as u64;
+        for page in changed {
+            self.changed(id, page, Why::Rewritten);
+        }
+        let guest = self.guests.get_mut(&id).unwrap();
+        let (held, n) = guest.heat.held_bitmap(now);
+        guest.stats.held.now = n;
+        let watch: Vec<u64> =
+            guest.dirty.iter().zip(held.iter().chain(std::iter::repeat(&0))).map(|(&d, &h)| d & !h).collect();
+        guest.unwatched = guest.dirty.iter().zip(&watch).map(|(&d, &w)| d & !w).collect();
+        if guest.has_dirty_log && watch.iter().any(|&w| w != 0) {
+            if let Err(e) = guest.agent.watch(&watch) {
+                self.count_error(format!("guest {id}: watching its dirty log again: {e}"));
+            }
         }
     }
 
@@ -807,14 +833,8 @@ impl Engine {
         if !fresh && guest.heat.is_held(page, self.now) {
             return;
         }
+        // Written since the last look (judged when the log was read).
         if !fresh && guest.written_last_pass(page) {
-            guest.last_hash[page] = 0;
-            // A page the log did not watch may have been written long ago:
-            // it is watched from now on, and looked at next pass.
-            if guest.watched_last_pass(page) {
-                guest.stats.volatile_this_pass += 1;
-                self.changed(id, page, Why::Rewritten);
-            }
             return;
         }
         let group = guest.group;

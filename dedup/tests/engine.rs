@@ -555,15 +555,17 @@ impl HandLog {
     }
 }
 
+/// As KVM's with manual clearing: a bit stays set until it is watched again.
 impl dedup::DirtyTracker for HandLog {
-    /// As KVM's: the bits of kept pages stay set.
-    fn take_dirty(&self, keep: &[u64]) -> std::io::Result<Vec<u64>> {
-        let mut bits = self.0.lock().unwrap();
-        let taken = bits.clone();
-        for (i, w) in bits.iter_mut().enumerate() {
-            *w &= keep.get(i).copied().unwrap_or(0);
+    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+
+    fn watch(&self, pages: &[u64]) -> std::io::Result<()> {
+        for (w, p) in self.0.lock().unwrap().iter_mut().zip(pages) {
+            *w &= !p;
         }
-        Ok(taken)
+        Ok(())
     }
 }
 

@@ -410,8 +410,12 @@ struct DirtyPages {
 }
 
 impl dedup::DirtyTracker for DirtyPages {
-    fn take_dirty(&self, keep: &[u64]) -> std::io::Result<Vec<u64>> {
-        let mut bits = self.kvm.take_dirty(keep)?;
+    fn watch(&self, pages: &[u64]) -> std::io::Result<()> {
+        self.kvm.watch(pages)
+    }
+
+    fn take_dirty(&self) -> std::io::Result<Vec<u64>> {
+        let mut bits = self.kvm.take_dirty()?;
         for (word, device) in bits.iter_mut().zip(crate::memory::take_device_writes(&self.memory)) {
             *word |= device;
         }

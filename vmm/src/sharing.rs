@@ -201,9 +201,15 @@ fn raise_for_guests(e: &Engine) -> bool {
 struct RemoteAgent(Arc<GuestProcess>);
 
 impl dedup::GuestAgent for RemoteAgent {
-    fn status(&mut self, keep: &[u64]) -> io::Result<AgentStatus> {
-        let keep = ipc::words_to_bytes(keep);
-        match self.0.request(&Request::Status, &keep).map_err(|e| self.channel_error(e))? {
+    fn watch(&mut self, pages: &[u64]) -> io::Result<()> {
+        match self.0.request(&Request::Watch, &ipc::words_to_bytes(pages)).map_err(|e| self.channel_error(e))? {
+            (Reply::Ok, _) => Ok(()),
+            (other, _) => Err(io::Error::other(format!("watch answered with {other:?}"))),
+        }
+    }
+
+    fn status(&mut self) -> io::Result<AgentStatus> {
+        match self.0.request(&Request::Status, &[]).map_err(|e| self.channel_error(e))? {
             (Reply::Status { has_dirty_log, mappings, map_limit }, payload) => Ok(AgentStatus {
                 dirty: if has_dirty_log { Some(ipc::bytes_to_words(&payload)?) } else { None },
                 mappings,

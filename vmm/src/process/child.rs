@@ -323,16 +323,20 @@ fn handle(
         },
         Request::Status => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
-            let keep = match ipc::bytes_to_words(payload) {
-                Ok(k) => k,
-                Err(e) => return error_reply(Kind::BadInput, e.to_string()),
-            };
-            match agent.status(&keep) {
+            match agent.status() {
                 Ok(s) => (
                     Reply::Status { has_dirty_log: s.dirty.is_some(), mappings: s.mappings, map_limit: s.map_limit },
                     ipc::words_to_bytes(&s.dirty.unwrap_or_default()),
                 ),
                 Err(e) => error_reply(Kind::Host, format!("reading the dirty log: {e}")),
+            }
+        }
+        Request::Watch => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            let watch = ipc::bytes_to_words(payload).and_then(|pages| dedup::GuestAgent::watch(agent, &pages));
+            match watch {
+                Ok(()) => ok,
+                Err(e) => error_reply(Kind::Host, format!("watching the dirty log: {e}")),
             }
         }
         Request::Adopt if *started => error_reply(Kind::Conflict, "only a guest that has not run can adopt pages"),

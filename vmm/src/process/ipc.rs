@@ -77,10 +77,10 @@ pub enum Request {
     Throttle(bool),
     /// Ends the guest for this reason; the process exits once it has.
     Stop(GuestEnd),
-    /// The merge agent's status; the payload is the bitmap of pages whose
-    /// dirty log is not to be re-armed (held back by page sharing), the
-    /// reply's the dirty bitmap.
+    /// The merge agent's status; the reply's payload is the dirty bitmap.
     Status,
+    /// Watch these pages' dirty log again; the payload is their bitmap.
+    Watch,
     /// Merges; the payload is (page u32, target u32) pairs, target
     /// [`ZERO_TARGET`] for the zero page, else a frame id.
     Merge,

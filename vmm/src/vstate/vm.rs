@@ -82,25 +82,36 @@ impl DirtyLog {
 }
 
 impl DirtyLog {
-    /// Pages the vCPUs wrote since the last call (one bitmap over every
-    /// slot in order), and clears them, except those set in `keep` (one
-    /// bitmap over every slot too): KVM goes on treating those as dirty, so
-    /// it does not write-protect them again and the guest's next writes to
-    /// them take no fault. (Without manual clearing KVM clears and
-    /// write-protects everything it reports.)
-    pub fn take_dirty(&self, keep: &[u64]) -> io::Result<Vec<u64>> {
+    /// Pages the vCPUs wrote since each was last watched (one bitmap over
+    /// every slot in order). With manual clearing KVM keeps a page dirty,
+    /// and writable for the guest, until `watch` clears it; without it, KVM
+    /// clears and write-protects everything it reports.
+    pub fn take_dirty(&self) -> io::Result<Vec<u64>> {
         let mut all = Vec::new();
         for &(slot, bytes) in &self.slots {
-            let bits = self.vm.get_dirty_log(slot, bytes).map_err(io::Error::other)?;
-            let kept = keep.iter().copied().skip(all.len()).chain(std::iter::repeat(0));
-            let mut clear: Vec<u64> = bits.iter().zip(kept).map(|(&b, k)| b & !k).collect();
-            if self.manual_clear && clear.iter().any(|&w| w != 0) {
-                self.clear(slot, &mut clear)?;
-            }
+            all.extend(self.vm.get_dirty_log(slot, bytes).map_err(io::Error::other)?);
             // Slots are whole MiBs, so each ends on a word boundary.
             debug_assert_eq!(bytes / PAGE_SIZE as usize % 64, 0);
-            all.extend(bits);
         }
         Ok(all)
+    }
+
+    /// Clears the dirty bits of `pages` (one bitmap over every slot): KVM
+    /// write-protects them, and logs the guest's next write to each.
+    pub fn watch(&self, pages: &[u64]) -> io::Result<()> {
+        if !self.manual_clear {
+            return Ok(());
+        }
+        let mut first = 0;
+        for &(slot, bytes) in &self.slots {
+            let words = bytes / PAGE_SIZE as usize / 64;
+            let mut bits: Vec<u64> =
+                pages.iter().copied().skip(first).chain(std::iter::repeat(0)).take(words).collect();
+            if bits.iter().any(|&w| w != 0) {
+                self.clear(slot, &mut bits)?;
+            }
+            first += words;
+        }
+        Ok(())
     }
 }

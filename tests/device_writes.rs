@@ -15,8 +15,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::bus::BusDevice;
 use vmm::devices::io_gate::IoGate;
-use vmm::devices::virtio::BlockDevice;
+use vmm::devices::virtio::block::Block;
+use vmm::devices::virtio::MmioDevice;
 use vmm::disk::{BaseImage, Disk};
 use vmm::memory::{guest_memfd, GuestMemoryMmap, GuestRam};
 use vmm_sys_util::eventfd::EventFd;
@@ -47,12 +49,18 @@ impl Freezer for GateFreezer {
     }
 }
 
-fn reg(dev: &BlockDevice, offset: u64, value: u32) {
-    dev.write(offset, &value.to_le_bytes());
+fn reg(dev: &MmioDevice, offset: u64, value: u32) {
+    dev.write(0, offset, &value.to_le_bytes());
+}
+
+/// A virtio disk on `image`, read-only, writing into `mem`.
+fn disk(image: &std::path::Path, gate: &Arc<IoGate>, mem: &GuestMemoryMmap) -> MmioDevice {
+    let block = Block::new(Disk::read_only(BaseImage::open(image).unwrap()));
+    MmioDevice::new(0, Box::new(block), EventFd::new(0).unwrap(), gate.clone(), mem.clone()).unwrap()
 }
 
 /// Sets the device up as a driver would, with its queue where `vq` lies.
-fn set_up_queue(dev: &BlockDevice, vq: &MockSplitQueue<GuestMemoryMmap>) {
+fn set_up_queue(dev: &MmioDevice, vq: &MockSplitQueue<GuestMemoryMmap>) {
     reg(dev, 0x070, 0); // reset
     reg(dev, 0x070, 1 | 2);
     reg(dev, 0x024, 1);
@@ -117,13 +125,7 @@ fn race_device_against_merges(mode: ProtectMode) {
         a.memory().write_slice(&block(PAGES + p), page(p)).unwrap();
     }
     let gate = Arc::new(IoGate::default());
-    let dev = BlockDevice::new(
-        Disk::read_only(BaseImage::open(&image).unwrap()),
-        EventFd::new(0).unwrap(),
-        gate.clone(),
-        a.memory().clone(),
-    )
-    .unwrap();
+    let dev = disk(&image, &gate, a.memory());
 
     let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
     let engine = Arc::new(Mutex::new(Engine::new(config)));
@@ -253,13 +255,7 @@ fn fill_from_disk_after_scanning(name: &str, log_device_writes: bool) -> (u64, u
     // blocks into those pages.
     e.advance_clock(std::time::Duration::from_secs(60));
     for r in [&a, &b] {
-        let dev = BlockDevice::new(
-            Disk::read_only(BaseImage::open(&image).unwrap()),
-            EventFd::new(0).unwrap(),
-            gate.clone(),
-            r.memory().clone(),
-        )
-        .unwrap();
+        let dev = disk(&image, &gate, r.memory());
         r.memory().write_slice(&[0u8; 1024], GuestAddress(QUEUE)).unwrap();
         let vq = MockSplitQueue::create(r.memory(), GuestAddress(QUEUE), 16);
         r.memory().write_slice(&[0u8; 16], GuestAddress(HEADER)).unwrap();

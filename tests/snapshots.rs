@@ -144,7 +144,11 @@ fn bad_snapshots_are_refused_and_start_nothing() {
     std::fs::OpenOptions::new().write(true).open(truncated.join("memory")).unwrap().set_len(8 << 20).unwrap();
     let other_version = copy("snap-bad-version");
     let state = std::fs::read_to_string(other_version.join("state.json")).unwrap();
-    std::fs::write(other_version.join("state.json"), state.replacen("\"version\":1", "\"version\":7", 1)).unwrap();
+    std::fs::write(
+        other_version.join("state.json"),
+        state.replacen(&format!("\"version\":{}", vmm::snapshot::VERSION), "\"version\":7", 1),
+    )
+    .unwrap();
     let cut_state = copy("snap-bad-cut");
     std::fs::write(cut_state.join("state.json"), &state[..state.len() / 2]).unwrap();
     let cases: [(&Path, &str); 4] = [

@@ -1,7 +1,7 @@
 //! Sequential read throughput of the virtio-blk device, at the device level:
 //! requests of 128 KiB (Linux's default max for one request is larger; 128
 //! KiB is what readahead issues) put on a virtqueue in guest memory and
-//! served by `Block::process_queue`, 32 per kick, over a 256 MiB image in
+//! served by `Block::serve_requests`, 32 per kick, over a 256 MiB image in
 //! the host page cache. Reported for the base image and for a guest's
 //! overlay after it rewrote the whole disk.
 //!
@@ -48,7 +48,7 @@ fn sweep(block: &mut Block, mem: &GuestMemoryMmap, kind: u32) -> f64 {
         }
         vq.add_desc_chains(&descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        block.process_queue(mem, &mut queue, &IoGate::default()).unwrap();
+        block.serve_requests(mem, &mut queue, &IoGate::default()).unwrap();
         assert_eq!(vq.used().idx().load(), PER_KICK);
         sector += PER_KICK as u64 * (REQUEST as u64 / 512);
     }

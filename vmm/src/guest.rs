@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventSubscriber, SubscriberOps};
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootSource};
@@ -15,9 +15,8 @@ use crate::config::GuestConfig;
 use crate::devices::console::Console;
 use crate::devices::doorbell::Doorbell;
 use crate::devices::io_gate::IoGate;
-use crate::devices::virtio::{BlockDevice, BlockState, BLOCK_GSI, BLOCK_QUEUE_NOTIFY};
+use crate::devices::virtio::{self, MmioDevice, SavedDevice, VirtioDevice};
 use crate::devices::{serial, Devices};
-use crate::disk::Disk;
 use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestMemoryMmap, GuestRam};
@@ -97,8 +96,8 @@ pub struct Guest {
 impl Guest {
     /// Builds guest `id` from `config` in `ram`, ready to start: booted from
     /// its kernel, or, with `restore`, from a snapshot's state (its memory
-    /// is in `ram` already). `disk`, if any, becomes its virtio-blk disk
-    /// (`/dev/vda` in Linux).
+    /// is in `ram` already). `virtio` are its virtio devices, in slot
+    /// order (built from the snapshot's state too when restoring).
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         hv: &Hypervisor,
@@ -106,15 +105,19 @@ impl Guest {
         config: &GuestConfig,
         ram: GuestRam,
         console: Console,
-        disk: Option<Disk>,
+        virtio: Vec<Box<dyn VirtioDevice>>,
         options: &GuestOptions,
         restore: Option<&SnapshotState>,
     ) -> Result<Guest> {
         let vcpu_count = config.vcpus as u8;
+        if virtio.len() > virtio::MAX_SLOTS {
+            return Err(Error::bad_input(format!("{} virtio devices; at most {}", virtio.len(), virtio::MAX_SLOTS)));
+        }
         let boot = match restore {
             Some(_) => None,
             None => {
-                let device_args = if disk.is_some() { BlockDevice::cmdline_arg() } else { String::new() };
+                let device_args: Vec<String> = (0..virtio.len()).map(virtio::cmdline_arg).collect();
+                let device_args = device_args.join(" ");
                 let source = BootSource {
                     kernel: &config.kernel,
                     initrd: config.initrd.as_deref(),
@@ -139,24 +142,27 @@ impl Guest {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
         let io_gate = Arc::new(IoGate::default());
-        let disk = match disk {
-            Some(disk) => {
-                let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
-                vm.register_irqfd(&irq, BLOCK_GSI).map_err(|e| kvm_err("cannot wire the disk interrupt", e))?;
-                let device = BlockDevice::new(disk, irq, io_gate.clone(), ram.memory().clone())
-                    .map_err(|e| Error::host(format!("eventfd: {e}")))?;
-                if let Some(saved) = restore.and_then(|s| s.disk.as_ref()) {
-                    device.restore(&saved.transport).map_err(|e| restore_err(format!("its disk: {e}")))?;
-                }
-                let kick = IoEventAddress::Mmio(BLOCK_QUEUE_NOTIFY);
-                if let Err(e) = vm.register_ioevent(&device.notify, &kick, NoDatamatch) {
-                    // Kicks then exit to the vCPU thread, which serves them.
-                    log::warn!("guest {id}: no ioeventfd for the disk ({e}); serving it on vCPU exits");
-                }
-                Some(Arc::new(device))
+        let mut devices = Vec::with_capacity(virtio.len());
+        for (slot, device) in virtio.into_iter().enumerate() {
+            let name = device.name();
+            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
+            vm.register_irqfd(&irq, virtio::FIRST_GSI + slot as u32)
+                .map_err(|e| kvm_err(&format!("cannot wire {name}'s interrupt"), e))?;
+            let device = MmioDevice::new(slot, device, irq, io_gate.clone(), ram.memory().clone())
+                .map_err(|e| Error::host(format!("eventfd: {e}")))?;
+            if let Some(snapshot) = restore {
+                let saved = snapshot.devices.iter().find(|d| d.slot == slot);
+                let saved = saved.ok_or_else(|| restore_err(format!("no state for {name} in slot {slot}")))?;
+                device.restore(saved).map_err(restore_err)?;
             }
-            None => None,
-        };
+            for (fd, addr, queue) in device.notifications() {
+                if let Err(e) = vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), queue) {
+                    // Kicks then exit to the vCPU thread, which serves them.
+                    log::warn!("guest {id}: no ioeventfd for {name}'s queue {queue} ({e}); serving it on vCPU exits");
+                }
+            }
+            devices.push(Arc::new(device));
+        }
         let (serial, doorbell) = match restore {
             Some(snapshot) => (
                 serial::restore(&snapshot.serial, serial_irq, console.clone()).map_err(restore_err)?,
@@ -164,7 +170,7 @@ impl Guest {
             ),
             None => (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count)),
         };
-        let devices = Devices::new(serial, doorbell, console, disk);
+        let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
         let vcpus = (0..vcpu_count)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
@@ -209,10 +215,11 @@ impl Guest {
     /// last of them has left.
     pub fn start(&mut self, finished: Sender<usize>) -> std::io::Result<()> {
         self.shared.devices.doorbell.mark_start();
-        if let Some(disk) = &self.shared.devices.disk {
-            self.io = Some(spawn_io_thread(self.id, disk.clone())?);
-            // A restored guest's last kick may not have been served.
-            disk.kick();
+        let virtio = &self.shared.devices.virtio;
+        if !virtio.is_empty() {
+            self.io = Some(spawn_io_thread(self.id, virtio)?);
+            // A restored guest's last kicks may not have been served.
+            virtio.iter().for_each(|d| d.kick());
         }
         self.started = true;
         for (index, fd) in self.vcpus.iter().cloned().enumerate() {
@@ -266,9 +273,9 @@ impl Guest {
     }
 
     /// Writes the guest to `dir` (see `snapshot.rs`). The guest must have
-    /// started and be paused (its vCPUs parked); its disk's I/O thread is
-    /// held for the time it takes, so no device writes guest memory or the
-    /// disk meanwhile. Returns the pages written and that time.
+    /// started and be paused (its vCPUs parked); its devices are held for
+    /// the time it takes, so none writes guest memory or its backend
+    /// meanwhile. Returns the pages written and that time.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<Written> {
         if !self.started || !self.shared.gate.is_paused() {
             return Err(Error::conflict(format!(
@@ -277,18 +284,18 @@ impl Guest {
             )));
         }
         let held = std::time::Instant::now();
-        let disk = self.shared.devices.disk.as_ref().map(|d| d.hold());
-        let disk_state = disk
-            .as_ref()
-            .map(|d| d.save(&dir.join(crate::snapshot::OVERLAY_FILE)))
-            .transpose()
-            .map_err(|e| Error::host(format!("cannot save the disk to {}: {e}", dir.display())))?;
-        let pages = self.write_snapshot(dir, disk_state)?;
-        drop(disk);
+        let devices: Vec<_> = self.shared.devices.virtio.iter().map(|d| d.hold()).collect();
+        let saved = devices
+            .iter()
+            .map(|d| d.save(dir))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::host(format!("cannot save the devices to {}: {e}", dir.display())))?;
+        let pages = self.write_snapshot(dir, saved)?;
+        drop(devices);
         Ok(Written { pages, micros: held.elapsed().as_micros() as u64 })
     }
 
-    fn write_snapshot(&self, dir: &std::path::Path, disk: Option<BlockState>) -> Result<u64> {
+    fn write_snapshot(&self, dir: &std::path::Path, devices: Vec<SavedDevice>) -> Result<u64> {
         let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("cannot save {what}: {e}"));
         let vcpus = self
             .vcpus
@@ -306,7 +313,7 @@ impl Guest {
             vcpus,
             self.shared.devices.serial_state(),
             self.shared.devices.doorbell.save(),
-            disk,
+            devices,
         );
         crate::snapshot::write(dir, &state, &self.ram)
             .map_err(|e| Error::host(format!("cannot write the snapshot to {}: {e}", dir.display())))
@@ -423,13 +430,15 @@ impl dedup::DirtyTracker for DirtyPages {
     }
 }
 
-/// The guest's device event loop: serves its disk's queue kicks (ioeventfd)
-/// until told to stop.
-fn spawn_io_thread(id: usize, disk: Arc<BlockDevice>) -> std::io::Result<(JoinHandle<()>, Arc<AtomicBool>)> {
+/// The guest's device event loop: serves its virtio devices' queue kicks
+/// (ioeventfds) and host descriptors until told to stop.
+fn spawn_io_thread(id: usize, devices: &[Arc<MmioDevice>]) -> std::io::Result<(JoinHandle<()>, Arc<AtomicBool>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut events = EventManager::<Arc<dyn EventSubscriber + Send + Sync>>::new()
         .map_err(|e| std::io::Error::other(format!("event loop: {e}")))?;
-    events.add_subscriber(disk);
+    for device in devices {
+        events.add_subscriber(device.clone());
+    }
     let thread = {
         let stop = stop.clone();
         std::thread::Builder::new().name("io".into()).spawn(move || {

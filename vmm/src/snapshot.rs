@@ -37,8 +37,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::GuestConfig;
 use crate::devices::doorbell::DoorbellState;
 use crate::devices::serial::SerialSnapshot;
-use crate::devices::virtio::BlockState;
-use crate::disk::{BaseImage, DiskError};
+use crate::devices::virtio::{self, SavedDevice};
 use crate::error::{Error, Result};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::vstate::state::{VcpuState, VmState};
@@ -46,7 +45,7 @@ use crate::vstate::state::{VcpuState, VmState};
 /// What `state.json` says it is.
 const FORMAT: &str = "vmm-snapshot";
 /// Bumped whenever the state's layout changes: another version is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory";
 /// The clusters the guest's disk overlay held.
@@ -67,8 +66,9 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub doorbell: DoorbellState,
-    /// The virtio disk, if the guest has one (its overlay is [`OVERLAY_FILE`]).
-    pub disk: Option<BlockState>,
+    /// Its virtio devices, in slot order (a disk's overlay is
+    /// [`OVERLAY_FILE`]).
+    pub devices: Vec<SavedDevice>,
 }
 
 /// Only the fields every version has: read first, so another version gets
@@ -95,9 +95,14 @@ impl SnapshotState {
         vcpus: Vec<VcpuState>,
         serial: SerialSnapshot,
         doorbell: DoorbellState,
-        disk: Option<BlockState>,
+        devices: Vec<SavedDevice>,
     ) -> Self {
-        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell, disk }
+        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell, devices }
+    }
+
+    /// The saved state of the device called `name`.
+    pub fn device(&self, name: &str) -> Option<&SavedDevice> {
+        self.devices.iter().find(|d| d.name == name)
     }
 
     /// Reads and checks the snapshot in `dir`: its version, that its memory
@@ -132,19 +137,8 @@ impl SnapshotState {
                 state.config.vcpus
             )));
         }
-        match (&state.config.disk, &state.disk) {
-            (None, None) => {}
-            (Some(path), Some(disk)) => {
-                let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
-                if !disk.disk.matches(&base) {
-                    return Err(Error::bad_input(DiskError::Changed(path.clone()).to_string()));
-                }
-                if disk.disk.has_overlay() && !dir.join(OVERLAY_FILE).is_file() {
-                    return Err(Error::bad_input(format!("snapshot {name} has no {OVERLAY_FILE} file for its disk")));
-                }
-            }
-            _ => return Err(Error::bad_input(format!("snapshot {name}: its disk state does not fit its guest"))),
-        }
+        virtio::check_saved(&state.config, &state.devices, dir)
+            .map_err(|e| Error::bad_input(format!("snapshot {name}: {e}")))?;
         let memory = dir.join(MEMORY_FILE);
         let size = std::fs::metadata(&memory)
             .map_err(|e| Error::bad_input(format!("snapshot {name} has no readable memory file: {e}")))?

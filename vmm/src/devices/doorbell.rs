@@ -48,11 +48,6 @@ pub fn gap_ticks(bucket: usize) -> u64 {
     u64::try_from((8 + sub) << (top - 3).min(100)).unwrap_or(u64::MAX)
 }
 
-/// The register offset of `addr`, if it is in the doorbell page.
-pub fn offset(addr: u64) -> Option<u64> {
-    (DOORBELL_BASE..DOORBELL_BASE + DOORBELL_SIZE).contains(&addr).then(|| addr - DOORBELL_BASE)
-}
-
 pub struct Doorbell {
     guest_id: u64,
     vcpus: u8,
@@ -406,7 +401,5 @@ mod tests {
             d.write(0, CONSOLE, u64::from(*b), &c);
         }
         assert_eq!(c.tail(), "hi\n");
-        assert_eq!(offset(DOORBELL_BASE + 0x18), Some(DONE));
-        assert_eq!(offset(DOORBELL_BASE + DOORBELL_SIZE), None);
     }
 }

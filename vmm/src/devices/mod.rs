@@ -1,6 +1,9 @@
-//! Emulated devices. Each guest has one `Devices`; its vCPU threads route
-//! port I/O and MMIO exits here.
+//! Emulated devices. Each guest has one `Devices`: a port I/O bus and an
+//! MMIO bus ([`bus::Bus`]) its vCPU threads route their exits through, and
+//! the devices themselves for the rest of the VMM (snapshots, the I/O
+//! thread, memtest's progress).
 
+pub mod bus;
 pub mod console;
 pub mod doorbell;
 pub mod i8042;
@@ -8,9 +11,10 @@ pub mod io_gate;
 pub mod serial;
 pub mod virtio;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::outcome::GuestEnd;
+use bus::{Bus, BusDevice};
 use console::Console;
 use doorbell::Doorbell;
 use serial::Serial;
@@ -29,75 +33,96 @@ pub enum Action {
 
 /// The devices of one guest.
 pub struct Devices {
-    serial: Mutex<Serial>,
-    pub doorbell: Doorbell,
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<SerialPort>,
+    pub doorbell: Arc<Doorbell>,
     pub console: Console,
-    pub disk: Option<std::sync::Arc<virtio::BlockDevice>>,
+    /// In slot order.
+    pub virtio: Vec<Arc<virtio::MmioDevice>>,
 }
 
 impl Devices {
+    /// Puts the devices on their buses: COM1 and the i8042's ports, the
+    /// doorbell page and each virtio device's slot.
     pub fn new(
         serial: Serial,
         doorbell: Doorbell,
         console: Console,
-        disk: Option<std::sync::Arc<virtio::BlockDevice>>,
-    ) -> Self {
-        Devices { serial: Mutex::new(serial), doorbell, console, disk }
+        virtio: Vec<Arc<virtio::MmioDevice>>,
+    ) -> Result<Self, String> {
+        let serial = Arc::new(SerialPort(Mutex::new(serial)));
+        let doorbell = Arc::new(doorbell);
+        let (mut pio, mut mmio) = (Bus::default(), Bus::default());
+        pio.insert(u64::from(serial::COM1_BASE), 8, serial.clone())?;
+        for port in i8042::PORTS {
+            pio.insert(u64::from(port), 1, Arc::new(i8042::Port(port)))?;
+        }
+        let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
+        mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
+        for device in &virtio {
+            let (base, len) = device.range();
+            mmio.insert(base, len, device.clone())?;
+        }
+        Ok(Devices { pio, mmio, serial, doorbell, console, virtio })
     }
 
     /// The serial port's registers, for a snapshot.
     pub fn serial_state(&self) -> serial::SerialSnapshot {
-        self.serial.lock().unwrap().state().into()
+        self.serial.0.lock().unwrap().state().into()
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
-        if let Some(offset) = serial::offset(port) {
-            data[0] = self.serial.lock().unwrap().read(offset);
-        } else if i8042::handles(port) {
-            data.fill(0);
-        } else {
-            // Nothing here: reads float high, as on real hardware.
-            data.fill(0xff);
-        }
+        self.pio.read(0, u64::from(port), data);
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Action {
-        if let Some(offset) = serial::offset(port) {
-            if let Err(e) = self.serial.lock().unwrap().write(offset, data[0]) {
-                log::warn!("serial write failed: {e}");
-            }
-        } else if i8042::is_reset(port, data) {
-            return Action::EndGuest(GuestEnd::Reset);
-        }
-        Action::Continue
+        self.pio.write(0, u64::from(port), data)
     }
 
     pub fn mmio_read(&self, vcpu: u8, addr: u64, data: &mut [u8]) {
-        if let Some(offset) = doorbell::offset(addr) {
-            let value = self.doorbell.read(vcpu, offset).to_le_bytes();
-            let n = data.len().min(8);
-            data[..n].copy_from_slice(&value[..n]);
-        } else if let (Some(disk), Some(offset)) = (&self.disk, virtio::BlockDevice::offset(addr)) {
-            disk.read(offset, data);
-        } else {
-            log::debug!("guest read of unknown MMIO address {addr:#x}");
-            data.fill(0xff);
-        }
+        self.mmio.read(vcpu, addr, data);
     }
 
     pub fn mmio_write(&self, vcpu: u8, addr: u64, data: &[u8]) -> Action {
-        if let Some(offset) = doorbell::offset(addr) {
-            let mut value = [0u8; 8];
-            let n = data.len().min(8);
-            value[..n].copy_from_slice(&data[..n]);
-            return self.doorbell.write(vcpu, offset, u64::from_le_bytes(value), &self.console);
+        self.mmio.write(vcpu, addr, data)
+    }
+}
+
+/// COM1's eight registers.
+struct SerialPort(Mutex<Serial>);
+
+impl BusDevice for SerialPort {
+    fn read(&self, _vcpu: u8, offset: u64, data: &mut [u8]) {
+        data[0] = self.0.lock().unwrap().read(offset as u8);
+    }
+
+    fn write(&self, _vcpu: u8, offset: u64, data: &[u8]) -> Action {
+        if let Err(e) = self.0.lock().unwrap().write(offset as u8, data[0]) {
+            log::warn!("serial write failed: {e}");
         }
-        if let (Some(disk), Some(offset)) = (&self.disk, virtio::BlockDevice::offset(addr)) {
-            disk.write(offset, data);
-            return Action::Continue;
-        }
-        log::debug!("guest write to unknown MMIO address {addr:#x}");
         Action::Continue
+    }
+}
+
+/// The doorbell's page, whose console register writes to the console.
+struct DoorbellPage {
+    doorbell: Arc<Doorbell>,
+    console: Console,
+}
+
+impl BusDevice for DoorbellPage {
+    fn read(&self, vcpu: u8, offset: u64, data: &mut [u8]) {
+        let value = self.doorbell.read(vcpu, offset).to_le_bytes();
+        let n = data.len().min(8);
+        data[..n].copy_from_slice(&value[..n]);
+    }
+
+    fn write(&self, vcpu: u8, offset: u64, data: &[u8]) -> Action {
+        let mut value = [0u8; 8];
+        let n = data.len().min(8);
+        value[..n].copy_from_slice(&data[..n]);
+        self.doorbell.write(vcpu, offset, u64::from_le_bytes(value), &self.console)
     }
 }
 
@@ -106,13 +131,42 @@ mod tests {
     use super::*;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+    fn bare_devices() -> Devices {
+        let console = Console::with_sink(Box::new(std::io::sink()));
+        let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
+        Devices::new(serial, Doorbell::new(7, 1), console, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn the_buses_route_each_port_and_page_to_its_device() {
+        let devices = bare_devices();
+        // The i8042: only its command port takes the reset command.
+        assert_eq!(devices.pio_write(0x60, &[0xfe]), Action::Continue);
+        assert_eq!(devices.pio_write(0x64, &[0xd1]), Action::Continue);
+        assert_eq!(devices.pio_write(0x64, &[0xfe]), Action::EndGuest(GuestEnd::Reset));
+        let mut b = [7u8];
+        devices.pio_read(0x64, &mut b);
+        assert_eq!(b, [0]);
+        // Nothing at 0x70 or in the first virtio slot: all ones.
+        devices.pio_read(0x70, &mut b);
+        assert_eq!(b, [0xff]);
+        let mut w = [0u8; 4];
+        devices.mmio_read(0, virtio::MMIO_BASE, &mut w);
+        assert_eq!(w, [0xff; 4]);
+        // The doorbell's console register reaches the console.
+        for c in b"ok" {
+            devices.mmio_write(0, doorbell::DOORBELL_BASE, &[*c]);
+        }
+        assert!(devices.console.tail().ends_with("ok"), "{:?}", devices.console.tail());
+    }
+
     /// Port I/O and MMIO anywhere, with any data, as a hostile guest would:
     /// the serial port, the i8042 and the doorbell take it all.
     #[test]
     fn fuzzed_port_and_mmio_accesses() {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
-        let devices = Devices::new(serial, Doorbell::new(7, 2), console, None);
+        let devices = Devices::new(serial, Doorbell::new(7, 2), console, Vec::new()).unwrap();
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..50_000 {
             x ^= x << 13;

@@ -30,11 +30,6 @@ pub fn new(irq: EventFd, console: Console) -> Serial {
     vm_superio::Serial::new(IrqLine(irq), console)
 }
 
-/// The register offset for `port`, if it belongs to COM1.
-pub fn offset(port: u16) -> Option<u8> {
-    (COM1_BASE..COM1_BASE + 8).contains(&port).then(|| (port - COM1_BASE) as u8)
-}
-
 /// The UART's registers and input FIFO, as a snapshot keeps them.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SerialSnapshot {

@@ -17,13 +17,16 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ipc::{self, Event, Reply, Request, Setup};
+use crate::config::GuestConfig;
 use crate::devices::console::Console;
+use crate::devices::virtio::{block::Block, device::from_value, Persist, VirtioDevice};
 use crate::disk::{BaseImage, Disk};
 use crate::error::{Error, Result};
 use crate::guest::{Guest, GuestOptions};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
+use crate::snapshot::SnapshotState;
 
 pub fn main() -> ExitCode {
     // A panic anywhere ends this guest at once, with its message on stderr
@@ -230,28 +233,14 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     if setup.ksm {
         ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
     }
-    let disk = match &config.disk {
-        None => None,
-        Some(path) => {
-            let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
-            let saved = restore.and_then(|(state, dir)| Some((dir, state.disk.as_ref()?)));
-            Some(match (&setup.disk_overlay, saved) {
-                (Some(overlay), Some((dir, saved))) => {
-                    Disk::restore(base, &saved.disk, &dir.join(crate::snapshot::OVERLAY_FILE), overlay)
-                        .map_err(|e| Error::bad_input(e.to_string()))?
-                }
-                (Some(overlay), None) => Disk::with_overlay(base, overlay).map_err(|e| Error::host(e.to_string()))?,
-                (None, _) => Disk::read_only(base),
-            })
-        }
-    };
+    let virtio = virtio_devices(config, setup.disk_overlay.clone(), restore)?;
     // SAFETY: the supervisor always passes the console descriptor.
     let console = Console::with_sink(Box::new(unsafe { File::from_raw_fd(ipc::FD_CONSOLE) }));
     let options = GuestOptions {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),
     };
-    let guest = Guest::create(&hv, setup.id, config, ram, console, disk, &options, restore.map(|(state, _)| state))?;
+    let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, &options, restore.map(|(state, _)| state))?;
     let agent = match setup.sharing {
         None => None,
         Some(agent) => {
@@ -274,6 +263,32 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         }
     };
     Ok((guest, agent))
+}
+
+/// The guest's virtio devices in slot order (`virtio::planned`), each
+/// built afresh or from its state in the snapshot it is restored from.
+/// `disk_overlay` is where the guest's disk writes go (none: read-only).
+fn virtio_devices(
+    config: &GuestConfig,
+    disk_overlay: Option<std::path::PathBuf>,
+    restore: Option<(&SnapshotState, &std::path::Path)>,
+) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(path) = &config.disk {
+        let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
+        let saved = restore.and_then(|(state, dir)| Some((state.device(crate::devices::virtio::block::NAME)?, dir)));
+        let block = match (saved, disk_overlay) {
+            (Some((saved, dir)), overlay) => from_value::<Block>(&saved.state)
+                .and_then(|state| Block::restore((base, overlay), &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's disk: {e}")))?,
+            (None, Some(overlay)) => {
+                Block::new(Disk::with_overlay(base, &overlay).map_err(|e| Error::host(e.to_string()))?)
+            }
+            (None, None) => Block::new(Disk::read_only(base)),
+        };
+        devices.push(Box::new(block));
+    }
+    Ok(devices)
 }
 
 fn error_reply(kind: crate::error::Kind, message: impl Into<String>) -> (Reply, Vec<u8>) {

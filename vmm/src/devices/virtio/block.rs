@@ -10,13 +10,22 @@
 //! them alone.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemory;
 
+use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::VIRTIO_F_VERSION_1;
 use crate::devices::io_gate::IoGate;
-use crate::disk::{Disk, SECTOR_SIZE};
+use crate::disk::{BaseImage, Disk, DiskState, SECTOR_SIZE};
+use crate::snapshot::OVERLAY_FILE;
+
+/// How snapshots name it.
+pub const NAME: &str = "virtio-blk";
+const VIRTIO_ID_BLOCK: u32 = 2;
+const QUEUE_SIZES: &[u16] = &[256];
 
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
@@ -69,7 +78,7 @@ impl Block {
     /// Disk I/O happens outside `gate`; only the writes into guest memory
     /// (data, status, the used ring) happen inside it, so a merge freeze
     /// waits for one copy at most, never for a disk.
-    pub fn process_queue<M: GuestMemory>(
+    pub fn serve_requests<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
@@ -150,6 +159,71 @@ impl Block {
             other => Err(Failure::Unsupported(other)),
         }
     }
+}
+
+impl VirtioDevice for Block {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &'static [u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        Block::features(self)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn process_queue(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        Ok(u32::from(self.serve_requests(q.mem, &mut q.queues[index], q.gate)?))
+    }
+
+    fn save(&self, dir: &Path) -> std::io::Result<serde_json::Value> {
+        device::to_value(self, dir)
+    }
+}
+
+/// A disk's state is where its overlay's clusters are; they go to the
+/// snapshot's [`OVERLAY_FILE`].
+impl Persist for Block {
+    type State = DiskState;
+    /// The base image, and where the guest's own overlay goes (none: a
+    /// read-only disk, whose saved state is nothing but its base).
+    type Args = (Arc<BaseImage>, Option<PathBuf>);
+
+    fn save_state(&self, dir: &Path) -> std::io::Result<DiskState> {
+        self.disk.save(&dir.join(OVERLAY_FILE))
+    }
+
+    fn restore((base, overlay): Self::Args, state: &DiskState, dir: &Path) -> Result<Block, String> {
+        let disk = match overlay {
+            Some(overlay) => Disk::restore(base, state, &dir.join(OVERLAY_FILE), &overlay),
+            None => Ok(Disk::read_only(base)),
+        };
+        disk.map(Block::new).map_err(|e| e.to_string())
+    }
+}
+
+/// Checks a snapshot's disk state against the base image the guest names
+/// (`path`), before anything is built from it.
+pub fn check_saved(path: &Path, saved: &serde_json::Value, dir: &Path) -> Result<(), String> {
+    let state = device::from_value::<Block>(saved)?;
+    let base = BaseImage::open(path).map_err(|e| e.to_string())?;
+    if !state.matches(&base) {
+        return Err(crate::disk::DiskError::Changed(path.to_path_buf()).to_string());
+    }
+    if state.has_overlay() && !dir.join(OVERLAY_FILE).is_file() {
+        return Err(format!("no {OVERLAY_FILE} file for its disk"));
+    }
+    Ok(())
 }
 
 /// What a request puts back into guest memory.
@@ -254,7 +328,7 @@ mod tests {
         let vq = MockSplitQueue::new(mem, 16);
         vq.build_desc_chain(descs).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        assert!(block.process_queue(mem, &mut queue, &IoGate::default()).unwrap());
+        assert!(block.serve_requests(mem, &mut queue, &IoGate::default()).unwrap());
         assert_eq!(vq.used().idx().load(), 1, "the request was not returned");
         let used = vq.used().ring().ref_at(0).unwrap().load();
         (mem.read_obj(GuestAddress(STATUS)).unwrap(), used.len())
@@ -327,7 +401,7 @@ mod tests {
         .unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
         std::thread::scope(|s| {
-            let device = s.spawn(|| blk.process_queue(&mem, &mut queue, &gate).unwrap());
+            let device = s.spawn(|| blk.serve_requests(&mem, &mut queue, &gate).unwrap());
             // The write reaches the disk during the freeze...
             let overlay = dir.join("o");
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

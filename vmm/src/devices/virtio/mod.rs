@@ -1,161 +1,295 @@
 //! virtio devices (virtio 1.x) on the virtio-mmio transport. Linux learns
 //! of them from its command line (`virtio_mmio.device=`).
+//!
+//! Each device ([`VirtioDevice`]: blk today) sits behind one
+//! [`MmioDevice`], which holds the transport's registers, a queue
+//! notification per queue (an ioeventfd KVM signals without an exit to
+//! user space), the interrupt (an irqfd) and the snapshot of both halves.
+//! Devices take slots in order: slot i's registers are the i-th page from
+//! [`MMIO_BASE`] and its interrupt line is [`FIRST_GSI`] + i.
 
 pub mod block;
+pub mod device;
 pub mod mmio;
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::memory::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, EventSubscriber, Events};
+use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
-use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::GuestConfig;
+use crate::devices::bus::BusDevice;
 use crate::devices::io_gate::IoGate;
-use crate::disk::{Disk, DiskState};
-use block::Block;
-use mmio::{MmioEvent, MmioTransport, TransportState, INT_VRING, MMIO_SIZE};
+use crate::devices::Action;
+use crate::memory::GuestMemoryMmap;
+pub use device::{Persist, Queues, Used, VirtioDevice};
+use mmio::{MmioEvent, MmioTransport, TransportState, CONFIG_SPACE, INT_VRING, MMIO_SIZE};
 
 /// Feature bit: virtio 1.x (modern) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-/// Where the disk's registers are (the page after the doorbell) and its
-/// interrupt line.
-pub const BLOCK_MMIO_BASE: u64 = 0xD000_1000;
-pub const BLOCK_GSI: u32 = 5;
-const QUEUE_SIZE: u16 = 256;
-/// The QueueNotify register, which KVM turns into an ioeventfd signal.
-pub const BLOCK_QUEUE_NOTIFY: u64 = BLOCK_MMIO_BASE + 0x50;
+/// Slot 0's registers: the page after the doorbell.
+pub const MMIO_BASE: u64 = 0xD000_1000;
+/// Slot 0's interrupt line (COM1 has 4).
+pub const FIRST_GSI: u32 = 5;
+/// Slots, and so interrupt lines 5 to 10 (11 and up are left to the
+/// legacy devices Linux probes for).
+pub const MAX_SLOTS: usize = 6;
+/// The QueueNotify register's offset.
+const QUEUE_NOTIFY: u64 = 0x50;
 
-/// A guest's disk: the virtio-mmio registers, the request handler, the
-/// queue notification (an ioeventfd) and the interrupt (an irqfd).
+/// Where slot `slot`'s registers are.
+pub fn slot_base(slot: usize) -> u64 {
+    MMIO_BASE + slot as u64 * MMIO_SIZE
+}
+
+/// The kernel parameter that announces slot `slot`'s device to Linux.
+pub fn cmdline_arg(slot: usize) -> String {
+    format!("virtio_mmio.device=4K@{:#x}:{}", slot_base(slot), FIRST_GSI + slot as u32)
+}
+
+/// The virtio devices a guest of `config` has, by name, in slot order.
+pub fn planned(config: &GuestConfig) -> Vec<&'static str> {
+    config.disk.iter().map(|_| block::NAME).collect()
+}
+
+/// Checks a snapshot's device states against its guest's configuration
+/// (the devices it has, in their slots) and each against its backend.
+pub fn check_saved(config: &GuestConfig, saved: &[SavedDevice], dir: &Path) -> Result<(), String> {
+    let have: Vec<(usize, &str)> = saved.iter().map(|d| (d.slot, d.name.as_str())).collect();
+    let want: Vec<(usize, &str)> = planned(config).into_iter().enumerate().collect();
+    if have != want {
+        return Err(format!("its device states {have:?} do not fit its guest's devices {want:?}"));
+    }
+    for device in saved {
+        let checked = match (device.name.as_str(), &config.disk) {
+            (block::NAME, Some(path)) => block::check_saved(path, &device.state, dir),
+            (name, _) => Err(format!("no device is called {name}")),
+        };
+        checked.map_err(|e| format!("{}: {e}", device.name))?;
+    }
+    Ok(())
+}
+
+/// A virtio device on the virtio-mmio transport, in its slot.
 ///
-/// Queue kicks reach the guest's I/O thread through the ioeventfd, without
-/// an exit to user space; that thread serves the requests, writing guest
-/// memory only inside the guest's [`IoGate`], which a merge freeze closes,
-/// so no device write to guest memory overlaps a merge (docs/dedup.md).
-/// Without an ioeventfd the kick exits to the vCPU thread, which serves it
-/// the same way.
-pub struct BlockDevice {
-    state: Mutex<(MmioTransport, Block)>,
+/// Queue kicks reach the guest's I/O thread through the ioeventfds, without
+/// an exit to user space; that thread serves them, and the device writes
+/// guest memory only inside the guest's [`IoGate`], which a merge freeze
+/// closes, so no device write to guest memory overlaps a merge
+/// (docs/dedup.md). Without an ioeventfd a kick exits to the vCPU thread,
+/// which serves it the same way.
+pub struct MmioDevice {
+    slot: usize,
+    name: &'static str,
+    state: Mutex<Inner>,
     irq: EventFd,
-    /// Signalled by KVM when the guest writes QueueNotify.
-    pub notify: EventFd,
+    /// One per queue, signalled by KVM when the driver writes the queue's
+    /// index to QueueNotify.
+    notify: Vec<EventFd>,
+    host_fds: Vec<RawFd>,
     io_gate: Arc<IoGate>,
     mem: GuestMemoryMmap,
 }
 
-impl BlockDevice {
-    pub fn new(disk: Disk, irq: EventFd, io_gate: Arc<IoGate>, mem: GuestMemoryMmap) -> std::io::Result<BlockDevice> {
-        let block = Block::new(disk);
-        let transport =
-            MmioTransport::new(VIRTIO_ID_BLOCK, block.features(), block.config_space().to_vec(), QUEUE_SIZE);
-        let notify = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
-        Ok(BlockDevice { state: Mutex::new((transport, block)), irq, notify, io_gate, mem })
+struct Inner {
+    transport: MmioTransport,
+    device: Box<dyn VirtioDevice>,
+}
+
+/// What a snapshot keeps of a device: its slot and name (to find it
+/// again), the transport's registers and queues, and the device's own
+/// state ([`Persist`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SavedDevice {
+    pub slot: usize,
+    pub name: String,
+    pub transport: TransportState,
+    pub state: serde_json::Value,
+}
+
+impl MmioDevice {
+    pub fn new(
+        slot: usize,
+        device: Box<dyn VirtioDevice>,
+        irq: EventFd,
+        io_gate: Arc<IoGate>,
+        mem: GuestMemoryMmap,
+    ) -> std::io::Result<MmioDevice> {
+        let transport = MmioTransport::new(device.device_type(), device.features(), device.queue_max_sizes());
+        let notify =
+            device.queue_max_sizes().iter().map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<_>>()?;
+        Ok(MmioDevice {
+            slot,
+            name: device.name(),
+            host_fds: device.host_fds(),
+            state: Mutex::new(Inner { transport, device }),
+            irq,
+            notify,
+            io_gate,
+            mem,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Where its registers are, and how many bytes.
+    pub fn range(&self) -> (u64, u64) {
+        (slot_base(self.slot), MMIO_SIZE)
+    }
+
+    /// Each queue's notification, with the address and value of the
+    /// register write that signals it (for KVM's ioeventfds).
+    pub fn notifications(&self) -> impl Iterator<Item = (&EventFd, u64, u32)> {
+        let addr = slot_base(self.slot) + QUEUE_NOTIFY;
+        self.notify.iter().enumerate().map(move |(i, fd)| (fd, addr, i as u32))
     }
 
     /// Holds the device still until the guard is dropped: its I/O thread
     /// finishes the pass it is in and then waits, writing neither guest
-    /// memory nor the disk (a snapshot is taken meanwhile).
-    pub fn hold(&self) -> HeldBlock<'_> {
-        HeldBlock(self.state.lock().unwrap())
+    /// memory nor its backend (a snapshot is taken meanwhile).
+    pub fn hold(&self) -> HeldDevice<'_> {
+        HeldDevice { slot: self.slot, inner: self.state.lock().unwrap() }
     }
 
-    /// Takes a saved transport state (a restored guest, before it runs).
-    pub fn restore(&self, saved: &TransportState) -> Result<(), String> {
-        self.state.lock().unwrap().0.restore(saved)
+    /// Takes its transport's saved state (a restored guest, before it
+    /// runs); the device itself was built from its part.
+    pub fn restore(&self, saved: &SavedDevice) -> Result<(), String> {
+        if saved.name != self.name || saved.slot != self.slot {
+            return Err(format!(
+                "the state of {} in slot {} is not for {} in slot {}",
+                saved.name, saved.slot, self.name, self.slot
+            ));
+        }
+        self.state.lock().unwrap().transport.restore(&saved.transport)
     }
 
-    /// Has the I/O thread look at the queue once: a restored guest's last
-    /// kick may have been pending when its snapshot was taken.
+    /// Has the I/O thread look at every queue once: a restored guest's
+    /// last kicks may have been pending when its snapshot was taken.
     pub fn kick(&self) {
-        let _ = self.notify.write(1);
-    }
-
-    /// The kernel parameter that announces the device to Linux.
-    pub fn cmdline_arg() -> String {
-        format!("virtio_mmio.device=4K@{BLOCK_MMIO_BASE:#x}:{BLOCK_GSI}")
-    }
-
-    /// The register offset of `addr`, if it is this device's.
-    pub fn offset(addr: u64) -> Option<u64> {
-        (BLOCK_MMIO_BASE..BLOCK_MMIO_BASE + MMIO_SIZE).contains(&addr).then(|| addr - BLOCK_MMIO_BASE)
-    }
-
-    pub fn read(&self, offset: u64, data: &mut [u8]) {
-        self.state.lock().unwrap().0.read(offset, data);
-    }
-
-    pub fn write(&self, offset: u64, data: &[u8]) {
-        let mut state = self.state.lock().unwrap();
-        let (transport, block) = &mut *state;
-        if transport.write(offset, data) == MmioEvent::QueueNotify {
-            self.serve(transport, block);
+        for fd in &self.notify {
+            let _ = fd.write(1);
         }
     }
 
-    fn serve(&self, transport: &mut MmioTransport, block: &mut Block) {
-        if !transport.is_live() || !transport.queue_mut().is_valid(&self.mem) {
-            log::warn!("virtio-blk: queue kicked before the driver set it up; ignored");
+    /// Serves queue `index` after a kick.
+    fn serve(&self, inner: &mut Inner, index: usize) {
+        let Inner { transport, device } = inner;
+        let live = transport.is_live();
+        let queue = &mut transport.queues_mut()[index];
+        if !live || !queue.ready() || !queue.is_valid(&self.mem) {
+            log::warn!("{}: queue {index} kicked before the driver set it up; ignored", self.name);
             return;
         }
-        match block.process_queue(&self.mem, transport.queue_mut(), &self.io_gate) {
-            Ok(false) => {}
-            Ok(true) => {
-                if transport.queue_mut().needs_notification(&self.mem).unwrap_or(true) {
-                    transport.interrupt_status |= INT_VRING;
-                    if let Err(e) = self.irq.write(1) {
-                        log::warn!("virtio-blk: cannot raise the interrupt: {e}");
-                    }
-                }
+        let mut q = Queues { mem: &self.mem, queues: transport.queues_mut(), gate: &self.io_gate };
+        let used = device.process_queue(index, &mut q);
+        self.finish(transport, used);
+    }
+
+    /// Raises the interrupt if a queue the device used wants one.
+    fn finish(&self, transport: &mut MmioTransport, used: Result<Used, virtio_queue::Error>) {
+        let used = match used {
+            Ok(used) => used,
+            Err(e) => return log::warn!("{}: a queue is broken: {e}", self.name),
+        };
+        let mut raise = false;
+        for (i, queue) in transport.queues_mut().iter_mut().enumerate() {
+            if used & (1 << i) != 0 {
+                raise |= queue.needs_notification(&self.mem).unwrap_or(true);
             }
-            Err(e) => log::warn!("virtio-blk: the queue is broken: {e}"),
+        }
+        if raise {
+            transport.interrupt_status |= INT_VRING;
+            if let Err(e) = self.irq.write(1) {
+                log::warn!("{}: cannot raise the interrupt: {e}", self.name);
+            }
         }
     }
 }
 
-/// What a snapshot keeps of the disk device: the transport's registers and
-/// queue, and the disk (its overlay's clusters go to a file beside).
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BlockState {
-    pub transport: TransportState,
-    pub disk: DiskState,
-}
+/// The vCPUs' side: register accesses.
+impl BusDevice for MmioDevice {
+    fn read(&self, _vcpu: u8, offset: u64, data: &mut [u8]) {
+        let inner = self.state.lock().unwrap();
+        match offset.checked_sub(CONFIG_SPACE) {
+            Some(at) => inner.device.read_config(at, data),
+            None => inner.transport.read(offset, data),
+        }
+    }
 
-pub struct HeldBlock<'a>(MutexGuard<'a, (MmioTransport, Block)>);
-
-impl HeldBlock<'_> {
-    /// The device's state, its overlay's clusters written to `overlay`.
-    pub fn save(&self, overlay: &std::path::Path) -> std::io::Result<BlockState> {
-        Ok(BlockState { transport: self.0 .0.save(), disk: self.0 .1.disk().save(overlay)? })
+    fn write(&self, _vcpu: u8, offset: u64, data: &[u8]) -> Action {
+        let mut inner = self.state.lock().unwrap();
+        if let Some(at) = offset.checked_sub(CONFIG_SPACE) {
+            inner.device.write_config(at, data);
+            return Action::Continue;
+        }
+        match inner.transport.write(offset, data) {
+            MmioEvent::QueueNotify(index) => self.serve(&mut inner, index),
+            MmioEvent::Reset => inner.device.reset(),
+            MmioEvent::None => {}
+        }
+        Action::Continue
     }
 }
 
-/// The I/O thread's side: a kick on the ioeventfd serves the queue.
-impl EventSubscriber for BlockDevice {
+pub struct HeldDevice<'a> {
+    slot: usize,
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl HeldDevice<'_> {
+    /// The device's state, its files (a disk's overlay) written to `dir`.
+    pub fn save(&self, dir: &Path) -> std::io::Result<SavedDevice> {
+        Ok(SavedDevice {
+            slot: self.slot,
+            name: self.inner.device.name().into(),
+            transport: self.inner.transport.save(),
+            state: self.inner.device.save(dir)?,
+        })
+    }
+}
+
+/// The I/O thread's side: a kick serves its queue, a ready host descriptor
+/// goes to the device.
+impl EventSubscriber for MmioDevice {
     fn init(&self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.notify, EventSet::IN)) {
-            log::error!("virtio-blk: cannot watch the queue notification: {e}");
+        for fd in self.notify.iter().map(AsRawFd::as_raw_fd).chain(self.host_fds.iter().copied()) {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("{}: cannot watch descriptor {fd}: {e}", self.name);
+            }
         }
     }
 
     fn process(&self, events: Events, _ops: &mut EventOps) {
-        if events.fd() != std::os::fd::AsRawFd::as_raw_fd(&self.notify) {
-            return;
+        let fd = events.fd();
+        let mut inner = self.state.lock().unwrap();
+        if let Some(index) = self.notify.iter().position(|n| n.as_raw_fd() == fd) {
+            // Reading resets the counter: several kicks, one pass.
+            let _ = self.notify[index].read();
+            self.serve(&mut inner, index);
+        } else if self.host_fds.contains(&fd) {
+            let Inner { transport, device } = &mut *inner;
+            let mut q = Queues { mem: &self.mem, queues: transport.queues_mut(), gate: &self.io_gate };
+            let used = device.process_host(fd, &mut q);
+            self.finish(transport, used);
         }
-        // Reading resets the counter: several kicks, one pass over the queue.
-        let _ = self.notify.read();
-        let mut state = self.state.lock().unwrap();
-        let (transport, block) = &mut *state;
-        self.serve(transport, block);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::BaseImage;
+    use crate::disk::{BaseImage, Disk};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -170,16 +304,73 @@ mod tests {
         }
     }
 
-    fn device(dir: &std::path::Path, mem: &GuestMemoryMmap) -> BlockDevice {
+    fn device(dir: &std::path::Path, mem: &GuestMemoryMmap) -> MmioDevice {
         let path = dir.join("base.img");
         std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
         let disk = Disk::with_overlay(BaseImage::open(&path).unwrap(), &dir.join("overlay")).unwrap();
-        let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        BlockDevice::new(disk, irq, Arc::new(IoGate::default()), mem.clone()).unwrap()
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        MmioDevice::new(0, Box::new(block::Block::new(disk)), irq, Arc::new(IoGate::default()), mem.clone()).unwrap()
     }
 
-    fn reg(dev: &BlockDevice, offset: u64, value: u32) {
-        dev.write(offset, &value.to_le_bytes());
+    fn reg(dev: &MmioDevice, offset: u64, value: u32) {
+        dev.write(0, offset, &value.to_le_bytes());
+    }
+
+    /// A disk device set up by a driver, saved and built again from its
+    /// state as a clone's would be, reads the same registers and data; a
+    /// snapshot's devices that do not fit its guest are refused.
+    #[test]
+    fn a_saved_device_comes_back_and_must_fit_its_guest() {
+        let dir = std::env::temp_dir().join(format!("vmm-virtio-persist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let dev = device(&dir, &mem);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        reg(&dev, 0x070, 1 | 2 | 8);
+        reg(&dev, 0x038, 16);
+        reg(&dev, 0x080, vq.desc_table_addr().0 as u32);
+        reg(&dev, 0x044, 1);
+        reg(&dev, 0x070, 1 | 2 | 8 | 4);
+        let snap = dir.join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        let saved = dev.hold().save(&snap).unwrap();
+        assert_eq!((saved.slot, saved.name.as_str()), (0, block::NAME));
+
+        let state = device::from_value::<block::Block>(&saved.state).unwrap();
+        let base = BaseImage::open(&dir.join("base.img")).unwrap();
+        let back = block::Block::restore((base, Some(dir.join("overlay2"))), &state, &snap).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let again = MmioDevice::new(0, Box::new(back), irq, Arc::new(IoGate::default()), mem.clone()).unwrap();
+        again.restore(&saved).unwrap();
+        for offset in [0x000, 0x008, 0x034, 0x044, 0x070, 0x100, 0x104] {
+            let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+            dev.read(0, offset, &mut a);
+            again.read(0, offset, &mut b);
+            assert_eq!(a, b, "register {offset:#x}");
+        }
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let elsewhere = MmioDevice::new(
+            1,
+            Box::new(block::Block::new(Disk::read_only(BaseImage::open(&dir.join("base.img")).unwrap()))),
+            irq,
+            Arc::new(IoGate::default()),
+            mem.clone(),
+        )
+        .unwrap();
+        assert!(elsewhere.restore(&saved).is_err(), "slot 0's state went to slot 1");
+
+        let mut config = GuestConfig::new("kernel".into());
+        assert!(check_saved(&config, std::slice::from_ref(&saved), &snap).is_err(), "a disk state for no disk");
+        config.disk = Some(dir.join("base.img"));
+        check_saved(&config, std::slice::from_ref(&saved), &snap).unwrap();
+        assert!(check_saved(&config, &[], &snap).is_err(), "a disk without its state");
+        let mut damaged = saved.clone();
+        damaged.state = serde_json::json!({"clusters": "many"});
+        assert!(check_saved(&config, &[damaged], &snap).is_err(), "a damaged state");
+        std::fs::write(dir.join("base.img"), vec![0x5a; 128 * 512]).unwrap();
+        let changed = check_saved(&config, &[saved], &snap).unwrap_err();
+        assert!(changed.contains("changed"), "{changed}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// A guest controls every register value and every byte of its queues:
@@ -221,10 +412,10 @@ mod tests {
                 let len = [1usize, 2, 4, 8, 3][rng.next() as usize % 5];
                 let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
                 if rng.next().is_multiple_of(2) {
-                    dev.write(offset, &data);
+                    dev.write(0, offset, &data);
                 } else {
                     let mut out = vec![0u8; len];
-                    dev.read(offset, &mut out);
+                    dev.read(0, offset, &mut out);
                 }
             }
             reg(&dev, 0x050, 0); // kick

@@ -272,6 +272,13 @@ pub struct RunArgs {
     /// Give guests the image as a read-only disk, without overlays.
     #[arg(long)]
     pub disk_readonly: bool,
+    /// A network device per guest: `bridge=NAME[,subnet=CIDR]` (a TAP of
+    /// its own on bridge NAME, made with the subnet's first address if
+    /// absent; guest i gets address base + 2 + i, as `ip=` on its command
+    /// line) or `tap=NAME` (an existing or new TAP; one guest); either with
+    /// `mac=MAC`.
+    #[arg(long, value_name = "SPEC", value_parser = config::NetConfig::check_cli)]
+    pub net: Option<String>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -512,6 +519,7 @@ impl TryFrom<RunArgs> for RunConfig {
             disk_readonly,
             merge_group: None,
             dedup_opt_out: false,
+            net: args.net.map(|n| config::NetConfig::parse_cli(&n)).transpose().map_err(Error::bad_input)?,
         };
         let config = RunConfig {
             guest,

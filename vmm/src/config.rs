@@ -173,6 +173,117 @@ pub struct GuestConfig {
     /// Never merge this guest's pages.
     #[serde(default)]
     pub dedup_opt_out: bool,
+    /// A network device (virtio-net over a TAP).
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub net: Option<NetConfig>,
+}
+
+/// A guest's network: a TAP of its own on a bridge, or a TAP named. The
+/// supervisor fills in what it chose (the TAP, the MAC, the address), and
+/// `GET /guests/{id}` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"bridge": "vmmbr0", "subnet": "198.18.0.0/24"}))]
+pub struct NetConfig {
+    /// The TAP (made if it does not exist): one guest's alone. With a
+    /// bridge it is attached there; left out, the supervisor makes one per
+    /// guest and names it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tap: Option<String>,
+    /// A bridge for the guest's TAP, made (with the subnet's first address)
+    /// if it does not exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub bridge: Option<String>,
+    /// The bridge's IPv4 subnet (`198.18.0.0/24`): guest i gets its address
+    /// base + 2 + i, on its kernel command line (`ip=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub subnet: Option<String>,
+    /// The guest's MAC (`06:76:6d:00:00:01`); derived from its id if left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub mac: Option<String>,
+    /// The guest's address, from the subnet (set by the supervisor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub address: Option<String>,
+}
+
+impl NetConfig {
+    /// Parses `--net`: `tap=NAME` and/or `bridge=NAME[,subnet=CIDR]`, with
+    /// an optional `mac=MAC`.
+    pub fn parse_cli(s: &str) -> std::result::Result<NetConfig, String> {
+        let mut net = NetConfig::default();
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| format!("--net: {part:?} is not KEY=VALUE"))?;
+            let field = match key {
+                "tap" => &mut net.tap,
+                "bridge" => &mut net.bridge,
+                "subnet" => &mut net.subnet,
+                "mac" => &mut net.mac,
+                _ => return Err(format!("--net: unknown key {key:?} (tap, bridge, subnet, mac)")),
+            };
+            if field.replace(value.to_string()).is_some() {
+                return Err(format!("--net: {key} given twice"));
+            }
+        }
+        Ok(net)
+    }
+
+    /// Checks a `--net` spec, and keeps it as given (parsed when used).
+    pub fn check_cli(s: &str) -> std::result::Result<String, String> {
+        NetConfig::parse_cli(s).map(|_| s.to_string())
+    }
+
+    /// Checks what a user gave (`address` is the supervisor's to set: a
+    /// given one is replaced).
+    pub fn validate(&self, source: Source) -> Result<()> {
+        let name = if source == Source::Cli { "--net" } else { "net" };
+        let bad = |why: String| Error::bad_input(format!("{name}: {why}"));
+        if self.tap.is_none() && self.bridge.is_none() {
+            return Err(bad("give a tap or a bridge".into()));
+        }
+        if self.subnet.is_some() && self.bridge.is_none() {
+            return Err(bad("a subnet goes with a bridge".into()));
+        }
+        for n in self.tap.iter().chain(&self.bridge) {
+            crate::network::check_ifname(n).map_err(bad)?;
+        }
+        if let Some(subnet) = &self.subnet {
+            subnet.parse::<crate::network::Subnet>().map_err(bad)?;
+        }
+        if let Some(mac) = &self.mac {
+            parse_mac(mac).map_err(bad)?;
+        }
+        Ok(())
+    }
+}
+
+/// A unicast MAC, `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not a MAC address (like 06:76:6d:00:00:01)");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address; a guest needs a unicast one"));
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 impl GuestConfig {
@@ -188,6 +299,7 @@ impl GuestConfig {
             disk_readonly: false,
             merge_group: None,
             dedup_opt_out: false,
+            net: None,
         }
     }
 
@@ -197,6 +309,9 @@ impl GuestConfig {
         if self.disk.is_none() && self.disk_readonly {
             let name = if source == Source::Cli { "--disk-readonly" } else { "disk_readonly" };
             return Err(Error::bad_input(format!("{name} needs a disk image")));
+        }
+        if let Some(net) = &self.net {
+            net.validate(source)?;
         }
         let (kernel, restore) = match source {
             Source::Cli => ("--kernel", "--restore"),
@@ -541,6 +656,14 @@ impl RunConfig {
                 return Err(Error::bad_input(format!(
                     "--merge-group names {} groups for {} guests",
                     groups.len(),
+                    self.guests
+                )));
+            }
+        }
+        if let Some(net) = self.guest.net.as_ref().filter(|_| self.guests > 1) {
+            if net.tap.is_some() || net.mac.is_some() {
+                return Err(Error::bad_input(format!(
+                    "--net tap= and mac= are one guest's; {} guests need bridge= (a TAP and a MAC each)",
                     self.guests
                 )));
             }

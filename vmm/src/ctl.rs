@@ -129,6 +129,9 @@ pub struct CreateArgs {
     pub merge_group: Option<u32>,
     #[arg(long)]
     pub dedup_opt_out: bool,
+    /// As `vmm run --net`.
+    #[arg(long, value_name = "SPEC", value_parser = crate::config::NetConfig::check_cli)]
+    pub net: Option<String>,
 }
 
 /// Runs one `vmm ctl` command; Ok(false) when the API said no.
@@ -150,6 +153,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                 disk_readonly: c.disk_readonly,
                 merge_group: c.merge_group,
                 dedup_opt_out: c.dedup_opt_out,
+                net: c.net.as_deref().map(crate::config::NetConfig::parse_cli).transpose()?,
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
         }

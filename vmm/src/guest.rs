@@ -66,6 +66,8 @@ pub struct GuestOptions {
     pub dirty_log: bool,
     /// Offer the guest no VMX/SVM (see `vcpu::configure`).
     pub hide_virtualization: bool,
+    /// More for a booting kernel's command line (its network address).
+    pub kernel_args: Vec<String>,
 }
 
 pub struct Guest {
@@ -116,7 +118,8 @@ impl Guest {
         let boot = match restore {
             Some(_) => None,
             None => {
-                let device_args: Vec<String> = (0..virtio.len()).map(virtio::cmdline_arg).collect();
+                let mut device_args: Vec<String> = (0..virtio.len()).map(virtio::cmdline_arg).collect();
+                device_args.extend(options.kernel_args.iter().cloned());
                 let device_args = device_args.join(" ");
                 let source = BootSource {
                     kernel: &config.kernel,

@@ -26,6 +26,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod manager;
 pub mod memory;
+pub mod network;
 pub mod outcome;
 pub mod pressure;
 pub mod proc;

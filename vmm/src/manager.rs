@@ -220,6 +220,8 @@ pub struct Manager {
     changed: Condvar,
     consoles: Dir,
     overlays: Dir,
+    /// Bridges made for guests' networks, removed when the manager goes.
+    bridges: crate::network::MadeBridges,
     /// The cgroup the guests' cgroups live in, where the host allows one.
     cgroups: Option<MemoryCgroup>,
     /// The memory governor, unless it is off or cannot see the guests.
@@ -328,6 +330,7 @@ impl Manager {
             changed: Condvar::new(),
             consoles,
             overlays,
+            bridges: Default::default(),
             cgroups,
             governed,
             this: this.clone(),
@@ -542,6 +545,23 @@ impl Manager {
         let shared = self.sharing.as_ref().filter(|_| !config.dedup_opt_out);
         let overlay = (config.disk.is_some() && !config.disk_readonly)
             .then(|| self.overlays.path.join(format!("guest-{id}.overlay")));
+        let network = config
+            .net
+            .as_ref()
+            .map(|n| crate::network::set_up_guest(id, n, snapshot.is_some(), &self.bridges))
+            .transpose()?;
+        // What was chosen is shown, and goes into the guest's snapshots.
+        let mut config = config;
+        if let Some(n) = &network {
+            config.net = Some(n.shown.clone());
+            if let Some(entry) = self.lock().map.get_mut(&id) {
+                entry.config.net = config.net.clone();
+            }
+        }
+        let (tap, net) = match network {
+            Some(n) => (Some(std::os::fd::OwnedFd::from(n.tap)), Some(n.setup)),
+            None => (None, None),
+        };
         // Clones of a snapshot share its memory from the start.
         let adopt_memory = snapshot.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd;
         let setup = Box::new(Setup {
@@ -557,6 +577,7 @@ impl Manager {
             ksm: self.config.sharing.mode == DedupMode::Ksm,
             adopt_memory,
             restore: snapshot,
+            net,
         });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -576,7 +597,7 @@ impl Manager {
         let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
             setup,
-            Descriptors { memory: memory.as_ref(), store, console },
+            Descriptors { memory: memory.as_ref(), store, console, tap },
             cgroup.as_ref(),
             move |event| {
                 if let Some(m) = on_event.upgrade() {

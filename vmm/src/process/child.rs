@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::ipc::{self, Event, Reply, Request, Setup};
 use crate::config::GuestConfig;
 use crate::devices::console::Console;
-use crate::devices::virtio::{block::Block, device::from_value, Persist, VirtioDevice};
+use crate::devices::virtio::{self, block::Block, device::from_value, net::Net, tap::Tap, Persist, VirtioDevice};
 use crate::disk::{BaseImage, Disk};
 use crate::error::{Error, Result};
 use crate::guest::{Guest, GuestOptions};
@@ -233,12 +233,13 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     if setup.ksm {
         ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
     }
-    let virtio = virtio_devices(config, setup.disk_overlay.clone(), restore)?;
+    let virtio = virtio_devices(config, setup, restore)?;
     // SAFETY: the supervisor always passes the console descriptor.
     let console = Console::with_sink(Box::new(unsafe { File::from_raw_fd(ipc::FD_CONSOLE) }));
     let options = GuestOptions {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),
+        kernel_args: setup.net.iter().filter_map(|n| n.kernel_arg.clone()).collect(),
     };
     let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, &options, restore.map(|(state, _)| state))?;
     let agent = match setup.sharing {
@@ -267,12 +268,14 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
 
 /// The guest's virtio devices in slot order (`virtio::planned`), each
 /// built afresh or from its state in the snapshot it is restored from.
-/// `disk_overlay` is where the guest's disk writes go (none: read-only).
+/// The disk's writes go to `setup.disk_overlay` (none: read-only), the
+/// network's frames to the TAP the supervisor passed.
 fn virtio_devices(
     config: &GuestConfig,
-    disk_overlay: Option<std::path::PathBuf>,
+    setup: &Setup,
     restore: Option<(&SnapshotState, &std::path::Path)>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let disk_overlay = setup.disk_overlay.clone();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(path) = &config.disk {
         let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
@@ -287,6 +290,18 @@ fn virtio_devices(
             (None, None) => Block::new(Disk::read_only(base)),
         };
         devices.push(Box::new(block));
+    }
+    if let Some(net) = &setup.net {
+        // SAFETY: the supervisor passes the TAP whenever it sets up a network.
+        let tap = Tap::from_fd(unsafe { std::os::fd::OwnedFd::from_raw_fd(ipc::FD_TAP) }, net.tap.clone());
+        let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::net::NAME)?, dir)));
+        let device = match saved {
+            Some((saved, dir)) => from_value::<Net>(&saved.state)
+                .and_then(|state| Net::restore(tap, &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's network device: {e}")))?,
+            None => Net::new(tap, net.mac),
+        };
+        devices.push(Box::new(device));
     }
     Ok(devices)
 }

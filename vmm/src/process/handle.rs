@@ -31,6 +31,7 @@ pub struct Descriptors<'a> {
     pub memory: Option<&'a File>,
     pub store: Option<File>,
     pub console: File,
+    pub tap: Option<std::os::fd::OwnedFd>,
 }
 
 /// How a guest process ended, as the supervisor saw it.
@@ -143,6 +144,9 @@ impl GuestProcess {
         }
         if let Some(s) = &fds.store {
             mapping.push((s.as_raw_fd(), ipc::FD_STORE));
+        }
+        if let Some(t) = &fds.tap {
+            mapping.push((t.as_raw_fd(), ipc::FD_TAP));
         }
         place_descriptors(&mut command, mapping);
         if let Some(cg) = cgroup {

@@ -30,6 +30,8 @@ pub const FD_MEMORY: i32 = 6;
 /// A read-only descriptor of the guest's merge group's stable store
 /// (in-process sharing only).
 pub const FD_STORE: i32 = 7;
+/// The guest's TAP, opened by the supervisor (a guest with a network).
+pub const FD_TAP: i32 = 8;
 
 /// Largest frame either side accepts: a dirty bitmap of a 1 TiB guest.
 pub const MAX_FRAME: usize = 40 << 20;
@@ -53,6 +55,17 @@ pub struct Setup {
     /// With `restore`: the supervisor maps the snapshot's memory in as
     /// shared frames (`Adopt`) instead of the guest reading it.
     pub adopt_memory: bool,
+    /// The network device, whose TAP is [`FD_TAP`].
+    pub net: Option<NetSetup>,
+}
+
+/// A guest's network device as the supervisor set it up.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetSetup {
+    pub tap: String,
+    pub mac: [u8; 6],
+    /// What tells its kernel its address (`ip=...`), if it has one.
+    pub kernel_arg: Option<String>,
 }
 
 /// How the guest's merge agent works.

@@ -46,12 +46,17 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         log::debug!("{}: write to read-only config space at {offset:#x} ignored", self.name());
     }
+    /// The driver set it up and negotiated `features`: it may start (a
+    /// restored guest's live device is told so when its transport is).
+    fn activate(&mut self, _features: u64) {}
     /// The driver reset the device: forget everything in flight.
     fn reset(&mut self) {}
     /// The driver kicked queue `index`: serve what it made available.
     fn process_queue(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error>;
     /// Host descriptors whose readiness needs the device (a TAP, a socket);
-    /// the I/O thread waits on them beside the queue kicks.
+    /// the I/O thread waits on them beside the queue kicks, edge-triggered:
+    /// serve one until it would block or the guest has no room, and go on
+    /// when the guest kicks the queue that lacked room.
     fn host_fds(&self) -> Vec<RawFd> {
         Vec::new()
     }

@@ -34,6 +34,9 @@ pub enum MmioEvent {
     QueueNotify(usize),
     /// The driver wrote status 0: the device must forget its state.
     Reset,
+    /// The driver set DRIVER_OK: the device may start, with the features
+    /// it negotiated.
+    DriverOk(u64),
 }
 
 pub struct MmioTransport {
@@ -231,7 +234,11 @@ impl MmioTransport {
                     self.reset();
                     return MmioEvent::Reset;
                 }
+                let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
                 self.status = v;
+                if starting && v & STATUS_FAILED == 0 {
+                    return MmioEvent::DriverOk(self.driver_features);
+                }
             }
             0x038 | 0x044 | 0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => self.write_queue(offset, v),
             _ => log::debug!("virtio-mmio: write to unknown register {offset:#x}"),
@@ -314,7 +321,9 @@ mod tests {
         assert_eq!(read32(&t, 0x034), 0, "a queue that does not exist has size 0");
         write32(&mut t, 0x080, 0x6000);
         assert!(!t.is_live());
-        write32(&mut t, 0x070, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        assert_eq!(write32(&mut t, 0x070, ok), MmioEvent::DriverOk(features));
+        assert_eq!(write32(&mut t, 0x070, ok), MmioEvent::None, "started twice");
         assert!(t.is_live());
         assert_eq!(t.queues_mut()[0].desc_table(), 0x1000);
         assert_eq!((t.queues_mut()[1].desc_table(), t.queues_mut()[1].ready()), (0x5000, true));

@@ -11,6 +11,8 @@
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -54,7 +56,8 @@ pub fn cmdline_arg(slot: usize) -> String {
 
 /// The virtio devices a guest of `config` has, by name, in slot order.
 pub fn planned(config: &GuestConfig) -> Vec<&'static str> {
-    config.disk.iter().map(|_| block::NAME).collect()
+    let disk = config.disk.iter().map(|_| block::NAME);
+    disk.chain(config.net.iter().map(|_| net::NAME)).collect()
 }
 
 /// Checks a snapshot's device states against its guest's configuration
@@ -68,6 +71,7 @@ pub fn check_saved(config: &GuestConfig, saved: &[SavedDevice], dir: &Path) -> R
     for device in saved {
         let checked = match (device.name.as_str(), &config.disk) {
             (block::NAME, Some(path)) => block::check_saved(path, &device.state, dir),
+            (net::NAME, _) => device::from_value::<net::Net>(&device.state).map(|_| ()),
             (name, _) => Err(format!("no device is called {name}")),
         };
         checked.map_err(|e| format!("{}: {e}", device.name))?;
@@ -171,7 +175,13 @@ impl MmioDevice {
                 saved.name, saved.slot, self.name, self.slot
             ));
         }
-        self.state.lock().unwrap().transport.restore(&saved.transport)
+        let mut inner = self.state.lock().unwrap();
+        inner.transport.restore(&saved.transport)?;
+        if inner.transport.is_live() {
+            let features = inner.transport.driver_features();
+            inner.device.activate(features);
+        }
+        Ok(())
     }
 
     /// Has the I/O thread look at every queue once: a restored guest's
@@ -236,6 +246,7 @@ impl BusDevice for MmioDevice {
         match inner.transport.write(offset, data) {
             MmioEvent::QueueNotify(index) => self.serve(&mut inner, index),
             MmioEvent::Reset => inner.device.reset(),
+            MmioEvent::DriverOk(features) => inner.device.activate(features),
             MmioEvent::None => {}
         }
         Action::Continue
@@ -263,8 +274,12 @@ impl HeldDevice<'_> {
 /// goes to the device.
 impl EventSubscriber for MmioDevice {
     fn init(&self, ops: &mut EventOps) {
-        for fd in self.notify.iter().map(AsRawFd::as_raw_fd).chain(self.host_fds.iter().copied()) {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+        // Host descriptors are edge-triggered: a device serves one until it
+        // is drained or the guest has no room, and goes on at the next kick.
+        let kicks = self.notify.iter().map(|fd| (fd.as_raw_fd(), EventSet::IN));
+        let host = self.host_fds.iter().map(|&fd| (fd, EventSet::IN | EventSet::EDGE_TRIGGERED));
+        for (fd, set) in kicks.chain(host) {
+            if let Err(e) = ops.add(Events::new_raw(fd, set)) {
                 log::error!("{}: cannot watch descriptor {fd}: {e}", self.name);
             }
         }
@@ -277,7 +292,7 @@ impl EventSubscriber for MmioDevice {
             // Reading resets the counter: several kicks, one pass.
             let _ = self.notify[index].read();
             self.serve(&mut inner, index);
-        } else if self.host_fds.contains(&fd) {
+        } else if self.host_fds.contains(&fd) && inner.transport.is_live() {
             let Inner { transport, device } = &mut *inner;
             let mut q = Queues { mem: &self.mem, queues: transport.queues_mut(), gate: &self.io_gate };
             let used = device.process_host(fd, &mut q);

@@ -1,0 +1,143 @@
+//! Guests with a network device: the supervisor makes a bridge and a TAP
+//! per guest, hands each guest process its TAP, gives each guest a MAC and
+//! an address, shows them in the API, and a clone gets a TAP of its own
+//! with its template's MAC and address. Bad network settings are refused
+//! before anything is made, and a bridge the supervisor made goes with
+//! it. Needs root (bridges and TAPs).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn memtest_with(net: Value) -> Value {
+    json!({"kernel": image("memtest"), "memory_mib": 16, "cmdline": "rounds=0 seed=4 idle=30", "net": net})
+}
+
+fn link(name: &str) -> std::path::PathBuf {
+    Path::new("/sys/class/net").join(name)
+}
+
+/// The bridge a network interface is attached to.
+fn master(tap: &str) -> Option<String> {
+    let target = std::fs::read_link(link(tap).join("master")).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Deletes the test's bridge when dropped.
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn guests_on_a_bridge_get_taps_macs_and_addresses_and_so_do_their_clones() {
+    let pid = std::process::id();
+    let bridge = Bridge(format!("vmb{}", pid % 100_000));
+    let net3 = pid % 250;
+    let subnet = format!("198.19.{net3}.0/24");
+    let server = Server::start("net-bridge");
+    let mut guests = Vec::new();
+    for id in 0..2u64 {
+        let (status, g) =
+            server.call("POST", "/guests", Some(memtest_with(json!({"bridge": bridge.0, "subnet": subnet}))));
+        assert_eq!(status, 201, "{g}");
+        assert_eq!(g["id"], id);
+        let net = &g["spec"]["net"];
+        assert_eq!(net["address"], format!("198.19.{net3}.{}/24", 2 + id), "{g}");
+        assert_eq!(net["mac"], format!("06:76:6d:00:00:{id:02x}"), "{g}");
+        let tap = net["tap"].as_str().unwrap_or_else(|| panic!("no TAP: {g}")).to_string();
+        assert_eq!(master(&tap).as_deref(), Some(bridge.0.as_str()), "{tap} is not on the bridge");
+        assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+        // A TAP has a carrier while a process holds it open: the guest's
+        // (the supervisor let go of it).
+        let carrier = std::fs::read_to_string(link(&tap).join("carrier")).unwrap_or_default();
+        assert_eq!(carrier.trim(), "1", "nobody holds {tap}");
+        guests.push((id, tap));
+    }
+    let up = std::fs::read_to_string(link(&bridge.0).join("operstate")).unwrap();
+    assert!(!up.contains("down"), "the bridge is {up}");
+    let addr = std::process::Command::new("ip").args(["-4", "addr", "show", &bridge.0]).output().unwrap();
+    let addr = String::from_utf8_lossy(&addr.stdout);
+    assert!(addr.contains(&format!("198.19.{net3}.1/24")), "the bridge has not the subnet's first address: {addr}");
+    for (id, _) in &guests {
+        wait_for("guests with a network to verify rounds", || rounds(&server, *id) >= 2);
+    }
+
+    // A clone: a TAP of its own on the bridge, the template's MAC and address.
+    let (template, tap0) = guests[0].clone();
+    assert_eq!(server.call("POST", &format!("/guests/{template}/pause"), None).0, 200);
+    let dir = scratch_dir("net-bridge-snap").join("snapshot");
+    let (status, written) = server.call("PUT", &format!("/guests/{template}/snapshot"), Some(json!({"dir": dir})));
+    assert_eq!(status, 200, "{written}");
+    let (status, clone) = server.call("POST", "/guests", Some(json!({"restore": dir})));
+    assert_eq!(status, 201, "{clone}");
+    let id = clone["id"].as_u64().unwrap();
+    let net = &clone["spec"]["net"];
+    assert_eq!((&net["mac"], &net["address"]), (&json!("06:76:6d:00:00:00"), &json!(format!("198.19.{net3}.2/24"))));
+    let tap = net["tap"].as_str().unwrap().to_string();
+    assert_ne!(tap, tap0, "the clone took its template's TAP");
+    assert_eq!(master(&tap).as_deref(), Some(bridge.0.as_str()));
+    assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+    wait_for("the clone to verify rounds", || rounds(&server, id) >= 2);
+
+    // A guest's TAP goes with its process.
+    for g in [0, 1, id] {
+        let (status, ended) = server.call("POST", &format!("/guests/{g}/stop"), None);
+        assert_eq!((status, &ended["clean"]), (200, &json!(true)), "{ended}");
+        assert_eq!(server.call("DELETE", &format!("/guests/{g}"), None).0, 204);
+    }
+    for tap in [&tap0, &guests[1].1, &tap] {
+        wait_for("a deleted guest's TAP to go", || !link(tap).exists());
+    }
+    // The bridge the server made goes with it.
+    drop(server);
+    assert!(!link(&bridge.0).exists(), "the server left bridge {} behind", bridge.0);
+}
+
+#[test]
+fn bad_network_settings_are_refused_and_make_nothing() {
+    let server = Server::start("net-bad");
+    let cases = [
+        (json!({"tap": "a/b"}), "interface name"),
+        (json!({"tap": "sixteen-chars-xx"}), "interface name"),
+        (json!({}), "a tap or a bridge"),
+        (json!({"tap": "t0", "subnet": "10.0.0.0/24"}), "goes with a bridge"),
+        (json!({"bridge": "b0", "subnet": "10.0.0.1/24"}), "host bits"),
+        (json!({"bridge": "b0", "subnet": "10.0.0.0/31"}), "prefix"),
+        (json!({"bridge": "b0", "mac": "01:00:5e:00:00:01"}), "multicast"),
+        (json!({"bridge": "b0", "mac": "06:76"}), "not a MAC"),
+        (json!({"bridge": "b0", "vlan": 3}), "unknown field"),
+    ];
+    for (net, why) in cases {
+        let (status, e) = server.call("POST", "/guests", Some(memtest_with(net.clone())));
+        assert_eq!(status, 400, "{net}: {e}");
+        assert!(e.to_string().contains(why), "{net}: expected '{why}': {e}");
+    }
+    let (_, list) = server.call("GET", "/guests", None);
+    assert_eq!(list, json!([]), "a refused guest was left behind");
+    // Existing interfaces of another kind.
+    for (net, why) in [(json!({"bridge": "lo"}), "not a bridge"), (json!({"tap": "lo"}), "not a TAP")] {
+        let (status, e) = server.call("POST", "/guests", Some(memtest_with(net)));
+        assert_eq!(status, 400, "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+    }
+
+    for (args, why) in [
+        (vec!["--guests", "2", "--net", "tap=t0"], "one guest"),
+        (vec!["--net", "bridge=b0,colour=red"], "unknown key"),
+        (vec!["--net", "bridge"], "KEY=VALUE"),
+        (vec!["--net", "bridge=b0,bridge=b1"], "twice"),
+    ] {
+        let mut all = vec!["run", "--kernel", "x"];
+        all.extend(args);
+        let out = run_vmm(&all, std::time::Duration::from_secs(30));
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert!(out.stderr.contains(why), "expected '{why}'\n{}", out.describe());
+    }
+}

@@ -4,8 +4,10 @@
 //! with another guest's as fast as it can, under write-protection and
 //! under the freeze. Every page must end with exactly what the device last
 //! put there, and the other guest's pages must never change. And pages the
-//! device fills are seen by the scanner, so they merge. No KVM needed: the
-//! engine, its agents and the device work on memfd RAM in this process.
+//! device fills are seen by the scanner, so they merge. The same for frames
+//! the network device receives from a TAP. No KVM needed: the engine, its
+//! agents and the devices work on memfd RAM in this process (the network
+//! test needs root, for its TAP).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,11 +16,14 @@ use dedup::{Agent, DirtyTracker, Engine, Freezer, GuestMemory, ProtectMode};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
 use vmm::devices::io_gate::IoGate;
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::MmioDevice;
+use vmm::devices::virtio::net::{self, Net};
+use vmm::devices::virtio::tap::Tap;
+use vmm::devices::virtio::{MmioDevice, Queues, VirtioDevice};
 use vmm::disk::{BaseImage, Disk};
 use vmm::memory::{guest_memfd, GuestMemoryMmap, GuestRam};
 use vmm_sys_util::eventfd::EventFd;
@@ -286,4 +291,131 @@ fn pages_the_device_fills_are_merged() {
     // would see that.
     let (_, blind) = fill_from_disk_after_scanning("blind", false);
     assert!(blind < PAGES / 2, "{blind} pages merged without device writes in the log: the test shows nothing");
+}
+
+#[test]
+fn received_frames_survive_concurrent_merges() {
+    for (k, mode) in [ProtectMode::Freeze, ProtectMode::WriteProtect].into_iter().enumerate() {
+        race_frames_against_merges(mode, k as u8);
+    }
+}
+
+fn sh(cmd: &str) {
+    let out = std::process::Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Guest a's network device receives UDP datagrams from the host into
+/// pages that the engine keeps merging with guest b's identical pages; a
+/// received frame must land in a's page whole (never in the shared frame,
+/// never lost to a merge), and b's pages never change. After each check the
+/// driver puts the page back as it was, so it merges again.
+fn race_frames_against_merges(mode: ProtectMode, k: u8) {
+    const FRAMES: u64 = 4_000;
+    let id = std::process::id();
+    let name = format!("vmmw{}{k}", id % 10_000);
+    let tap = Tap::open(&name).unwrap_or_else(|e| panic!("this test needs root and /dev/net/tun: TAP {name}: {e}"));
+    let net3 = 100 + 2 * (id % 50) as u8 + k;
+    let mac = net::mac_for_guest(42);
+    let mac_text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    sh(&format!(
+        "ip addr add 198.18.{net3}.1/24 dev {name} && ip link set {name} up && \
+         ip link set {name} mtu 65000 && ip neigh replace 198.18.{net3}.2 lladdr {} dev {name} nud permanent",
+        mac_text.join(":")
+    ));
+    let socket = std::net::UdpSocket::bind(format!("198.18.{net3}.1:0")).unwrap();
+    let guest = format!("198.18.{net3}.2:9999");
+    let mut device = Net::new(tap, mac);
+    device.activate(1 << 32 | net::VIRTIO_NET_F_MRG_RXBUF);
+    let tap_fd = device.host_fds()[0];
+
+    let (a, b) = (ram(&format!("net-a-{mode:?}")), ram(&format!("net-b-{mode:?}")));
+    let page = |p: u64| GuestAddress(FIRST_PAGE + p * 4096);
+    for p in 0..PAGES {
+        a.memory().write_slice(&block(p), page(p)).unwrap();
+        b.memory().write_slice(&block(p), page(p)).unwrap();
+    }
+    let gate = Arc::new(IoGate::default());
+    let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
+    let engine = Arc::new(Mutex::new(Engine::new(config)));
+    {
+        let mut e = engine.lock().unwrap();
+        share(&mut e, &a, mode, Arc::new(GateFreezer(gate.clone())), None);
+        share(&mut e, &b, mode, Arc::new(GateFreezer(Arc::new(IoGate::default()))), None);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let scanner = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                engine.lock().unwrap().scan();
+            }
+        })
+    };
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut now = vec![0u8; 4096];
+    for round in 0..FRAMES {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // Frames of up to 16 pages, so that merges of their pages often
+        // overlap the device's copy.
+        let payload: Vec<u8> = (0..64 + (rng >> 20) % 64_000).map(|i| (rng >> (i % 56)) as u8 ^ i as u8).collect();
+        let pages_spanned = (payload.len() as u64 + 2048 + 54).div_ceil(4096);
+        let p = rng % (PAGES - pages_spanned);
+        let offset = (rng >> 8) % 2048;
+        // The driver's part (a vCPU's writes: inside the gate, see above):
+        // one receive buffer, from `offset` in page p to the end of page
+        // p + pages_spanned - 1.
+        let driver = gate.enter();
+        a.memory().write_slice(&[0u8; 1024], GuestAddress(QUEUE)).unwrap();
+        let vq = MockSplitQueue::create(a.memory(), GuestAddress(QUEUE), 16);
+        let buffer = Descriptor::new(page(p).0 + offset, (pages_spanned * 4096 - offset) as u32, WRITE, 0);
+        vq.add_desc_chains(&[RawDescriptor::from(buffer)], 0).unwrap();
+        let mut queues = vec![vq.create_queue().unwrap(), virtio_queue::Queue::new(16).unwrap()];
+        drop(driver);
+        socket.send_to(&payload, &guest).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut q = Queues { mem: a.memory(), queues: &mut queues, gate: &gate };
+            device.process_host(tap_fd, &mut q).unwrap();
+            if a.memory().read_obj::<u16>(GuestAddress(vq.used_addr().0 + 2)).unwrap() == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "round {round}: no frame in 5 s: {:?}", device.counters);
+            std::thread::yield_now();
+        }
+        let frame_len = 12 + 14 + 20 + 8 + payload.len();
+        let used = vq.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len() as usize, frame_len, "round {round}: not our datagram");
+        let span = (pages_spanned * 4096) as usize;
+        let mut got = vec![0u8; span];
+        a.memory().read_slice(&mut got, page(p)).unwrap();
+        let original: Vec<u8> = (p..p + pages_spanned).flat_map(block).collect();
+        let at = offset as usize;
+        assert!(got[..at] == original[..at], "round {round}: page {p} changed before the buffer");
+        let data = at + frame_len - payload.len()..at + frame_len;
+        assert!(got[data] == payload[..], "round {round}: pages from {p} lost part of the frame");
+        assert!(got[at + frame_len..] == original[at + frame_len..], "round {round}: a page changed after the frame");
+        b.memory().read_slice(&mut got, page(p)).unwrap();
+        assert!(got == original, "round {round}: a frame for guest a reached guest b's pages from {p}");
+        let driver = gate.enter();
+        a.memory().write_slice(&original, page(p)).unwrap();
+        drop(driver);
+    }
+    stop.store(true, Ordering::SeqCst);
+    scanner.join().unwrap();
+    let stats = engine.lock().unwrap().stats();
+    let merges = stats.merges_frozen + stats.merges_write_protected;
+    assert!(stats.cow_breaks > 0 && merges > 0, "{mode:?}: nothing merged, so nothing was tested: {stats:?}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!((device.counters.rx_frames, device.counters.rx_dropped), (FRAMES, 0));
+    for p in 0..PAGES {
+        for (r, who) in [(&a, "a"), (&b, "b")] {
+            r.memory().read_slice(&mut now, page(p)).unwrap();
+            assert!(now == block(p), "{mode:?}: page {p} of guest {who} is not what it was put back to");
+        }
+    }
 }

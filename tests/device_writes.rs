@@ -112,6 +112,43 @@ fn disk_image(dir: &std::path::Path) -> std::path::PathBuf {
     image
 }
 
+/// An engine merging guests a (whose device writes go through `gate`) and
+/// b as fast as it can, on a thread of its own until stopped.
+struct Scanner {
+    engine: Arc<Mutex<Engine>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Scanner {
+    fn start(a: &GuestRam, b: &GuestRam, mode: ProtectMode, gate: &Arc<IoGate>) -> Scanner {
+        let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
+        let engine = Arc::new(Mutex::new(Engine::new(config)));
+        {
+            let mut e = engine.lock().unwrap();
+            share(&mut e, a, mode, Arc::new(GateFreezer(gate.clone())), None);
+            share(&mut e, b, mode, Arc::new(GateFreezer(Arc::new(IoGate::default()))), None);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    engine.lock().unwrap().scan();
+                }
+            })
+        };
+        Scanner { engine, stop, thread }
+    }
+
+    /// Stops it; returns its stats.
+    fn stop(self) -> dedup::Stats {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        self.engine.lock().unwrap().stats()
+    }
+}
+
 #[test]
 fn device_writes_survive_concurrent_merges() {
     for mode in [ProtectMode::Freeze, ProtectMode::WriteProtect] {
@@ -132,22 +169,7 @@ fn race_device_against_merges(mode: ProtectMode) {
     let gate = Arc::new(IoGate::default());
     let dev = disk(&image, &gate, a.memory());
 
-    let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
-    let engine = Arc::new(Mutex::new(Engine::new(config)));
-    {
-        let mut e = engine.lock().unwrap();
-        share(&mut e, &a, mode, Arc::new(GateFreezer(gate.clone())), None);
-        share(&mut e, &b, mode, Arc::new(GateFreezer(Arc::new(IoGate::default()))), None);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let scanner = {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                engine.lock().unwrap().scan();
-            }
-        })
-    };
+    let scanner = Scanner::start(&a, &b, mode, &gate);
 
     let mut last: Vec<u64> = (0..PAGES).map(|p| PAGES + p).collect();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -193,10 +215,7 @@ fn race_device_against_merges(mode: ProtectMode) {
             assert!(now == block(version + p), "round {round}: the device's write to page {p} is not there");
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    scanner.join().unwrap();
-
-    let stats = engine.lock().unwrap().stats();
+    let stats = scanner.stop();
     // Merges happened, and device writes landed on merged pages.
     let merges = stats.merges_frozen + stats.merges_write_protected;
     assert!(stats.cow_breaks > 0 && merges > 0, "{mode:?}: nothing merged, so nothing was tested: {stats:?}");
@@ -337,22 +356,7 @@ fn race_frames_against_merges(mode: ProtectMode, k: u8) {
         b.memory().write_slice(&block(p), page(p)).unwrap();
     }
     let gate = Arc::new(IoGate::default());
-    let config = dedup::Config { pages_to_scan: 1 << 20, batch: 8, ..Default::default() };
-    let engine = Arc::new(Mutex::new(Engine::new(config)));
-    {
-        let mut e = engine.lock().unwrap();
-        share(&mut e, &a, mode, Arc::new(GateFreezer(gate.clone())), None);
-        share(&mut e, &b, mode, Arc::new(GateFreezer(Arc::new(IoGate::default()))), None);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let scanner = {
-        let (engine, stop) = (engine.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                engine.lock().unwrap().scan();
-            }
-        })
-    };
+    let scanner = Scanner::start(&a, &b, mode, &gate);
 
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut now = vec![0u8; 4096];
@@ -405,9 +409,7 @@ fn race_frames_against_merges(mode: ProtectMode, k: u8) {
         a.memory().write_slice(&original, page(p)).unwrap();
         drop(driver);
     }
-    stop.store(true, Ordering::SeqCst);
-    scanner.join().unwrap();
-    let stats = engine.lock().unwrap().stats();
+    let stats = scanner.stop();
     let merges = stats.merges_frozen + stats.merges_write_protected;
     assert!(stats.cow_breaks > 0 && merges > 0, "{mode:?}: nothing merged, so nothing was tested: {stats:?}");
     assert_eq!(stats.errors, 0, "{stats:?}");

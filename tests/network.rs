@@ -113,12 +113,20 @@ fn bad_network_settings_are_refused_and_make_nothing() {
         (json!({"bridge": "b0", "mac": "01:00:5e:00:00:01"}), "multicast"),
         (json!({"bridge": "b0", "mac": "06:76"}), "not a MAC"),
         (json!({"bridge": "b0", "vlan": 3}), "unknown field"),
+        (json!({"bridge": "b0", "limit": {"bytes_per_s": 0}}), "stop the device"),
+        (json!({"bridge": "b0", "limit": {}}), "bytes or ops"),
+        (json!({"bridge": "b0", "limit": {"ops_burst": 4}}), "goes with its rate"),
     ];
     for (net, why) in cases {
         let (status, e) = server.call("POST", "/guests", Some(memtest_with(net.clone())));
         assert_eq!(status, 400, "{net}: {e}");
         assert!(e.to_string().contains(why), "{net}: expected '{why}': {e}");
     }
+    let mut limited_without_disk = memtest_with(json!({"bridge": "b0"}));
+    limited_without_disk["disk_limit"] = json!({"ops_per_s": 100});
+    let (status, e) = server.call("POST", "/guests", Some(limited_without_disk));
+    assert_eq!(status, 400, "{e}");
+    assert!(e.to_string().contains("needs a disk"), "{e}");
     let (_, list) = server.call("GET", "/guests", None);
     assert_eq!(list, json!([]), "a refused guest was left behind");
     // Existing interfaces of another kind.
@@ -133,6 +141,10 @@ fn bad_network_settings_are_refused_and_make_nothing() {
         (vec!["--net", "bridge=b0,colour=red"], "unknown key"),
         (vec!["--net", "bridge"], "KEY=VALUE"),
         (vec!["--net", "bridge=b0,bridge=b1"], "twice"),
+        (vec!["--net", "bridge=b0,bytes=0"], "stop the device"),
+        (vec!["--net", "bridge=b0,ops=fast"], "not a number"),
+        (vec!["--disk-limit", "ops=10"], "needs a disk"),
+        (vec!["--disk-limit", "iops=10"], "unknown limit"),
     ] {
         let mut all = vec!["run", "--kernel", "x"];
         all.extend(args);

@@ -9,6 +9,7 @@ use crate::config::{
     self, DedupMode, DedupSettings, GuestConfig, MergeGroups, MergeProtect, RunConfig, SharingConfig, Source,
     SupervisorConfig,
 };
+use crate::devices::rate_limiter::RateLimit;
 use crate::error::Error;
 use crate::memory::MemoryBackend;
 
@@ -279,6 +280,11 @@ pub struct RunArgs {
     /// `mac=MAC`.
     #[arg(long, value_name = "SPEC", value_parser = config::NetConfig::check_cli)]
     pub net: Option<String>,
+    /// Cap each guest's disk: `bytes=N,ops=N[,bytes-burst=N][,ops-burst=N]`
+    /// per second (sizes in bytes, or with K, M, G); the same keys go in
+    /// `--net` for its frames.
+    #[arg(long, value_name = "SPEC", value_parser = check_limit)]
+    pub disk_limit: Option<String>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -486,6 +492,11 @@ fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
     text.parse().map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
 }
 
+/// Checks a `--disk-limit` spec, and keeps it as given.
+fn check_limit(s: &str) -> Result<String, String> {
+    RateLimit::parse_cli(s).map(|_| s.to_string())
+}
+
 impl TryFrom<RunArgs> for RunConfig {
     type Error = Error;
 
@@ -520,6 +531,7 @@ impl TryFrom<RunArgs> for RunConfig {
             merge_group: None,
             dedup_opt_out: false,
             net: args.net.map(|n| config::NetConfig::parse_cli(&n)).transpose().map_err(Error::bad_input)?,
+            disk_limit: args.disk_limit.map(|l| RateLimit::parse_cli(&l)).transpose().map_err(Error::bad_input)?,
         };
         let config = RunConfig {
             guest,

@@ -165,6 +165,10 @@ pub struct GuestConfig {
     /// A plain read-only disk, without an overlay.
     #[serde(default)]
     pub disk_readonly: bool,
+    /// At most so many bytes and requests a second to the disk.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub disk_limit: Option<crate::devices::rate_limiter::RateLimit>,
     /// Pages merge only within a group; left out: the server's policy
     /// (`--merge-group`).
     #[serde(default, deserialize_with = "present_integer", skip_serializing_if = "Option::is_none")]
@@ -210,15 +214,25 @@ pub struct NetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub address: Option<String>,
+    /// At most so many bytes and frames a second, both ways together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub limit: Option<crate::devices::rate_limiter::RateLimit>,
 }
 
 impl NetConfig {
     /// Parses `--net`: `tap=NAME` and/or `bridge=NAME[,subnet=CIDR]`, with
-    /// an optional `mac=MAC`.
+    /// an optional `mac=MAC` and limits (`bytes=`, `ops=`, `bytes-burst=`,
+    /// `ops-burst=`: see `RateLimit::parse_cli`).
     pub fn parse_cli(s: &str) -> std::result::Result<NetConfig, String> {
         let mut net = NetConfig::default();
+        let mut limits = Vec::new();
         for part in s.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("--net: {part:?} is not KEY=VALUE"))?;
+            if ["bytes", "ops", "bytes-burst", "ops-burst"].contains(&key) {
+                limits.push(part);
+                continue;
+            }
             let field = match key {
                 "tap" => &mut net.tap,
                 "bridge" => &mut net.bridge,
@@ -229,6 +243,10 @@ impl NetConfig {
             if field.replace(value.to_string()).is_some() {
                 return Err(format!("--net: {key} given twice"));
             }
+        }
+        if !limits.is_empty() {
+            let limit = crate::devices::rate_limiter::RateLimit::parse_cli(&limits.join(","));
+            net.limit = Some(limit.map_err(|e| format!("--net: {e}"))?);
         }
         Ok(net)
     }
@@ -257,6 +275,9 @@ impl NetConfig {
         }
         if let Some(mac) = &self.mac {
             parse_mac(mac).map_err(bad)?;
+        }
+        if let Some(limit) = &self.limit {
+            limit.validate().map_err(|e| bad(format!("limit: {e}")))?;
         }
         Ok(())
     }
@@ -300,6 +321,7 @@ impl GuestConfig {
             merge_group: None,
             dedup_opt_out: false,
             net: None,
+            disk_limit: None,
         }
     }
 
@@ -312,6 +334,13 @@ impl GuestConfig {
         }
         if let Some(net) = &self.net {
             net.validate(source)?;
+        }
+        if let Some(limit) = &self.disk_limit {
+            let name = if source == Source::Cli { "--disk-limit" } else { "disk_limit" };
+            if self.disk.is_none() {
+                return Err(Error::bad_input(format!("{name} needs a disk image")));
+            }
+            limit.validate().map_err(|e| Error::bad_input(format!("{name}: {e}")))?;
         }
         let (kernel, restore) = match source {
             Source::Cli => ("--kernel", "--restore"),

@@ -129,6 +129,9 @@ pub struct CreateArgs {
     pub merge_group: Option<u32>,
     #[arg(long)]
     pub dedup_opt_out: bool,
+    /// As `vmm run --disk-limit`.
+    #[arg(long, value_name = "SPEC")]
+    pub disk_limit: Option<String>,
     /// As `vmm run --net`.
     #[arg(long, value_name = "SPEC", value_parser = crate::config::NetConfig::check_cli)]
     pub net: Option<String>,
@@ -154,6 +157,11 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                 merge_group: c.merge_group,
                 dedup_opt_out: c.dedup_opt_out,
                 net: c.net.as_deref().map(crate::config::NetConfig::parse_cli).transpose()?,
+                disk_limit: c
+                    .disk_limit
+                    .as_deref()
+                    .map(crate::devices::rate_limiter::RateLimit::parse_cli)
+                    .transpose()?,
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
         }

@@ -8,6 +8,7 @@ pub mod console;
 pub mod doorbell;
 pub mod i8042;
 pub mod io_gate;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 

@@ -289,6 +289,10 @@ fn virtio_devices(
             }
             (None, None) => Block::new(Disk::read_only(base)),
         };
+        let block = match &config.disk_limit {
+            Some(limit) => block.with_limiter(limiter(limit)?),
+            None => block,
+        };
         devices.push(Box::new(block));
     }
     if let Some(net) = &setup.net {
@@ -301,9 +305,17 @@ fn virtio_devices(
                 .map_err(|e| Error::bad_input(format!("the snapshot's network device: {e}")))?,
             None => Net::new(tap, net.mac),
         };
+        let device = match config.net.as_ref().and_then(|n| n.limit.as_ref()) {
+            Some(limit) => device.with_limiter(limiter(limit)?),
+            None => device,
+        };
         devices.push(Box::new(device));
     }
     Ok(devices)
+}
+
+fn limiter(limit: &crate::devices::rate_limiter::RateLimit) -> Result<crate::devices::rate_limiter::RateLimiter> {
+    crate::devices::rate_limiter::RateLimiter::new(limit).map_err(|e| Error::host(format!("timerfd: {e}")))
 }
 
 fn error_reply(kind: crate::error::Kind, message: impl Into<String>) -> (Reply, Vec<u8>) {

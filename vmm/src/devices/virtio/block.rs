@@ -13,12 +13,13 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemory;
 
 use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::VIRTIO_F_VERSION_1;
 use crate::devices::io_gate::IoGate;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::disk::{BaseImage, Disk, DiskState, SECTOR_SIZE};
 use crate::snapshot::OVERLAY_FILE;
 
@@ -52,11 +53,19 @@ enum Failure {
 
 pub struct Block {
     disk: Disk,
+    limiter: Option<RateLimiter>,
 }
 
 impl Block {
     pub fn new(disk: Disk) -> Block {
-        Block { disk }
+        Block { disk, limiter: None }
+    }
+
+    /// Requests go no faster than `limiter` allows (a request's bytes are
+    /// its whole chain's).
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> Block {
+        self.limiter = Some(limiter);
+        self
     }
 
     pub fn disk(&self) -> &Disk {
@@ -86,6 +95,14 @@ impl Block {
     ) -> Result<bool, virtio_queue::Error> {
         let mut completed = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            if let Some(limiter) = &mut self.limiter {
+                let bytes = chain.clone().map(|d| u64::from(d.len())).sum();
+                if !limiter.consume(bytes) {
+                    // Left on the queue until the limiter's timer fires.
+                    queue.go_to_previous_position();
+                    break;
+                }
+            }
             let head = chain.head_index();
             let reply = self.execute(mem, chain.clone());
             let _inside = gate.enter();
@@ -184,6 +201,18 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
         Ok(u32::from(self.serve_requests(q.mem, &mut q.queues[index], q.gate)?))
+    }
+
+    fn host_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.limiter.iter().map(RateLimiter::timer_fd).collect()
+    }
+
+    /// The limiter's timer: serve what it held back.
+    fn process_host(&mut self, _fd: std::os::fd::RawFd, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        if let Some(limiter) = &mut self.limiter {
+            limiter.timer_fired();
+        }
+        self.process_queue(0, q)
     }
 
     fn save(&self, dir: &Path) -> std::io::Result<serde_json::Value> {
@@ -424,6 +453,42 @@ mod tests {
         });
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
         assert_eq!(vq.used().idx().load(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Two requests a second at most: the third waits on the queue until
+    /// the limiter's timer says it may go.
+    #[test]
+    fn a_rate_limit_holds_requests_back_until_its_timer() {
+        use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+        let dir = scratch("limit");
+        let mem = memory();
+        let limit = RateLimit { ops_per_s: Some(2), ..Default::default() };
+        let limiter = RateLimiter::new(&limit).unwrap();
+        let mut blk = Block::new(Disk::read_only(base(&dir, 8))).with_limiter(limiter);
+        let fds = VirtioDevice::host_fds(&blk);
+        assert_eq!(fds.len(), 1, "the timer is not watched");
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut descs = Vec::new();
+        for i in 0..3u64 {
+            mem.write_slice(&[0u8; 16], GuestAddress(HEADER + i * 16)).unwrap();
+            descs.push(RawDescriptor::from(SplitDescriptor::new(HEADER + i * 16, 16, 1, 3 * i as u16 + 1)));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(DATA + i * 512, 512, WRITE | 1, 3 * i as u16 + 2)));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(STATUS + i, 1, WRITE, 0)));
+        }
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let gate = IoGate::default();
+        assert!(blk.serve_requests(&mem, &mut queue, &gate).unwrap());
+        assert_eq!(vq.used().idx().load(), 2, "the limit let a third request through");
+        let mut fd = libc::pollfd { fd: fds[0], events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        assert_eq!(unsafe { libc::poll(&mut fd, 1, 2000) }, 1, "the limiter's timer never fired");
+        let mut queues = [queue];
+        let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
+        assert_eq!(VirtioDevice::process_host(&mut blk, fds[0], &mut q).unwrap(), 1);
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(blk.limiter.as_ref().unwrap().throttled, 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -22,6 +22,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Reader, Writer};
 use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::VIRTIO_F_VERSION_1;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::memory::GuestMemoryMmap;
 
 /// How snapshots name it.
@@ -69,6 +70,8 @@ pub struct Net {
     frame: Vec<u8>,
     pending: usize,
     tx_buf: Vec<u8>,
+    /// Frames both ways go no faster than it allows.
+    limiter: Option<RateLimiter>,
     pub counters: NetCounters,
 }
 
@@ -89,8 +92,20 @@ impl Net {
             frame: vec![0; MAX_FRAME],
             pending: 0,
             tx_buf: Vec::new(),
+            limiter: None,
             counters: Default::default(),
         }
+    }
+
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> Net {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Whether the limiter lets a frame of `bytes` go now (if not, its
+    /// timer is armed and the frame waits).
+    fn allowed(&mut self, bytes: usize) -> bool {
+        self.limiter.as_mut().is_none_or(|l| l.consume(bytes as u64))
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -112,6 +127,9 @@ impl Net {
                         return Ok(used);
                     }
                 }
+            }
+            if !self.allowed(self.pending) {
+                return Ok(used);
             }
             match self.deliver(q)? {
                 Delivery::NoRoom => return Ok(used),
@@ -187,6 +205,11 @@ impl Net {
         let (mem, tx) = (q.mem, &mut q.queues[TX]);
         let mut used = 0;
         while let Some(chain) = tx.pop_descriptor_chain(mem) {
+            let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+            if !self.allowed(bytes as usize) {
+                tx.go_to_previous_position();
+                break;
+            }
             let head = chain.head_index();
             if let Err(why) = self.send(mem, chain) {
                 log::debug!("{NAME}: a frame from the guest dropped: {why}");
@@ -274,14 +297,24 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<RawFd> {
-        vec![self.tap.as_raw_fd()]
+        let timer = self.limiter.iter().map(RateLimiter::timer_fd);
+        std::iter::once(self.tap.as_raw_fd()).chain(timer).collect()
     }
 
-    fn process_host(&mut self, _fd: RawFd, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
-        if !q.queues[RX].ready() {
-            return Ok(0);
+    /// The TAP has frames, or the limiter's timer fired: serve what it held
+    /// back both ways.
+    fn process_host(&mut self, fd: RawFd, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        let mut used = 0;
+        if let Some(limiter) = self.limiter.as_mut().filter(|l| l.timer_fd() == fd) {
+            limiter.timer_fired();
+            if q.queues[TX].ready() {
+                used |= self.transmit(q)?;
+            }
         }
-        self.receive(q)
+        if q.queues[RX].ready() {
+            used |= self.receive(q)?;
+        }
+        Ok(used)
     }
 
     fn save(&self, dir: &Path) -> io::Result<serde_json::Value> {
@@ -430,6 +463,53 @@ mod tests {
         assert_eq!(&f[28..32], &host_ip, "not the host's answer");
         assert_eq!((&f[32..38], &f[38..42]), (&mac[..], &guest_ip[..]));
         assert!(net.counters.rx_frames >= 1);
+    }
+
+    /// Ten frames a second, one at a time: of three frames the guest puts
+    /// out at once, one goes now and the others when the limiter's timer
+    /// says so. Then the TAP is deleted under the device. Needs root.
+    #[test]
+    fn a_rate_limit_holds_frames_back_until_its_timer() {
+        use crate::devices::rate_limiter::{RateLimit, RateLimiter};
+        let name = format!("vmml{}", std::process::id() % 100_000);
+        let tap = Tap::open(&name)
+            .unwrap_or_else(|e| panic!("this test needs root and /dev/net/tun: opening TAP {name}: {e}"));
+        sh(&format!("ip link set {name} up"));
+        let limit = RateLimit { ops_per_s: Some(10), ops_burst: Some(1), ..Default::default() };
+        let mut net = Net::new(tap, mac_for_guest(1)).with_limiter(RateLimiter::new(&limit).unwrap());
+        let fds = net.host_fds();
+        assert_eq!(fds.len(), 2, "the TAP and the limiter's timer");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let (rxq, txq) = (
+            MockSplitQueue::create(&mem, GuestAddress(0x1000), 16),
+            MockSplitQueue::create(&mem, GuestAddress(0x8000), 16),
+        );
+        let frame = arp_request(mac_for_guest(1), [198, 18, 255, 2], [198, 18, 255, 1]);
+        mem.write_slice(&frame, GuestAddress(TX_FRAME)).unwrap();
+        let tx = vec![RawDescriptor::from(Descriptor::new(TX_FRAME, frame.len() as u32, 0, 0)); 3];
+        txq.add_desc_chains(&tx, 0).unwrap();
+        let mut queues: Vec<Queue> = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+        let gate = IoGate::default();
+        let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
+        net.process_queue(TX, &mut q).unwrap();
+        assert_eq!((txq.used().idx().load(), net.counters.tx_frames), (1, 1), "the limit let more than one go");
+        for sent in 2..=3 {
+            let mut fd = libc::pollfd { fd: fds[1], events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut fd, 1, 2000) }, 1, "the limiter's timer never fired");
+            net.process_host(fds[1], &mut q).unwrap();
+            assert_eq!(txq.used().idx().load(), sent);
+        }
+        assert_eq!(net.counters.tx_frames, 3);
+        // The TAP disappears under the device: frames are dropped, counted,
+        // and returned to the guest.
+        let out = std::process::Command::new("ip").args(["link", "del", &name]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        txq.add_desc_chains(&tx[..1], 3).unwrap();
+        net.process_queue(TX, &mut q).unwrap();
+        assert_eq!((txq.used().idx().load(), net.counters.tx_dropped), (4, 1), "{:?}", net.counters);
+        assert_eq!(net.process_host(fds[0], &mut q).unwrap(), 0, "frames from a TAP that is gone");
     }
 
     /// Derived MACs are locally administered unicast; a saved state reads

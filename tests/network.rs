@@ -1,7 +1,8 @@
 //! Guests with a network device: the supervisor makes a bridge and a TAP
 //! per guest, hands each guest process its TAP, gives each guest a MAC and
 //! an address, shows them in the API, and a clone gets a TAP of its own
-//! with its template's MAC and address. Bad network settings are refused
+//! with its template's MAC and address; with `netns`, in a network
+//! namespace of its own. Bad network settings are refused
 //! before anything is made, and a bridge the supervisor made goes with
 //! it. Needs root (bridges and TAPs).
 
@@ -31,7 +32,8 @@ struct Bridge(String);
 
 impl Drop for Bridge {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+        let mut ip = std::process::Command::new("ip");
+        let _ = ip.args(["link", "del", &self.0]).stderr(std::process::Stdio::null()).status();
     }
 }
 
@@ -106,7 +108,8 @@ fn bad_network_settings_are_refused_and_make_nothing() {
     let cases = [
         (json!({"tap": "a/b"}), "interface name"),
         (json!({"tap": "sixteen-chars-xx"}), "interface name"),
-        (json!({}), "a tap or a bridge"),
+        (json!({}), "a bridge or netns"),
+        (json!({"netns": true, "bridge": "b0"}), "not on a bridge"),
         (json!({"tap": "t0", "subnet": "10.0.0.0/24"}), "goes with a bridge"),
         (json!({"bridge": "b0", "subnet": "10.0.0.1/24"}), "host bits"),
         (json!({"bridge": "b0", "subnet": "10.0.0.0/31"}), "prefix"),
@@ -151,5 +154,59 @@ fn bad_network_settings_are_refused_and_make_nothing() {
         let out = run_vmm(&all, std::time::Duration::from_secs(30));
         assert_ne!(out.code, Some(0), "{}", out.describe());
         assert!(out.stderr.contains(why), "expected '{why}'\n{}", out.describe());
+    }
+}
+
+/// What `ip -n NS -br addr` says.
+fn addresses_in(ns: &str) -> String {
+    let out = std::process::Command::new("ip").args(["-n", ns, "-br", "addr"]).output().unwrap();
+    assert!(out.status.success(), "namespace {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Clones of one template carry its MAC and address in their kernels: with
+/// `netns`, each clone's TAP is in a namespace of its own, with the
+/// gateway address there, so each is reachable in its namespace at the
+/// template's address. The namespaces go with the server.
+#[test]
+fn clones_in_namespaces_of_their_own_each_have_the_templates_network() {
+    let net3 = (std::process::id() + 125) % 250;
+    let subnet = format!("198.19.{net3}.0/24");
+    let server = Server::start("net-netns");
+    let (status, g) = server.call("POST", "/guests", Some(memtest_with(json!({"netns": true, "subnet": subnet}))));
+    assert_eq!(status, 201, "{g}");
+    let template = g["id"].as_u64().unwrap();
+    let net = &g["spec"]["net"];
+    let (ns0, tap0) = (net["namespace"].as_str().unwrap().to_string(), net["tap"].as_str().unwrap().to_string());
+    assert!(!link(&tap0).exists(), "the TAP stayed in the host's namespace");
+    let inside = addresses_in(&ns0);
+    assert!(inside.contains(&tap0) && inside.contains(&format!("198.19.{net3}.1/24")), "{ns0}: {inside}");
+    assert_eq!(server.call("POST", &format!("/guests/{template}/start"), None).0, 200);
+    wait_for("the template to verify rounds", || rounds(&server, template) >= 2);
+    assert_eq!(server.call("POST", &format!("/guests/{template}/pause"), None).0, 200);
+    let dir = scratch_dir("net-netns-snap").join("snapshot");
+    let (status, written) = server.call("PUT", &format!("/guests/{template}/snapshot"), Some(json!({"dir": dir})));
+    assert_eq!(status, 200, "{written}");
+
+    let mut namespaces = vec![ns0];
+    for _ in 0..2 {
+        let (status, clone) = server.call("POST", "/guests", Some(json!({"restore": dir})));
+        assert_eq!(status, 201, "{clone}");
+        let net = &clone["spec"]["net"];
+        assert_eq!(net["address"], format!("198.19.{net3}.2/24"), "{clone}");
+        assert_eq!(net["mac"], "06:76:6d:00:00:00", "{clone}");
+        let ns = net["namespace"].as_str().unwrap().to_string();
+        assert!(!namespaces.contains(&ns), "two guests in namespace {ns}");
+        let inside = addresses_in(&ns);
+        let tap = net["tap"].as_str().unwrap();
+        assert!(inside.contains(tap) && inside.contains(&format!("198.19.{net3}.1/24")), "{ns}: {inside}");
+        let id = clone["id"].as_u64().unwrap();
+        assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+        wait_for("a clone to verify rounds", || rounds(&server, id) >= 2);
+        namespaces.push(ns);
+    }
+    drop(server);
+    for ns in namespaces {
+        assert!(!Path::new("/run/netns").join(&ns).exists(), "the server left namespace {ns} behind");
     }
 }

@@ -218,16 +218,30 @@ pub struct NetConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub limit: Option<crate::devices::rate_limiter::RateLimit>,
+    /// Put the guest's TAP in a network namespace of its own (not on a
+    /// bridge), with the subnet's first address: clones of one template,
+    /// which share its address, are each reachable in theirs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub netns: bool,
+    /// The namespace's name (set by the supervisor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub namespace: Option<String>,
 }
 
 impl NetConfig {
-    /// Parses `--net`: `tap=NAME` and/or `bridge=NAME[,subnet=CIDR]`, with
+    /// Parses `--net`: `tap=NAME` and/or `bridge=NAME[,subnet=CIDR]`, or
+    /// `netns[,subnet=CIDR]`, with
     /// an optional `mac=MAC` and limits (`bytes=`, `ops=`, `bytes-burst=`,
     /// `ops-burst=`: see `RateLimit::parse_cli`).
     pub fn parse_cli(s: &str) -> std::result::Result<NetConfig, String> {
         let mut net = NetConfig::default();
         let mut limits = Vec::new();
         for part in s.split(',') {
+            if part == "netns" {
+                net.netns = true;
+                continue;
+            }
             let (key, value) = part.split_once('=').ok_or_else(|| format!("--net: {part:?} is not KEY=VALUE"))?;
             if ["bytes", "ops", "bytes-burst", "ops-burst"].contains(&key) {
                 limits.push(part);
@@ -261,11 +275,14 @@ impl NetConfig {
     pub fn validate(&self, source: Source) -> Result<()> {
         let name = if source == Source::Cli { "--net" } else { "net" };
         let bad = |why: String| Error::bad_input(format!("{name}: {why}"));
-        if self.tap.is_none() && self.bridge.is_none() {
-            return Err(bad("give a tap or a bridge".into()));
+        if self.tap.is_none() && self.bridge.is_none() && !self.netns {
+            return Err(bad("give a tap, a bridge or netns".into()));
         }
-        if self.subnet.is_some() && self.bridge.is_none() {
-            return Err(bad("a subnet goes with a bridge".into()));
+        if self.netns && self.bridge.is_some() {
+            return Err(bad("netns puts the TAP in a namespace of its own, not on a bridge".into()));
+        }
+        if self.subnet.is_some() && self.bridge.is_none() && !self.netns {
+            return Err(bad("a subnet goes with a bridge or netns".into()));
         }
         for n in self.tap.iter().chain(&self.bridge) {
             crate::network::check_ifname(n).map_err(bad)?;

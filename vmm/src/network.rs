@@ -1,7 +1,8 @@
 //! The host side of guests' networks, set up by the supervisor (it needs
 //! `CAP_NET_ADMIN`; guest processes get an open TAP and nothing more): a
 //! TAP per guest, a bridge to attach them to (made with the subnet's first
-//! address if it does not exist), and each guest's address in the subnet.
+//! address if it does not exist) or a network namespace of the guest's own,
+//! and each guest's address in the subnet.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -168,14 +169,23 @@ fn set_up(name: &str, up: bool) -> io::Result<()> {
     ioctl(SIOCSIFFLAGS, &mut req, &format!("bringing {name} {}", if up { "up" } else { "down" }))
 }
 
-/// The bridges a supervisor made, removed when it goes: a bridge outlives
-/// the guests on it otherwise, with its address and route.
+/// The bridges and network namespaces a supervisor made, removed when it
+/// goes: they outlive the guests in them otherwise, with their addresses
+/// and routes.
 #[derive(Default)]
-pub struct MadeBridges(std::sync::Mutex<Vec<String>>);
+pub struct MadeBridges {
+    bridges: std::sync::Mutex<Vec<String>>,
+    namespaces: std::sync::Mutex<Vec<String>>,
+}
 
 impl Drop for MadeBridges {
     fn drop(&mut self) {
-        for name in self.0.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for name in self.namespaces.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            if let Err(e) = ip(&["netns", "del", &name]) {
+                log::warn!("{e}");
+            }
+        }
+        for name in self.bridges.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let removed = set_up(&name, false)
                 .and_then(|()| ioctl(SIOCBRDELBR, &mut IfReq::new(&name), &format!("removing bridge {name}")));
             if let Err(e) = removed {
@@ -185,11 +195,40 @@ impl Drop for MadeBridges {
     }
 }
 
+/// Runs iproute2's `ip` (network namespaces are its files in /run/netns).
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(io::Error::other(format!("ip {}: {}", args.join(" "), why.trim())));
+    }
+    Ok(())
+}
+
+/// The namespace guest `id`'s TAP goes to with `netns`.
+pub fn namespace_name(id: usize) -> String {
+    format!("vmm-{}-guest{id}", std::process::id())
+}
+
+/// Makes namespace `ns` (noted in `made`), moves TAP `tap` into it, gives
+/// the TAP the subnet's gateway address there and brings it up. The guest
+/// process's open TAP keeps working wherever the interface is.
+fn move_to_namespace(tap: &str, ns: &str, subnet: Option<Subnet>, made: &MadeBridges) -> io::Result<()> {
+    ip(&["netns", "add", ns])?;
+    made.namespaces.lock().unwrap_or_else(|e| e.into_inner()).push(ns.to_string());
+    ip(&["link", "set", "dev", tap, "netns", ns])?;
+    if let Some(s) = subnet {
+        ip(&["-n", ns, "addr", "add", &format!("{}/{}", s.gateway(), s.prefix), "dev", tap])?;
+    }
+    ip(&["-n", ns, "link", "set", tap, "up"])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])
+}
+
 /// Makes sure bridge `name` exists and is up: an existing one is used as
 /// it is (it must be a bridge); a new one gets the subnet's gateway
 /// address, if a subnet is given, and is noted in `made`.
 pub fn ensure_bridge(name: &str, subnet: Option<Subnet>, made: &MadeBridges) -> io::Result<()> {
-    let mut made = made.0.lock().unwrap_or_else(|e| e.into_inner());
+    let mut made = made.bridges.lock().unwrap_or_else(|e| e.into_inner());
     if interface_exists(name) {
         if !is_bridge(name) {
             return Err(io::Error::other(format!("{name} exists and is not a bridge")));
@@ -228,8 +267,8 @@ pub struct GuestNetwork {
     pub setup: crate::process::ipc::NetSetup,
 }
 
-/// Sets up guest `id`'s network as `net` asks: its bridge (made if absent),
-/// its TAP, its MAC and address. `restoring`: the guest's kernel already
+/// Sets up guest `id`'s network as `net` asks: its bridge (made if absent)
+/// or namespace, its TAP, its MAC and address. `restoring`: the guest's kernel already
 /// has its address (a clone), so none goes on its command line.
 pub fn set_up_guest(
     id: usize,
@@ -258,6 +297,10 @@ pub fn set_up_guest(
         Some(libc::EBUSY) => Error::conflict(format!("TAP {tap_name} is in use by another process")),
         _ => Error::host(e.to_string()),
     })?;
+    let namespace = net.netns.then(|| namespace_name(id));
+    if let Some(ns) = &namespace {
+        move_to_namespace(&tap_name, ns, subnet, bridges).map_err(|e| Error::host(e.to_string()))?;
+    }
     // A clone's kernel has its template's address already.
     let (kernel_arg, address) = match address {
         Some((s, a)) if !restoring => (Some(s.kernel_ip_arg(a)), Some(format!("{a}/{}", s.prefix))),
@@ -267,6 +310,7 @@ pub fn set_up_guest(
         tap: Some(tap_name.clone()),
         mac: Some(crate::config::format_mac(mac)),
         address,
+        namespace,
         ..net.clone()
     };
     Ok(GuestNetwork { shown, tap, setup: crate::process::ipc::NetSetup { tap: tap_name, mac, kernel_arg } })

@@ -170,11 +170,12 @@ impl SnapshotState {
     /// opt-out asked for, and the directory made absolute.
     pub fn clone_config(&self, asked: &GuestConfig, dir: &Path) -> Result<GuestConfig> {
         let dir = std::path::absolute(dir).map_err(|e| Error::bad_input(format!("{}: {e}", dir.display())))?;
-        // A clone on a bridge gets a TAP of its own there, with the
-        // template's MAC and address (they are in its kernel).
-        let net = self.config.net.clone().map(|n| match n.bridge {
-            Some(_) => crate::config::NetConfig { tap: None, ..n },
-            None => n,
+        // A clone on a bridge or in a namespace gets a TAP (and namespace)
+        // of its own, with the template's MAC and address (they are in its
+        // kernel).
+        let net = self.config.net.clone().map(|n| match n.bridge.is_some() || n.netns {
+            true => crate::config::NetConfig { tap: None, namespace: None, ..n },
+            false => n,
         });
         Ok(GuestConfig {
             restore: Some(dir),

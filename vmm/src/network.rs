@@ -8,7 +8,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::tap::{IfReq, Tap};
 
 /// An IPv4 subnet, `ADDR/PREFIX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,29 +102,6 @@ const SIOCSIFNETMASK: libc::c_ulong = 0x891c;
 const SIOCBRADDBR: libc::c_ulong = 0x89a0;
 const SIOCBRDELBR: libc::c_ulong = 0x89a1;
 const SIOCBRADDIF: libc::c_ulong = 0x89a2;
-
-/// `struct ifreq`: a name, then a 24-byte union.
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: [u8; 24],
-}
-
-impl IfReq {
-    fn new(name: &str) -> IfReq {
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        req
-    }
-
-    fn with_ipv4(name: &str, addr: Ipv4Addr) -> IfReq {
-        let mut req = IfReq::new(name);
-        // struct sockaddr_in: family, port, address.
-        req.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-        req.data[4..8].copy_from_slice(&addr.octets());
-        req
-    }
-}
 
 /// A socket to send interface ioctls through.
 fn control_socket() -> io::Result<OwnedFd> {

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// The virtio-net header of a virtio 1.x device (`virtio_net_hdr_v1`:
@@ -25,11 +26,27 @@ pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
 
+/// `struct ifreq`: a name, then a 24-byte union.
 #[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
+pub(crate) struct IfReq {
+    pub name: [u8; libc::IFNAMSIZ],
+    pub data: [u8; 24],
+}
+
+impl IfReq {
+    pub fn new(name: &str) -> IfReq {
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        req
+    }
+
+    pub fn with_ipv4(name: &str, addr: Ipv4Addr) -> IfReq {
+        let mut req = IfReq::new(name);
+        // struct sockaddr_in: family, port, address.
+        req.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        req.data[4..8].copy_from_slice(&addr.octets());
+        req
+    }
 }
 
 pub struct Tap {
@@ -51,8 +68,8 @@ impl Tap {
         }
         // SAFETY: `fd` was just opened and is owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
-        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, _pad: [0; 22] };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let mut req = IfReq::new(name);
+        req.data[..2].copy_from_slice(&(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is.
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());

@@ -208,7 +208,8 @@ pub fn ensure_bridge(name: &str, subnet: Option<Subnet>, made: &MadeBridges) -> 
     let mut made = made.bridges.lock().unwrap_or_else(|e| e.into_inner());
     if interface_exists(name) {
         if !is_bridge(name) {
-            return Err(io::Error::other(format!("{name} exists and is not a bridge")));
+            let why = format!("{name} exists and is not a bridge");
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, why));
         }
         return set_up(name, true);
     }
@@ -262,10 +263,10 @@ pub fn set_up_guest(
     let address = subnet.map(|s| s.guest_address(id).map(|a| (s, a))).transpose().map_err(Error::bad_input)?;
     let tap_name = net.tap.clone().unwrap_or_else(|| tap_name(id));
     if let Some(bridge) = &net.bridge {
-        if interface_exists(bridge) && !is_bridge(bridge) {
-            return Err(Error::bad_input(format!("{bridge} exists and is not a bridge")));
-        }
-        ensure_bridge(bridge, subnet, bridges).map_err(|e| Error::host(format!("bridge {bridge}: {e}")))?;
+        ensure_bridge(bridge, subnet, bridges).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => Error::bad_input(e.to_string()),
+            _ => Error::host(format!("bridge {bridge}: {e}")),
+        })?;
     }
     if interface_exists(&tap_name) && !is_tap(&tap_name) {
         return Err(Error::bad_input(format!("{tap_name} exists and is not a TAP")));

@@ -58,9 +58,9 @@ impl Tap {
     /// Opens (creating it if it does not exist) the TAP called `name`,
     /// non-blocking, with 12-byte virtio-net headers.
     pub fn open(name: &str) -> io::Result<Tap> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name:?} is not an interface name")));
-        }
+        // The name must fit `ifreq` (checked, not assumed: the copy below
+        // relies on it).
+        crate::network::check_ifname(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: a constant, NUL-terminated path; the result is checked.
         let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
         if fd < 0 {

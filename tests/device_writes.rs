@@ -26,6 +26,7 @@ use vmm::devices::virtio::tap::Tap;
 use vmm::devices::virtio::{MmioDevice, Queues, VirtioDevice};
 use vmm::disk::{BaseImage, Disk};
 use vmm::memory::{guest_memfd, GuestMemoryMmap, GuestRam};
+use vmm::vstate::control::VcpuGate;
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 64;
@@ -61,7 +62,8 @@ fn reg(dev: &MmioDevice, offset: u64, value: u32) {
 /// A virtio disk on `image`, read-only, writing into `mem`.
 fn disk(image: &std::path::Path, gate: &Arc<IoGate>, mem: &GuestMemoryMmap) -> MmioDevice {
     let block = Block::new(Disk::read_only(BaseImage::open(image).unwrap()));
-    MmioDevice::new(0, Box::new(block), EventFd::new(0).unwrap(), gate.clone(), mem.clone()).unwrap()
+    MmioDevice::new(0, Box::new(block), EventFd::new(0).unwrap(), gate.clone(), Arc::new(VcpuGate::new(1)), mem.clone())
+        .unwrap()
 }
 
 /// Sets the device up as a driver would, with its queue where `vq` lies.

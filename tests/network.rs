@@ -21,6 +21,22 @@ fn link(name: &str) -> std::path::PathBuf {
     Path::new("/sys/class/net").join(name)
 }
 
+/// Whether `addr` answers ping (run in namespace `ns` if given): a few
+/// tries, as the first needs the guest's answer to ARP.
+fn answers_ping(ns: Option<&str>, addr: &str) -> bool {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut ip = std::process::Command::new("ip");
+            ip.args(["netns", "exec", ns, "ping"]);
+            ip
+        }
+        None => std::process::Command::new("ping"),
+    };
+    let out = cmd.args(["-c", "3", "-i", "0.2", "-W", "5", "-q", addr]).output();
+    let out = out.expect("ping (iputils-ping) must be installed");
+    out.status.success()
+}
+
 /// The bridge a network interface is attached to.
 fn master(tap: &str) -> Option<String> {
     let target = std::fs::read_link(link(tap).join("master")).ok()?;
@@ -69,6 +85,8 @@ fn guests_on_a_bridge_get_taps_macs_and_addresses_and_so_do_their_clones() {
     assert!(addr.contains(&format!("198.19.{net3}.1/24")), "the bridge has not the subnet's first address: {addr}");
     for (id, _) in &guests {
         wait_for("guests with a network to verify rounds", || rounds(&server, *id) >= 2);
+        let addr = format!("198.19.{net3}.{}", 2 + id);
+        assert!(answers_ping(None, &addr), "guest {id} does not answer ping at {addr}");
     }
 
     // A clone: a TAP of its own on the bridge, the template's MAC and address.
@@ -87,6 +105,8 @@ fn guests_on_a_bridge_get_taps_macs_and_addresses_and_so_do_their_clones() {
     assert_eq!(master(&tap).as_deref(), Some(bridge.0.as_str()));
     assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
     wait_for("the clone to verify rounds", || rounds(&server, id) >= 2);
+    // The template is paused: the address answers from the clone.
+    assert!(answers_ping(None, &format!("198.19.{net3}.2")), "the clone does not answer ping");
 
     // A guest's TAP goes with its process.
     for g in [0, 1, id] {
@@ -166,8 +186,8 @@ fn addresses_in(ns: &str) -> String {
 
 /// Clones of one template carry its MAC and address in their kernels: with
 /// `netns`, each clone's TAP is in a namespace of its own, with the
-/// gateway address there, so each is reachable in its namespace at the
-/// template's address. The namespaces go with the server.
+/// gateway address there, so each of 8 clones answers ping in its
+/// namespace at the template's address. The namespaces go with the server.
 #[test]
 fn clones_in_namespaces_of_their_own_each_have_the_templates_network() {
     let net3 = (std::process::id() + 125) % 250;
@@ -189,7 +209,8 @@ fn clones_in_namespaces_of_their_own_each_have_the_templates_network() {
     assert_eq!(status, 200, "{written}");
 
     let mut namespaces = vec![ns0];
-    for _ in 0..2 {
+    let mut clones = Vec::new();
+    for _ in 0..8 {
         let (status, clone) = server.call("POST", "/guests", Some(json!({"restore": dir})));
         assert_eq!(status, 201, "{clone}");
         let net = &clone["spec"]["net"];
@@ -202,11 +223,82 @@ fn clones_in_namespaces_of_their_own_each_have_the_templates_network() {
         assert!(inside.contains(tap) && inside.contains(&format!("198.19.{net3}.1/24")), "{ns}: {inside}");
         let id = clone["id"].as_u64().unwrap();
         assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
-        wait_for("a clone to verify rounds", || rounds(&server, id) >= 2);
+        clones.push((id, ns.clone()));
         namespaces.push(ns);
+    }
+    let addr = format!("198.19.{net3}.2");
+    for (id, ns) in &clones {
+        wait_for("a clone to verify rounds", || rounds(&server, *id) >= 2);
+        assert!(answers_ping(Some(ns), &addr), "clone {id} does not answer ping at {addr} in {ns}");
     }
     drop(server);
     for ns in namespaces {
         assert!(!Path::new("/run/netns").join(&ns).exists(), "the server left namespace {ns} behind");
+    }
+}
+
+/// Sends `count` datagrams of up to 1,400 bytes to `addr` one at a time and
+/// checks each echo byte for byte. Returns how many came back whole.
+fn echo_udp(addr: &str, id: u64, count: u64) -> Result<u64, String> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = vec![0u8; 2048];
+    for seq in 0..count {
+        let len = 8 + ((seq * 131 + id * 7) % 1392) as usize;
+        let mut datagram: Vec<u8> = (0..len as u64).map(|i| (seq * 31 + id * 17 + i * 7) as u8).collect();
+        datagram[..8].copy_from_slice(&seq.to_le_bytes());
+        socket.send(&datagram).map_err(|e| format!("datagram {seq}: {e}"))?;
+        let n = socket.recv(&mut buf).map_err(|e| format!("datagram {seq}: no echo ({e})"))?;
+        if buf[..n] != datagram[..] {
+            return Err(format!("datagram {seq}: the echo differs ({n} bytes back for {len})"));
+        }
+    }
+    Ok(count)
+}
+
+/// 8 memtest guests on one bridge each echo 1,000 UDP datagrams (sent one
+/// at a time, checked byte for byte) while the scanner merges their pages,
+/// the receive buffers among them: nothing is lost or changed, merges and
+/// copy-on-write breaks both happen, and every guest's pages keep
+/// verifying.
+#[test]
+fn memtest_guests_echo_udp_while_their_pages_merge() {
+    let pid = std::process::id();
+    let bridge = Bridge(format!("vme{}", pid % 100_000));
+    let net3 = (pid + 60) % 250;
+    let subnet = format!("198.19.{net3}.0/24");
+    let server = Server::start_with("net-echo", &["--scan-nice", "-10", "--scan-sleep-ms", "5"]);
+    let cmdline = "rounds=0 seed=6 share=0.6 zero=0.1 volatile=32 churn=64 idle=20";
+    let guests = 8u64;
+    for id in 0..guests {
+        let net = json!({"bridge": bridge.0, "subnet": subnet});
+        let spec = json!({"kernel": image("memtest"), "memory_mib": 32, "cmdline": cmdline, "net": net});
+        let (status, g) = server.call("POST", "/guests", Some(spec));
+        assert_eq!(status, 201, "{g}");
+        assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
+    }
+    for id in 0..guests {
+        wait_for("the guests to verify a round", || rounds(&server, id) >= 1);
+    }
+    let echoes: Vec<_> = (0..guests)
+        .map(|id| {
+            let addr = format!("198.19.{net3}.{}:7777", 2 + id);
+            std::thread::spawn(move || echo_udp(&addr, id, 1000))
+        })
+        .collect();
+    for (id, echo) in echoes.into_iter().enumerate() {
+        assert_eq!(echo.join().unwrap(), Ok(1000), "guest {id}");
+    }
+    let (_, stats) = server.call("GET", "/dedup/stats", None);
+    let global = &stats["global"];
+    assert!(global["pages_sharing"].as_u64() > Some(1000), "little merged: {stats}");
+    assert!(global["cow_breaks"].as_u64() > Some(0), "no merged page was written: {stats}");
+    for id in 0..guests {
+        let done = rounds(&server, id);
+        wait_for("the guests to verify two more rounds", || rounds(&server, id) >= done + 2);
+        let (_, c) = server.call("GET", &format!("/guests/{id}/console"), None);
+        let tail = c["tail"].as_str().unwrap_or_default();
+        assert!(!tail.contains("FAILED") && !tail.contains("MISMATCH"), "guest {id}:\n{tail}");
     }
 }

@@ -9,11 +9,13 @@ build_memtest() {
     local out=$1 work
     work=$(mktemp -d)
     local cflags=(-O2 -ffreestanding -fno-stack-protector -fno-pic -fno-pie -mno-red-zone
-        -mgeneral-regs-only -fno-asynchronous-unwind-tables -fno-builtin -nostdlib -Wall -Wextra -Werror)
+        -mgeneral-regs-only -fno-asynchronous-unwind-tables -fno-builtin -fno-tree-loop-distribute-patterns -nostdlib -Wall -Wextra -Werror)
     gcc "${cflags[@]}" -c "$here/entry.S" -o "$work/entry.o"
-    gcc "${cflags[@]}" -c "$here/memtest.c" -o "$work/memtest.o"
+    for c in memtest virtio net; do
+        gcc "${cflags[@]}" -c "$here/$c.c" -o "$work/$c.o"
+    done
     ld -static -nostdlib --no-dynamic-linker -z noexecstack -z max-page-size=4096 --build-id=none --no-warn-rwx-segments \
-        -T "$here/memtest.ld" -o "$out/memtest" "$work/entry.o" "$work/memtest.o"
+        -T "$here/memtest.ld" -o "$out/memtest" "$work/entry.o" "$work/memtest.o" "$work/virtio.o" "$work/net.o"
     rm -rf "$work"
 }
 

@@ -47,20 +47,20 @@
  * of TSC ticks); a page that took long is the vCPU being held (by the host
  * scheduler, a fault, or page sharing). It reports the histogram after each
  * round (GAP), so the VMM can compare what guests feel under each mode.
+ *
+ * Devices: vCPU 0 finds the virtio devices the command line announces and
+ * serves them by polling (virtio.c, net.c): between pages of its rounds, and
+ * while idle, waiting on the WAIT doorbell that a device's interrupt ends.
  */
 
-typedef unsigned long u64;
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
+#include "memtest.h"
 
-#define PAGE_SIZE 4096UL
 #define LARGE_PAGE (2UL << 20)
 #define GIB (1UL << 30)
 #define MAX_VCPUS 32 /* the VMM's --vcpus limit */
 #define MAX_GIB 1024 /* the identity map's limit: the VMM's 1 TiB per guest */
 #define KSTACK_SIZE 8192
-#define USTACK_SIZE 16384
+#define USTACK_SIZE 8192
 #define MAX_RANGES 16
 #define MAX_REPORTED 16 /* mismatching pages reported per vCPU */
 
@@ -69,44 +69,18 @@ static u64 align_up(u64 x, u64 alignment)
 	return (x + alignment - 1) & ~(alignment - 1);
 }
 
-/* ---- the doorbell (docs/memtest.md) ---- */
-
-#define DOORBELL 0xd0000000UL
-enum {
-	DB_CONSOLE = 0x00,
-	DB_PROGRESS = 0x08,
-	DB_MISMATCH = 0x10,
-	DB_DONE = 0x18,
-	DB_FAULT = 0x20,
-	DB_FAULT_RIP = 0x28,
-	DB_GUEST_ID = 0x30,
-	DB_VCPU_COUNT = 0x38,
-	DB_IDLE = 0x40,
-	DB_GAP = 0x48,
-};
-
-static inline void db_write(u64 reg, u64 value)
-{
-	*(volatile u64 *)(DOORBELL + reg) = value;
-}
-
-static inline u64 db_read(u64 reg)
-{
-	return *(volatile u64 *)(DOORBELL + reg);
-}
-
 /* ---- the console ---- */
 
 /* One vCPU writes a line at a time, so lines from different vCPUs stay whole. */
 static u32 console_busy;
 
-static void console_lock(void)
+void console_lock(void)
 {
 	while (__atomic_exchange_n(&console_busy, 1, __ATOMIC_ACQUIRE))
 		__asm__ volatile("pause");
 }
 
-static void console_unlock(void)
+void console_unlock(void)
 {
 	__atomic_store_n(&console_busy, 0, __ATOMIC_RELEASE);
 }
@@ -123,18 +97,18 @@ static void console_seize(void)
 	}
 }
 
-static void putc(char c)
+void putc(char c)
 {
 	db_write(DB_CONSOLE, (u8)c);
 }
 
-static void puts(const char *s)
+void puts(const char *s)
 {
 	while (*s)
 		putc(*s++);
 }
 
-static void putdec(u64 v)
+void putdec(u64 v)
 {
 	char buf[21];
 	int i = 20;
@@ -146,7 +120,7 @@ static void putdec(u64 v)
 	puts(buf + i);
 }
 
-static void puthex(u64 v)
+void puthex(u64 v)
 {
 	puts("0x");
 	for (int shift = 60; shift >= 0; shift -= 4)
@@ -198,7 +172,7 @@ static void initrd_pages(u64 *start, u64 *end)
 	*end = size ? align_up(addr + size, PAGE_SIZE) : *start;
 }
 
-static const char *cmdline(void)
+const char *cmdline(void)
 {
 	return (const char *)(u64) * (const u32 *)(boot_params + BP_CMDLINE_PTR);
 }
@@ -212,7 +186,7 @@ struct params {
 	u64 share, zero, near;
 };
 
-static int word_is(const char *w, const char *key)
+int word_is(const char *w, const char *key)
 {
 	while (*key)
 		if (*w++ != *key++)
@@ -220,7 +194,7 @@ static int word_is(const char *w, const char *key)
 	return 1;
 }
 
-static u64 parse_uint(const char *s)
+u64 parse_uint(const char *s)
 {
 	u64 v = 0;
 	while (*s >= '0' && *s <= '9')
@@ -291,7 +265,7 @@ static struct range ranges[MAX_RANGES];
 static int nranges;
 static u64 total_pages;
 static struct params params;
-static u64 guest_id, vcpu_count;
+static u64 guest_id, vcpu_count, tsc_khz;
 static u64 test_floor, mapped_top; /* set by build_page_tables() */
 
 static void add_range(u64 start, u64 end)
@@ -561,6 +535,8 @@ static void plan(void)
 	find_test_pages();
 	initrd_hash_at_boot = initrd_hash();
 	print_plan();
+	tsc_khz = db_read(DB_TSC_KHZ);
+	devices_init();
 }
 
 /* ---- gaps: how long each page took, as the vCPU felt it ---- */
@@ -574,12 +550,6 @@ struct gaps {
 
 static struct gaps gaps[MAX_VCPUS];
 
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return (u64)hi << 32 | lo;
-}
 
 /* Bucket of `ticks`: 8 * floor(log2) + the next three bits. */
 static u64 gap_bucket(u64 ticks)
@@ -615,6 +585,38 @@ static void gap_report(u64 vcpu)
 	}
 }
 
+/* ---- devices: served by vCPU 0 between pages and while idle ---- */
+
+/* vCPU 0 in a round, every DEVICE_POLL pages: answers what came in, and
+ * does not count that time as a gap in its pages. */
+#define DEVICE_POLL 64
+
+static void poll_in_round(u64 vcpu, u64 page)
+{
+	if (vcpu == 0 && page % DEVICE_POLL == 0 && devices_poll())
+		gaps[0].last = rdtsc();
+}
+
+/* Idles `ms` like a halted CPU; vCPU 0 with devices to serve wakes for
+ * each thing that comes in (the WAIT doorbell), answers it and goes back
+ * to waiting. */
+static void idle(u64 vcpu, u64 ms)
+{
+	if (vcpu != 0 || !devices_present() || !tsc_khz) {
+		db_write(DB_IDLE, ms);
+		return;
+	}
+	u64 end = rdtsc() + ms * tsc_khz;
+	for (;;) {
+		devices_poll();
+		u64 now = rdtsc();
+		if (now >= end)
+			return;
+		u64 left_us = (end - now) * 1000 / tsc_khz;
+		db_write(DB_WAIT, left_us ? left_us : 1);
+	}
+}
+
 /* Each vCPU's churn phase: its churn pages hold the content of this phase
  * (the same in every guest), one of three. */
 static u64 churn_phase[MAX_VCPUS];
@@ -643,6 +645,7 @@ static u64 run_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
 	for (u64 page = first; page < end; page++) {
 		bad += check_page(page, round_of(vcpu, page, round), reported + bad < MAX_REPORTED);
 		gap_tick(vcpu);
+		poll_in_round(vcpu, page);
 	}
 	return bad;
 }
@@ -722,7 +725,7 @@ void user_main(u64 vcpu)
 		gap_report(vcpu);
 		db_write(DB_PROGRESS, round);
 		if (params.idle_ms)
-			db_write(DB_IDLE, params.idle_ms);
+			idle(vcpu, params.idle_ms);
 	}
 	db_write(DB_DONE, mismatches);
 	for (;;)

@@ -29,7 +29,7 @@ use crate::vstate::{vcpu, vm};
 
 /// State the vCPU threads of one guest share.
 struct Shared {
-    gate: VcpuGate,
+    gate: Arc<VcpuGate>,
     /// Device threads touching guest memory hold it.
     io_gate: Arc<IoGate>,
     devices: Devices,
@@ -145,13 +145,14 @@ impl Guest {
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
         let io_gate = Arc::new(IoGate::default());
+        let gate = Arc::new(VcpuGate::new(vcpu_count as usize));
         let mut devices = Vec::with_capacity(virtio.len());
         for (slot, device) in virtio.into_iter().enumerate() {
             let name = device.name();
             let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
             vm.register_irqfd(&irq, virtio::FIRST_GSI + slot as u32)
                 .map_err(|e| kvm_err(&format!("cannot wire {name}'s interrupt"), e))?;
-            let device = MmioDevice::new(slot, device, irq, io_gate.clone(), ram.memory().clone())
+            let device = MmioDevice::new(slot, device, irq, io_gate.clone(), gate.clone(), ram.memory().clone())
                 .map_err(|e| Error::host(format!("eventfd: {e}")))?;
             if let Some(snapshot) = restore {
                 let saved = snapshot.devices.iter().find(|d| d.slot == slot);
@@ -166,14 +167,6 @@ impl Guest {
             }
             devices.push(Arc::new(device));
         }
-        let (serial, doorbell) = match restore {
-            Some(snapshot) => (
-                serial::restore(&snapshot.serial, serial_irq, console.clone()).map_err(restore_err)?,
-                Doorbell::restore(id as u64, &snapshot.doorbell),
-            ),
-            None => (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count)),
-        };
-        let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
         let vcpus = (0..vcpu_count)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
@@ -194,8 +187,18 @@ impl Guest {
         let kvm_stats = vcpus.iter().filter_map(|fd| KvmStats::open(fd).ok()).collect();
         let vcpus: Vec<_> = vcpus.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
         let tsc_khz = vcpus.first().and_then(|fd| fd.lock().unwrap().get_tsc_khz().ok());
+        let (serial, doorbell) = match restore {
+            Some(snapshot) => (
+                serial::restore(&snapshot.serial, serial_irq, console.clone()).map_err(restore_err)?,
+                Doorbell::restore(id as u64, &snapshot.doorbell).with_tsc_khz(tsc_khz),
+            ),
+            None => {
+                (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count).with_tsc_khz(tsc_khz))
+            }
+        };
+        let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
         let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
-        let shared = Arc::new(Shared { gate: VcpuGate::new(vcpus.len()), io_gate, devices, end: Mutex::new(None) });
+        let shared = Arc::new(Shared { gate, io_gate, devices, end: Mutex::new(None) });
         Ok(Guest {
             id,
             config: config.clone(),

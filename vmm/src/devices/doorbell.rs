@@ -35,6 +35,13 @@ pub const IDLE: u64 = 0x40;
 pub const MAX_IDLE: Duration = Duration::from_secs(10);
 /// Write: gap histogram counts, `bucket << 48 | count` (see [`gap_ticks`]).
 pub const GAP: u64 = 0x48;
+/// Write: wait this vCPU for that many microseconds (at most [`MAX_IDLE`])
+/// or until one of the guest's devices raises an interrupt, whichever
+/// comes first: a halt for a guest that polls its devices from CPL 3.
+pub const WAIT: u64 = 0x50;
+/// Read: the vCPUs' TSC rate in kHz (0 if KVM did not say), so a guest
+/// can keep time with `rdtsc` at CPL 3.
+pub const TSC_KHZ: u64 = 0x58;
 /// Gap buckets: 8 per power of two of TSC ticks.
 pub const GAP_BUCKETS: usize = 512;
 
@@ -51,6 +58,7 @@ pub fn gap_ticks(bucket: usize) -> u64 {
 pub struct Doorbell {
     guest_id: u64,
     vcpus: u8,
+    tsc_khz: u32,
     state: Mutex<State>,
 }
 
@@ -117,6 +125,7 @@ impl Doorbell {
         Doorbell {
             guest_id,
             vcpus,
+            tsc_khz: 0,
             state: Mutex::new(State {
                 started: Instant::now(),
                 progress: vec![None; vcpus as usize],
@@ -131,6 +140,11 @@ impl Doorbell {
         }
     }
 
+    /// Tells the guest its TSC rate (the [`TSC_KHZ`] register).
+    pub fn with_tsc_khz(self, tsc_khz: Option<u32>) -> Self {
+        Doorbell { tsc_khz: tsc_khz.unwrap_or(0), ..self }
+    }
+
     /// Restarts the clock: call when the guest's vCPUs start.
     pub fn mark_start(&self) {
         self.state.lock().unwrap().started = Instant::now();
@@ -140,6 +154,7 @@ impl Doorbell {
         match offset {
             GUEST_ID => self.guest_id,
             VCPU_COUNT => u64::from(self.vcpus),
+            TSC_KHZ => u64::from(self.tsc_khz),
             _ => 0,
         }
     }
@@ -200,6 +215,7 @@ impl Doorbell {
                 }
             }
             IDLE => return Action::Idle(Duration::from_millis(value).min(MAX_IDLE)),
+            WAIT => return Action::WaitForDevice(Duration::from_micros(value).min(MAX_IDLE)),
             FAULT => return Action::EndGuest(GuestEnd::GuestException { vector: value, rip: state.fault_rip }),
             _ => log::warn!("guest {}: write to unknown doorbell register {offset:#x}", self.guest_id),
         }
@@ -302,6 +318,8 @@ mod tests {
         let d = Doorbell::new(0, 1);
         assert_eq!(d.write(0, IDLE, 5, &console()), Action::Idle(Duration::from_millis(5)));
         assert_eq!(d.write(0, IDLE, u64::MAX, &console()), Action::Idle(MAX_IDLE));
+        assert_eq!(d.write(0, WAIT, 250, &console()), Action::WaitForDevice(Duration::from_micros(250)));
+        assert_eq!(d.write(0, WAIT, u64::MAX, &console()), Action::WaitForDevice(MAX_IDLE));
     }
 
     #[test]
@@ -367,7 +385,7 @@ mod tests {
                 };
                 let vcpu = (next() % 40) as u8;
                 match d.write(vcpu, offset, value, &c) {
-                    Action::Idle(t) => assert!(t <= MAX_IDLE),
+                    Action::Idle(t) | Action::WaitForDevice(t) => assert!(t <= MAX_IDLE),
                     Action::Continue | Action::VcpuFinished | Action::EndGuest(_) => {}
                 }
                 let _ = d.read(vcpu, next() % DOORBELL_SIZE);

@@ -26,6 +26,9 @@ pub enum Action {
     Continue,
     /// This vCPU idles for up to this long (a pause or stop cuts it short).
     Idle(std::time::Duration),
+    /// This vCPU waits up to this long, or less if a device raises an
+    /// interrupt meanwhile (or a pause or stop comes).
+    WaitForDevice(std::time::Duration),
     /// This vCPU has finished its work and must not run again.
     VcpuFinished,
     /// The whole guest ends.

@@ -61,6 +61,8 @@ struct GateState {
     parked: usize,
     /// vCPU threads that have not left their run loop.
     live: usize,
+    /// A device raised an interrupt since a vCPU last waited for one.
+    device_interrupt: bool,
     targets: Vec<Option<KickTarget>>,
 }
 
@@ -131,9 +133,31 @@ impl VcpuGate {
     /// halted CPU; returns early when a pause or stop comes, so neither
     /// waits for an idle vCPU.
     pub fn idle(&self, time: Duration) {
+        self.wait(time, false);
+    }
+
+    /// Like [`VcpuGate::idle`], but also returns when a device raises an
+    /// interrupt ([`VcpuGate::device_interrupt`]), or at once if one did
+    /// since the last such wait: a guest that polls its devices and then
+    /// waits loses no wake-up that came between the two.
+    pub fn wait_for_device(&self, time: Duration) {
+        self.wait(time, true);
+    }
+
+    /// Called by a device's thread when it raises the guest's interrupt.
+    pub fn device_interrupt(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.device_interrupt = true;
+        self.changed.notify_all();
+    }
+
+    fn wait(&self, time: Duration, for_device: bool) {
         let deadline = std::time::Instant::now() + time;
         let mut s = self.state.lock().unwrap();
         while !s.stop && s.pause_depth == 0 {
+            if for_device && std::mem::take(&mut s.device_interrupt) {
+                return;
+            }
             let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
                 return;
             };
@@ -306,5 +330,37 @@ mod tests {
         gate.stop();
         let woke = idler.join().unwrap();
         assert!(woke < Duration::from_secs(5), "idle ignored the pause for {woke:?}");
+    }
+
+    #[test]
+    fn a_device_interrupt_ends_a_wait_for_devices_but_not_an_idle() {
+        let gate = Arc::new(VcpuGate::new(1));
+        // Raised before the wait: the wait returns at once, and only once.
+        gate.device_interrupt();
+        let t = std::time::Instant::now();
+        gate.wait_for_device(Duration::from_secs(30));
+        assert!(t.elapsed() < Duration::from_secs(5), "a wake-up raised before the wait was lost");
+        let t = std::time::Instant::now();
+        gate.wait_for_device(Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30), "one interrupt ended two waits");
+
+        // Raised during the wait.
+        let waiter = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                gate.wait_for_device(Duration::from_secs(30));
+                t.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        gate.device_interrupt();
+        assert!(waiter.join().unwrap() < Duration::from_secs(5), "the interrupt did not end the wait");
+
+        // An idle vCPU (memtest's idle=) sleeps through interrupts.
+        gate.device_interrupt();
+        let t = std::time::Instant::now();
+        gate.idle(Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30));
     }
 }

@@ -115,6 +115,7 @@ pub fn run(fd: &Mutex<VcpuFd>, index: u8, gate: &VcpuGate, devices: &Devices) ->
         match action {
             Action::Continue => {}
             Action::Idle(time) => gate.idle(time),
+            Action::WaitForDevice(time) => gate.wait_for_device(time),
             Action::VcpuFinished => break None,
             Action::EndGuest(end) => break Some(end),
         }

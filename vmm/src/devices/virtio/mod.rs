@@ -28,6 +28,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::io_gate::IoGate;
 use crate::devices::Action;
 use crate::memory::GuestMemoryMmap;
+use crate::vstate::control::VcpuGate;
 pub use device::{Persist, Queues, Used, VirtioDevice};
 use mmio::{MmioEvent, MmioTransport, TransportState, CONFIG_SPACE, INT_VRING, MMIO_SIZE};
 
@@ -97,6 +98,9 @@ pub struct MmioDevice {
     notify: Vec<EventFd>,
     host_fds: Vec<RawFd>,
     io_gate: Arc<IoGate>,
+    /// Told of every interrupt, for vCPUs waiting for one (a polling
+    /// guest's halt, the doorbell's WAIT).
+    vcpu_gate: Arc<VcpuGate>,
     mem: GuestMemoryMmap,
 }
 
@@ -122,6 +126,7 @@ impl MmioDevice {
         device: Box<dyn VirtioDevice>,
         irq: EventFd,
         io_gate: Arc<IoGate>,
+        vcpu_gate: Arc<VcpuGate>,
         mem: GuestMemoryMmap,
     ) -> std::io::Result<MmioDevice> {
         let transport = MmioTransport::new(device.device_type(), device.features(), device.queue_max_sizes());
@@ -135,6 +140,7 @@ impl MmioDevice {
             irq,
             notify,
             io_gate,
+            vcpu_gate,
             mem,
         })
     }
@@ -223,6 +229,7 @@ impl MmioDevice {
             if let Err(e) = self.irq.write(1) {
                 log::warn!("{}: cannot raise the interrupt: {e}", self.name);
             }
+            self.vcpu_gate.device_interrupt();
         }
     }
 }
@@ -324,7 +331,15 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
         let disk = Disk::with_overlay(BaseImage::open(&path).unwrap(), &dir.join("overlay")).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        MmioDevice::new(0, Box::new(block::Block::new(disk)), irq, Arc::new(IoGate::default()), mem.clone()).unwrap()
+        MmioDevice::new(
+            0,
+            Box::new(block::Block::new(disk)),
+            irq,
+            Arc::new(IoGate::default()),
+            Arc::new(VcpuGate::new(1)),
+            mem.clone(),
+        )
+        .unwrap()
     }
 
     fn reg(dev: &MmioDevice, offset: u64, value: u32) {
@@ -355,7 +370,15 @@ mod tests {
         let base = BaseImage::open(&dir.join("base.img")).unwrap();
         let back = block::Block::restore((base, Some(dir.join("overlay2"))), &state, &snap).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let again = MmioDevice::new(0, Box::new(back), irq, Arc::new(IoGate::default()), mem.clone()).unwrap();
+        let again = MmioDevice::new(
+            0,
+            Box::new(back),
+            irq,
+            Arc::new(IoGate::default()),
+            Arc::new(VcpuGate::new(1)),
+            mem.clone(),
+        )
+        .unwrap();
         again.restore(&saved).unwrap();
         for offset in [0x000, 0x008, 0x034, 0x044, 0x070, 0x100, 0x104] {
             let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
@@ -369,6 +392,7 @@ mod tests {
             Box::new(block::Block::new(Disk::read_only(BaseImage::open(&dir.join("base.img")).unwrap()))),
             irq,
             Arc::new(IoGate::default()),
+            Arc::new(VcpuGate::new(1)),
             mem.clone(),
         )
         .unwrap();

@@ -20,9 +20,8 @@ static u8 tx_buf[VQ_SIZE][BUF] __attribute__((aligned(64)));
 
 static struct {
 	int present;
-	struct vq rx, tx;
-	u16 tx_free[VQ_SIZE];
-	u32 tx_nfree;
+	struct vq rx;
+	struct txq tx;
 	u8 mac[6], ip[4];
 } net;
 
@@ -40,12 +39,6 @@ static void put_be16(u8 *p, u16 v)
 {
 	p[0] = (u8)(v >> 8);
 	p[1] = (u8)v;
-}
-
-static void copy(u8 *to, const u8 *from, u64 n)
-{
-	while (n--)
-		*to++ = *from++;
 }
 
 static int same(const u8 *a, const u8 *b, u64 n)
@@ -116,12 +109,10 @@ void net_setup(u64 base)
 	for (int i = 0; i < 6; i++)
 		net.mac[i] = virtio_config8(base, (u64)i);
 	vq_setup(&net.rx, base, RX, &rx_ring);
-	vq_setup(&net.tx, base, TX, &tx_ring);
+	txq_setup(&net.tx, base, TX, &tx_ring, VQ_SIZE);
 	virtio_ready(base);
-	for (u16 i = 0; i < VQ_SIZE; i++) {
+	for (u16 i = 0; i < VQ_SIZE; i++)
 		vq_post(&net.rx, i, rx_buf[i], BUF, 1);
-		net.tx_free[net.tx_nfree++] = i;
-	}
 	vq_kick(&net.rx);
 	net.present = 1;
 	console_lock();
@@ -140,32 +131,20 @@ void net_setup(u64 base)
 	console_unlock();
 }
 
-/* A transmit buffer's frame area, or 0 if all are in flight. */
-static u8 *tx_take(u16 *id)
-{
-	u32 used, len;
-	while (vq_used(&net.tx, &used, &len))
-		net.tx_free[net.tx_nfree++] = (u16)used;
-	if (!net.tx_nfree)
-		return 0;
-	*id = net.tx_free[--net.tx_nfree];
-	for (int i = 0; i < HDR; i++)
-		tx_buf[*id][i] = 0;
-	return tx_buf[*id] + HDR;
-}
-
 /* Sends `frame` (n bytes) back where it came from: the Ethernet source
  * becomes the destination, after the caller turned the payload round. */
 static int reply(const u8 *frame, u64 n)
 {
-	u16 id;
-	u8 *out = tx_take(&id);
-	if (!out)
+	int id = txq_take(&net.tx);
+	if (id < 0)
 		return 0; /* a reply dropped, as a busy NIC would */
+	u8 *out = tx_buf[id] + HDR;
+	for (int i = 0; i < HDR; i++)
+		tx_buf[id][i] = 0;
 	copy(out, frame + 6, 6);
 	copy(out + 6, net.mac, 6);
 	copy(out + 12, frame + 12, n - 12);
-	vq_post(&net.tx, id, tx_buf[id], (u32)(HDR + n), 0);
+	vq_post(&net.tx.q, (u16)id, tx_buf[id], (u32)(HDR + n), 0);
 	return 1;
 }
 
@@ -229,7 +208,7 @@ u64 net_poll(void)
 		handled++;
 	}
 	if (sent)
-		vq_kick(&net.tx);
+		vq_kick(&net.tx.q);
 	if (handled)
 		vq_kick(&net.rx);
 	return handled;

@@ -123,6 +123,23 @@ int vq_used(struct vq *q, u32 *id, u32 *len)
 	return 1;
 }
 
+void txq_setup(struct txq *t, u64 base, u32 index, struct vring *ring, u32 n)
+{
+	vq_setup(&t->q, base, index, ring);
+	t->nfree = 0;
+	for (u32 i = 0; i < n && i < VQ_SIZE; i++)
+		t->free[t->nfree++] = (u16)i;
+}
+
+int txq_take(struct txq *t)
+{
+	u32 id, len;
+	while (vq_used(&t->q, &id, &len))
+		if (t->nfree < VQ_SIZE) /* a device that returns a buffer twice gets it once */
+			t->free[t->nfree++] = (u16)id;
+	return t->nfree ? t->free[--t->nfree] : -1;
+}
+
 u8 virtio_config8(u64 base, u64 offset)
 {
 	return *(volatile u8 *)(base + MMIO_CONFIG + offset);
@@ -163,6 +180,10 @@ void devices_init(void)
 					net_setup(base);
 					present |= net_present();
 					break;
+				case ID_VSOCK:
+					vsock_setup(base);
+					present |= vsock_present();
+					break;
 				default:
 					break;
 				}
@@ -182,5 +203,5 @@ int devices_present(void)
 
 u64 devices_poll(void)
 {
-	return present ? net_poll() : 0;
+	return present ? net_poll() + vsock_poll() : 0;
 }

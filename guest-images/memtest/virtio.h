@@ -57,9 +57,31 @@ int vq_used(struct vq *q, u32 *id, u32 *len);
 /* The device-specific configuration space, byte `offset`. */
 u8 virtio_config8(u64 base, u64 offset);
 
-/* The drivers (net.c, vsock.c): set up the device found at `base`. */
+static inline void copy(u8 *to, const u8 *from, u64 n)
+{
+	while (n--)
+		*to++ = *from++;
+}
+
+/* A transmit queue: its buffers go out and come back (used) in any order. */
+struct txq {
+	struct vq q;
+	u16 free[VQ_SIZE];
+	u32 nfree;
+};
+/* Sets queue `index` up with buffers 0..n-1 free. */
+void txq_setup(struct txq *t, u64 base, u32 index, struct vring *ring, u32 n);
+/* A free buffer's index (taking back those the device is done with), or
+ * -1 if all are in flight. */
+int txq_take(struct txq *t);
+
+/* The drivers (net.c, vsock.c): set up the device found at `base`, serve
+ * it, say whether it is in use. */
 void net_setup(u64 base);
 u64 net_poll(void);
 int net_present(void);
+void vsock_setup(u64 base);
+u64 vsock_poll(void);
+int vsock_present(void);
 
 #endif

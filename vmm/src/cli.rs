@@ -280,6 +280,12 @@ pub struct RunArgs {
     /// `mac=MAC`.
     #[arg(long, value_name = "SPEC", value_parser = config::NetConfig::check_cli)]
     pub net: Option<String>,
+    /// A vsock device per guest, its host side a Unix socket: PATH (one
+    /// guest) or an existing directory, where guest i's is `guest-<i>.sock`.
+    /// Connect and write `CONNECT <port>\n` to reach the guest's port; the
+    /// guest's connections to host port P go to `<socket>_P`.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
     /// Cap each guest's disk: `bytes=N,ops=N[,bytes-burst=N][,ops-burst=N]`
     /// per second (sizes in bytes, or with K, M, G); the same keys go in
     /// `--net` for its frames.
@@ -532,6 +538,7 @@ impl TryFrom<RunArgs> for RunConfig {
             dedup_opt_out: false,
             net: args.net.map(|n| config::NetConfig::parse_cli(&n)).transpose().map_err(Error::bad_input)?,
             disk_limit: args.disk_limit.map(|l| RateLimit::parse_cli(&l)).transpose().map_err(Error::bad_input)?,
+            vsock: args.vsock.map(|socket| config::VsockConfig { socket, cid: None }),
         };
         let config = RunConfig {
             guest,

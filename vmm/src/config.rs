@@ -181,6 +181,44 @@ pub struct GuestConfig {
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub net: Option<NetConfig>,
+    /// A vsock device whose host side is a Unix socket.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A guest's vsock device (virtio-vsock), its host side a Unix socket as
+/// Firecracker's hybrid vsock: a host program connects to `socket` and
+/// writes `CONNECT <port>\n` to reach the guest's port; the guest's
+/// connections to the host's port P go to `<socket>_P`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"socket": "/run/vmm/vsock"}))]
+pub struct VsockConfig {
+    /// The socket's path (made by the supervisor; it must not exist), or
+    /// an existing directory, in which guest i's socket is
+    /// `guest-<i>.sock`. `GET /guests/{id}` shows the path chosen. A
+    /// clone's socket is `guest-<id>.sock` beside its template's unless
+    /// its request gives `vsock`.
+    #[schema(value_type = String)]
+    pub socket: PathBuf,
+    /// The guest's address (CID), 3 by default.
+    #[serde(default, deserialize_with = "present_integer", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 3, maximum = 4294967294u64)]
+    pub cid: Option<u64>,
+}
+
+impl VsockConfig {
+    pub fn validate(&self, source: Source) -> Result<()> {
+        let name = if source == Source::Cli { "--vsock" } else { "vsock" };
+        if self.socket.as_os_str().is_empty() {
+            return Err(Error::bad_input(format!("{name}: the socket's path is empty")));
+        }
+        if let Some(cid) = self.cid {
+            crate::devices::virtio::vsock::check_cid(cid).map_err(|e| Error::bad_input(format!("{name}: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// A guest's network: a TAP of its own on a bridge, or a TAP named. The
@@ -339,6 +377,7 @@ impl GuestConfig {
             dedup_opt_out: false,
             net: None,
             disk_limit: None,
+            vsock: None,
         }
     }
 
@@ -351,6 +390,9 @@ impl GuestConfig {
         }
         if let Some(net) = &self.net {
             net.validate(source)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate(source)?;
         }
         if let Some(limit) = &self.disk_limit {
             let name = if source == Source::Cli { "--disk-limit" } else { "disk_limit" };
@@ -713,6 +755,13 @@ impl RunConfig {
                     self.guests
                 )));
             }
+        }
+        if let Some(vsock) = self.guest.vsock.as_ref().filter(|v| self.guests > 1 && !v.socket.is_dir()) {
+            return Err(Error::bad_input(format!(
+                "--vsock {} is one guest's socket; {} guests need an existing directory (a socket each)",
+                vsock.socket.display(),
+                self.guests
+            )));
         }
         if let Some(bad) = self.opt_out.iter().find(|&&g| g >= self.guests) {
             return Err(Error::bad_input(format!(

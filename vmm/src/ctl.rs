@@ -135,6 +135,9 @@ pub struct CreateArgs {
     /// As `vmm run --net`.
     #[arg(long, value_name = "SPEC", value_parser = crate::config::NetConfig::check_cli)]
     pub net: Option<String>,
+    /// As `vmm run --vsock`.
+    #[arg(long, value_name = "PATH")]
+    pub vsock: Option<PathBuf>,
 }
 
 /// Runs one `vmm ctl` command; Ok(false) when the API said no.
@@ -162,6 +165,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                     .as_deref()
                     .map(crate::devices::rate_limiter::RateLimit::parse_cli)
                     .transpose()?,
+                vsock: c.vsock.as_ref().map(|p| crate::config::VsockConfig { socket: abs(p), cid: None }),
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
         }

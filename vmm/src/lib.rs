@@ -36,4 +36,5 @@ pub mod sharing;
 pub mod signals;
 pub mod snapshot;
 pub mod stats_file;
+pub mod vsock_host;
 pub mod vstate;

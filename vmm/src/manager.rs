@@ -107,6 +107,8 @@ struct Entry {
     /// The supervisor's handle on its RAM (memfd backend).
     memory: Option<File>,
     cgroup: Option<MemoryCgroup>,
+    /// Its vsock socket, removed with its process.
+    vsock_socket: Option<crate::vsock_host::SocketFile>,
     /// How the guest process said the guest ended.
     reported_end: Option<GuestEnd>,
     end: Option<GuestEnd>,
@@ -137,6 +139,7 @@ impl Entry {
             shared: false,
             memory: None,
             cgroup: None,
+            vsock_socket: None,
             reported_end: None,
             end: None,
             console_tail: String::new(),
@@ -562,6 +565,17 @@ impl Manager {
             Some(n) => (Some(std::os::fd::OwnedFd::from(n.tap)), Some(n.setup)),
             None => (None, None),
         };
+        let vsock = config.vsock.as_ref().map(|v| crate::vsock_host::set_up_guest(id, v)).transpose()?;
+        let (vsock_fd, vsock_setup, vsock_file) = match vsock {
+            Some(v) => {
+                config.vsock = Some(v.shown);
+                if let Some(entry) = self.lock().map.get_mut(&id) {
+                    entry.config.vsock = config.vsock.clone();
+                }
+                (Some(std::os::fd::OwnedFd::from(v.listener)), Some(v.setup), Some(v.file))
+            }
+            None => (None, None, None),
+        };
         // Clones of a snapshot share its memory from the start.
         let adopt_memory = snapshot.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd;
         let setup = Box::new(Setup {
@@ -578,6 +592,7 @@ impl Manager {
             adopt_memory,
             restore: snapshot,
             net,
+            vsock: vsock_setup,
         });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -597,7 +612,7 @@ impl Manager {
         let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
             setup,
-            Descriptors { memory: memory.as_ref(), store, console, tap },
+            Descriptors { memory: memory.as_ref(), store, console, tap, vsock: vsock_fd },
             cgroup.as_ref(),
             move |event| {
                 if let Some(m) = on_event.upgrade() {
@@ -656,6 +671,7 @@ impl Manager {
         entry.cgroup = cgroup;
         entry.protection = created.protection;
         entry.overlay = overlay;
+        entry.vsock_socket = vsock_file;
         entry.made = true;
         drop(g);
         self.changed.notify_all();
@@ -725,6 +741,7 @@ impl Manager {
         entry.process = None;
         entry.memory = None;
         entry.cgroup = None;
+        entry.vsock_socket = None;
         drop(g);
         self.changed.notify_all();
     }

@@ -177,11 +177,19 @@ impl SnapshotState {
             true => crate::config::NetConfig { tap: None, namespace: None, ..n },
             false => n,
         });
+        // A clone's vsock socket sits beside its template's (the directory
+        // form: guest-<id>.sock), unless it asks for its own.
+        let vsock = asked.vsock.clone().or_else(|| {
+            let template = self.config.vsock.clone()?;
+            let beside = template.socket.parent().map(Path::to_path_buf).unwrap_or_default();
+            Some(crate::config::VsockConfig { socket: beside, ..template })
+        });
         Ok(GuestConfig {
             restore: Some(dir),
             merge_group: asked.merge_group,
             dedup_opt_out: asked.dedup_opt_out,
             net,
+            vsock,
             ..self.config.clone()
         })
     }

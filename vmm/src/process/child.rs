@@ -19,7 +19,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::ipc::{self, Event, Reply, Request, Setup};
 use crate::config::GuestConfig;
 use crate::devices::console::Console;
-use crate::devices::virtio::{self, block::Block, device::from_value, net::Net, tap::Tap, Persist, VirtioDevice};
+use crate::devices::virtio::{
+    self, block::Block, device::from_value, net::Net, tap::Tap, vsock::Vsock, Persist, VirtioDevice,
+};
 use crate::disk::{BaseImage, Disk};
 use crate::error::{Error, Result};
 use crate::guest::{Guest, GuestOptions};
@@ -308,6 +310,18 @@ fn virtio_devices(
         let device = match config.net.as_ref().and_then(|n| n.limit.as_ref()) {
             Some(limit) => device.with_limiter(limiter(limit)?),
             None => device,
+        };
+        devices.push(Box::new(device));
+    }
+    if let Some(v) = &setup.vsock {
+        // SAFETY: the supervisor passes the listener whenever it sets up a vsock.
+        let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(ipc::FD_VSOCK) };
+        let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::vsock::NAME)?, dir)));
+        let device = match saved {
+            Some((saved, dir)) => from_value::<Vsock>(&saved.state)
+                .and_then(|state| Vsock::restore((v.socket.clone(), listener), &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's vsock device: {e}")))?,
+            None => Vsock::new(v.cid, v.socket.clone(), listener).map_err(|e| Error::host(format!("vsock: {e}")))?,
         };
         devices.push(Box::new(device));
     }

@@ -32,6 +32,7 @@ pub struct Descriptors<'a> {
     pub store: Option<File>,
     pub console: File,
     pub tap: Option<std::os::fd::OwnedFd>,
+    pub vsock: Option<std::os::fd::OwnedFd>,
 }
 
 /// How a guest process ended, as the supervisor saw it.
@@ -147,6 +148,9 @@ impl GuestProcess {
         }
         if let Some(t) = &fds.tap {
             mapping.push((t.as_raw_fd(), ipc::FD_TAP));
+        }
+        if let Some(v) = &fds.vsock {
+            mapping.push((v.as_raw_fd(), ipc::FD_VSOCK));
         }
         place_descriptors(&mut command, mapping);
         if let Some(cg) = cgroup {

@@ -32,6 +32,8 @@ pub const FD_MEMORY: i32 = 6;
 pub const FD_STORE: i32 = 7;
 /// The guest's TAP, opened by the supervisor (a guest with a network).
 pub const FD_TAP: i32 = 8;
+/// The guest's vsock listener, bound by the supervisor (a guest with vsock).
+pub const FD_VSOCK: i32 = 9;
 
 /// Largest frame either side accepts: a dirty bitmap of a 1 TiB guest.
 pub const MAX_FRAME: usize = 40 << 20;
@@ -57,6 +59,17 @@ pub struct Setup {
     pub adopt_memory: bool,
     /// The network device, whose TAP is [`FD_TAP`].
     pub net: Option<NetSetup>,
+    /// The vsock device, whose listener is [`FD_VSOCK`].
+    pub vsock: Option<VsockSetup>,
+}
+
+/// A guest's vsock device as the supervisor set it up.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VsockSetup {
+    /// Where its listener is bound; its guest's connections to the host go
+    /// beside it.
+    pub socket: PathBuf,
+    pub cid: u64,
 }
 
 /// A guest's network device as the supervisor set it up.

@@ -1,7 +1,7 @@
 //! virtio devices (virtio 1.x) on the virtio-mmio transport. Linux learns
 //! of them from its command line (`virtio_mmio.device=`).
 //!
-//! Each device ([`VirtioDevice`]: blk today) sits behind one
+//! Each device ([`VirtioDevice`]: blk, net, vsock) sits behind one
 //! [`MmioDevice`], which holds the transport's registers, a queue
 //! notification per queue (an ioeventfd KVM signals without an exit to
 //! user space), the interrupt (an irqfd) and the snapshot of both halves.
@@ -13,6 +13,7 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod tap;
+pub mod vsock;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
@@ -58,7 +59,8 @@ pub fn cmdline_arg(slot: usize) -> String {
 /// The virtio devices a guest of `config` has, by name, in slot order.
 pub fn planned(config: &GuestConfig) -> Vec<&'static str> {
     let disk = config.disk.iter().map(|_| block::NAME);
-    disk.chain(config.net.iter().map(|_| net::NAME)).collect()
+    let net = config.net.iter().map(|_| net::NAME);
+    disk.chain(net).chain(config.vsock.iter().map(|_| vsock::NAME)).collect()
 }
 
 /// Checks a snapshot's device states against its guest's configuration
@@ -73,6 +75,9 @@ pub fn check_saved(config: &GuestConfig, saved: &[SavedDevice], dir: &Path) -> R
         let checked = match (device.name.as_str(), &config.disk) {
             (block::NAME, Some(path)) => block::check_saved(path, &device.state, dir),
             (net::NAME, _) => device::from_value::<net::Net>(&device.state).map(|_| ()),
+            (vsock::NAME, _) => {
+                device::from_value::<vsock::Vsock>(&device.state).and_then(|state| vsock::check_cid(state.cid))
+            }
             (name, _) => Err(format!("no device is called {name}")),
         };
         checked.map_err(|e| format!("{}: {e}", device.name))?;

@@ -152,6 +152,14 @@ pub struct BenchArgs {
     /// the OOM killer took, and how long the memory governor held guests.
     #[arg(long, value_name = "MIB")]
     pub host_memory: Option<u64>,
+    /// Measure the network instead: ping round trips to memtest guests on
+    /// a bridge against a kernel-only veth peer, and UDP echo rates, for
+    /// each of --net-guests (needs root and ping).
+    #[arg(long)]
+    pub net: bool,
+    /// Guest counts for --net, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,50", value_name = "N,...")]
+    pub net_guests: Vec<usize>,
 }
 
 /// The memtest profiles of `vmm bench`: docs/benchmarks.md says what they

@@ -54,6 +54,20 @@ fn main() -> ExitCode {
         }
         Command::Ctl(args) => vmm::ctl::run(args),
         Command::Snapshot(args) => vmm::ctl::run(args.into()),
+        Command::Bench(args) if args.net => {
+            let config = bench::net::NetBenchConfig {
+                guest_counts: args.net_guests.clone(),
+                memory_mib: 32,
+                memtest: args.images_dir.join("memtest"),
+            };
+            bench::net::run(&config).map(|results| {
+                println!("{}", bench::net::table(&results));
+                if let Some(path) = &args.json {
+                    let _ = std::fs::write(path, serde_json::to_vec_pretty(&results).unwrap_or_default());
+                }
+                true
+            })
+        }
         Command::Bench(args) => BenchConfig::try_from(args).and_then(|config| bench::run(&config)).map(|report| {
             println!("{}", report.table());
             report.failures() == 0

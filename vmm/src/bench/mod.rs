@@ -16,6 +16,7 @@
 
 mod ksm;
 mod meter;
+pub mod net;
 mod plot;
 pub mod report;
 mod template;

@@ -1,7 +1,9 @@
 /*
  * A polled virtio-vsock driver: memtest listens on port 1234 and echoes
- * every byte a host program sends it there, as its credit allows (a peer
- * that takes no echo for 2 s is reset); with
+ * every byte a host program sends it there. Bytes wait in their
+ * connection's buffer (PENDING, the credit memtest gives the host) until
+ * the host's credit lets them go back, so the receive queue never stalls
+ * behind a slow peer; a peer that takes no echo for 2 s is reset. With
  * `vsock_hello=PORT` it also connects once to the host's PORT, says
  * "memtest guest N says hello" and closes. A transport reset event (a
  * restored clone) drops every connection, as Linux's driver does.
@@ -15,8 +17,8 @@
 #define HOST_CID 2
 #define ECHO_PORT 1234
 #define HELLO_PORT 1025 /* our side of the hello connection */
-#define BUF_ALLOC (BUFS * (BUF - HDR)) /* what the host may send ahead */
-#define MAX_CONNS 8
+#define PENDING 8192 /* per connection: what the host may send ahead */
+#define MAX_CONNS 4
 #define STALL_SECONDS 2 /* a peer that takes no echo for this long is reset */
 enum { RX = 0, TX = 1, EVENT = 2 };
 enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST };
@@ -32,12 +34,17 @@ struct conn {
 	int used;
 	u32 local_port, peer_port;
 	u32 peer_buf_alloc, peer_fwd_cnt, tx_cnt, fwd_cnt;
+	/* Received bytes not echoed yet, in pending[this one]: a ring. */
+	u32 head, count;
+	u64 stuck_since; /* since when its bytes could not move, or 0 */
 };
 
 static struct vring rx_ring, tx_ring, ev_ring;
 static u8 rx_buf[BUFS][BUF] __attribute__((aligned(64)));
 static u8 tx_buf[BUFS][BUF] __attribute__((aligned(64)));
 static u32 ev_buf[4];
+/* Connection i's received bytes not echoed yet: a ring. */
+static u8 pending[MAX_CONNS][PENDING];
 
 static struct {
 	int present;
@@ -45,10 +52,8 @@ static struct {
 	struct vq rx, ev;
 	struct txq tx;
 	struct conn conns[MAX_CONNS];
-	/* A received packet that waits for credit or a transmit buffer. */
-	int stalled, sent;
-	u32 stalled_id, stalled_len;
-	u64 stalled_since, tsc_khz;
+	int sent;
+	u64 tsc_khz;
 } vs;
 
 int vsock_present(void)
@@ -68,8 +73,14 @@ static struct conn *open_conn(u32 local, u32 peer)
 {
 	for (int i = 0; i < MAX_CONNS; i++)
 		if (!vs.conns[i].used) {
-			vs.conns[i] = (struct conn){ 1, local, peer, 0, 0, 0, 0 };
-			return &vs.conns[i];
+			struct conn *c = &vs.conns[i];
+			c->used = 1;
+			c->local_port = local;
+			c->peer_port = peer;
+			c->peer_buf_alloc = c->peer_fwd_cnt = c->tx_cnt = c->fwd_cnt = 0;
+			c->head = c->count = 0;
+			c->stuck_since = 0;
+			return c;
 		}
 	return 0;
 }
@@ -95,7 +106,7 @@ static int send(struct conn *c, u16 op, u32 flags, const u8 *data, u32 len)
 	h->type = 1; /* stream */
 	h->op = op;
 	h->flags = flags;
-	h->buf_alloc = BUF_ALLOC;
+	h->buf_alloc = PENDING;
 	h->fwd_cnt = c->fwd_cnt;
 	copy(tx_buf[id] + HDR, data, len);
 	vq_post(&vs.tx.q, (u16)id, tx_buf[id], HDR + len, 0);
@@ -122,13 +133,41 @@ static void say_hello(struct conn *c)
 	send(c, OP_SHUTDOWN, 3, 0, 0);
 }
 
-/* One packet from the host: 0 if it must wait (no credit or buffer). */
-static int handle(const struct hdr *h, const u8 *data, u32 len)
+/* Echoes what `c` holds, as the host's credit and free buffers allow. */
+static void echo(struct conn *c)
+{
+	int moved = 0;
+	while (c->count) {
+		u32 n = c->count, room = credit(c);
+		if (c->head + n > PENDING)
+			n = PENDING - c->head; /* up to the ring's end */
+		if (n > BUF - HDR)
+			n = BUF - HDR;
+		if (n > room)
+			n = room;
+		if (!n || !send(c, OP_RW, 0, pending[c - vs.conns] + c->head, n))
+			break;
+		c->head = (c->head + n) % PENDING;
+		c->count -= n;
+		c->fwd_cnt += n;
+		moved = 1;
+	}
+	/* A host peer that takes no echo for a while: give up on it. */
+	if (!c->count || moved)
+		c->stuck_since = 0;
+	else if (!c->stuck_since)
+		c->stuck_since = rdtsc();
+	else if (rdtsc() - c->stuck_since > STALL_SECONDS * 1000 * vs.tsc_khz && send(c, OP_RST, 0, 0, 0))
+		c->used = 0;
+}
+
+/* One packet from the host. */
+static void handle(const struct hdr *h, const u8 *data, u32 len)
 {
 	if (h->dst_cid != vs.cid || h->src_cid != HOST_CID || h->type != 1 || h->len > len)
-		return 1;
+		return;
 	struct conn *c = find(h->dst_port, h->src_port);
-	struct conn stray = { 1, h->dst_port, h->src_port, 0, 0, 0, 0 };
+	struct conn stray = { .used = 1, .local_port = h->dst_port, .peer_port = h->src_port };
 	if (c) {
 		c->peer_buf_alloc = h->buf_alloc;
 		c->peer_fwd_cnt = h->fwd_cnt;
@@ -138,36 +177,44 @@ static int handle(const struct hdr *h, const u8 *data, u32 len)
 		if (!c && h->dst_port == ECHO_PORT && (c = open_conn(h->dst_port, h->src_port))) {
 			c->peer_buf_alloc = h->buf_alloc;
 			c->peer_fwd_cnt = h->fwd_cnt;
-			return send(c, OP_RESPONSE, 0, 0, 0) || (c->used = 0);
+			if (!send(c, OP_RESPONSE, 0, 0, 0))
+				c->used = 0;
+		} else {
+			send(&stray, OP_RST, 0, 0, 0);
 		}
-		return send(&stray, OP_RST, 0, 0, 0);
+		break;
 	case OP_RESPONSE:
 		if (c && c->local_port == HELLO_PORT)
 			say_hello(c);
-		return 1;
+		break;
 	case OP_RW:
-		if (!c)
-			return send(&stray, OP_RST, 0, 0, 0);
-		if (credit(c) < h->len)
-			return 0;
-		if (!send(c, OP_RW, 0, data, h->len))
-			return 0;
-		c->fwd_cnt += h->len;
-		return 1;
+		if (!c || c->count + h->len > PENDING) { /* no such stream, or past our credit */
+			if (c)
+				c->used = 0;
+			send(&stray, OP_RST, 0, 0, 0);
+			break;
+		}
+		for (u32 i = 0; i < h->len; i++)
+			pending[c - vs.conns][(c->head + c->count + i) % PENDING] = data[i];
+		c->count += h->len;
+		echo(c);
+		break;
 	case OP_CREDIT_REQUEST:
-		return c ? send(c, OP_CREDIT_UPDATE, 0, 0, 0) : 1;
+		if (c)
+			send(c, OP_CREDIT_UPDATE, 0, 0, 0);
+		break;
 	case OP_SHUTDOWN:
 		if (c) {
 			send(c, OP_RST, 0, 0, 0);
 			c->used = 0;
 		}
-		return 1;
+		break;
 	case OP_RST:
 		if (c)
 			c->used = 0;
-		return 1;
+		break;
 	default:
-		return 1;
+		break;
 	}
 }
 
@@ -226,35 +273,17 @@ u64 vsock_poll(void)
 		vq_kick(&vs.ev);
 		handled++;
 	}
-	for (;;) {
-		if (vs.stalled) {
-			id = vs.stalled_id;
-			len = vs.stalled_len;
-		} else if (!vq_used(&vs.rx, &id, &len)) {
-			break;
-		}
+	while (vq_used(&vs.rx, &id, &len)) {
 		id %= BUFS;
-		const struct hdr *h = (const struct hdr *)rx_buf[id];
-		int done = len < HDR || len > BUF || handle(h, rx_buf[id] + HDR, len - HDR);
-		if (!done && vs.stalled && rdtsc() - vs.stalled_since > STALL_SECONDS * 1000 * vs.tsc_khz) {
-			/* A host peer that does not read its echo: give up on it. */
-			struct conn *c = find(h->dst_port, h->src_port);
-			if (c && send(c, OP_RST, 0, 0, 0))
-				c->used = 0;
-			done = !c || !c->used;
-		}
-		if (!done) {
-			if (!vs.stalled)
-				vs.stalled_since = rdtsc();
-			vs.stalled = 1;
-			vs.stalled_id = id;
-			vs.stalled_len = len;
-			break;
-		}
-		vs.stalled = 0;
+		if (len >= HDR && len <= BUF)
+			handle((const struct hdr *)rx_buf[id], rx_buf[id] + HDR, len - HDR);
 		vq_post(&vs.rx, (u16)id, rx_buf[id], BUF, 1);
 		handled++;
 	}
+	/* Echoes that waited for credit (it comes with the host's packets). */
+	for (int i = 0; i < MAX_CONNS; i++)
+		if (vs.conns[i].used && vs.conns[i].count)
+			echo(&vs.conns[i]);
 	if (vs.sent)
 		vq_kick(&vs.tx.q);
 	vs.sent = 0;

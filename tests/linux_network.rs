@@ -49,10 +49,18 @@ fn answers(addr: &str) -> bool {
     ping.status().map(|s| s.success()).unwrap_or(false)
 }
 
-/// Whether `addr` answers one of `tries` pings (an emulated guest kernel
-/// on a busy host can take longer than 2 s for one frame now and then).
-fn answers_within(addr: &str, tries: usize) -> bool {
-    (0..tries).any(|_| answers(addr))
+/// Whether `addr` answers a ping within `limit`, trying again and again:
+/// an emulated guest kernel on a busy host can take longer than 2 s for a
+/// frame now and then (seconds more right after its boot, while it works
+/// through the frames that came meanwhile).
+fn answers_within(addr: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if answers(addr) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The MAC the host's neighbour table has for `addr` on `dev`.
@@ -68,7 +76,10 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// Not in the default run (README, "Tests that do not run by default"): on
+/// PVM hosts its four emulated boots take 10 to 20 minutes of both cores.
 #[test]
+#[ignore = "four emulated Linux boots: run with --ignored (README)"]
 fn four_tiny_linux_guests_on_one_bridge_each_answer_ping_at_their_own_address() {
     require_kvm();
     // SAFETY: no arguments, no memory.
@@ -156,7 +167,8 @@ fn four_tiny_linux_guests_on_one_bridge_each_answer_ping_at_their_own_address() 
     // its kernel was told.
     for i in 0..GUESTS {
         let addr = address(i);
-        assert!(answers_within(&addr, 5), "guest {i} stopped answering at {addr}\n{}", describe());
+        let again = answers_within(&addr, Duration::from_secs(60));
+        assert!(again, "guest {i} answered at {addr} once, then not for 60 s\n{}", describe());
         let mac = mac_for_guest(i).map(|b| format!("{b:02x}")).join(":");
         assert_eq!(neighbour_mac(&addr, &bridge.0), mac, "{addr} is not guest {i}\n{}", describe());
         let log = console(i);

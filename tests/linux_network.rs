@@ -86,8 +86,6 @@ fn four_tiny_linux_guests_on_one_bridge_each_answer_ping_at_their_own_address() 
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root: it makes a bridge and TAPs");
     let ping = Command::new("ping").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
     assert!(ping.is_ok(), "this test needs ping (Debian: apt-get install iputils-ping): {ping:?}");
-    let dir = image("tiny-linux");
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
     let work = scratch_dir("linux-net");
     let consoles = work.join("consoles");
 
@@ -99,25 +97,9 @@ fn four_tiny_linux_guests_on_one_bridge_each_answer_ping_at_their_own_address() 
     // that keeps init from making a system call.
     let cmdline = format!("{} tiny_init=idle", HostKind::detect().default_linux_cmdline());
     let (guests, net) = (GUESTS.to_string(), format!("bridge={},subnet={subnet}", bridge.0));
-    let args = [
-        "run",
-        "--guests",
-        &guests,
-        "--memory",
-        "128",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--net",
-        &net,
-        "--cmdline",
-        &cmdline,
-        "--console-dir",
-        consoles.to_str().unwrap(),
-        "--timeout",
-        "2100",
-    ];
+    let mut args = tiny_linux_args(&guests, &consoles, 2100);
+    args.extend(["--net", &net, "--cmdline", &cmdline].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (stdout, stderr) = (work.join("stdout"), work.join("stderr"));
     let mut command = vmm(&args);
     command.stdout(std::fs::File::create(&stdout).unwrap()).stderr(std::fs::File::create(&stderr).unwrap());

@@ -194,6 +194,16 @@ int word_is(const char *w, const char *key)
 	return 1;
 }
 
+/* The command line's word after the one at `w` (its end if none). */
+const char *next_word(const char *w)
+{
+	while (*w && *w != ' ')
+		w++;
+	while (*w == ' ')
+		w++;
+	return w;
+}
+
 u64 parse_uint(const char *s)
 {
 	u64 v = 0;
@@ -242,10 +252,7 @@ static struct params parse_params(const char *w)
 			p.abuse = parse_uint(w + 6);
 		else if (word_is(w, "hammer="))
 			p.hammer = parse_uint(w + 7);
-		while (*w && *w != ' ')
-			w++;
-		while (*w == ' ')
-			w++;
+		w = next_word(w);
 	}
 	if (p.run == 0)
 		p.run = 1;

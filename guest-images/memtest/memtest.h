@@ -52,6 +52,7 @@ void putdec(u64 v);
 void puthex(u64 v);
 const char *cmdline(void);
 int word_is(const char *w, const char *key);
+const char *next_word(const char *w);
 u64 parse_uint(const char *s);
 
 /* virtio.c: finds the devices the command line announces and sets them up

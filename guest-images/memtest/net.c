@@ -95,10 +95,7 @@ void net_setup(u64 base)
 	for (const char *w = cmdline(); w && *w;) {
 		if (word_is(w, "ip="))
 			have_ip = parse_ip(w + 3, net.ip);
-		while (*w && *w != ' ')
-			w++;
-		while (*w == ' ')
-			w++;
+		w = next_word(w);
 	}
 	u64 features = virtio_start(base, VIRTIO_NET_F_MAC);
 	if (!features || !(features & VIRTIO_NET_F_MAC) || !have_ip) {

@@ -189,10 +189,7 @@ void devices_init(void)
 				}
 			}
 		}
-		while (*w && *w != ' ')
-			w++;
-		while (*w == ' ')
-			w++;
+		w = next_word(w);
 	}
 }
 

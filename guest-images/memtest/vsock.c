@@ -252,10 +252,7 @@ void vsock_setup(u64 base)
 				send(c, OP_REQUEST, 0, 0, 0);
 			vq_kick(&vs.tx.q);
 		}
-		while (*w && *w != ' ')
-			w++;
-		while (*w == ' ')
-			w++;
+		w = next_word(w);
 	}
 }
 

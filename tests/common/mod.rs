@@ -117,11 +117,20 @@ pub fn run_memtest(args: &[&str]) -> Outcome {
 /// takes about 90 s of emulated kernel code, and the guests share two
 /// cores); `extra` goes at the end of the command line.
 pub fn run_tiny_linux(guests: &str, consoles: &Path, extra: &[&str]) -> Outcome {
+    let timeout = 200 * guests.parse::<u64>().unwrap() + 200;
+    let mut args = tiny_linux_args(guests, consoles, timeout);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_vmm(&args, Duration::from_secs(timeout + 80))
+}
+
+/// `vmm run` of `guests` tiny-linux guests of 128 MiB, consoles in
+/// `consoles`, stopped after `timeout` seconds; more flags may follow.
+pub fn tiny_linux_args(guests: &str, consoles: &Path, timeout: u64) -> Vec<String> {
     require_kvm();
     let dir = image("tiny-linux");
     let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
-    let timeout = 200 * guests.parse::<u64>().unwrap() + 200;
-    let timeout_arg = timeout.to_string();
+    let timeout = timeout.to_string();
     let args = [
         "run",
         "--guests",
@@ -135,10 +144,9 @@ pub fn run_tiny_linux(guests: &str, consoles: &Path, extra: &[&str]) -> Outcome 
         "--console-dir",
         consoles.to_str().unwrap(),
         "--timeout",
-        &timeout_arg,
+        &timeout,
     ];
-    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
-    run_vmm(&args, Duration::from_secs(timeout + 80))
+    args.map(String::from).to_vec()
 }
 
 /// A fresh, empty directory for one test.

@@ -254,10 +254,6 @@ impl Vsock {
         })
     }
 
-    pub fn cid(&self) -> u64 {
-        self.cid
-    }
-
     fn header(&self, conn: &Connection, op: u16) -> Header {
         Header {
             src_cid: HOST_CID,

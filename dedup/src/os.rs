@@ -202,17 +202,25 @@ pub fn write_page(file: &File, content: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(content, offset)
 }
 
-/// Creates an anonymous memory file (no name in any filesystem).
+/// Creates an anonymous memory file (no name in any filesystem) that takes
+/// seals ([`seal`]).
 pub fn memfd(name: &str) -> io::Result<File> {
     use std::os::fd::FromRawFd;
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: valid NUL-terminated name and plain flags.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the descriptor is fresh and owned by nobody else.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Adds `seals` (`F_SEAL_*`) to a memfd made by [`memfd`]: for good, through
+/// every descriptor of it, whoever holds them.
+pub fn seal(file: &File, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we hold, with an integer argument.
+    check(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) })
 }
 
 /// A read-only descriptor of the same file: whoever holds it can map and
@@ -321,16 +329,56 @@ impl PageMap {
     }
 }
 
+/// Files under /proc this process reads again and again. A jailed guest
+/// process has no /proc: it opens them before it enters its jail
+/// ([`keep_proc_files`]) and reads each again from its start.
+struct KeptProcFiles {
+    maps: std::sync::Mutex<File>,
+    max_map_count: std::sync::Mutex<File>,
+}
+
+static KEPT: std::sync::OnceLock<KeptProcFiles> = std::sync::OnceLock::new();
+
+const SELF_MAPS: &str = "/proc/self/maps";
+const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
+
+/// Opens the /proc files this process will read, to keep for good.
+pub fn keep_proc_files() -> io::Result<()> {
+    let kept = KeptProcFiles { maps: File::open(SELF_MAPS)?.into(), max_map_count: File::open(MAX_MAP_COUNT)?.into() };
+    let _ = KEPT.set(kept);
+    Ok(())
+}
+
+fn read_proc(path: &str, kept: fn(&KeptProcFiles) -> &std::sync::Mutex<File>) -> io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut buf = Vec::with_capacity(64 << 10);
+    match KEPT.get() {
+        Some(k) => {
+            let mut file = kept(k).lock().unwrap_or_else(|e| e.into_inner());
+            file.seek(SeekFrom::Start(0))?;
+            file.read_to_end(&mut buf)?;
+        }
+        None => {
+            File::open(path)?.read_to_end(&mut buf)?;
+        }
+    }
+    Ok(buf)
+}
+
+/// This process's mappings, as /proc/self/maps lists them.
+pub fn self_maps() -> io::Result<Vec<u8>> {
+    read_proc(SELF_MAPS, |k| &k.maps)
+}
+
 /// How many mappings (VMAs) this process has: one line each in /proc/self/maps.
 pub fn mapping_count() -> io::Result<usize> {
-    let mut buf = Vec::with_capacity(1 << 20);
-    File::open("/proc/self/maps")?.read_to_end(&mut buf)?;
-    Ok(buf.iter().filter(|&&b| b == b'\n').count())
+    Ok(self_maps()?.iter().filter(|&&b| b == b'\n').count())
 }
 
 /// The kernel's limit on mappings per process (`vm.max_map_count`).
 pub fn max_map_count() -> io::Result<usize> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")?.trim().parse().map_err(io::Error::other)
+    let text = read_proc(MAX_MAP_COUNT, |k| &k.max_map_count)?;
+    String::from_utf8_lossy(&text).trim().parse().map_err(io::Error::other)
 }
 
 /// Raises `vm.max_map_count` (needs root).

@@ -60,6 +60,14 @@ unsafe impl Send for StableStore {}
 impl StableStore {
     pub fn new(group: GroupId) -> io::Result<Self> {
         let file = os::memfd(&format!("vmm-stable-store-{group}"))?;
+        // The engine writes frames through this descriptor, opened writable
+        // here. The file's mode keeps anyone else from opening it writable
+        // again (a guest process reopening its read-only descriptor through
+        // /proc/self/fd): only a process with the owner's user id or
+        // CAP_DAC_OVERRIDE could, and a jailed guest process has neither.
+        // The seal keeps it from shrinking under the guests' mappings.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        os::seal(&file, libc::F_SEAL_SHRINK)?;
         let view = os::map_file(&file, VIEW_BYTES, 0, false)?;
         Ok(StableStore {
             file,

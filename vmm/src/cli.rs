@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self, DedupMode, DedupSettings, GuestConfig, MergeGroups, MergeProtect, RunConfig, SharingConfig, Source,
-    SupervisorConfig,
+    self, DedupMode, DedupSettings, GuestConfig, JailConfig, MergeGroups, MergeProtect, RunConfig, SharingConfig,
+    Source, SupervisorConfig,
 };
 use crate::devices::rate_limiter::RateLimit;
 use crate::error::Error;
@@ -369,6 +369,13 @@ pub struct HostArgs {
     /// number per guest of a run, comma separated (e.g. 0,0,1,1).
     #[arg(long, default_value = "all", value_name = "SPEC")]
     pub merge_group: String,
+    /// Run guest processes unjailed: as this user, with its capabilities,
+    /// in the host's namespaces (docs/security.md says what that gives up).
+    #[arg(long)]
+    pub no_jail: bool,
+    /// Guest N's process runs as user and group id BASE + N.
+    #[arg(long, default_value_t = crate::process::jail::DEFAULT_UID_BASE, value_name = "BASE")]
+    pub jail_uid_base: u32,
     /// Raise vm.max_map_count to this first (needs root).
     #[arg(long, value_name = "N")]
     pub raise_max_map_count: Option<u64>,
@@ -453,7 +460,11 @@ impl HostArgs {
         }
         let backend = sharing.backend(self.memory_backend)?;
         let memory_reserve_pct = config::MEMORY_RESERVE_PCT.check(self.memory_reserve, Source::Cli)?;
-        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, ..Default::default() })
+        let jail = match self.no_jail {
+            true => None,
+            false => Some(JailConfig { uid_base: self.jail_uid_base }),
+        };
+        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, jail, ..Default::default() })
     }
 }
 

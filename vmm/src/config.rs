@@ -701,6 +701,15 @@ pub struct SupervisorConfig {
     pub overcommit: bool,
     /// The memory governor's reserve in percent (pressure.rs); 0: off.
     pub memory_reserve_pct: u64,
+    /// How guest processes are jailed; `None`: they are not (`--no-jail`).
+    pub jail: Option<JailConfig>,
+}
+
+/// The jail of guest processes (process/jail.rs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JailConfig {
+    /// Guest N runs as user and group id `uid_base + N`.
+    pub uid_base: u32,
 }
 
 impl Default for SupervisorConfig {
@@ -713,6 +722,7 @@ impl Default for SupervisorConfig {
             overlay_dir: None,
             overcommit: false,
             memory_reserve_pct: MEMORY_RESERVE_PCT.default,
+            jail: Some(JailConfig { uid_base: crate::process::jail::DEFAULT_UID_BASE }),
         }
     }
 }

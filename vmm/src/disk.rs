@@ -287,16 +287,17 @@ impl Disk {
     }
 
     /// Writes every cluster the overlay layers hold (the clone's and the
-    /// snapshot's under it, as one) to `to`, a sparse file, and returns what a
-    /// restore needs besides: the base's identity and that cluster bitmap.
-    pub fn save(&self, to: &Path) -> io::Result<DiskState> {
+    /// snapshot's under it, as one) to `out`, a new file left sparse, and
+    /// returns what a restore needs besides: the base's identity and that
+    /// cluster bitmap. A read-only disk writes nothing.
+    pub fn save(&self, out: Option<&File>) -> io::Result<DiskState> {
         let base = self.base.identity()?;
         let Some(own) = &self.overlay else { return Ok(DiskState { base, present: None }) };
+        let out = out.ok_or_else(|| io::Error::other("no file was made for the disk's overlay"))?;
         let mut present = own.present.clone();
         if let Some(saved) = &self.saved {
             present.iter_mut().zip(&saved.present).for_each(|(word, below)| *word |= below);
         }
-        let out = File::create(to)?;
         out.set_len(self.base.len)?;
         let mut buf = vec![0u8; CLUSTER as usize];
         for cluster in (0..self.base.len.div_ceil(CLUSTER)).filter(|&c| holds(&present, c)) {
@@ -375,7 +376,7 @@ mod tests {
         let mut template = Disk::with_overlay(base.clone(), &dir.join("t.overlay")).unwrap();
         template.write_at(&[0x11; 600], 8000).unwrap();
         let saved = dir.join("saved.overlay");
-        let state = template.save(&saved).unwrap();
+        let state = template.save(Some(&File::create(&saved).unwrap())).unwrap();
         let saved_bytes = std::fs::read(&saved).unwrap();
         let mut one = Disk::restore(base.clone(), &state, &saved, &dir.join("1.overlay")).unwrap();
         let two = Disk::restore(base.clone(), &state, &saved, &dir.join("2.overlay")).unwrap();
@@ -396,7 +397,7 @@ mod tests {
         // A snapshot of a clone is whole on its own: a clone of it reads
         // both the template's and the first clone's writes.
         let again = dir.join("again.overlay");
-        let state_again = one.save(&again).unwrap();
+        let state_again = one.save(Some(&File::create(&again).unwrap())).unwrap();
         let three = Disk::restore(base.clone(), &state_again, &again, &dir.join("3.overlay")).unwrap();
         let mut c = vec![0u8; 1000];
         three.read_at(&mut c, 7800).unwrap();

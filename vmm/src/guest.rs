@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
-use crate::snapshot::{SnapshotState, Written};
+use crate::snapshot::{SnapshotFiles, SnapshotState, Written};
 use crate::vstate::control::VcpuGate;
 use crate::vstate::kvm_stats::{KvmCounters, KvmStats};
 use crate::vstate::state::{VcpuState, VmState};
@@ -282,7 +282,7 @@ impl Guest {
     /// started and be paused (its vCPUs parked); its devices are held for
     /// the time it takes, so none writes guest memory or its backend
     /// meanwhile. Returns the pages written and that time.
-    pub fn snapshot(&self, dir: &std::path::Path) -> Result<Written> {
+    pub fn snapshot(&self, files: &SnapshotFiles) -> Result<Written> {
         if !self.started || !self.shared.gate.is_paused() {
             return Err(Error::conflict(format!(
                 "guest {} must be paused to take a snapshot: pause it first",
@@ -293,15 +293,15 @@ impl Guest {
         let devices: Vec<_> = self.shared.devices.virtio.iter().map(|d| d.hold()).collect();
         let saved = devices
             .iter()
-            .map(|d| d.save(dir))
+            .map(|d| d.save(files))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::host(format!("cannot save the devices to {}: {e}", dir.display())))?;
-        let pages = self.write_snapshot(dir, saved)?;
+            .map_err(|e| Error::host(format!("cannot save the devices: {e}")))?;
+        let pages = self.write_snapshot(files, saved)?;
         drop(devices);
         Ok(Written { pages, micros: held.elapsed().as_micros() as u64 })
     }
 
-    fn write_snapshot(&self, dir: &std::path::Path, devices: Vec<SavedDevice>) -> Result<u64> {
+    fn write_snapshot(&self, files: &SnapshotFiles, devices: Vec<SavedDevice>) -> Result<u64> {
         let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("cannot save {what}: {e}"));
         let vcpus = self
             .vcpus
@@ -321,8 +321,8 @@ impl Guest {
             self.shared.devices.doorbell.save(),
             devices,
         );
-        crate::snapshot::write(dir, &state, &self.ram)
-            .map_err(|e| Error::host(format!("cannot write the snapshot to {}: {e}", dir.display())))
+        crate::snapshot::write(files, &state, &self.ram)
+            .map_err(|e| Error::host(format!("cannot write the snapshot: {e}")))
     }
 
     /// Ends the guest for `reason` unless it already ended for another.

@@ -67,6 +67,9 @@ pub struct GuestInfo {
     pub sharing: Option<GuestSharing>,
     /// What it has cost KVM so far: page faults, TLB flushes, exits.
     pub kvm: KvmCounters,
+    /// The user and group its process runs as in its jail (`null`: not
+    /// jailed, `--no-jail`).
+    pub jail: Option<crate::process::jail::Jail>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
@@ -126,6 +129,7 @@ struct Entry {
     kvm: KvmCounters,
     protection: Option<String>,
     overlay: Option<PathBuf>,
+    jail: Option<crate::process::jail::Jail>,
     /// Set once `create` has finished with it: listed from then on.
     made: bool,
 }
@@ -152,6 +156,7 @@ impl Entry {
             kvm: Default::default(),
             protection: None,
             overlay: None,
+            jail: None,
             made: false,
         }
     }
@@ -281,6 +286,11 @@ impl Manager {
         }
         // Fail here, with KVM's own words, rather than in each guest.
         let hv = crate::hypervisor::Hypervisor::open().map_err(Error::host)?;
+        if let Some(why) = config.jail.and_then(|_| crate::process::jail::unavailable()) {
+            return Err(Error::bad_input(format!(
+                "cannot jail guest processes: {why}; pass --no-jail to run them unjailed (docs/security.md)"
+            )));
+        }
         let sharing = match config.sharing.mode {
             DedupMode::Inprocess => Some(Sharing::start(&config.sharing)?),
             DedupMode::Ksm => {
@@ -566,16 +576,23 @@ impl Manager {
             None => (None, None),
         };
         let vsock = config.vsock.as_ref().map(|v| crate::vsock_host::set_up_guest(id, v)).transpose()?;
-        let (vsock_fd, vsock_setup, vsock_file) = match vsock {
+        let (vsock_fd, vsock_dial, vsock_setup, vsock_file) = match vsock {
             Some(v) => {
                 config.vsock = Some(v.shown);
                 if let Some(entry) = self.lock().map.get_mut(&id) {
                     entry.config.vsock = config.vsock.clone();
                 }
-                (Some(std::os::fd::OwnedFd::from(v.listener)), Some(v.setup), Some(v.file))
+                let (listener, dial) = (std::os::fd::OwnedFd::from(v.listener), std::os::fd::OwnedFd::from(v.dial));
+                (Some(listener), Some(dial), Some(v.setup), Some(v.file))
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
+        let jail = self
+            .config
+            .jail
+            .map(|j| crate::process::jail::Jail::for_guest(j.uid_base, id))
+            .transpose()
+            .map_err(|e| Error::bad_input(e.to_string()))?;
         // Clones of a snapshot share its memory from the start.
         let adopt_memory = snapshot.is_some() && shared.is_some() && self.config.backend == MemoryBackend::Memfd;
         let setup = Box::new(Setup {
@@ -593,6 +610,7 @@ impl Manager {
             restore: snapshot,
             net,
             vsock: vsock_setup,
+            jail,
         });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -612,7 +630,7 @@ impl Manager {
         let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
             setup,
-            Descriptors { memory: memory.as_ref(), store, console, tap, vsock: vsock_fd },
+            Descriptors { memory: memory.as_ref(), store, console, tap, vsock: vsock_fd, vsock_dial },
             cgroup.as_ref(),
             move |event| {
                 if let Some(m) = on_event.upgrade() {
@@ -672,6 +690,7 @@ impl Manager {
         entry.protection = created.protection;
         entry.overlay = overlay;
         entry.vsock_socket = vsock_file;
+        entry.jail = jail;
         entry.made = true;
         drop(g);
         self.changed.notify_all();
@@ -771,6 +790,7 @@ impl Manager {
             throttled: entry.throttled_since.is_some(),
             throttled_ms: entry.throttled().as_millis() as u64,
             merge_protection: entry.protection.clone(),
+            jail: entry.jail,
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
             kvm: entry.kvm,
         })
@@ -981,7 +1001,7 @@ impl Manager {
     /// here; removed again if the snapshot fails). Returns the directory,
     /// absolute, and what was written.
     pub fn snapshot(&self, id: usize, dir: &Path) -> Result<(PathBuf, crate::snapshot::Written)> {
-        let (process, memory_mib) = {
+        let (process, memory_mib, has_disk) = {
             let g = self.lock();
             let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
             if entry.state != GuestState::Paused {
@@ -996,16 +1016,22 @@ impl Manager {
             (
                 entry.process.clone().ok_or_else(|| Error::conflict(format!("guest {id} has ended")))?,
                 entry.config.memory_mib,
+                entry.config.disk.is_some(),
             )
         };
         let dir = crate::snapshot::prepare_dir(dir)?;
+        let files = crate::snapshot::SnapshotFiles::create(&dir, has_disk)
+            .map_err(|e| Error::host(format!("cannot make the snapshot's files in {}: {e}", dir.display())));
         // Writing runs at disk speed: allow for a slow disk (16 MiB/s).
         let limit = Duration::from_secs(60 + memory_mib / 16);
-        let result = match process.request_within(&Request::Snapshot(dir.clone()), &[], limit) {
-            Ok((Reply::Snapshotted(written), _)) => Ok((dir.clone(), written)),
-            Ok((other, _)) => Err(Error::host(format!("guest {id} answered {other:?} to a snapshot"))),
-            Err(e) => Err(e),
-        };
+        let result = files
+            .and_then(|files| process.request_with_files(&Request::Snapshot, &files.descriptors(), limit))
+            .and_then(|reply| match reply {
+                (Reply::Snapshotted(written), _) => crate::snapshot::finish(&dir)
+                    .map(|()| (dir.clone(), written))
+                    .map_err(|e| Error::host(format!("cannot finish the snapshot in {}: {e}", dir.display()))),
+                (other, _) => Err(Error::host(format!("guest {id} answered {other:?} to a snapshot"))),
+            });
         if result.is_err() {
             crate::snapshot::discard(&dir);
         }

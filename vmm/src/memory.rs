@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
@@ -140,22 +139,15 @@ pub fn take_device_writes(memory: &GuestMemoryMmap) -> Vec<u64> {
 }
 
 /// A fresh memfd of `size` bytes for a guest's RAM (not yet allocated:
-/// pages come as the guest writes them).
+/// pages come as the guest writes them), sealed at that size: the
+/// supervisor maps every guest's RAM, and a guest process that could
+/// shrink its memfd would turn the supervisor's next read of it into
+/// SIGBUS.
 pub fn guest_memfd(name: &str, size: u64) -> io::Result<File> {
-    let file = create_memfd(name)?;
+    let file = dedup::os::memfd(&format!("vmm-{name}"))?;
     file.set_len(size)?;
+    dedup::os::seal(&file, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)?;
     Ok(file)
-}
-
-fn create_memfd(name: &str) -> io::Result<File> {
-    let cname = std::ffi::CString::new(format!("vmm-{name}")).map_err(io::Error::other)?;
-    // SAFETY: `cname` is a valid NUL-terminated string; the flags are plain constants.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by memfd_create and nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Reads `MemAvailable` from /proc/meminfo, in bytes.

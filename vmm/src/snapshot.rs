@@ -27,7 +27,7 @@
 //! kernel drew before it (docs/snapshots.md).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -195,25 +195,44 @@ impl SnapshotState {
     }
 }
 
-/// Where to write a snapshot: `dir` must not exist yet, or be empty; it is
-/// made here. Returns it absolute (the guest's process writes there).
+/// Where to write a snapshot: `dir` must not exist yet (it is made here,
+/// 0700), or be an empty directory of this user's (made 0700); never a
+/// symlink or another user's directory. Returns it absolute.
 pub fn prepare_dir(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if dir.as_os_str().is_empty() {
         return Err(Error::bad_input("the snapshot directory must be named"));
     }
     let dir = std::path::absolute(dir).map_err(|e| Error::bad_input(format!("{}: {e}", dir.display())))?;
-    match std::fs::read_dir(&dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(Error::conflict(format!(
-                    "{} is not empty: snapshots go to a new directory",
-                    dir.display()
-                )));
-            }
+    let shown = dir.display();
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = dir.parent().unwrap_or(Path::new("/"));
+            std::fs::DirBuilder::new()
+                .recursive(!parent.exists())
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::bad_input(format!("cannot make {shown}: {e}")))?;
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::bad_input(format!("cannot make {}: {e}", dir.display())))?,
-        Err(e) => return Err(Error::bad_input(format!("{}: {e}", dir.display()))),
+        Err(e) => return Err(Error::bad_input(format!("{shown}: {e}"))),
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::bad_input(format!("{shown} is not a directory: snapshots go to a new directory")))
+        }
+        // SAFETY: geteuid has no arguments and cannot fail.
+        Ok(m) if m.uid() != unsafe { libc::geteuid() } => {
+            return Err(Error::bad_input(format!(
+                "{shown} belongs to user {}: snapshots go to a new directory, or an empty one of this user's",
+                m.uid()
+            )))
+        }
+        Ok(_) => {
+            let mut entries = std::fs::read_dir(&dir).map_err(|e| Error::bad_input(format!("{shown}: {e}")))?;
+            if entries.next().is_some() {
+                return Err(Error::conflict(format!("{shown} is not empty: snapshots go to a new directory")));
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::bad_input(format!("{shown}: {e}")))?;
+        }
     }
     Ok(dir)
 }
@@ -227,17 +246,79 @@ pub fn discard(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// Writes `state` and the memory of `ram` to `dir` (made by [`prepare_dir`]).
-/// The guest must be paused. Returns the pages written.
-pub fn write(dir: &Path, state: &SnapshotState, ram: &GuestRam) -> io::Result<u64> {
-    let memory = File::create(dir.join(MEMORY_FILE))?;
-    memory.set_len(state.config.memory_bytes())?;
-    let pages = write_memory(ram, &memory)?;
-    memory.sync_all()?;
-    let temporary = dir.join(PARTIAL_STATE_FILE);
-    std::fs::write(&temporary, serde_json::to_vec(state).map_err(io::Error::other)?)?;
-    File::open(&temporary)?.sync_all()?;
-    std::fs::rename(temporary, dir.join(STATE_FILE))?;
+/// The files a snapshot is written into. The supervisor makes them in the
+/// snapshot's directory and hands them to the guest process, which writes
+/// them through these descriptors: it names no path (its jail has none).
+pub struct SnapshotFiles {
+    pub memory: File,
+    /// The state, under a temporary name until [`finish`].
+    pub state: File,
+    /// The disk's overlay clusters (a guest with a disk).
+    pub overlay: Option<File>,
+}
+
+impl SnapshotFiles {
+    /// Makes them in `dir` (from [`prepare_dir`]): new files only, never
+    /// through a symlink, readable and writable by this user alone.
+    pub fn create(dir: &Path, with_overlay: bool) -> io::Result<SnapshotFiles> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let make = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(dir.join(name))
+        };
+        Ok(SnapshotFiles {
+            memory: make(MEMORY_FILE)?,
+            state: make(PARTIAL_STATE_FILE)?,
+            overlay: with_overlay.then(|| make(OVERLAY_FILE)).transpose()?,
+        })
+    }
+
+    /// The descriptors, in the order [`SnapshotFiles::from_files`] takes them.
+    pub fn descriptors(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        [Some(&self.memory), Some(&self.state), self.overlay.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|f| f.as_raw_fd())
+            .collect()
+    }
+
+    /// The files back from their descriptors, as the guest process gets them.
+    pub fn from_files(files: Vec<File>) -> io::Result<SnapshotFiles> {
+        let mut files = files.into_iter();
+        match (files.next(), files.next(), files.next(), files.next()) {
+            (Some(memory), Some(state), overlay, None) => Ok(SnapshotFiles { memory, state, overlay }),
+            _ => Err(io::Error::other("a snapshot needs two or three files")),
+        }
+    }
+}
+
+/// Makes the state the guest process wrote the snapshot's: until this, a
+/// crash leaves no `state.json`, so nothing half-written is ever restored.
+/// An overlay nobody wrote (a read-only disk's) goes.
+pub fn finish(dir: &Path) -> io::Result<()> {
+    let overlay = dir.join(OVERLAY_FILE);
+    if std::fs::symlink_metadata(&overlay).is_ok_and(|m| m.is_file() && m.len() == 0) {
+        std::fs::remove_file(&overlay)?;
+    }
+    std::fs::rename(dir.join(PARTIAL_STATE_FILE), dir.join(STATE_FILE))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `state` and the memory of `ram` into `files`. The guest must be
+/// paused. Returns the pages written.
+pub fn write(files: &SnapshotFiles, state: &SnapshotState, ram: &GuestRam) -> io::Result<u64> {
+    use std::io::Write;
+    files.memory.set_len(state.config.memory_bytes())?;
+    let pages = write_memory(ram, &files.memory)?;
+    files.memory.sync_all()?;
+    (&files.state).write_all(&serde_json::to_vec(state).map_err(io::Error::other)?)?;
+    files.state.sync_all()?;
     Ok(pages)
 }
 
@@ -308,8 +389,8 @@ struct MappedFiles(Vec<(u64, u64, Option<u64>)>);
 
 impl MappedFiles {
     fn read() -> io::Result<MappedFiles> {
-        let mut text = String::new();
-        File::open("/proc/self/maps")?.read_to_string(&mut text)?;
+        let text = dedup::os::self_maps()?;
+        let text = String::from_utf8_lossy(&text);
         let mut maps = Vec::new();
         for line in text.lines() {
             let mut fields = line.split_whitespace();

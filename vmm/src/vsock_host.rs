@@ -31,6 +31,9 @@ pub struct GuestVsock {
     pub listener: UnixListener,
     pub file: SocketFile,
     pub setup: VsockSetup,
+    /// The guest process's end of its channel for connections to host
+    /// sockets beside this one (process/dial.rs).
+    pub dial: std::os::unix::net::UnixStream,
 }
 
 /// Where guest `id`'s socket goes: `socket` itself, or `guest-<id>.sock`
@@ -59,10 +62,13 @@ pub fn set_up_guest(id: usize, config: &VsockConfig) -> Result<GuestVsock> {
     let listener = UnixListener::bind(&path)
         .map_err(|e| Error::bad_input(format!("vsock: cannot bind {}: {e}", path.display())))?;
     let cid = config.cid.unwrap_or(DEFAULT_GUEST_CID);
+    let file = SocketFile(path.clone());
+    let dial = crate::process::dial::serve(&path).map_err(|e| Error::host(format!("vsock: {e}")))?;
     Ok(GuestVsock {
         shown: VsockConfig { socket: path.clone(), cid: Some(cid) },
         listener,
-        file: SocketFile(path.clone()),
-        setup: VsockSetup { socket: path, cid },
+        file,
+        setup: VsockSetup { cid },
+        dial,
     })
 }

@@ -39,6 +39,9 @@ pub fn main() -> ExitCode {
         std::process::abort();
     }));
     crate::vstate::control::install_kick_handler();
+    // What it makes (a snapshot's files come made) is nobody else's.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
     // If the kernel's OOM killer must act, this guest goes, not the
     // supervisor (which maps every guest's memory and so looks biggest).
     let _ = std::fs::write("/proc/self/oom_score_adj", crate::manager::GUEST_OOM_SCORE_ADJ.to_string());
@@ -63,7 +66,12 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     // The snapshot's state is in the guest now; its copy goes before the
     // heap is handed back.
     let id = setup.id;
+    let jail_setup = setup.jail;
     drop(setup);
+    let built = built.and_then(|built| {
+        jail(jail_setup)?;
+        Ok(built)
+    });
     let (mut guest, mut agent) = match built {
         Ok(built) => built,
         Err(e) => {
@@ -114,8 +122,15 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
                     if let (Request::Stop(reason), false) = (&request, started) {
                         stopped_before_start = reason.clone();
                     }
-                    let (reply, out) =
-                        handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload);
+                    // A snapshot's files follow its request.
+                    let files = match request {
+                        Request::Snapshot => Some(ipc::receive_files(&requests)),
+                        _ => None,
+                    };
+                    let (reply, out) = match files {
+                        Some(files) => snapshot(&guest, files),
+                        None => handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload),
+                    };
                     ipc::send(&mut requests, &reply, &out)?;
                     if adopt {
                         return_freed_heap();
@@ -161,6 +176,25 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     drop(agent);
     let end = if started { guest.join() } else { stopped_before_start };
     ipc::send(&mut events, &Event::Ended { end, console }, &[])
+}
+
+/// Locks the process in its jail, if it has one (process/jail.rs); the
+/// /proc files it keeps reading are opened first, since the jail has none.
+fn jail(jail: Option<super::jail::Jail>) -> Result<()> {
+    let Some(jail) = jail else { return Ok(()) };
+    dedup::os::keep_proc_files().map_err(|e| Error::host(format!("cannot open its /proc files: {e}")))?;
+    jail.enter().map_err(|e| Error::host(format!("cannot enter its jail: {e}")))
+}
+
+/// Writes a snapshot into the files that came with the request.
+fn snapshot(guest: &Guest, files: io::Result<Vec<File>>) -> (Reply, Vec<u8>) {
+    use crate::error::Kind;
+    let files = files.and_then(crate::snapshot::SnapshotFiles::from_files);
+    match files.map(|files| guest.snapshot(&files)) {
+        Ok(Ok(written)) => (Reply::Snapshotted(written), Vec::new()),
+        Ok(Err(e)) => error_reply(e.kind, e.message),
+        Err(e) => error_reply(Kind::BadInput, format!("the snapshot's files: {e}")),
+    }
 }
 
 /// Waits up to `limit` for a request or the vCPUs' end: (request ready,
@@ -314,14 +348,18 @@ fn virtio_devices(
         devices.push(Box::new(device));
     }
     if let Some(v) = &setup.vsock {
-        // SAFETY: the supervisor passes the listener whenever it sets up a vsock.
-        let listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(ipc::FD_VSOCK) };
+        // SAFETY: the supervisor passes the listener and the dial channel
+        // whenever it sets up a vsock.
+        let (listener, dial) = unsafe {
+            (std::os::unix::net::UnixListener::from_raw_fd(ipc::FD_VSOCK), UnixStream::from_raw_fd(ipc::FD_VSOCK_DIAL))
+        };
+        let dialer = crate::process::dial::HostDialer::new(dial).map_err(|e| Error::host(format!("vsock: {e}")))?;
         let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::vsock::NAME)?, dir)));
         let device = match saved {
             Some((saved, dir)) => from_value::<Vsock>(&saved.state)
-                .and_then(|state| Vsock::restore((v.socket.clone(), listener), &state, dir))
+                .and_then(|state| Vsock::restore((dialer, listener), &state, dir))
                 .map_err(|e| Error::bad_input(format!("the snapshot's vsock device: {e}")))?,
-            None => Vsock::new(v.cid, v.socket.clone(), listener).map_err(|e| Error::host(format!("vsock: {e}")))?,
+            None => Vsock::new(v.cid, dialer, listener).map_err(|e| Error::host(format!("vsock: {e}")))?,
         };
         devices.push(Box::new(device));
     }
@@ -373,10 +411,7 @@ fn handle(
             ok
         }
         Request::Console => (Reply::Console(guest.console_tail()), Vec::new()),
-        Request::Snapshot(dir) => match guest.snapshot(&dir) {
-            Ok(written) => (Reply::Snapshotted(written), Vec::new()),
-            Err(e) => error_reply(e.kind, e.message),
-        },
+        Request::Snapshot => error_reply(Kind::BadInput, "a snapshot's files did not come with it"),
         Request::Status => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
             match agent.status() {

@@ -33,6 +33,7 @@ pub struct Descriptors<'a> {
     pub console: File,
     pub tap: Option<std::os::fd::OwnedFd>,
     pub vsock: Option<std::os::fd::OwnedFd>,
+    pub vsock_dial: Option<std::os::fd::OwnedFd>,
 }
 
 /// How a guest process ended, as the supervisor saw it.
@@ -152,6 +153,9 @@ impl GuestProcess {
         if let Some(v) = &fds.vsock {
             mapping.push((v.as_raw_fd(), ipc::FD_VSOCK));
         }
+        if let Some(d) = &fds.vsock_dial {
+            mapping.push((d.as_raw_fd(), ipc::FD_VSOCK_DIAL));
+        }
         place_descriptors(&mut command, mapping);
         if let Some(cg) = cgroup {
             cg.enroll(&mut command);
@@ -170,7 +174,7 @@ impl GuestProcess {
             killed_for: Mutex::new(None),
         });
         let stderr_tail = forward_stderr(id, stderr);
-        let created = process.call_with_timeout(&Request::Setup(setup), &[], SETUP_TIMEOUT);
+        let created = process.call_with_timeout(&Request::Setup(setup), &[], &[], SETUP_TIMEOUT);
         let created = match created {
             Ok((Reply::Created { regions, protection }, _)) => Ok(Created {
                 regions: regions
@@ -225,13 +229,27 @@ impl GuestProcess {
 
     /// As [`GuestProcess::request`], for requests that may take longer.
     pub fn request_within(&self, request: &Request, payload: &[u8], timeout: Duration) -> Result<(Reply, Vec<u8>)> {
-        match self.call_with_timeout(request, payload, timeout)? {
-            (Reply::Error { kind, message }, _) => Err(Error::new(kind, message)),
-            reply => Ok(reply),
-        }
+        guest_error(self.call_with_timeout(request, payload, &[], timeout)?)
     }
 
-    fn call_with_timeout(&self, request: &Request, payload: &[u8], timeout: Duration) -> Result<(Reply, Vec<u8>)> {
+    /// As [`GuestProcess::request_within`], with descriptors sent after
+    /// the request (a snapshot's files).
+    pub fn request_with_files(
+        &self,
+        request: &Request,
+        files: &[RawFd],
+        timeout: Duration,
+    ) -> Result<(Reply, Vec<u8>)> {
+        guest_error(self.call_with_timeout(request, &[], files, timeout)?)
+    }
+
+    fn call_with_timeout(
+        &self,
+        request: &Request,
+        payload: &[u8],
+        files: &[RawFd],
+        timeout: Duration,
+    ) -> Result<(Reply, Vec<u8>)> {
         let id = self.id;
         if self.broken.load(Ordering::SeqCst) {
             return Err(Error::host(format!("guest {id}'s process no longer answers")));
@@ -240,6 +258,7 @@ impl GuestProcess {
         let result = stream
             .set_read_timeout(Some(timeout))
             .and_then(|()| ipc::send(&mut stream, request, payload))
+            .and_then(|()| if files.is_empty() { Ok(()) } else { ipc::send_files(&stream, files) })
             .and_then(|()| ipc::receive::<Reply>(&mut stream))
             .and_then(|r| r.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "its process has exited")));
         result.map_err(|e| {
@@ -289,6 +308,14 @@ impl GuestProcess {
         unsafe {
             libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
         };
+    }
+}
+
+/// The guest's errors as errors.
+fn guest_error(reply: (Reply, Vec<u8>)) -> Result<(Reply, Vec<u8>)> {
+    match reply {
+        (Reply::Error { kind, message }, _) => Err(Error::new(kind, message)),
+        reply => Ok(reply),
     }
 }
 
@@ -378,7 +405,8 @@ fn spawn_from_lasting_thread(command: Command) -> io::Result<Child> {
 /// across exec.
 fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only fcntl and dup2, which are async-signal-safe, and prctl.
+    // only fcntl, dup2 and close_range, which are async-signal-safe, and
+    // prctl.
     unsafe {
         command.pre_exec(move || {
             // Die with the supervisor: a guest must never outlive it.
@@ -387,8 +415,14 @@ fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
             }
             // Guests run at the default priority, below the supervisor's.
             libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            // Nothing the supervisor inherited or opened reaches the guest
+            // process but what is placed below (dup2 clears close-on-exec
+            // on its targets alone).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             // Out of the way first, so no source is overwritten by a target.
-            let mut moved = [0; 8];
+            let mut moved = [0; 10];
             for (i, &(from, _)) in mapping.iter().enumerate() {
                 moved[i] = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 64);
                 if moved[i] < 0 {

@@ -34,6 +34,8 @@ pub const FD_STORE: i32 = 7;
 pub const FD_TAP: i32 = 8;
 /// The guest's vsock listener, bound by the supervisor (a guest with vsock).
 pub const FD_VSOCK: i32 = 9;
+/// Its channel for connections to host sockets (`dial.rs`; with vsock).
+pub const FD_VSOCK_DIAL: i32 = 10;
 
 /// Largest frame either side accepts: a dirty bitmap of a 1 TiB guest.
 pub const MAX_FRAME: usize = 40 << 20;
@@ -61,14 +63,14 @@ pub struct Setup {
     pub net: Option<NetSetup>,
     /// The vsock device, whose listener is [`FD_VSOCK`].
     pub vsock: Option<VsockSetup>,
+    /// The jail the process enters once the guest is built (`None`:
+    /// `--no-jail`).
+    pub jail: Option<super::jail::Jail>,
 }
 
 /// A guest's vsock device as the supervisor set it up.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VsockSetup {
-    /// Where its listener is bound; its guest's connections to the host go
-    /// beside it.
-    pub socket: PathBuf,
     pub cid: u64,
 }
 
@@ -116,8 +118,9 @@ pub enum Request {
     Adopt,
     /// The console's last bytes.
     Console,
-    /// Writes a snapshot of the paused guest to this (new, empty) directory.
-    Snapshot(PathBuf),
+    /// Writes a snapshot of the paused guest into the files that follow
+    /// the request ([`send_files`]: memory, state, and a disk's overlay).
+    Snapshot,
 }
 
 /// The target number that stands for the zero page in a merge list.
@@ -187,6 +190,34 @@ pub fn send<T: Serialize>(stream: &mut UnixStream, header: &T, payload: &[u8]) -
     frame.extend_from_slice(payload);
     stream.write_all(&frame)
 }
+
+/// Sends descriptors: one byte carrying them, after a request that says
+/// they follow.
+pub fn send_files(stream: &UnixStream, fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    stream.send_with_fds(&[&[0u8][..]], fds).map(drop).map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
+/// The descriptors [`send_files`] sent (at most [`MAX_FILES`]).
+pub fn receive_files(stream: &UnixStream) -> io::Result<Vec<std::fs::File>> {
+    use std::os::fd::FromRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut byte = [0u8; 1];
+    let mut fds = [-1; MAX_FILES];
+    let mut iov = [libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 }];
+    // SAFETY: the iovec points at `byte`, which outlives the call.
+    let (n, count) =
+        unsafe { stream.recv_with_fds(&mut iov, &mut fds) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: the kernel just installed these descriptors for us.
+    let files = fds[..count].iter().map(|&fd| unsafe { std::fs::File::from_raw_fd(fd) }).collect();
+    match n {
+        1 => Ok(files),
+        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the descriptors did not come")),
+    }
+}
+
+/// Most descriptors one [`send_files`] carries.
+pub const MAX_FILES: usize = 4;
 
 /// The next frame; `Ok(None)` at a clean end of the stream.
 pub fn receive<T: DeserializeOwned>(stream: &mut UnixStream) -> io::Result<Option<(T, Vec<u8>)>> {

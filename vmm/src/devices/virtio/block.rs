@@ -21,7 +21,7 @@ use super::VIRTIO_F_VERSION_1;
 use crate::devices::io_gate::IoGate;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::disk::{BaseImage, Disk, DiskState, SECTOR_SIZE};
-use crate::snapshot::OVERLAY_FILE;
+use crate::snapshot::{SnapshotFiles, OVERLAY_FILE};
 
 /// How snapshots name it.
 pub const NAME: &str = "virtio-blk";
@@ -215,8 +215,8 @@ impl VirtioDevice for Block {
         self.process_queue(0, q)
     }
 
-    fn save(&self, dir: &Path) -> std::io::Result<serde_json::Value> {
-        device::to_value(self, dir)
+    fn save(&self, files: &SnapshotFiles) -> std::io::Result<serde_json::Value> {
+        device::to_value(self, files)
     }
 }
 
@@ -228,8 +228,8 @@ impl Persist for Block {
     /// read-only disk, whose saved state is nothing but its base).
     type Args = (Arc<BaseImage>, Option<PathBuf>);
 
-    fn save_state(&self, dir: &Path) -> std::io::Result<DiskState> {
-        self.disk.save(&dir.join(OVERLAY_FILE))
+    fn save_state(&self, files: &SnapshotFiles) -> std::io::Result<DiskState> {
+        self.disk.save(files.overlay.as_ref())
     }
 
     fn restore((base, overlay): Self::Args, state: &DiskState, dir: &Path) -> Result<Block, String> {

@@ -15,6 +15,7 @@ use virtio_queue::Queue;
 
 use crate::devices::io_gate::IoGate;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::SnapshotFiles;
 
 /// What a device works with while it serves its queues: guest memory,
 /// its queues (set up and checked by the transport), and the guest's I/O
@@ -64,9 +65,10 @@ pub trait VirtioDevice: Send {
     fn process_host(&mut self, _fd: RawFd, _q: &mut Queues) -> Result<Used, virtio_queue::Error> {
         Ok(0)
     }
-    /// The device's own state for a snapshot written to `dir` (the
-    /// transport's is saved beside it): see [`Persist`].
-    fn save(&self, dir: &Path) -> io::Result<serde_json::Value>;
+    /// The device's own state for a snapshot, its files (a disk's overlay)
+    /// written into `files` (the transport's state is saved beside it):
+    /// see [`Persist`].
+    fn save(&self, files: &SnapshotFiles) -> io::Result<serde_json::Value>;
 }
 
 /// A device's state in a snapshot, and how a device is built again from
@@ -76,13 +78,13 @@ pub trait Persist: Sized {
     type State: Serialize + DeserializeOwned;
     /// What building the device needs beside its state (its backend).
     type Args;
-    fn save_state(&self, dir: &Path) -> io::Result<Self::State>;
+    fn save_state(&self, files: &SnapshotFiles) -> io::Result<Self::State>;
     fn restore(args: Self::Args, state: &Self::State, dir: &Path) -> Result<Self, String>;
 }
 
 /// A device's state as a snapshot holds it.
-pub fn to_value<P: Persist>(device: &P, dir: &Path) -> io::Result<serde_json::Value> {
-    serde_json::to_value(device.save_state(dir)?).map_err(io::Error::other)
+pub fn to_value<P: Persist>(device: &P, files: &SnapshotFiles) -> io::Result<serde_json::Value> {
+    serde_json::to_value(device.save_state(files)?).map_err(io::Error::other)
 }
 
 /// A device's state back from a snapshot's.

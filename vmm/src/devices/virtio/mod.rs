@@ -271,13 +271,13 @@ pub struct HeldDevice<'a> {
 }
 
 impl HeldDevice<'_> {
-    /// The device's state, its files (a disk's overlay) written to `dir`.
-    pub fn save(&self, dir: &Path) -> std::io::Result<SavedDevice> {
+    /// The device's state, its files (a disk's overlay) written into `files`.
+    pub fn save(&self, files: &crate::snapshot::SnapshotFiles) -> std::io::Result<SavedDevice> {
         Ok(SavedDevice {
             slot: self.slot,
             name: self.inner.device.name().into(),
             transport: self.inner.transport.save(),
-            state: self.inner.device.save(dir)?,
+            state: self.inner.device.save(files)?,
         })
     }
 }
@@ -368,7 +368,8 @@ mod tests {
         reg(&dev, 0x070, 1 | 2 | 8 | 4);
         let snap = dir.join("snap");
         std::fs::create_dir_all(&snap).unwrap();
-        let saved = dev.hold().save(&snap).unwrap();
+        let files = crate::snapshot::SnapshotFiles::create(&snap, true).unwrap();
+        let saved = dev.hold().save(&files).unwrap();
         assert_eq!((saved.slot, saved.name.as_str()), (0, block::NAME));
 
         let state = device::from_value::<block::Block>(&saved.state).unwrap();

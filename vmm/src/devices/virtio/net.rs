@@ -24,6 +24,7 @@ use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use super::VIRTIO_F_VERSION_1;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::memory::GuestMemoryMmap;
+use crate::snapshot::SnapshotFiles;
 
 /// How snapshots name it.
 pub const NAME: &str = "virtio-net";
@@ -317,8 +318,8 @@ impl VirtioDevice for Net {
         Ok(used)
     }
 
-    fn save(&self, dir: &Path) -> io::Result<serde_json::Value> {
-        device::to_value(self, dir)
+    fn save(&self, files: &SnapshotFiles) -> io::Result<serde_json::Value> {
+        device::to_value(self, files)
     }
 }
 
@@ -333,7 +334,7 @@ impl Persist for Net {
     type State = NetState;
     type Args = Tap;
 
-    fn save_state(&self, _dir: &Path) -> io::Result<NetState> {
+    fn save_state(&self, _files: &SnapshotFiles) -> io::Result<NetState> {
         Ok(NetState { mac: self.mac })
     }
 

@@ -6,6 +6,8 @@
 //!   port and, once it does, answers `OK <host port>\n`; then the bytes flow.
 //! - A guest connecting to the host (CID 2) on port P reaches the Unix
 //!   socket `<socket>_P`, if something listens there; else it is refused.
+//!   The supervisor connects it and passes it over (`process/dial.rs`): a
+//!   jailed guest process cannot reach a user's socket by itself.
 //!
 //! Queues: 0 receives (packets to the guest), 1 transmits (packets from
 //! it), 2 carries events (a transport reset after a restore, so a clone
@@ -30,7 +32,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
@@ -38,6 +40,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::VIRTIO_F_VERSION_1;
+use crate::process::dial::HostDialer;
+use crate::snapshot::SnapshotFiles;
 
 /// How snapshots name it.
 pub const NAME: &str = "virtio-vsock";
@@ -212,7 +216,8 @@ pub struct VsockCounters {
 
 pub struct Vsock {
     cid: u64,
-    socket: PathBuf,
+    /// Connections the guest opens to the host, made by the supervisor.
+    dialer: HostDialer,
     listener: UnixListener,
     epoll: Epoll,
     conns: HashMap<u64, Connection>,
@@ -229,8 +234,8 @@ pub struct Vsock {
 
 impl Vsock {
     /// A device for a guest of address `cid` whose host side listens on
-    /// `listener`, bound at `socket`.
-    pub fn new(cid: u64, socket: PathBuf, listener: UnixListener) -> io::Result<Vsock> {
+    /// `listener`; its connections to host ports go through `dialer`.
+    pub fn new(cid: u64, dialer: HostDialer, listener: UnixListener) -> io::Result<Vsock> {
         listener.set_nonblocking(true)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -240,7 +245,7 @@ impl Vsock {
         )?;
         Ok(Vsock {
             cid,
-            socket,
+            dialer,
             listener,
             epoll,
             conns: HashMap::new(),
@@ -471,9 +476,7 @@ impl Vsock {
             self.counters.refused += 1;
             return self.refuse(h);
         }
-        let mut path = self.socket.clone().into_os_string();
-        path.push(format!("_{}", h.dst_port));
-        match UnixStream::connect(&path) {
+        match self.dialer.connect(h.dst_port) {
             Ok(stream) => {
                 let mut conn = Connection::new(stream, Phase::Established, h.dst_port, h.src_port);
                 conn.peer_buf_alloc = h.buf_alloc;
@@ -486,7 +489,7 @@ impl Vsock {
                 }
             }
             Err(e) => {
-                log::debug!("{NAME}: the guest's connection to {}: {e}", Path::new(&path).display());
+                log::debug!("{NAME}: the guest's connection to host port {}: {e}", h.dst_port);
                 self.counters.refused += 1;
                 self.refuse(h);
             }
@@ -707,8 +710,8 @@ impl VirtioDevice for Vsock {
         self.pump(q)
     }
 
-    fn save(&self, dir: &Path) -> io::Result<serde_json::Value> {
-        device::to_value(self, dir)
+    fn save(&self, files: &SnapshotFiles) -> io::Result<serde_json::Value> {
+        device::to_value(self, files)
     }
 }
 
@@ -721,16 +724,16 @@ pub struct VsockState {
 
 impl Persist for Vsock {
     type State = VsockState;
-    /// The restored guest's socket path and listener.
-    type Args = (PathBuf, UnixListener);
+    /// The restored guest's dialer and listener.
+    type Args = (HostDialer, UnixListener);
 
-    fn save_state(&self, _dir: &Path) -> io::Result<VsockState> {
+    fn save_state(&self, _files: &SnapshotFiles) -> io::Result<VsockState> {
         Ok(VsockState { cid: self.cid })
     }
 
-    fn restore((socket, listener): Self::Args, state: &VsockState, _dir: &Path) -> Result<Vsock, String> {
+    fn restore((dialer, listener): Self::Args, state: &VsockState, _dir: &Path) -> Result<Vsock, String> {
         check_cid(state.cid)?;
-        let mut vsock = Vsock::new(state.cid, socket, listener).map_err(|e| e.to_string())?;
+        let mut vsock = Vsock::new(state.cid, dialer, listener).map_err(|e| e.to_string())?;
         vsock.reset_pending = true;
         Ok(vsock)
     }

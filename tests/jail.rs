@@ -80,9 +80,24 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
         assert_eq!(status_field(pid, caps), "0000000000000000", "{caps}");
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    let pid_s = pid.to_string();
-    for ns in ["mnt", "net", "ipc", "uts"] {
-        assert_ne!(namespace(&pid_s, ns), namespace("self", ns), "the guest process shares our {ns} namespace");
+    // Every thread is under seccomp filters: the process's, and vCPUs and
+    // the I/O thread their own on top.
+    let filters = |task: &std::path::Path| {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_string();
+        (field("Seccomp:"), field("Seccomp_filters:").parse::<u32>().unwrap())
+    };
+    let (mode, process_filters) = filters(std::path::Path::new(&format!("/proc/{pid}/task/{pid}")));
+    assert_eq!(mode, "2", "the main thread is not filtered");
+    assert!(process_filters >= 1);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let (mode, n) = filters(&task);
+        assert_eq!(mode, "2", "thread {comm}");
+        if comm.starts_with("vcpu") || comm.trim() == "io" {
+            assert!(n > process_filters, "thread {comm} has no filter of its own");
+        }
     }
     // Its root is an empty directory: the host's files are out of reach.
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();

@@ -234,7 +234,11 @@ impl Guest {
             let id = self.id;
             self.shared.gate.starting();
             let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
-                let (end, last) = vcpu::run(&fd, index as u8, &shared.gate, &shared.devices);
+                let (end, last) = match crate::process::seccomp::install_for_thread(crate::process::seccomp::Role::Vcpu)
+                {
+                    Ok(()) => vcpu::run(&fd, index as u8, &shared.gate, &shared.devices),
+                    Err(e) => (Some(GuestEnd::VmmError(format!("vCPU {index}: {e}"))), shared.gate.leave(index)),
+                };
                 if let Some(end) = end {
                     shared.end_guest(end);
                 }
@@ -448,6 +452,10 @@ fn spawn_io_thread(id: usize, devices: &[Arc<MmioDevice>]) -> std::io::Result<(J
     let thread = {
         let stop = stop.clone();
         std::thread::Builder::new().name("io".into()).spawn(move || {
+            if let Err(e) = crate::process::seccomp::install_for_thread(crate::process::seccomp::Role::Io) {
+                log::error!("guest {id}: the I/O thread: {e}");
+                return;
+            }
             while !stop.load(Ordering::SeqCst) {
                 if let Err(e) = events.run_with_timeout(50) {
                     log::error!("guest {id}: device event loop failed: {e}");

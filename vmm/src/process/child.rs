@@ -183,7 +183,9 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
 fn jail(jail: Option<super::jail::Jail>) -> Result<()> {
     let Some(jail) = jail else { return Ok(()) };
     dedup::os::keep_proc_files().map_err(|e| Error::host(format!("cannot open its /proc files: {e}")))?;
-    jail.enter().map_err(|e| Error::host(format!("cannot enter its jail: {e}")))
+    jail.enter().map_err(|e| Error::host(format!("cannot enter its jail: {e}")))?;
+    super::seccomp::install(super::seccomp::Role::Process)
+        .map_err(|e| Error::host(format!("cannot filter its system calls: {e}")))
 }
 
 /// Writes a snapshot into the files that came with the request.

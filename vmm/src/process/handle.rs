@@ -55,6 +55,9 @@ impl Exit {
         if let Some(panic) = self.stderr.iter().rev().find_map(|l| l.strip_prefix("vmm-guest panic: ")) {
             return format!("its process panicked: {panic}");
         }
+        if let Some(call) = self.stderr.iter().rev().find_map(|l| l.strip_prefix(super::seccomp::VIOLATION)) {
+            return format!("seccomp violation: {call}");
+        }
         use std::os::unix::process::ExitStatusExt;
         match self.status {
             Some(s) if s.signal() == Some(libc::SIGKILL) && oom_killed => {
@@ -458,6 +461,7 @@ mod tests {
         assert_eq!(exit(9, &[]).reason(false), "its process was killed by signal 9 (SIGKILL)");
         assert_eq!(exit(11 | 0x80, &[]).reason(false), "its process was killed by signal 11 (SIGSEGV)");
         assert_eq!(exit(40, &[]).reason(false), "its process was killed by signal 40");
+        assert_eq!(exit(31 << 8, &["vmm-guest seccomp violation: socket"]).reason(false), "seccomp violation: socket");
         assert_eq!(
             exit(2 << 8, &["vmm guest: bad"]).reason(false),
             "its process exited with exit status: 2: vmm guest: bad"

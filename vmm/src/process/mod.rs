@@ -7,3 +7,5 @@ pub mod dial;
 pub mod handle;
 pub mod ipc;
 pub mod jail;
+pub mod seccomp;
+mod syscall_names;

@@ -233,6 +233,13 @@ fn the_socket_is_private_and_a_live_one_is_refused() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     assert!(child.wait().unwrap().success());
     assert!(!stale.exists(), "the socket was not removed at exit");
+    // Anything else at the path is left alone and refused.
+    let file = server.socket.with_file_name("precious");
+    std::fs::write(&file, "keep me").unwrap();
+    let out = run_vmm(&["serve", "--api-socket", file.to_str().unwrap()], Duration::from_secs(20));
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+    assert!(out.stderr.contains("is not a socket"), "{}", out.describe());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
 
 #[test]

@@ -187,3 +187,69 @@ fn vmm_run_with_the_api_honours_every_flag() {
         assert!(log.contains("round 1 ok"), "guest {id}: {log}");
     }
 }
+
+/// The memory cgroup directory of `pid`'s supervisor, under ours.
+fn supervisor_cgroup(pid: u32) -> std::path::PathBuf {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let dir = own
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            match controllers {
+                c if c.split(',').any(|c| c == "memory") => Some(format!("/sys/fs/cgroup/memory{path}")),
+                "" => Some(format!("/sys/fs/cgroup{path}")),
+                _ => None,
+            }
+        })
+        .expect("a memory cgroup");
+    std::path::Path::new(&dir).join(format!("vmm-{pid}"))
+}
+
+/// A supervisor killed with SIGKILL takes its guests with it; what it
+/// left (its memory cgroups, its temporary console and overlay
+/// directories) the next supervisor removes.
+#[test]
+fn the_next_supervisor_removes_what_a_killed_one_left() {
+    require_kvm();
+    let memtest = image("memtest");
+    let child = vmm(&["run", "--guests", "2", "--memory", "32", "--kernel", memtest.to_str().unwrap()])
+        .args(["--cmdline", "rounds=0 idle=50"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let cgroup = supervisor_cgroup(pid);
+    let temp_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                ["vmm-consoles", "vmm-overlays"].iter().any(|k| name.starts_with(&format!("{k}-{pid}-")))
+            })
+            .collect()
+    };
+    wait_for("its guests' cgroups and its consoles", || cgroup.join("guest-1").exists() && temp_dirs().len() == 2);
+    let left = temp_dirs();
+    let mut child = child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("its guests to end with it", || {
+        std::fs::read_to_string(cgroup.join("guest-0/cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+            && std::fs::read_to_string(cgroup.join("guest-1/cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+    });
+    assert!(cgroup.exists() && left.iter().all(|d| d.exists()), "a killed supervisor left nothing to clean");
+
+    let out = run_vmm(
+        &["run", "--memory", "32", "--kernel", memtest.to_str().unwrap(), "--cmdline", "rounds=1"],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(!cgroup.exists(), "{} is still there", cgroup.display());
+    for d in left {
+        assert!(!d.exists(), "{} is still there", d.display());
+    }
+}

@@ -183,6 +183,12 @@ impl Drop for MemoryCgroup {
     }
 }
 
+/// The directory of the memory cgroup this process runs in, if any.
+pub fn own_memory_cgroup_dir() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    memory_cgroup_of(&own).map(|(dir, _)| dir)
+}
+
 /// Where the hierarchy holding the memory controller is mounted.
 fn hierarchy_root(version: Version) -> PathBuf {
     let all = Path::new("/sys/fs/cgroup");

@@ -152,6 +152,10 @@ pub struct BenchArgs {
     /// the OOM killer took, and how long the memory governor held guests.
     #[arg(long, value_name = "MIB")]
     pub host_memory: Option<u64>,
+    /// Run every mode's guests unjailed (`vmm run --no-jail`): run twice,
+    /// with and without, to see what the jail and its filters cost.
+    #[arg(long)]
+    pub no_jail: bool,
     /// Measure the network instead: ping round trips to memtest guests on
     /// a bridge against a kernel-only veth peer, and UDP echo rates, for
     /// each of --net-guests (needs root and ping).
@@ -253,6 +257,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             raise_max_map_count: args.raise_max_map_count,
             scan_flags: args.scan.as_flags(),
             host_memory_mib: args.host_memory.map(|m| config::HOST_MEMORY_MIB.check(m, Source::Cli)).transpose()?,
+            no_jail: args.no_jail,
         })
     }
 }

@@ -202,7 +202,7 @@ impl Disk {
         if present.len() != bitmap_len(disk.base.len) {
             return Err(DiskError::Changed(saved.into()));
         }
-        let file = File::open(saved).map_err(|e| DiskError::Open(saved.into(), e))?;
+        let file = crate::snapshot::open_file(saved).map_err(|e| DiskError::Open(saved.into(), e))?;
         if file.metadata().map_err(|e| DiskError::Open(saved.into(), e))?.len() != disk.base.len {
             return Err(DiskError::Changed(saved.into()));
         }

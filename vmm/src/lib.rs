@@ -24,6 +24,7 @@ pub mod gaps;
 pub mod guest;
 pub mod host;
 pub mod hypervisor;
+pub mod leftovers;
 pub mod manager;
 pub mod memory;
 pub mod network;

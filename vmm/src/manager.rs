@@ -199,7 +199,9 @@ impl Dir {
                     .map_err(|e| Error::bad_input(format!("cannot create directory {}: {e}", path.display())))?;
                 Ok(Dir { path: path.clone(), ours: false })
             }
-            None => Ok(Dir { path: fresh_temp_dir(prefix)?, ours: true }),
+            // The pid in the name tells a later supervisor whose it is
+            // (leftovers.rs).
+            None => Ok(Dir { path: fresh_temp_dir(&format!("{prefix}-{}", std::process::id()))?, ours: true }),
         }
     }
 }
@@ -301,8 +303,12 @@ impl Manager {
             }
             DedupMode::Off => None,
         };
-        let consoles = Dir::new(config.console_dir.as_ref(), "vmm-consoles")?;
-        let overlays = Dir::new(config.overlay_dir.as_ref(), "vmm-overlays")?;
+        for stale in crate::leftovers::remove_stale() {
+            log::info!("removed {}, left by a supervisor that no longer runs", stale.display());
+        }
+        let [consoles, overlays] = crate::leftovers::TEMP_PREFIXES;
+        let consoles = Dir::new(config.console_dir.as_ref(), consoles)?;
+        let overlays = Dir::new(config.overlay_dir.as_ref(), overlays)?;
         let cgroups = match MemoryCgroup::create(&format!("vmm-{}", std::process::id()), None) {
             Ok(cg) => Some(cg),
             Err(e) => {

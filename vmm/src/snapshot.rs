@@ -51,6 +51,9 @@ pub const MEMORY_FILE: &str = "memory";
 /// The clusters the guest's disk overlay held.
 pub const OVERLAY_FILE: &str = "overlay";
 const PARTIAL_STATE_FILE: &str = "state.json.partial";
+/// The largest `state.json` read: vCPU and device state is kilobytes, a
+/// large disk's cluster bitmap a few megabytes.
+const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Memory is copied in chunks of this many bytes.
 const CHUNK: usize = 1 << 20;
 
@@ -111,10 +114,22 @@ impl SnapshotState {
     pub fn open(dir: &Path) -> Result<SnapshotState> {
         let name = dir.display();
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => Error::bad_input(format!("{name} is not a snapshot: no {STATE_FILE} in it")),
-            _ => Error::bad_input(format!("cannot read {}: {e}", path.display())),
-        })?;
+        let text = open_file(&path)
+            .and_then(|file| {
+                let len = file.metadata()?.len();
+                if len > MAX_STATE_BYTES {
+                    return Err(io::Error::other(format!(
+                        "it is {len} bytes, more than a state is ({MAX_STATE_BYTES})"
+                    )));
+                }
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_STATE_BYTES), &mut text)?;
+                Ok(text)
+            })
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => Error::bad_input(format!("{name} is not a snapshot: no {STATE_FILE} in it")),
+                _ => Error::bad_input(format!("cannot read {}: {e}", path.display())),
+            })?;
         let header: Header = serde_json::from_str(&text).map_err(|e| {
             Error::bad_input(format!("{} is not a vmm snapshot state (truncated?): {e}", path.display()))
         })?;
@@ -140,7 +155,8 @@ impl SnapshotState {
         virtio::check_saved(&state.config, &state.devices, dir)
             .map_err(|e| Error::bad_input(format!("snapshot {name}: {e}")))?;
         let memory = dir.join(MEMORY_FILE);
-        let size = std::fs::metadata(&memory)
+        let size = open_file(&memory)
+            .and_then(|f| f.metadata())
             .map_err(|e| Error::bad_input(format!("snapshot {name} has no readable memory file: {e}")))?
             .len();
         if size != state.config.memory_bytes() {
@@ -193,6 +209,30 @@ impl SnapshotState {
             ..self.config.clone()
         })
     }
+}
+
+/// Opens a file of a snapshot to read, as hostile input: never through a
+/// symlink, never waiting (a FIFO), and only a regular file (not a device
+/// such as /dev/zero, not a directory).
+pub fn open_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(
+            |e| match e.raw_os_error() {
+                Some(libc::ELOOP) => io::Error::other("it is a symlink; snapshot files must be the files themselves"),
+                _ => e,
+            },
+        )?;
+    let kind = file.metadata()?.file_type();
+    let what = match () {
+        _ if kind.is_file() => return Ok(file),
+        _ if kind.is_dir() => "a directory",
+        _ if kind.is_fifo() => "a FIFO",
+        _ if kind.is_char_device() || kind.is_block_device() => "a device",
+        _ if kind.is_socket() => "a socket",
+        _ => "not a regular file",
+    };
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}, not a regular file")))
 }
 
 /// Where to write a snapshot: `dir` must not exist yet (it is made here,
@@ -466,7 +506,7 @@ pub struct MemoryPages {
 
 impl MemoryPages {
     pub fn open(dir: &Path) -> io::Result<MemoryPages> {
-        let file = File::open(dir.join(MEMORY_FILE))?;
+        let file = open_file(&dir.join(MEMORY_FILE))?;
         let len = file.metadata()?.len();
         Ok(MemoryPages { file, len, offset: 0, chunk: Vec::new().into_iter(), failed: false })
     }

@@ -24,10 +24,18 @@ pub struct ApiServer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Binds `path` (mode 0600): a stale socket file is replaced, one a live
-/// server answers on is refused.
+/// Binds `path` (mode 0600 from the start): a stale socket file is
+/// replaced, one a live server answers on is refused, and anything else
+/// there (a file, a directory, a symlink) is left alone and refused.
 fn bind(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::bad_input(format!(
+                "{} exists and is not a socket; choose another path (vmm replaces only stale sockets)",
+                path.display()
+            )));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(Error::bad_input(format!(
                 "{} is in use by a running server; stop it or choose another path",
@@ -37,8 +45,14 @@ fn bind(path: &Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .map_err(|e| Error::bad_input(format!("cannot remove stale socket {}: {e}", path.display())))?;
     }
-    let listener =
-        UnixListener::bind(path).map_err(|e| Error::bad_input(format!("cannot listen on {}: {e}", path.display())))?;
+    // No moment with the socket open to others: the mask is the process's,
+    // so a file another thread makes meanwhile is only the more private.
+    // SAFETY: umask cannot fail.
+    let mask = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above, restoring the mask.
+    unsafe { libc::umask(mask) };
+    let listener = listener.map_err(|e| Error::bad_input(format!("cannot listen on {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::host(format!("cannot set the mode of {}: {e}", path.display())))?;
     listener.set_nonblocking(true).map_err(|e| Error::host(e.to_string()))?;

@@ -101,6 +101,8 @@ pub struct BenchConfig {
     pub scan_flags: Vec<String>,
     /// Each run's memory cgroup is limited to this (guests may overcommit).
     pub host_memory_mib: Option<u64>,
+    /// Guests run unjailed (`--no-jail`).
+    pub no_jail: bool,
 }
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -351,6 +353,9 @@ fn run_command(config: &BenchConfig, guests: usize, how: Guests, dir: &Path) -> 
     let log = std::fs::File::create(dir.join("vmm.log")).map_err(|e| format!("cannot create a log in {dir:?}: {e}"))?;
     let mut command = Command::new(exe);
     command.arg("run").args(["--guests", &guests.to_string()]);
+    if config.no_jail {
+        command.arg("--no-jail");
+    }
     match how {
         // A snapshot brings its kernel, command line, memory and vCPUs.
         Guests::Restored(snapshot) => {

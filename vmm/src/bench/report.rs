@@ -511,6 +511,7 @@ mod tests {
             raise_max_map_count: None,
             scan_flags: vec![],
             host_memory_mib: None,
+            no_jail: false,
         }
     }
 

@@ -362,12 +362,24 @@ fn wait_exited(child: &Child) -> Option<ExitStatus> {
 
 /// Copies the child's stderr to ours, each line marked with the guest, and
 /// keeps its last lines; the thread returns them at the end of the stream.
+/// A guest process is not trusted with the supervisor's memory or log:
+/// lines are cut at [`STDERR_LINE_BYTES`] and at most
+/// [`STDERR_LINES_PER_SECOND`] a second are copied (the rest are counted,
+/// and still kept as the last lines).
 fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
         let mut last = VecDeque::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[guest {id}] {line}");
+        let mut reader = BufReader::new(stderr);
+        let mut limit = LineLimit::default();
+        while let Some(line) = read_bounded_line(&mut reader) {
+            match limit.admit(std::time::Instant::now()) {
+                Admit::Yes { dropped: 0 } => eprintln!("[guest {id}] {line}"),
+                Admit::Yes { dropped } => {
+                    eprintln!("[guest {id}] ({dropped} lines dropped: over {STDERR_LINES_PER_SECOND} a second)");
+                    eprintln!("[guest {id}] {line}");
+                }
+                Admit::No => {}
+            }
             if last.len() == STDERR_LINES {
                 last.pop_front();
             }
@@ -375,6 +387,74 @@ fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::
         }
         last.into()
     })
+}
+
+/// The longest line of a guest process's stderr kept whole.
+const STDERR_LINE_BYTES: usize = 4096;
+/// Lines of a guest process's stderr copied to ours per second at most.
+const STDERR_LINES_PER_SECOND: u32 = 100;
+
+/// The next line, cut at [`STDERR_LINE_BYTES`] (the rest of it is read and
+/// dropped); `None` at the end of the stream.
+fn read_bounded_line(reader: &mut impl BufRead) -> Option<String> {
+    let mut line = Vec::new();
+    let mut cut = false;
+    loop {
+        let buf = match reader.fill_buf() {
+            Ok([]) if line.is_empty() && !cut => return None,
+            Ok([]) => break,
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        };
+        let (take, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        let room = STDERR_LINE_BYTES - line.len();
+        cut |= take > room;
+        line.extend_from_slice(&buf[..take.min(room)]);
+        reader.consume(take + usize::from(end));
+        if end {
+            break;
+        }
+    }
+    let mut line = String::from_utf8_lossy(&line).into_owned();
+    if cut {
+        line.push_str(" [cut]");
+    }
+    Some(line)
+}
+
+/// At most [`STDERR_LINES_PER_SECOND`] lines in each second.
+#[derive(Default)]
+struct LineLimit {
+    second: Option<std::time::Instant>,
+    lines: u32,
+    dropped: u64,
+}
+
+enum Admit {
+    /// Copy it, after saying how many were dropped before it.
+    Yes {
+        dropped: u64,
+    },
+    No,
+}
+
+impl LineLimit {
+    fn admit(&mut self, now: std::time::Instant) -> Admit {
+        if self.second.is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1)) {
+            self.second = Some(now);
+            self.lines = 0;
+        }
+        if self.lines == STDERR_LINES_PER_SECOND {
+            self.dropped += 1;
+            return Admit::No;
+        }
+        self.lines += 1;
+        Admit::Yes { dropped: std::mem::take(&mut self.dropped) }
+    }
 }
 
 /// Starts `command` from a thread that lives as long as this process.
@@ -450,6 +530,26 @@ mod tests {
 
     fn exit(raw: i32, stderr: &[&str]) -> Exit {
         Exit { status: Some(ExitStatus::from_raw(raw)), stderr: stderr.iter().map(|s| s.to_string()).collect() }
+    }
+
+    #[test]
+    fn a_guest_process_cannot_flood_the_supervisor_through_stderr() {
+        let long = format!("{}\nshort\n", "x".repeat(1 << 20));
+        let mut reader = BufReader::new(long.as_bytes());
+        let first = read_bounded_line(&mut reader).unwrap();
+        assert_eq!(first.len(), STDERR_LINE_BYTES + " [cut]".len());
+        assert_eq!(read_bounded_line(&mut reader).as_deref(), Some("short"));
+        assert_eq!(read_bounded_line(&mut reader), None);
+        assert_eq!(read_bounded_line(&mut BufReader::new(&b"no newline"[..])).as_deref(), Some("no newline"));
+
+        let mut limit = LineLimit::default();
+        let t0 = std::time::Instant::now();
+        let copied = (0..1000).filter(|_| matches!(limit.admit(t0), Admit::Yes { .. })).count();
+        assert_eq!(copied, STDERR_LINES_PER_SECOND as usize);
+        match limit.admit(t0 + Duration::from_secs(1)) {
+            Admit::Yes { dropped } => assert_eq!(dropped, 900),
+            Admit::No => panic!("a new second copies again"),
+        }
     }
 
     #[test]

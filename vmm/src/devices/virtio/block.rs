@@ -249,8 +249,9 @@ pub fn check_saved(path: &Path, saved: &serde_json::Value, dir: &Path) -> Result
     if !state.matches(&base) {
         return Err(crate::disk::DiskError::Changed(path.to_path_buf()).to_string());
     }
-    if state.has_overlay() && !dir.join(OVERLAY_FILE).is_file() {
-        return Err(format!("no {OVERLAY_FILE} file for its disk"));
+    if state.has_overlay() {
+        crate::snapshot::open_file(&dir.join(OVERLAY_FILE))
+            .map_err(|e| format!("no usable {OVERLAY_FILE} file for its disk: {e}"))?;
     }
     Ok(())
 }

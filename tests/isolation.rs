@@ -9,24 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use serde_json::{json, Value};
-
-fn memtest(cmdline: &str) -> Value {
-    json!({"kernel": image("memtest"), "memory_mib": 64, "cmdline": cmdline})
-}
-
-fn create_and_start(server: &Server, spec: Value) -> u64 {
-    let (status, g) = server.call("POST", "/guests", Some(spec));
-    assert_eq!(status, 201, "{g}");
-    let id = g["id"].as_u64().unwrap();
-    let (status, g) = server.call("POST", &format!("/guests/{id}/start"), None);
-    assert_eq!(status, 200, "{g}");
-    id
-}
-
-fn guest(server: &Server, id: u64) -> Value {
-    server.call("GET", &format!("/guests/{id}"), None).1
-}
+use serde_json::Value;
 
 /// Polls the API from another thread all along: it must always answer.
 struct Prober {
@@ -71,9 +54,9 @@ impl Prober {
 fn a_guest_that_is_killed_or_abuses_its_devices_ends_alone() {
     let server = Server::start("isolation");
     let healthy: Vec<u64> =
-        (0..3).map(|_| create_and_start(&server, memtest("rounds=0 idle=50 share=0.6 volatile=64"))).collect();
-    let victim = create_and_start(&server, memtest("rounds=0 idle=50 share=0.6"));
-    let crasher = create_and_start(&server, memtest("rounds=0 idle=50 share=0.6"));
+        (0..3).map(|_| create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0.6 volatile=64"))).collect();
+    let victim = create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0.6"));
+    let crasher = create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0.6"));
     wait_for("the guests to verify", || healthy.iter().all(|&id| rounds(&server, id) >= 2));
     let prober = Prober::start(server.socket.clone());
 
@@ -89,7 +72,7 @@ fn a_guest_that_is_killed_or_abuses_its_devices_ends_alone() {
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGABRT) }, 0);
     // A guest that writes absurd values to its doorbell (progress 0, then
     // 2^32 rounds, then done: these once crashed the whole VMM).
-    let abuser = create_and_start(&server, memtest("abuse=1 rounds=0"));
+    let abuser = create_and_start(&server, memtest_guest("abuse=1 rounds=0"));
 
     for (id, why) in [
         (victim, "killed by signal 9 (SIGKILL)"),
@@ -126,7 +109,7 @@ fn a_guest_that_is_killed_or_abuses_its_devices_ends_alone() {
 #[test]
 fn each_guest_reports_its_host_memory() {
     let server = Server::start("guest-memory");
-    let id = create_and_start(&server, memtest("rounds=0 idle=50 share=0 zero=0"));
+    let id = create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0 zero=0"));
     wait_for("the guest to verify", || rounds(&server, id) >= 1);
     let bytes = guest(&server, id)["memory_bytes"].as_u64().expect("memory_bytes");
     // It filled most of its 64 MiB with private data.
@@ -188,24 +171,6 @@ fn vmm_run_with_the_api_honours_every_flag() {
     }
 }
 
-/// The memory cgroup directory of `pid`'s supervisor, under ours.
-fn supervisor_cgroup(pid: u32) -> std::path::PathBuf {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let dir = own
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            match controllers {
-                c if c.split(',').any(|c| c == "memory") => Some(format!("/sys/fs/cgroup/memory{path}")),
-                "" => Some(format!("/sys/fs/cgroup{path}")),
-                _ => None,
-            }
-        })
-        .expect("a memory cgroup");
-    std::path::Path::new(&dir).join(format!("vmm-{pid}"))
-}
-
 /// A supervisor killed with SIGKILL takes its guests with it; what it
 /// left (its memory cgroups, its temporary console and overlay
 /// directories) the next supervisor removes.
@@ -220,7 +185,7 @@ fn the_next_supervisor_removes_what_a_killed_one_left() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let cgroup = supervisor_cgroup(pid);
+    let cgroup = vmm::cgroup::own_memory_cgroup_dir().expect("a memory cgroup").join(format!("vmm-{pid}"));
     let temp_dirs = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(std::env::temp_dir())
             .unwrap()

@@ -13,19 +13,6 @@ use std::os::unix::process::CommandExt;
 use common::*;
 use serde_json::{json, Value};
 
-fn memtest(cmdline: &str) -> Value {
-    json!({"kernel": image("memtest"), "memory_mib": 64, "cmdline": cmdline})
-}
-
-fn create_and_start(server: &Server, spec: Value) -> Value {
-    let (status, g) = server.call("POST", "/guests", Some(spec));
-    assert_eq!(status, 201, "{g}");
-    let id = g["id"].as_u64().unwrap();
-    let (status, g) = server.call("POST", &format!("/guests/{id}/start"), None);
-    assert_eq!(status, 200, "{g}");
-    server.call("GET", &format!("/guests/{id}"), None).1
-}
-
 /// A `Name:\tvalue` line of /proc/PID/status.
 fn status_field(pid: u64, name: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -65,8 +52,8 @@ fn as_user_with_fd(uid: u32, file: &std::fs::File, script: &str) -> bool {
 #[test]
 fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
     let server = Server::start("jail");
-    let first = create_and_start(&server, memtest("rounds=0 idle=50 share=0.5"));
-    let second = create_and_start(&server, memtest("rounds=0 idle=50 share=0.5"));
+    let first = guest(&server, create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0.5")));
+    let second = guest(&server, create_and_start(&server, memtest_guest("rounds=0 idle=50 share=0.5")));
     let pid = first["pid"].as_u64().expect("a running guest shows its pid");
     let uid = first["jail"]["uid"].as_u64().expect("a jailed guest shows its user") as u32;
     assert_ne!(uid, 0);
@@ -144,7 +131,7 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
 #[test]
 fn without_the_jail_a_guest_process_runs_as_the_supervisor() {
     let server = Server::start_with("nojail", &["--no-jail"]);
-    let g = create_and_start(&server, memtest("rounds=0 idle=50"));
+    let g = guest(&server, create_and_start(&server, memtest_guest("rounds=0 idle=50")));
     assert_eq!(g["jail"], Value::Null, "{g}");
     let pid = g["pid"].as_u64().unwrap();
     assert_eq!(status_field(pid, "Uid"), "0\t0\t0\t0");
@@ -170,7 +157,7 @@ const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 #[test]
 fn a_snapshot_is_private_to_the_supervisor_and_refuses_foreign_directories() {
     let server = Server::start("jail-snap");
-    let g = create_and_start(&server, memtest("rounds=0 idle=50"));
+    let g = guest(&server, create_and_start(&server, memtest_guest("rounds=0 idle=50")));
     let id = g["id"].as_u64().unwrap();
     let (status, r) = server.call("POST", &format!("/guests/{id}/pause"), None);
     assert_eq!(status, 200, "{r}");

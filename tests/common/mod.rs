@@ -241,6 +241,26 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A memtest guest of 64 MiB for `POST /guests`.
+pub fn memtest_guest(cmdline: &str) -> Value {
+    serde_json::json!({"kernel": image("memtest"), "memory_mib": 64, "cmdline": cmdline})
+}
+
+/// Creates and starts a guest through the API; returns its id.
+pub fn create_and_start(server: &Server, spec: Value) -> u64 {
+    let (status, g) = server.call("POST", "/guests", Some(spec));
+    assert_eq!(status, 201, "{g}");
+    let id = g["id"].as_u64().unwrap();
+    let (status, g) = server.call("POST", &format!("/guests/{id}/start"), None);
+    assert_eq!(status, 200, "{g}");
+    id
+}
+
+/// `GET /guests/{id}`.
+pub fn guest(server: &Server, id: u64) -> Value {
+    server.call("GET", &format!("/guests/{id}"), None).1
+}
+
 /// Rounds memtest has verified on guest `id`, from its console.
 pub fn rounds(server: &Server, id: u64) -> usize {
     let (_, c) = server.call("GET", &format!("/guests/{id}/console"), None);

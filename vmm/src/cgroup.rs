@@ -30,11 +30,8 @@ impl MemoryCgroup {
     pub fn create(name: &str, parent: Option<&MemoryCgroup>) -> io::Result<MemoryCgroup> {
         let (base, version) = match parent {
             Some(p) => (p.dir.clone(), p.version),
-            None => {
-                let own = std::fs::read_to_string("/proc/self/cgroup")?;
-                memory_cgroup_of(&own)
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no memory cgroup in /proc/self/cgroup"))?
-            }
+            None => own_memory_cgroup()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no memory cgroup in /proc/self/cgroup"))?,
         };
         let dir = base.join(name);
         match std::fs::create_dir(&dir) {
@@ -128,8 +125,7 @@ const NO_LIMIT: u64 = 1 << 62;
 
 impl OwnCgroup {
     pub fn find() -> Option<OwnCgroup> {
-        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let (dir, version) = memory_cgroup_of(&own)?;
+        let (dir, version) = own_memory_cgroup()?;
         dir.join(usage_file(version)).exists().then(|| OwnCgroup::at(&hierarchy_root(version), &dir, version))
     }
 
@@ -185,8 +181,12 @@ impl Drop for MemoryCgroup {
 
 /// The directory of the memory cgroup this process runs in, if any.
 pub fn own_memory_cgroup_dir() -> Option<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    memory_cgroup_of(&own).map(|(dir, _)| dir)
+    own_memory_cgroup().map(|(dir, _)| dir)
+}
+
+/// The memory cgroup this process runs in, and its hierarchy's version.
+fn own_memory_cgroup() -> Option<(PathBuf, Version)> {
+    memory_cgroup_of(&std::fs::read_to_string("/proc/self/cgroup").ok()?)
 }
 
 /// Where the hierarchy holding the memory controller is mounted.

@@ -203,19 +203,25 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
 
 /// `role`'s filter, compiled.
 pub fn filter(role: Role) -> Result<BpfProgram, String> {
-    let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
-    let filter =
-        SeccompFilter::new(rules(role)?, SeccompAction::Trap, SeccompAction::Allow, arch).map_err(|e| e.to_string())?;
-    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+    compile(rules(role)?, SeccompAction::Trap, SeccompAction::Allow)
 }
 
 /// A filter answering `errno` to [`REFUSED_QUIETLY`]'s calls with it, and
 /// letting everything else through (to the other filters).
 fn refused_quietly(errno: i32) -> Result<BpfProgram, String> {
-    let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
     let rules = REFUSED_QUIETLY.iter().filter(|r| r.1 == errno).map(|r| (r.0, Vec::new())).collect();
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno as u32), arch)
-        .map_err(|e| e.to_string())?;
+    compile(rules, SeccompAction::Allow, SeccompAction::Errno(errno as u32))
+}
+
+/// A filter for this machine: `on_match` for the calls `rules` match,
+/// `otherwise` for the rest.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    otherwise: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, String> {
+    let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
+    let filter = SeccompFilter::new(rules, otherwise, on_match, arch).map_err(|e| e.to_string())?;
     BpfProgram::try_from(filter).map_err(|e| e.to_string())
 }
 

@@ -86,6 +86,17 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
             assert!(n > process_filters, "thread {comm} has no filter of its own");
         }
     }
+    // Namespaces of its own: no host network, IPC, host name or mounts,
+    // and no other process in sight (it is process 1 of its own).
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
+        assert_ne!(namespace(&pid.to_string(), ns), namespace("self", ns), "it shares the supervisor's {ns} namespace");
+    }
+    assert_ne!(
+        namespace(&pid.to_string(), "pid"),
+        namespace(&second["pid"].to_string(), "pid"),
+        "two guest processes share a PID namespace"
+    );
+    assert_eq!(status_field(pid, "NSpid").split_whitespace().last(), Some("1"), "not process 1 of its namespace");
     // Its root is an empty directory: the host's files are out of reach.
     let root: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root")).unwrap().collect();
     assert!(root.is_empty(), "its root holds {root:?}");

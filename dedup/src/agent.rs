@@ -104,6 +104,10 @@ impl MergeOutcome {
 }
 
 /// A guest as seen by the engine: where its merges are made.
+///
+/// An error of kind [`io::ErrorKind::WouldBlock`] from any call means the
+/// agent cannot answer now (its process is stopped) and was not asked:
+/// nothing happened, and the engine passes the guest by until it answers.
 pub trait GuestAgent: Send {
     /// The dirty log (see [`DirtyTracker::take_dirty`]) and the mapping
     /// count.

@@ -405,8 +405,14 @@ impl Engine {
             let pages = guest.layout.pages();
             let start = if id == self.cursor.0 { self.cursor.1.min(pages) } else { 0 };
             let end = pages.min(start + budget);
-            if start == 0 {
-                self.start_guest_pass(id);
+            if start == 0 && !self.start_guest_pass(id) {
+                // Not answering now: its pages wait for the next pass.
+                budget -= 1;
+                self.cursor = match id.checked_add(1) {
+                    Some(next) => (next, 0),
+                    None => (GuestId::MAX, usize::MAX),
+                };
+                continue;
             }
             self.look_at_range(id, start, end, false);
             budget -= (end - start).max(1).min(budget);
@@ -709,11 +715,12 @@ impl Engine {
     }
 
     /// The agent's news at the start of a pass over one guest: its dirty
-    /// log and how close its process is to its mapping limit.
-    fn start_guest_pass(&mut self, id: GuestId) {
+    /// log and how close its process is to its mapping limit. False when
+    /// its agent cannot answer now: the pass goes on without it.
+    fn start_guest_pass(&mut self, id: GuestId) -> bool {
         let guest = self.guests.get_mut(&id).unwrap();
         if guest.lost() {
-            return;
+            return true;
         }
         match guest.agent.status() {
             Ok(status) => {
@@ -728,9 +735,14 @@ impl Engine {
                 }
                 self.judge_written(id);
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                guest.stats.passes_skipped += 1;
+                return false;
+            }
             Err(e) if process_gone(&e) => self.lose(id, format!("{GONE}: {e}")),
             Err(e) => self.lose(id, format!("its merge agent did not answer: {e}")),
         }
+        true
     }
 
     /// Reads the guest's dirty log the moment it is read: each page written
@@ -943,6 +955,11 @@ impl Engine {
         log::debug!("page sharing: guest {id} merged a batch of {} pages in {:?}", queue.len(), asked.elapsed());
         match answer {
             Ok(outcome) if outcome.merged.len() == queue.len() => self.book(id, &queue, outcome),
+            // Not asked: none was made.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let none = MergeOutcome { merged: vec![false; queue.len()], ..Default::default() };
+                self.book(id, &queue, none);
+            }
             answer => {
                 let why = match answer {
                     Err(e) if process_gone(&e) => format!("{GONE}: {e}"),

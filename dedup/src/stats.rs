@@ -66,6 +66,8 @@ pub struct GuestStats {
     pub map_limit_reached: bool,
     /// Why the engine gave up on this guest, if it did.
     pub lost: Option<String>,
+    /// Passes that went by it: its agent could not answer (stopped).
+    pub passes_skipped: u64,
     pub held: HeldPages,
     pub(crate) volatile_this_pass: u64,
 }

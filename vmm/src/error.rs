@@ -13,6 +13,9 @@ pub enum Kind {
     NotFound,
     /// Not possible in the guest's current state (409).
     Conflict,
+    /// The guest's process cannot answer now: it is stopped (SIGSTOP or a
+    /// tracer). Nothing was asked of it (409).
+    Unresponsive,
     /// The host could not do it: KVM, memory, processes (500; exit 2).
     Host,
 }

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::boot::{self, BootSource};
 use crate::config::GuestConfig;
 use crate::devices::console::Console;
-use crate::devices::doorbell::Doorbell;
+use crate::devices::doorbell::{self, Doorbell};
 use crate::devices::io_gate::IoGate;
 use crate::devices::virtio::{self, MmioDevice, SavedDevice, VirtioDevice};
 use crate::devices::{serial, Devices};
@@ -187,15 +187,15 @@ impl Guest {
         let kvm_stats = vcpus.iter().filter_map(|fd| KvmStats::open(fd).ok()).collect();
         let vcpus: Vec<_> = vcpus.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
         let tsc_khz = vcpus.first().and_then(|fd| fd.lock().unwrap().get_tsc_khz().ok());
+        let rounds = doorbell::memtest_rounds(config.cmdline.as_deref().unwrap_or(""));
         let (serial, doorbell) = match restore {
             Some(snapshot) => (
                 serial::restore(&snapshot.serial, serial_irq, console.clone()).map_err(restore_err)?,
-                Doorbell::restore(id as u64, &snapshot.doorbell).with_tsc_khz(tsc_khz),
+                Doorbell::restore(id as u64, rounds, &snapshot.doorbell),
             ),
-            None => {
-                (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count).with_tsc_khz(tsc_khz))
-            }
+            None => (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count, rounds)),
         };
+        let doorbell = doorbell.with_tsc_khz(tsc_khz);
         let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
         let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
         let shared = Arc::new(Shared { gate, io_gate, devices, end: Mutex::new(None) });

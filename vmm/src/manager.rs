@@ -70,6 +70,10 @@ pub struct GuestInfo {
     /// The user and group its process runs as in its jail (`null`: not
     /// jailed, `--no-jail`).
     pub jail: Option<crate::process::jail::Jail>,
+    /// Why its process cannot be asked anything now (stopped by SIGSTOP,
+    /// or no longer answering); `null` when it answers. Such a guest can
+    /// still be stopped and deleted: its process is killed.
+    pub unresponsive: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
@@ -84,6 +88,9 @@ pub struct GuestSharing {
     /// holds begun so far.
     pub pages_held: u64,
     pub holds: u64,
+    /// Scan passes that went by it because its process did not answer
+    /// (stopped).
+    pub passes_skipped: u64,
 }
 
 impl From<&dedup::GuestStats> for GuestSharing {
@@ -97,6 +104,7 @@ impl From<&dedup::GuestStats> for GuestSharing {
             map_limit_reached: s.map_limit_reached,
             pages_held: s.held.now,
             holds: s.held.holds(),
+            passes_skipped: s.passes_skipped,
         }
     }
 }
@@ -797,6 +805,7 @@ impl Manager {
             throttled_ms: entry.throttled().as_millis() as u64,
             merge_protection: entry.protection.clone(),
             jail: entry.jail,
+            unresponsive: process.and_then(|p| p.unresponsive()),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
             kvm: entry.kvm,
         })
@@ -899,8 +908,11 @@ impl Manager {
                 None => return Ok(()),
             }
         };
-        if Self::ask(&process, Request::Stop(reason)).is_err() {
-            process.kill_for("it did not answer a stop request".into());
+        if let Err(e) = Self::ask(&process, Request::Stop(reason)) {
+            process.kill_for(match e.kind {
+                crate::error::Kind::Unresponsive => "it was stopped by a signal when asked to end".into(),
+                _ => "it did not answer a stop request".into(),
+            });
         }
         Ok(())
     }
@@ -985,7 +997,7 @@ impl Manager {
 
     pub fn merge_now(&self, id: usize) -> Result<GuestInfo> {
         let sharing = self.sharing.as_ref().ok_or_else(|| Error::conflict("page sharing is off"))?;
-        let shared = {
+        let (shared, process) = {
             let g = self.lock();
             let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
             if entry.state == GuestState::Ended {
@@ -994,10 +1006,13 @@ impl Manager {
             if entry.config.dedup_opt_out {
                 return Err(Error::conflict(format!("guest {id} opted out of page sharing")));
             }
-            entry.shared
+            (entry.shared, entry.process.clone())
         };
         if !shared {
             return Err(Error::conflict(format!("guest {id} does not share pages")));
+        }
+        if let Some(why) = process.as_ref().and_then(|p| p.unresponsive()) {
+            return Err(Error::new(crate::error::Kind::Unresponsive, format!("cannot merge guest {id}: {why}")));
         }
         sharing.merge_now(id)?;
         self.get(id)

@@ -38,6 +38,9 @@ pub enum GuestEnd {
     VmmError(String),
     /// Ended by the memory governor: page sharing could not make room.
     OutOfMemory(String),
+    /// Our test guest broke its protocol: it claimed what its own command
+    /// line rules out (rounds it was not asked for, done too early).
+    ProtocolViolation(String),
     /// The guest's process ended without reporting an end (a panic, a
     /// signal, the OOM killer), or was ended by the supervisor.
     ProcessEnded(String),
@@ -83,6 +86,7 @@ impl fmt::Display for GuestEnd {
             GuestEnd::TimedOut(d) => write!(f, "timed out after {} s", d.as_secs()),
             GuestEnd::VmmError(e) => write!(f, "VMM error: {e}"),
             GuestEnd::OutOfMemory(why) => write!(f, "ended for memory: {why}"),
+            GuestEnd::ProtocolViolation(why) => write!(f, "memtest protocol violation: {why}"),
             GuestEnd::ProcessEnded(why) => write!(f, "failed: {why}"),
         }
     }
@@ -103,6 +107,7 @@ mod tests {
         assert!(!GuestEnd::InternalError { suberror: 1, rip: 0 }.is_clean());
         assert!(!GuestEnd::TimedOut(Duration::from_secs(1)).is_clean());
         assert!(!GuestEnd::OutOfMemory("not enough memory".into()).is_clean());
+        assert!(!GuestEnd::ProtocolViolation("done too early".into()).is_clean());
     }
 
     #[test]

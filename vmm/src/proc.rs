@@ -29,6 +29,15 @@ pub fn thread_cpu_time(name: &str) -> Option<Duration> {
     None
 }
 
+/// Whether process `pid` is stopped: by a signal (`T`) or a tracer (`t`).
+pub fn is_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name, which may hold anything but ends
+    // at the last ')'.
+    let Some(end) = stat.iter().rposition(|&b| b == b')') else { return false };
+    matches!(stat.get(end + 2), Some(b'T' | b't'))
+}
+
 /// Proportional set size of process `pid` in bytes: each page it maps
 /// counted once, divided among the mappings that share it.
 pub fn pss_bytes(pid: u32) -> Option<u64> {

@@ -230,9 +230,13 @@ impl dedup::GuestAgent for RemoteAgent {
 
 impl RemoteAgent {
     /// A failed request as the engine sees it: a process that has exited is
-    /// gone (end of file), not a failure.
+    /// gone (end of file), not a failure; one that is stopped was not
+    /// asked ([`dedup::GuestAgent`]'s `WouldBlock`).
     fn channel_error(&self, e: Error) -> io::Error {
-        if self.0.exits_within(EXIT_GRACE) {
+        if e.kind == crate::error::Kind::Unresponsive {
+            // Stopped, and not asked: the engine passes it by for now.
+            io::Error::new(io::ErrorKind::WouldBlock, e.message)
+        } else if self.0.exits_within(EXIT_GRACE) {
             io::Error::new(io::ErrorKind::UnexpectedEof, e.message)
         } else {
             io::Error::other(e.message)
@@ -249,7 +253,7 @@ impl RemoteAgent {
                 // trusted to run on (the engine keeps its frames until its
                 // process is gone).
                 let e = self.channel_error(e);
-                if e.kind() != io::ErrorKind::UnexpectedEof {
+                if !matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::WouldBlock) {
                     self.0.kill_for(format!("its merge agent failed: {e}"));
                 }
                 return Err(e);

@@ -130,7 +130,7 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match e.kind {
             Kind::NotFound => StatusCode::NOT_FOUND,
-            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Conflict | Kind::Unresponsive => StatusCode::CONFLICT,
             Kind::BadInput => StatusCode::BAD_REQUEST,
             Kind::Host => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -5,7 +5,11 @@
 //!
 //! Every value comes from the guest, so none is trusted: counts saturate,
 //! times never go backwards, indexes are checked. A guest that writes
-//! nonsense gets nonsense back, never a VMM panic.
+//! nonsense gets nonsense back, never a VMM panic. And what it claims is
+//! checked against what it was asked (its command line's `rounds=`): each
+//! vCPU's progress goes 0, 1, 2, ... one round at a time up to that many,
+//! and a vCPU is done once, after its last round. Anything else ends the
+//! guest with a protocol violation, never "passed".
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -55,9 +59,22 @@ pub fn gap_ticks(bucket: usize) -> u64 {
     u64::try_from((8 + sub) << (top - 3).min(100)).unwrap_or(u64::MAX)
 }
 
+/// The rounds memtest runs for `cmdline` as memtest reads it (the last
+/// `rounds=` word; 3 without one); 0 runs until stopped.
+pub fn memtest_rounds(cmdline: &str) -> u64 {
+    cmdline.split_whitespace().rev().find_map(|w| w.strip_prefix("rounds=")).map_or(3, parse_uint)
+}
+
+/// memtest's number parsing: leading digits, saturating; none is 0.
+fn parse_uint(s: &str) -> u64 {
+    s.bytes().take_while(u8::is_ascii_digit).fold(0u64, |n, d| n.saturating_mul(10).saturating_add(u64::from(d - b'0')))
+}
+
 pub struct Doorbell {
     guest_id: u64,
     vcpus: u8,
+    /// The rounds it was asked for (0: until stopped).
+    rounds: u64,
     tsc_khz: u32,
     state: Mutex<State>,
 }
@@ -66,6 +83,8 @@ struct State {
     started: Instant,
     /// Rounds completed per vCPU, `None` until its fill is done.
     progress: Vec<Option<u64>>,
+    /// Which vCPUs have said they are done.
+    done: Vec<bool>,
     /// When every vCPU had finished filling, then each later round.
     fill_done: Option<Duration>,
     last_round_done: Option<Duration>,
@@ -83,6 +102,8 @@ struct State {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DoorbellState {
     progress: Vec<Option<u64>>,
+    #[serde(default)]
+    done: Vec<bool>,
     finished_vcpus: u8,
     mismatches: u64,
     reported_mismatches: u64,
@@ -97,11 +118,14 @@ impl DoorbellState {
 
 impl Doorbell {
     /// The doorbell of a guest restored from `state`, as guest `guest_id`.
-    pub fn restore(guest_id: u64, state: &DoorbellState) -> Self {
-        let doorbell = Doorbell::new(guest_id, state.progress.len() as u8);
+    pub fn restore(guest_id: u64, rounds: u64, state: &DoorbellState) -> Self {
+        let doorbell = Doorbell::new(guest_id, state.progress.len() as u8, rounds);
         {
             let mut s = doorbell.state.lock().unwrap();
             s.progress = state.progress.clone();
+            let mut done = state.done.clone();
+            done.resize(state.progress.len(), false);
+            s.done = done;
             s.finished_vcpus = state.finished_vcpus;
             s.mismatches = state.mismatches;
             s.reported_mismatches = state.reported_mismatches;
@@ -114,6 +138,7 @@ impl Doorbell {
         let s = self.state.lock().unwrap();
         DoorbellState {
             progress: s.progress.clone(),
+            done: s.done.clone(),
             finished_vcpus: s.finished_vcpus,
             mismatches: s.mismatches,
             reported_mismatches: s.reported_mismatches,
@@ -121,14 +146,18 @@ impl Doorbell {
         }
     }
 
-    pub fn new(guest_id: u64, vcpus: u8) -> Self {
+    /// A doorbell for `vcpus` vCPUs of a memtest asked for `rounds` rounds
+    /// (0: until stopped; see [`memtest_rounds`]).
+    pub fn new(guest_id: u64, vcpus: u8, rounds: u64) -> Self {
         Doorbell {
             guest_id,
             vcpus,
+            rounds,
             tsc_khz: 0,
             state: Mutex::new(State {
                 started: Instant::now(),
                 progress: vec![None; vcpus as usize],
+                done: vec![false; vcpus as usize],
                 fill_done: None,
                 last_round_done: None,
                 finished_vcpus: 0,
@@ -191,7 +220,11 @@ impl Doorbell {
             CONSOLE => {
                 let _ = console.clone().write_all(&[value as u8]);
             }
-            PROGRESS => state.record_progress(vcpu, value),
+            PROGRESS => {
+                if let Err(why) = state.record_progress(vcpu, value, self.rounds) {
+                    return self.violation(&state, why);
+                }
+            }
             MISMATCH => {
                 state.reported_mismatches = state.reported_mismatches.saturating_add(1);
                 log::error!(
@@ -200,6 +233,9 @@ impl Doorbell {
                 );
             }
             DONE => {
+                if let Err(why) = state.record_done(vcpu, self.rounds) {
+                    return self.violation(&state, why);
+                }
                 state.finished_vcpus = state.finished_vcpus.saturating_add(1);
                 state.mismatches = state.mismatches.saturating_add(value);
                 if state.finished_vcpus < self.vcpus {
@@ -223,12 +259,45 @@ impl Doorbell {
     }
 }
 
+/// A vCPU's progress in words.
+fn said(progress: Option<u64>) -> String {
+    match progress {
+        None => "nothing (no fill yet)".into(),
+        Some(0) => "its fill".into(),
+        Some(r) => format!("round {r}"),
+    }
+}
+
+impl Doorbell {
+    /// Ends a guest that broke the protocol; corrupted pages it reported
+    /// still make it a failed memtest (that is the worse news).
+    fn violation(&self, state: &State, why: String) -> Action {
+        log::warn!("guest {}: memtest protocol violation: {why}", self.guest_id);
+        Action::EndGuest(match state.reported_mismatches {
+            0 => GuestEnd::ProtocolViolation(why),
+            _ => state.verdict(),
+        })
+    }
+}
+
 impl State {
-    fn record_progress(&mut self, vcpu: u8, rounds: u64) {
-        let before = self.min_progress();
-        if let Some(slot) = self.progress.get_mut(vcpu as usize) {
-            *slot = Some(rounds);
+    /// vCPU `vcpu` says it has verified `round` rounds (0: filled).
+    fn record_progress(&mut self, vcpu: u8, round: u64, rounds: u64) -> Result<(), String> {
+        let Some(&last) = self.progress.get(vcpu as usize) else {
+            return Err(format!("progress from vCPU {vcpu}, which it does not have"));
+        };
+        let expected = last.map_or(0, |r| r.saturating_add(1));
+        if round != expected {
+            return Err(format!("vCPU {vcpu} claimed round {round} after {}", said(last)));
         }
+        if rounds != 0 && round > rounds {
+            return Err(format!("vCPU {vcpu} claimed round {round} of the {rounds} it was asked for"));
+        }
+        if self.done[vcpu as usize] {
+            return Err(format!("vCPU {vcpu} went on after saying it was done"));
+        }
+        let before = self.min_progress();
+        self.progress[vcpu as usize] = Some(round);
         let after = self.min_progress();
         if after != before {
             let now = self.started.elapsed();
@@ -238,6 +307,25 @@ impl State {
                 None => {}
             }
         }
+        Ok(())
+    }
+
+    /// vCPU `vcpu` says it is done: only once, after its last round.
+    fn record_done(&mut self, vcpu: u8, rounds: u64) -> Result<(), String> {
+        let Some(&progress) = self.progress.get(vcpu as usize) else {
+            return Err(format!("done from vCPU {vcpu}, which it does not have"));
+        };
+        if self.done[vcpu as usize] {
+            return Err(format!("vCPU {vcpu} said it was done twice"));
+        }
+        if rounds == 0 {
+            return Err(format!("vCPU {vcpu} said it was done, but it was asked to run until stopped"));
+        }
+        if progress != Some(rounds) {
+            return Err(format!("vCPU {vcpu} said it was done after {} of its {rounds} rounds", said(progress)));
+        }
+        self.done[vcpu as usize] = true;
+        Ok(())
     }
 
     /// The rounds every vCPU has completed, once all have filled.
@@ -276,7 +364,7 @@ mod tests {
 
     #[test]
     fn guest_passes_when_every_vcpu_reports_zero() {
-        let d = Doorbell::new(3, 2);
+        let d = Doorbell::new(3, 2, 1);
         let c = console();
         assert_eq!(d.read(0, GUEST_ID), 3);
         assert_eq!(d.read(1, VCPU_COUNT), 2);
@@ -296,8 +384,12 @@ mod tests {
 
     #[test]
     fn any_mismatch_fails_the_guest() {
-        let d = Doorbell::new(0, 2);
+        let d = Doorbell::new(0, 2, 1);
         let c = console();
+        for v in 0..2 {
+            d.write(v, PROGRESS, 0, &c);
+            d.write(v, PROGRESS, 1, &c);
+        }
         d.write(0, MISMATCH, 0x20_0000, &c);
         d.write(0, DONE, 1, &c);
         assert!(matches!(d.write(1, DONE, 0, &c), Action::EndGuest(GuestEnd::MemtestFailed { mismatches: 1, .. })));
@@ -305,7 +397,7 @@ mod tests {
 
     #[test]
     fn a_stopped_guest_that_saw_corruption_failed() {
-        let d = Doorbell::new(0, 1);
+        let d = Doorbell::new(0, 1, 3);
         assert_eq!(d.judge_stop(GuestEnd::Stopped), GuestEnd::Stopped);
         d.write(0, MISMATCH, 0x20_0000, &console());
         assert_eq!(d.reported_mismatches(), 1);
@@ -315,7 +407,7 @@ mod tests {
 
     #[test]
     fn idle_is_capped() {
-        let d = Doorbell::new(0, 1);
+        let d = Doorbell::new(0, 1, 3);
         assert_eq!(d.write(0, IDLE, 5, &console()), Action::Idle(Duration::from_millis(5)));
         assert_eq!(d.write(0, IDLE, u64::MAX, &console()), Action::Idle(MAX_IDLE));
         assert_eq!(d.write(0, WAIT, 250, &console()), Action::WaitForDevice(Duration::from_micros(250)));
@@ -324,7 +416,7 @@ mod tests {
 
     #[test]
     fn fault_ends_the_guest_with_its_rip() {
-        let d = Doorbell::new(0, 1);
+        let d = Doorbell::new(0, 1, 3);
         let c = console();
         d.write(0, FAULT_RIP, 0x10_1234, &c);
         assert_eq!(
@@ -333,30 +425,60 @@ mod tests {
         );
     }
 
-    /// The values that used to take the VMM down: progress 0, then 2^32
-    /// rounds, then done (a division by zero computing time per round).
+    /// The values that used to take the VMM down (progress 0, then 2^32
+    /// rounds, then done) end the guest with a protocol violation, as does
+    /// every other claim its command line rules out.
     #[test]
-    fn absurd_progress_is_survived() {
-        let d = Doorbell::new(0, 1);
+    fn claims_its_command_line_rules_out_are_violations() {
         let c = console();
+        let violation = |a: Action| match a {
+            Action::EndGuest(GuestEnd::ProtocolViolation(why)) => why,
+            other => panic!("not a violation: {other:?}"),
+        };
+        let d = Doorbell::new(0, 1, 0);
+        assert_eq!(d.write(0, PROGRESS, 0, &c), Action::Continue);
+        let why = violation(d.write(0, PROGRESS, 1 << 32, &c));
+        assert!(why.contains("round 4294967296 after its fill"), "{why}");
+        // Done, for a guest asked to run until stopped.
+        let d = Doorbell::new(0, 1, 0);
         d.write(0, PROGRESS, 0, &c);
-        d.write(0, PROGRESS, 1 << 32, &c);
-        match d.write(0, DONE, 0, &c) {
-            Action::EndGuest(GuestEnd::MemtestPassed(r)) => {
-                assert_eq!(r.rounds, 1 << 32);
-                assert_eq!(r.verify_time_per_round, None);
-            }
-            other => panic!("unexpected {other:?}"),
+        assert!(violation(d.write(0, DONE, 0, &c)).contains("run until stopped"));
+        // Done before the last round; a round past the last; going back.
+        let d = Doorbell::new(0, 2, 3);
+        d.write(0, PROGRESS, 0, &c);
+        d.write(0, PROGRESS, 1, &c);
+        assert!(violation(d.write(0, DONE, 0, &c)).contains("after round 1 of its 3 rounds"));
+        let d = Doorbell::new(0, 1, 1);
+        d.write(0, PROGRESS, 0, &c);
+        d.write(0, PROGRESS, 1, &c);
+        assert!(violation(d.write(0, PROGRESS, 2, &c)).contains("round 2 of the 1"));
+        let d = Doorbell::new(0, 1, 5);
+        d.write(0, PROGRESS, 0, &c);
+        d.write(0, PROGRESS, 1, &c);
+        assert!(violation(d.write(0, PROGRESS, 0, &c)).contains("round 0 after round 1"));
+        // Done twice, and from a vCPU it does not have.
+        let d = Doorbell::new(0, 2, 1);
+        for v in 0..2 {
+            d.write(v, PROGRESS, 0, &c);
+            d.write(v, PROGRESS, 1, &c);
         }
-        // Progress going backwards, and done more often than there are vCPUs.
-        let d = Doorbell::new(0, 2);
-        d.write(1, PROGRESS, 5, &c);
-        d.write(0, PROGRESS, 9, &c);
-        d.write(1, PROGRESS, 0, &c);
-        for _ in 0..300 {
-            d.write(0, DONE, u64::MAX, &c);
-        }
-        assert!(matches!(d.judge_stop(GuestEnd::Stopped), GuestEnd::Stopped | GuestEnd::MemtestFailed { .. }));
+        assert_eq!(d.write(0, DONE, 0, &c), Action::VcpuFinished);
+        assert!(violation(d.write(0, DONE, 0, &c)).contains("twice"));
+        assert!(violation(d.write(7, DONE, 0, &c)).contains("does not have"));
+        // A violation after reporting corruption is still a failed memtest.
+        let d = Doorbell::new(0, 1, 0);
+        d.write(0, MISMATCH, 0x1000, &c);
+        assert!(matches!(d.write(0, DONE, 0, &c), Action::EndGuest(GuestEnd::MemtestFailed { .. })));
+    }
+
+    #[test]
+    fn rounds_are_read_as_memtest_reads_them() {
+        assert_eq!(memtest_rounds(""), 3);
+        assert_eq!(memtest_rounds("rounds=0 idle=50"), 0);
+        assert_eq!(memtest_rounds("rounds=7 x rounds=2"), 2, "the last word wins");
+        assert_eq!(memtest_rounds("rounds=12abc"), 12);
+        assert_eq!(memtest_rounds("rounds=99999999999999999999999"), u64::MAX);
+        assert_eq!(memtest_rounds("xrounds=5"), 3);
     }
 
     /// Random registers, values and vCPU numbers, in bulk: nothing panics,
@@ -371,7 +493,7 @@ mod tests {
             rng
         };
         for vcpus in [1u8, 2, 32] {
-            let d = Doorbell::new(next(), vcpus);
+            let d = Doorbell::new(next(), vcpus, next() % 4);
             let c = console();
             for _ in 0..20_000 {
                 let offset = match next() % 4 {
@@ -398,7 +520,7 @@ mod tests {
 
     #[test]
     fn gaps_are_summed_per_bucket() {
-        let d = Doorbell::new(0, 1);
+        let d = Doorbell::new(0, 1, 3);
         let c = console();
         d.write(0, GAP, 9 << 48 | 5, &c);
         d.write(0, GAP, 9 << 48 | 2, &c);
@@ -413,7 +535,7 @@ mod tests {
 
     #[test]
     fn console_bytes_reach_the_console() {
-        let d = Doorbell::new(0, 1);
+        let d = Doorbell::new(0, 1, 3);
         let c = console();
         for b in b"hi\n" {
             d.write(0, CONSOLE, u64::from(*b), &c);

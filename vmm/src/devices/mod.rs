@@ -138,7 +138,7 @@ mod tests {
     fn bare_devices() -> Devices {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
-        Devices::new(serial, Doorbell::new(7, 1), console, Vec::new()).unwrap()
+        Devices::new(serial, Doorbell::new(7, 1, 3), console, Vec::new()).unwrap()
     }
 
     #[test]
@@ -170,7 +170,7 @@ mod tests {
     fn fuzzed_port_and_mmio_accesses() {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
-        let devices = Devices::new(serial, Doorbell::new(7, 2), console, Vec::new()).unwrap();
+        let devices = Devices::new(serial, Doorbell::new(7, 2, 3), console, Vec::new()).unwrap();
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..50_000 {
             x ^= x << 13;

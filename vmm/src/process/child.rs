@@ -58,8 +58,9 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
-    let setup = match ipc::receive::<Request>(&mut requests)? {
-        Some((Request::Setup(setup), _)) => setup,
+    // Each request comes with a number its reply carries back.
+    let (number, setup) = match ipc::receive::<(u64, Request)>(&mut requests)? {
+        Some(((n, Request::Setup(setup)), _)) => (n, setup),
         _ => return Err(io::Error::other("the supervisor sent no setup")),
     };
     let built = build(&setup);
@@ -75,7 +76,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     let (mut guest, mut agent) = match built {
         Ok(built) => built,
         Err(e) => {
-            return ipc::send(&mut requests, &Reply::Error { kind: e.kind, message: e.message }, &[]);
+            return ipc::send(&mut requests, &(number, Reply::Error { kind: e.kind, message: e.message }), &[]);
         }
     };
     let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
@@ -84,7 +85,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         dedup::Protection::WriteProtect => "uffd".to_string(),
         dedup::Protection::Freeze => "freeze".to_string(),
     });
-    ipc::send(&mut requests, &Reply::Created { regions, protection }, &[])?;
+    ipc::send(&mut requests, &(number, Reply::Created { regions, protection }), &[])?;
     return_freed_heap();
 
     // The control loop waits for a request or for the vCPUs to finish,
@@ -115,8 +116,8 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
             break;
         }
         if request_ready && !closed {
-            match ipc::receive::<Request>(&mut requests) {
-                Ok(Some((request, payload))) => {
+            match ipc::receive::<(u64, Request)>(&mut requests) {
+                Ok(Some(((number, request), payload))) => {
                     let stop = matches!(request, Request::Stop(_));
                     let adopt = matches!(request, Request::Adopt);
                     if let (Request::Stop(reason), false) = (&request, started) {
@@ -131,7 +132,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
                         Some(files) => snapshot(&guest, files),
                         None => handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload),
                     };
-                    ipc::send(&mut requests, &reply, &out)?;
+                    ipc::send(&mut requests, &(number, reply), &out)?;
                     if adopt {
                         return_freed_heap();
                     }
@@ -183,9 +184,18 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
 fn jail(jail: Option<super::jail::Jail>) -> Result<()> {
     let Some(jail) = jail else { return Ok(()) };
     dedup::os::keep_proc_files().map_err(|e| Error::host(format!("cannot open its /proc files: {e}")))?;
-    jail.enter().map_err(|e| Error::host(format!("cannot enter its jail: {e}")))?;
+    super::jail::handle_ending_signals().map_err(|e| Error::host(format!("cannot handle signals: {e}")))?;
+    jail.enter(supervisor_alive).map_err(|e| Error::host(format!("cannot enter its jail: {e}")))?;
     super::seccomp::install(super::seccomp::Role::Process)
         .map_err(|e| Error::host(format!("cannot filter its system calls: {e}")))
+}
+
+/// Whether the supervisor still holds its end of the request channel.
+fn supervisor_alive() -> bool {
+    let mut p = libc::pollfd { fd: ipc::FD_REQUESTS, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: poll on one pollfd of our own, not waiting.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 0 || (ready == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) == 0)
 }
 
 /// Writes a snapshot into the files that came with the request.

@@ -25,6 +25,22 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of a guest process's stderr kept to explain its end.
 const STDERR_LINES: usize = 20;
+/// How often a request waiting for its reply checks whether the process
+/// has been stopped.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+
+/// The request channel: its socket and the number of the last request.
+struct Channel {
+    stream: UnixStream,
+    last: u64,
+}
+
+/// Whether `stream` has something to read (or has hung up) within `wait`.
+fn readable_within(stream: &UnixStream, wait: Duration) -> bool {
+    let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one pollfd of our own; no memory but `p` involved.
+    unsafe { libc::poll(&mut p, 1, wait.as_millis().clamp(1, i32::MAX as u128) as i32) == 1 }
+}
 
 /// What the supervisor hands a new guest process besides its setup.
 pub struct Descriptors<'a> {
@@ -59,12 +75,13 @@ impl Exit {
             return format!("seccomp violation: {call}");
         }
         use std::os::unix::process::ExitStatusExt;
+        let signal = self.stderr.iter().rev().find_map(|l| l.strip_prefix(super::jail::FATAL_SIGNAL)?.parse().ok());
         match self.status {
             Some(s) if s.signal() == Some(libc::SIGKILL) && oom_killed => {
                 "its process was killed by the kernel's OOM killer".into()
             }
-            Some(s) if s.signal().is_some() => {
-                let sig = s.signal().unwrap();
+            Some(s) if s.signal().or(signal).is_some() => {
+                let sig = s.signal().or(signal).unwrap();
                 match signal_name(sig) {
                     Some(name) => format!("its process was killed by signal {sig} ({name})"),
                     None => format!("its process was killed by signal {sig}"),
@@ -99,9 +116,10 @@ pub struct GuestProcess {
     pub pid: u32,
     /// Signals go through a pidfd: never to another process that reused the pid.
     pidfd: OwnedFd,
-    requests: Mutex<UnixStream>,
-    /// Set when the request channel can no longer be trusted (a timeout left
-    /// a reply in flight): every later request fails at once.
+    requests: Mutex<Channel>,
+    /// Set when the request channel can no longer be trusted (a running
+    /// process let a request time out, or sent a frame out of turn):
+    /// every later request fails at once.
     broken: AtomicBool,
     /// Why the supervisor ended the process, if it did.
     killed_for: Mutex<Option<String>>,
@@ -163,7 +181,8 @@ impl GuestProcess {
         if let Some(cg) = cgroup {
             cg.enroll(&mut command);
         }
-        let mut child = spawn_from_lasting_thread(command).map_err(|e| host("cannot start its process", e))?;
+        let jailed = setup.jail.is_some();
+        let mut child = spawn_from_lasting_thread(command, jailed).map_err(|e| host("cannot start its process", e))?;
         drop((child_requests, child_events, fds));
         let pid = child.id();
         let pidfd = pidfd_open(pid).map_err(|e| host("pidfd_open", e))?;
@@ -172,7 +191,7 @@ impl GuestProcess {
             id,
             pid,
             pidfd,
-            requests: Mutex::new(requests),
+            requests: Mutex::new(Channel { stream: requests, last: 0 }),
             broken: AtomicBool::new(false),
             killed_for: Mutex::new(None),
         });
@@ -246,6 +265,13 @@ impl GuestProcess {
         guest_error(self.call_with_timeout(request, &[], files, timeout)?)
     }
 
+    /// One request and its reply. A request waits for its own reply (each
+    /// carries a number) until `timeout`; a reply to an earlier request
+    /// that was given up is dropped. A process found stopped is not asked
+    /// (an [`Kind::Unresponsive`] error), and one that stops while it is
+    /// asked is given up at once unless the request changes guest memory
+    /// (a merge or an adoption, whose outcome must be known): so a stopped
+    /// process holds nobody up but a caller that must wait.
     fn call_with_timeout(
         &self,
         request: &Request,
@@ -257,21 +283,71 @@ impl GuestProcess {
         if self.broken.load(Ordering::SeqCst) {
             return Err(Error::host(format!("guest {id}'s process no longer answers")));
         }
-        let mut stream = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        let result = stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| ipc::send(&mut stream, request, payload))
-            .and_then(|()| if files.is_empty() { Ok(()) } else { ipc::send_files(&stream, files) })
-            .and_then(|()| ipc::receive::<Reply>(&mut stream))
-            .and_then(|r| r.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "its process has exited")));
-        result.map_err(|e| {
+        let mut channel = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_stopped() {
+            return Err(self.stopped_error(request));
+        }
+        let may_give_up = !matches!(request, Request::Merge | Request::Adopt);
+        channel.last += 1;
+        let number = channel.last;
+        let deadline = std::time::Instant::now() + timeout;
+        let stream = &mut channel.stream;
+        let broken = |e: io::Error| {
             self.broken.store(true, Ordering::SeqCst);
-            let why = match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!("no answer in {} s", timeout.as_secs()),
-                _ => e.to_string(),
-            };
-            Error::host(format!("guest {id}'s process did not answer {request:?}: {why}"))
-        })
+            Error::host(format!("guest {id}'s process did not answer {request:?}: {e}"))
+        };
+        ipc::send(stream, &(number, request), payload)
+            .and_then(|()| if files.is_empty() { Ok(()) } else { ipc::send_files(stream, files) })
+            .map_err(broken)?;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                let why = format!("no answer in {} s", timeout.as_secs());
+                return Err(broken(io::Error::new(io::ErrorKind::TimedOut, why)));
+            }
+            if !readable_within(stream, left.min(STOP_CHECK)) {
+                if may_give_up && self.is_stopped() {
+                    return Err(self.stopped_error(request));
+                }
+                continue;
+            }
+            // A frame is coming: it is read whole, within what is left.
+            let frame = stream.set_read_timeout(Some(left)).and_then(|()| ipc::receive::<(u64, Reply)>(stream));
+            match frame.map_err(broken)? {
+                None => return Err(broken(io::Error::new(io::ErrorKind::UnexpectedEof, "its process has exited"))),
+                Some(((n, reply), payload)) if n == number => return Ok((reply, payload)),
+                // The late reply to a request given up earlier.
+                Some(((n, _), _)) if n < number => continue,
+                Some(((n, _), _)) => {
+                    return Err(broken(io::Error::other(format!("it answered request {n}, not yet asked"))))
+                }
+            }
+        }
+    }
+
+    /// Whether the process is stopped (by SIGSTOP or a tracer) now.
+    pub fn is_stopped(&self) -> bool {
+        crate::proc::is_stopped(self.pid) && !self.has_exited()
+    }
+
+    /// Why the process cannot be asked anything now, if it cannot.
+    pub fn unresponsive(&self) -> Option<String> {
+        if self.broken.load(Ordering::SeqCst) {
+            Some("its process stopped answering requests".into())
+        } else if self.is_stopped() {
+            Some("its process is stopped (SIGSTOP or a tracer); it answers again once continued".into())
+        } else {
+            None
+        }
+    }
+
+    fn stopped_error(&self, request: &Request) -> Error {
+        let what = format!("{request:?}");
+        let what = what.split(['(', ' ', '{']).next().unwrap_or_default();
+        Error::new(
+            crate::error::Kind::Unresponsive,
+            format!("guest {}'s process is stopped (SIGSTOP or a tracer): not asked to {what}", self.id),
+        )
     }
 
     /// Ends the process at once for `reason` (the first reason given is
@@ -463,8 +539,8 @@ impl LineLimit {
 /// (`PR_SET_PDEATHSIG` follows the forking thread, not the process), and
 /// the API makes guests on tokio's blocking threads, which exit after 10 s
 /// idle: forked there, a guest was killed 10 s after the API went quiet.
-fn spawn_from_lasting_thread(command: Command) -> io::Result<Child> {
-    type Job = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
+fn spawn_from_lasting_thread(command: Command, own_pid_namespace: bool) -> io::Result<Child> {
+    type Job = (Command, bool, std::sync::mpsc::Sender<io::Result<Child>>);
     static SPAWNER: Mutex<Option<std::sync::mpsc::Sender<Job>>> = Mutex::new(None);
     let (reply, answer) = std::sync::mpsc::channel();
     {
@@ -472,14 +548,21 @@ fn spawn_from_lasting_thread(command: Command) -> io::Result<Child> {
         if spawner.is_none() {
             let (jobs, queue) = std::sync::mpsc::channel::<Job>();
             std::thread::Builder::new().name("guest-spawner".into()).spawn(move || {
-                for (mut command, reply) in queue {
-                    let _ = reply.send(command.spawn());
+                for (mut command, own_pid_namespace, reply) in queue {
+                    let spawned = match own_pid_namespace {
+                        true => super::jail::new_pid_namespace()
+                            .map_err(|e| io::Error::new(e.kind(), format!("a PID namespace of its own: {e}")))
+                            .and_then(|()| command.spawn()),
+                        false => command.spawn(),
+                    };
+                    let _ = reply.send(spawned);
                 }
             })?;
             *spawner = Some(jobs);
         }
         let jobs = spawner.as_ref().expect("the spawner runs");
-        jobs.send((command, reply)).map_err(|_| io::Error::other("the guest spawner thread is gone"))?;
+        jobs.send((command, own_pid_namespace, reply))
+            .map_err(|_| io::Error::other("the guest spawner thread is gone"))?;
     }
     answer.recv().map_err(|_| io::Error::other("the guest spawner thread is gone"))?
 }

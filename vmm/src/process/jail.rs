@@ -13,7 +13,10 @@
 //!
 //! It is entered while the process has one thread: namespaces and
 //! `no_new_privs` are per thread, and every thread made later inherits
-//! them.
+//! them. Its PID namespace is the one thing made before it runs: a process
+//! cannot move itself into one, so the supervisor's spawner thread makes a
+//! fresh one for each guest process it forks ([`new_pid_namespace`]), whose
+//! first and only process the guest process is.
 
 use std::io;
 
@@ -42,14 +45,14 @@ impl Jail {
     }
 
     /// Enters the jail. The process must have one thread.
-    pub fn enter(&self) -> Result<(), String> {
+    /// `supervisor_alive` says whether the supervisor is still there (its
+    /// parent is not visible from its own PID namespace).
+    pub fn enter(&self, supervisor_alive: impl Fn() -> bool) -> Result<(), String> {
         let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
         if threads != 1 {
             return Err(format!("{threads} threads are running; the jail must be entered before any"));
         }
         let last_cap = last_capability();
-        // SAFETY: getppid has no arguments and cannot fail.
-        let supervisor = unsafe { libc::getppid() };
         let namespaces = libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
         // SAFETY: plain syscalls on integers and constant strings; each
         // result is checked.
@@ -77,7 +80,7 @@ impl Jail {
             // A change of credentials clears the parent-death signal: set
             // it again, and make sure the supervisor did not go meanwhile.
             check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0), "the parent-death signal")?;
-            if libc::getppid() != supervisor {
+            if !supervisor_alive() {
                 return Err("the supervisor is gone".into());
             }
         }
@@ -185,13 +188,77 @@ fn capabilities_left(last_cap: libc::c_ulong) -> Option<String> {
     })
 }
 
+/// Puts the next process this thread forks into a PID namespace of its
+/// own, as its process 1: it sees no other process, and no other process
+/// of the host can be named from it. Only for this thread (the spawner);
+/// each call makes a fresh namespace, since one whose first process has
+/// ended takes no more.
+pub fn new_pid_namespace() -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // The kernel makes a new one only for a thread whose children would
+    // go where it is itself: back there first (after the last call).
+    let own = std::fs::File::open("/proc/self/ns/pid")?;
+    // SAFETY: setns and unshare on a descriptor we hold and constant
+    // flags; they touch no memory of ours.
+    unsafe {
+        if libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) != 0 || libc::unshare(libc::CLONE_NEWPID) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// How a guest process says a signal ended it: as process 1 of its PID
+/// namespace it gets from outside only the signals it handles (and
+/// SIGKILL), so it handles those that end a process, says which on
+/// stderr, and exits.
+pub const FATAL_SIGNAL: &str = "vmm-guest ended by signal ";
+
+/// Signals that end a process by default and that an operator or the
+/// C library (abort) sends; the faults (SIGSEGV, SIGBUS, ...) a crash
+/// raises are delivered by force and need nothing.
+const ENDING_SIGNALS: [libc::c_int; 5] = [libc::SIGABRT, libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Makes [`ENDING_SIGNALS`] end this process as they would any other.
+pub fn handle_ending_signals() -> io::Result<()> {
+    for signal in ENDING_SIGNALS {
+        // SAFETY: a zeroed sigaction with a plain handler is valid.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_ending_signal as *const () as usize;
+        // SAFETY: installs a handler that only writes and exits.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn on_ending_signal(signal: libc::c_int) {
+    let mut line = [0u8; 40];
+    let prefix = FATAL_SIGNAL.as_bytes();
+    line[..prefix.len()].copy_from_slice(prefix);
+    let mut n = prefix.len();
+    let signal = signal.clamp(0, 99) as u8;
+    if signal >= 10 {
+        line[n] = b'0' + signal / 10;
+        n += 1;
+    }
+    line[n] = b'0' + signal % 10;
+    line[n + 1] = b'\n';
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is ours.
+    unsafe {
+        libc::write(2, line.as_ptr().cast(), n + 2);
+        libc::_exit(128 + libc::c_int::from(signal));
+    }
+}
+
 /// Why this host cannot jail guest processes, if it cannot.
 pub fn unavailable() -> Option<String> {
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Some("jailing guests needs root (each guest process gets a user id of its own)".into());
     }
-    for ns in ["mnt", "net", "ipc", "uts"] {
+    for ns in ["mnt", "net", "ipc", "uts", "pid"] {
         if std::fs::symlink_metadata(format!("/proc/self/ns/{ns}")).is_err() {
             return Some(format!("this kernel has no {ns} namespaces"));
         }

@@ -100,7 +100,6 @@ const PROCESS: &[(i64, &str)] = &[
     (libc::SYS_epoll_create1, "the I/O thread's event loop is made on Start"),
     (libc::SYS_epoll_ctl, "the I/O thread's event loop is made on Start"),
     (libc::SYS_eventfd2, "wake-ups made on Start"),
-    (libc::SYS_getppid, "checking the supervisor is there"),
 ];
 
 /// vCPU threads: entering the guest and handling its exits.

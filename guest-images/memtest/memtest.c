@@ -182,7 +182,7 @@ const char *cmdline(void)
 #define ONE (1UL << 32) /* fractions are in parts per 2^32 */
 
 struct params {
-	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse, hammer;
+	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse, hammer, chatter;
 	u64 share, zero, near;
 };
 
@@ -252,6 +252,8 @@ static struct params parse_params(const char *w)
 			p.abuse = parse_uint(w + 6);
 		else if (word_is(w, "hammer="))
 			p.hammer = parse_uint(w + 7);
+		else if (word_is(w, "chatter="))
+			p.chatter = parse_uint(w + 8);
 		w = next_word(w);
 	}
 	if (p.run == 0)
@@ -705,6 +707,53 @@ static void abuse_doorbell(void)
 	db_write(DB_DONE, 0);
 }
 
+/* chatter=1: vCPU 0 writes numbered lines to the console for ever, one
+ * doorbell (MMIO) write a byte, and verifies nothing; chatter=2: the same
+ * at CPL 0 through the serial port (an OUT a byte), before it ever reaches
+ * CPL 3. A guest nearly always in the middle of an I/O, to snapshot and
+ * clone: a byte written twice shows as a line out of sequence. */
+static void chatter(void (*out)(char)) __attribute__((noreturn));
+static void chatter(void (*out)(char))
+{
+	char digits[21];
+	for (u64 line = 0;; line++) {
+		const char *s = "chatter ";
+		while (*s)
+			out(*s++);
+		int i = 20;
+		u64 v = line;
+		do {
+			digits[--i] = '0' + v % 10;
+			v /= 10;
+		} while (v);
+		while (i < 20)
+			out(digits[i++]);
+		out('\n');
+	}
+}
+
+static void locked_putc(char c)
+{
+	console_lock();
+	putc(c);
+	console_unlock();
+}
+
+static void serial_putc(char c)
+{
+	__asm__ volatile("outb %b0, %w1" ::"a"(c), "Nd"((u16)0x3f8));
+}
+
+/* chatter= as the command line says (the last one wins), at CPL 0. */
+static u64 chatter_mode(void)
+{
+	u64 mode = 0;
+	for (const char *w = cmdline(); *w; w = next_word(w))
+		if (word_is(w, "chatter="))
+			mode = parse_uint(w + 8);
+	return mode;
+}
+
 void user_main(u64 vcpu) __attribute__((noreturn));
 void user_main(u64 vcpu)
 {
@@ -713,6 +762,8 @@ void user_main(u64 vcpu)
 		set_stage(STAGE_PLANNED);
 		if (params.abuse)
 			abuse_doorbell();
+		if (params.chatter)
+			chatter(locked_putc);
 	} else {
 		wait_for_stage(STAGE_PLANNED);
 	}
@@ -865,6 +916,8 @@ void cpu_setup(u64 index, const u8 *bp, u64 kernel_stack_top)
 		wait_for_stage(STAGE_TABLES_BUILT);
 	}
 	load_cpu_tables(index, kernel_stack_top);
+	if (index == 0 && chatter_mode() == 2)
+		chatter(serial_putc);
 	enter_user(user_main, user_stacks[index] + USTACK_SIZE, index);
 }
 

@@ -1,6 +1,6 @@
 //! Stopping and parking vCPU threads from other threads.
 //!
-//! A vCPU thread calls [`VcpuGate::checkpoint`] before every `KVM_RUN`. To
+//! A vCPU thread calls [`VcpuGate::pass`] before every `KVM_RUN`. To
 //! stop or pause, another thread changes the gate's state and kicks every
 //! vCPU out of `KVM_RUN`: it sets `immediate_exit` in the vCPU's `kvm_run`
 //! page and sends it a signal. The signal interrupts a `KVM_RUN` in progress;
@@ -14,6 +14,18 @@ use std::time::Duration;
 
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+/// What a vCPU does at its gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Enter the guest.
+    Run,
+    /// Finish the pending I/O: enter `KVM_RUN` with `immediate_exit` set,
+    /// then come back.
+    FinishIo,
+    /// Leave the run loop.
+    Stop,
+}
+
 /// The signal used to kick vCPU threads out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -26,6 +38,16 @@ pub fn install_kick_handler() {
         extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
         register_signal_handler(kick_signal(), on_kick).expect("cannot install the vCPU kick handler");
     });
+}
+
+/// Sets a vCPU's `immediate_exit`, from its own thread, so its next
+/// `KVM_RUN` only completes what is pending and returns.
+///
+/// # Safety
+/// `immediate_exit` must point into the vCPU's mapped `kvm_run` page.
+pub unsafe fn set_immediate_exit(immediate_exit: *mut u8) {
+    // SAFETY: the caller's promise; kickers write it atomically too.
+    unsafe { AtomicU8::from_ptr(immediate_exit) }.store(1, Ordering::SeqCst);
 }
 
 /// Clears a vCPU's `immediate_exit` after a kick, from its own thread: an
@@ -114,13 +136,26 @@ impl VcpuGate {
 
     /// Blocks while the vCPUs are paused. Returns false once they must stop.
     pub fn checkpoint(&self) -> bool {
+        self.pass(false) == Pass::Run
+    }
+
+    /// Blocks while the vCPUs are paused, as [`VcpuGate::checkpoint`]; but
+    /// a vCPU whose last exit was port or MMIO I/O (`io_pending`) is sent
+    /// back into `KVM_RUN` once, with `immediate_exit` set, before it may
+    /// park: KVM finishes that instruction only on the next entry, so a
+    /// vCPU parked before it would be saved in the middle of it, and a
+    /// clone of it would do the I/O again.
+    pub fn pass(&self, io_pending: bool) -> Pass {
         let mut s = self.state.lock().unwrap();
         loop {
             if s.stop {
-                return false;
+                return Pass::Stop;
             }
             if s.pause_depth == 0 {
-                return true;
+                return Pass::Run;
+            }
+            if io_pending {
+                return Pass::FinishIo;
             }
             s.parked += 1;
             self.changed.notify_all();

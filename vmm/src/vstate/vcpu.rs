@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use kvm_bindings::{kvm_fpu, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use super::control::VcpuGate;
+use super::control::{Pass, VcpuGate};
 use crate::boot::long_mode;
 use crate::boot::BootInfo;
 use crate::devices::{Action, Devices};
@@ -107,11 +107,16 @@ fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
 pub fn run(fd: &Mutex<VcpuFd>, index: u8, gate: &VcpuGate, devices: &Devices) -> (Option<GuestEnd>, bool) {
     let immediate_exit: *mut u8 = &mut fd.lock().unwrap().get_kvm_run().immediate_exit;
     gate.register(index as usize, immediate_exit);
+    let mut io_pending = false;
     let end = loop {
-        if !gate.checkpoint() {
-            break None;
+        match gate.pass(io_pending) {
+            Pass::Run => {}
+            Pass::Stop => break None,
+            // SAFETY: it points into this vCPU's kvm_run page, mapped while `fd` lives.
+            Pass::FinishIo => unsafe { super::control::set_immediate_exit(immediate_exit) },
         }
-        let action = handle_exit(&mut fd.lock().unwrap(), index, devices, immediate_exit);
+        let (action, io) = handle_exit(&mut fd.lock().unwrap(), index, devices, immediate_exit);
+        io_pending = io;
         match action {
             Action::Continue => {}
             Action::Idle(time) => gate.idle(time),
@@ -123,8 +128,15 @@ pub fn run(fd: &Mutex<VcpuFd>, index: u8, gate: &VcpuGate, devices: &Devices) ->
     (end, gate.leave(index as usize))
 }
 
-fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *mut u8) -> Action {
-    match fd.run() {
+/// Enters the guest and handles its exit; also says whether that exit was
+/// port or MMIO I/O, which KVM completes on the next entry.
+fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *mut u8) -> (Action, bool) {
+    let result = fd.run();
+    let io = matches!(
+        result,
+        Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+    );
+    let action = match result {
         Ok(exit) => match exit {
             VcpuExit::IoIn(port, data) => {
                 devices.pio_read(port, data);
@@ -151,7 +163,8 @@ fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *m
             Action::Continue
         }
         Err(e) => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: KVM_RUN failed: {e}"))),
-    }
+    };
+    (action, io)
 }
 
 fn internal_error(fd: &mut VcpuFd) -> GuestEnd {

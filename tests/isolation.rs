@@ -292,3 +292,40 @@ fn a_stopped_guest_process_stalls_nothing_and_can_be_deleted() {
     let (status, audit) = server.call("GET", "/dedup/audit", None);
     assert_eq!((status, &audit["leaked_frames"]), (200, &serde_json::json!(0)), "{audit}");
 }
+
+/// A guest that writes its console for ever fills no disk: its log file
+/// stays under `--console-limit`, keeps its newest output, and says that
+/// older output was dropped.
+#[test]
+fn a_chattering_guest_keeps_its_console_file_under_its_cap() {
+    let consoles = scratch_dir("console-cap-logs");
+    let server =
+        Server::start_with("console-cap", &["--console-limit", "64", "--console-dir", consoles.to_str().unwrap()]);
+    let spec = serde_json::json!({"kernel": image("memtest"), "memory_mib": 16, "cmdline": "chatter=1"});
+    let id = create_and_start(&server, spec);
+    let log = consoles.join(format!("guest-{id}.log"));
+    let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+    let mut written = 0u64;
+    let mut last = 0;
+    wait_for("the guest to write its cap three times over", || {
+        let now = size();
+        assert!(now <= 64 << 10, "the console file grew to {now} bytes");
+        if now < last {
+            written += last;
+        }
+        last = now;
+        written + now > 3 * (64 << 10)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("[vmm: older console output dropped]\n"), "{}", &text[..100.min(text.len())]);
+    // Whole lines between the first (cut where the drop was) and the last
+    // (being written).
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines.len() > 100 && lines[2..lines.len() - 1].iter().all(|l| l.starts_with("chatter ")),
+        "a line was mangled"
+    );
+    let (status, _) = server.call("POST", &format!("/guests/{id}/stop"), None);
+    assert_eq!(status, 200);
+    let _ = std::fs::remove_dir_all(consoles);
+}

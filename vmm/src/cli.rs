@@ -381,6 +381,10 @@ pub struct HostArgs {
     /// Guest N's process runs as user and group id BASE + N.
     #[arg(long, default_value_t = crate::process::jail::DEFAULT_UID_BASE, value_name = "BASE")]
     pub jail_uid_base: u32,
+    /// Cap of each guest's console log file: past it, its oldest half is
+    /// dropped (a line says so at its top).
+    #[arg(long, default_value_t = config::CONSOLE_LIMIT_KIB.default, value_name = "KIB")]
+    pub console_limit: u64,
     /// Raise vm.max_map_count to this first (needs root).
     #[arg(long, value_name = "N")]
     pub raise_max_map_count: Option<u64>,
@@ -469,7 +473,8 @@ impl HostArgs {
             true => None,
             false => Some(JailConfig { uid_base: self.jail_uid_base }),
         };
-        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, jail, ..Default::default() })
+        let console_limit_bytes = config::CONSOLE_LIMIT_KIB.check(self.console_limit, Source::Cli)? << 10;
+        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, jail, console_limit_bytes, ..Default::default() })
     }
 }
 

@@ -56,6 +56,9 @@ impl<T: PartialOrd + Copy + std::fmt::Display> Knob<T> {
 pub const GUESTS: Knob<u64> = Knob { field: "guests", flag: "--guests", default: 1, min: 1, max: 4096 };
 pub const MEMORY_MIB: Knob<u64> = Knob { field: "memory_mib", flag: "--memory", default: 256, min: 8, max: 1 << 20 };
 pub const VCPUS: Knob<u64> = Knob { field: "vcpus", flag: "--vcpus", default: 1, min: 1, max: 32 };
+/// A console file's cap: past it, its oldest half is dropped.
+pub const CONSOLE_LIMIT_KIB: Knob<u64> =
+    Knob { field: "console_limit_kib", flag: "--console-limit", default: 16 << 10, min: 64, max: 1 << 30 };
 pub const TIMEOUT_SECS: Knob<u64> =
     Knob { field: "timeout_secs", flag: "--timeout", default: 0, min: 1, max: 10 * 365 * 86_400 };
 pub const SCAN_PAGES: Knob<u64> =
@@ -695,6 +698,8 @@ pub struct SupervisorConfig {
     pub console_dir: Option<PathBuf>,
     /// The one guest of a run writes its console to our stdout.
     pub console_to_terminal: bool,
+    /// A console file's cap in bytes: past it, its oldest half is dropped.
+    pub console_limit_bytes: u64,
     /// Disk overlays go here, kept (default: a temporary directory).
     pub overlay_dir: Option<PathBuf>,
     /// Start guests whose RAM the host does not have available.
@@ -719,6 +724,7 @@ impl Default for SupervisorConfig {
             backend: MemoryBackend::Memfd,
             console_dir: None,
             console_to_terminal: false,
+            console_limit_bytes: CONSOLE_LIMIT_KIB.default << 10,
             overlay_dir: None,
             overcommit: false,
             memory_reserve_pct: MEMORY_RESERVE_PCT.default,

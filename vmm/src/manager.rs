@@ -625,6 +625,7 @@ impl Manager {
             net,
             vsock: vsock_setup,
             jail,
+            console_limit: (!self.config.console_to_terminal).then_some(self.config.console_limit_bytes),
         });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -723,7 +724,15 @@ impl Manager {
             }
         }
         let path = console_path(&self.consoles.path, id);
-        File::create(&path).map_err(|e| Error::host(format!("cannot create {}: {e}", path.display())))
+        // Readable too: at its cap the guest process moves its newest half
+        // to its start (devices/console.rs).
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::host(format!("cannot create {}: {e}", path.display())))
     }
 
     fn on_event(&self, id: usize, event: Event) {

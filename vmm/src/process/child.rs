@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ipc::{self, Event, Reply, Request, Setup};
 use crate::config::GuestConfig;
-use crate::devices::console::Console;
+use crate::devices::console::{CappedFile, Console};
 use crate::devices::virtio::{
     self, block::Block, device::from_value, net::Net, tap::Tap, vsock::Vsock, Persist, VirtioDevice,
 };
@@ -283,7 +283,13 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     }
     let virtio = virtio_devices(config, setup, restore)?;
     // SAFETY: the supervisor always passes the console descriptor.
-    let console = Console::with_sink(Box::new(unsafe { File::from_raw_fd(ipc::FD_CONSOLE) }));
+    let console_file = unsafe { File::from_raw_fd(ipc::FD_CONSOLE) };
+    let console = match setup.console_limit {
+        Some(limit) => Console::with_sink(Box::new(
+            CappedFile::new(console_file, limit).map_err(|e| Error::host(format!("its console file: {e}")))?,
+        )),
+        None => Console::with_sink(Box::new(console_file)),
+    };
     let options = GuestOptions {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),

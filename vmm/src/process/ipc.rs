@@ -66,6 +66,8 @@ pub struct Setup {
     /// The jail the process enters once the guest is built (`None`:
     /// `--no-jail`).
     pub jail: Option<super::jail::Jail>,
+    /// The console file's cap in bytes (`None`: the console is a terminal).
+    pub console_limit: Option<u64>,
 }
 
 /// A guest's vsock device as the supervisor set it up.

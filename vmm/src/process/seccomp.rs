@@ -107,6 +107,9 @@ const VCPU: &[(i64, &str)] = &[
     (libc::SYS_ioctl, "KVM_RUN, interrupt lines; a device's activation (TAP offloads, ioeventfds, irqfds)"),
     (libc::SYS_epoll_ctl, "a device's activation registers host descriptors"),
     (libc::SYS_recvfrom, "none expected; a device reset drains a socket"),
+    (libc::SYS_pwrite64, "console bytes, written at the file's end (devices/console.rs)"),
+    (libc::SYS_pread64, "a console file at its cap keeps its newest half"),
+    (libc::SYS_ftruncate, "a console file at its cap keeps its newest half"),
 ];
 
 /// The I/O thread: queues, TAP, sockets, disk, timers.

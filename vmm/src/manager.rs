@@ -224,10 +224,9 @@ impl Drop for Dir {
 
 /// Nice value of the supervisor's threads (the scanner's is its own).
 const SUPERVISOR_NICE: i32 = -5;
-/// The supervisor's and each guest process's OOM score adjustment: a guest
-/// is always the OOM killer's first pick, and only that guest ends.
+/// The supervisor's OOM score adjustment: never the OOM killer's pick
+/// (each guest process's is `ipc::GUEST_OOM_SCORE_ADJ`).
 const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
-pub const GUEST_OOM_SCORE_ADJ: i32 = 1000;
 
 pub struct Manager {
     config: SupervisorConfig,

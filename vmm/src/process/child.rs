@@ -44,7 +44,7 @@ pub fn main() -> ExitCode {
     unsafe { libc::umask(0o077) };
     // If the kernel's OOM killer must act, this guest goes, not the
     // supervisor (which maps every guest's memory and so looks biggest).
-    let _ = std::fs::write("/proc/self/oom_score_adj", crate::manager::GUEST_OOM_SCORE_ADJ.to_string());
+    let _ = std::fs::write("/proc/self/oom_score_adj", ipc::GUEST_OOM_SCORE_ADJ.to_string());
     // SAFETY: the supervisor started us with these descriptors open (ipc.rs).
     let (requests, events) =
         unsafe { (UnixStream::from_raw_fd(ipc::FD_REQUESTS), UnixStream::from_raw_fd(ipc::FD_EVENTS)) };

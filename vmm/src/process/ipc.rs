@@ -37,6 +37,10 @@ pub const FD_VSOCK: i32 = 9;
 /// Its channel for connections to host sockets (`dial.rs`; with vsock).
 pub const FD_VSOCK_DIAL: i32 = 10;
 
+/// A guest process's OOM score adjustment: a guest is always the OOM
+/// killer's first pick, and only that guest ends.
+pub const GUEST_OOM_SCORE_ADJ: i32 = 1000;
+
 /// Largest frame either side accepts: a dirty bitmap of a 1 TiB guest.
 pub const MAX_FRAME: usize = 40 << 20;
 

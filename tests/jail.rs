@@ -208,3 +208,24 @@ fn a_snapshot_is_private_to_the_supervisor_and_refuses_foreign_directories() {
     wait_for("the clone to verify a round", || rounds(&server, clone) > before);
     let _ = std::fs::remove_dir_all(scratch);
 }
+
+/// A guest's disk overlay that nobody asked to keep is a file without a
+/// name as soon as its process has opened it: nothing of it can be left
+/// behind, however the process or the supervisor ends.
+#[test]
+fn an_overlay_not_kept_is_unlinked_once_open() {
+    let server = Server::start("jail-overlay");
+    let disk = scratch_dir("jail-overlay-disk").join("disk.img");
+    write_mbr_image(&disk, 4);
+    let mut spec = memtest_guest("rounds=0 idle=50");
+    spec["disk"] = json!(disk);
+    let g = guest(&server, create_and_start(&server, spec));
+    let pid = g["pid"].as_u64().unwrap();
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.unwrap().path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let overlay = links.iter().find(|l| l.contains(".overlay")).unwrap_or_else(|| panic!("no overlay open: {links:?}"));
+    assert!(overlay.ends_with(" (deleted)"), "its overlay still has a name: {overlay}");
+}

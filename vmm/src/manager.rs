@@ -136,7 +136,6 @@ struct Entry {
     /// What it has cost KVM, as its process last said.
     kvm: KvmCounters,
     protection: Option<String>,
-    overlay: Option<PathBuf>,
     jail: Option<crate::process::jail::Jail>,
     /// Set once `create` has finished with it: listed from then on.
     made: bool,
@@ -163,7 +162,6 @@ impl Entry {
             gaps: Default::default(),
             kvm: Default::default(),
             protection: None,
-            overlay: None,
             jail: None,
             made: false,
         }
@@ -613,6 +611,7 @@ impl Manager {
             guest: config.clone(),
             backend: self.config.backend,
             disk_overlay: overlay.clone(),
+            keep_overlay: !self.overlays.ours,
             sharing: shared.map(|s| crate::process::ipc::AgentSetup {
                 protect: self.config.sharing.protect,
                 dirty_log: self.config.sharing.volatility == crate::config::Volatility::DirtyLog,
@@ -702,7 +701,6 @@ impl Manager {
         entry.memory = memory;
         entry.cgroup = cgroup;
         entry.protection = created.protection;
-        entry.overlay = overlay;
         entry.vsock_socket = vsock_file;
         entry.jail = jail;
         entry.made = true;
@@ -976,10 +974,8 @@ impl Manager {
         if !ended {
             self.stop_with(id, GuestEnd::Stopped)?;
         }
-        let entry = self.lock().map.remove(&id).ok_or_else(|| not_found(id))?;
-        if let (Some(overlay), true) = (&entry.overlay, self.overlays.ours) {
-            let _ = std::fs::remove_file(overlay);
-        }
+        // Its overlay, unless kept, went when its process opened it.
+        self.lock().map.remove(&id).ok_or_else(|| not_found(id))?;
         self.changed.notify_all();
         Ok(())
     }

@@ -347,6 +347,12 @@ fn virtio_devices(
             Some(limit) => block.with_limiter(limiter(limit)?),
             None => block,
         };
+        // An overlay nobody asked to keep is a file without a name from
+        // now on: whatever ends this process, nothing is left behind.
+        if let (Some(overlay), false) = (&setup.disk_overlay, setup.keep_overlay) {
+            std::fs::remove_file(overlay)
+                .map_err(|e| Error::host(format!("cannot unlink its overlay {}: {e}", overlay.display())))?;
+        }
         devices.push(Box::new(block));
     }
     if let Some(net) = &setup.net {

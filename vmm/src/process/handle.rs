@@ -268,7 +268,7 @@ impl GuestProcess {
     /// One request and its reply. A request waits for its own reply (each
     /// carries a number) until `timeout`; a reply to an earlier request
     /// that was given up is dropped. A process found stopped is not asked
-    /// (an [`Kind::Unresponsive`] error), and one that stops while it is
+    /// (a [`crate::error::Kind::Unresponsive`] error), and one that stops while it is
     /// asked is given up at once unless the request changes guest memory
     /// (a merge or an adoption, whose outcome must be known): so a stopped
     /// process holds nobody up but a caller that must wait.

@@ -52,6 +52,9 @@ pub struct Setup {
     pub backend: MemoryBackend,
     /// The disk: its base image and, unless read-only, the overlay to create.
     pub disk_overlay: Option<PathBuf>,
+    /// Keep the overlay's file (`--overlay-dir`); else it is unlinked as
+    /// soon as it is open.
+    pub keep_overlay: bool,
     /// Keep KVM's dirty log and run a merge agent (in-process sharing).
     pub sharing: Option<AgentSetup>,
     /// Mark RAM MADV_MERGEABLE for kernel KSM.

@@ -153,7 +153,10 @@ fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *m
             VcpuExit::Shutdown => Action::EndGuest(GuestEnd::TripleFault),
             VcpuExit::SystemEvent(..) => Action::EndGuest(GuestEnd::Reset),
             VcpuExit::FailEntry(reason, _) => Action::EndGuest(GuestEnd::FailEntry { reason }),
-            VcpuExit::InternalError => Action::EndGuest(internal_error(fd)),
+            VcpuExit::InternalError => match skip_unemulated_fwait(fd) {
+                true => Action::Continue,
+                false => Action::EndGuest(internal_error(fd)),
+            },
             other => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: unexpected KVM exit {other:?}"))),
         },
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -165,6 +168,41 @@ fn handle_exit(fd: &mut VcpuFd, index: u8, devices: &Devices, immediate_exit: *m
         Err(e) => Action::EndGuest(GuestEnd::VmmError(format!("vCPU {index}: KVM_RUN failed: {e}"))),
     };
     (action, io)
+}
+
+/// `fwait`'s opcode.
+const FWAIT: u8 = 0x9b;
+
+/// Steps over an `fwait` KVM failed to emulate, and says whether it did.
+///
+/// On PVM hosts the guest kernel's instructions are emulated, and now and
+/// then an `fwait` is not (docs/host-quirks.md): Linux's `fpu__drop` ends
+/// a task with one, and a clone of a guest booting ended there about once
+/// in ten runs. `fwait` only waits for x87 work to finish and raises an x87
+/// exception left pending, which `fpu__drop` is there to discard; so the
+/// vCPU goes on after it, as if it had run. Only an emulation failure whose
+/// instruction bytes KVM reports, and that start with `fwait`, is skipped.
+fn skip_unemulated_fwait(fd: &mut VcpuFd) -> bool {
+    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `emulation_failure` member
+    // of the exit union is the one KVM filled in for emulation failures;
+    // its suberror says which, and is read first.
+    let failure = unsafe { fd.get_kvm_run().__bindgen_anon_1.emulation_failure };
+    let with_bytes = kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES as u64;
+    if failure.suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION || failure.flags & with_bytes == 0 {
+        return false;
+    }
+    // SAFETY: the flag says KVM wrote the instruction's bytes there.
+    let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+    if insn.insn_size == 0 || insn.insn_bytes[0] != FWAIT {
+        return false;
+    }
+    let Ok(mut regs) = fd.get_regs() else { return false };
+    regs.rip += 1;
+    if fd.set_regs(&regs).is_err() {
+        return false;
+    }
+    log::info!("stepped over an fwait at {:#x} the host could not emulate", regs.rip - 1);
+    true
 }
 
 fn internal_error(fd: &mut VcpuFd) -> GuestEnd {

@@ -294,7 +294,7 @@ impl GuestProcess {
         let stream = &mut channel.stream;
         let broken = |e: io::Error| {
             self.broken.store(true, Ordering::SeqCst);
-            Error::host(format!("guest {id}'s process did not answer {request:?}: {e}"))
+            Error::host(format!("guest {id}'s process did not answer its {} request: {e}", request.name()))
         };
         ipc::send(stream, &(number, request), payload)
             .and_then(|()| if files.is_empty() { Ok(()) } else { ipc::send_files(stream, files) })
@@ -342,11 +342,9 @@ impl GuestProcess {
     }
 
     fn stopped_error(&self, request: &Request) -> Error {
-        let what = format!("{request:?}");
-        let what = what.split(['(', ' ', '{']).next().unwrap_or_default();
         Error::new(
             crate::error::Kind::Unresponsive,
-            format!("guest {}'s process is stopped (SIGSTOP or a tracer): not asked to {what}", self.id),
+            format!("guest {}'s process is stopped (SIGSTOP or a tracer): not asked to {}", self.id, request.name()),
         )
     }
 

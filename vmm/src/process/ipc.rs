@@ -132,6 +132,27 @@ pub enum Request {
     Snapshot,
 }
 
+impl Request {
+    /// What it asks, in a word, for error messages (a setup's whole
+    /// configuration is no message).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Setup(_) => "setup",
+            Request::Start => "start",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Throttle(_) => "throttle",
+            Request::Stop(_) => "stop",
+            Request::Status => "status",
+            Request::Watch => "watch",
+            Request::Merge => "merge",
+            Request::Adopt => "adopt",
+            Request::Console => "console",
+            Request::Snapshot => "snapshot",
+        }
+    }
+}
+
 /// The target number that stands for the zero page in a merge list.
 pub const ZERO_TARGET: u32 = u32::MAX;
 /// A merge made, and one left alone because the page changed (`Merged`).

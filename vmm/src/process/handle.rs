@@ -35,11 +35,13 @@ struct Channel {
     last: u64,
 }
 
-/// Whether `stream` has something to read (or has hung up) within `wait`.
-fn readable_within(stream: &UnixStream, wait: Duration) -> bool {
-    let mut p = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+/// Whether `fd` has something to read (or has hung up, or, a pidfd, its
+/// process has exited) within `wait`; a wait under a millisecond is one.
+fn readable_within(fd: RawFd, wait: Duration) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = if wait.is_zero() { 0 } else { wait.as_millis().clamp(1, i32::MAX as u128) as i32 };
     // SAFETY: poll on one pollfd of our own; no memory but `p` involved.
-    unsafe { libc::poll(&mut p, 1, wait.as_millis().clamp(1, i32::MAX as u128) as i32) == 1 }
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
 }
 
 /// What the supervisor hands a new guest process besides its setup.
@@ -305,7 +307,7 @@ impl GuestProcess {
                 let why = format!("no answer in {} s", timeout.as_secs());
                 return Err(broken(io::Error::new(io::ErrorKind::TimedOut, why)));
             }
-            if !readable_within(stream, left.min(STOP_CHECK)) {
+            if !readable_within(stream.as_raw_fd(), left.min(STOP_CHECK)) {
                 if may_give_up && self.is_stopped() {
                     return Err(self.stopped_error(request));
                 }
@@ -373,10 +375,7 @@ impl GuestProcess {
     /// its sockets a moment before its pidfd turns readable, so a broken
     /// channel is worth this short wait before it is called a failure.
     pub fn exits_within(&self, wait: Duration) -> bool {
-        let mut p = libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = wait.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll on one pollfd of our own; no memory but `p` involved.
-        unsafe { libc::poll(&mut p, 1, ms) == 1 }
+        readable_within(self.pidfd.as_raw_fd(), wait)
     }
 
     /// Ends the process at once (SIGKILL).

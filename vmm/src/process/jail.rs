@@ -234,22 +234,9 @@ pub fn handle_ending_signals() -> io::Result<()> {
 }
 
 extern "C" fn on_ending_signal(signal: libc::c_int) {
-    let mut line = [0u8; 40];
-    let prefix = FATAL_SIGNAL.as_bytes();
-    line[..prefix.len()].copy_from_slice(prefix);
-    let mut n = prefix.len();
-    let signal = signal.clamp(0, 99) as u8;
-    if signal >= 10 {
-        line[n] = b'0' + signal / 10;
-        n += 1;
-    }
-    line[n] = b'0' + signal % 10;
-    line[n + 1] = b'\n';
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is ours.
-    unsafe {
-        libc::write(2, line.as_ptr().cast(), n + 2);
-        libc::_exit(128 + libc::c_int::from(signal));
-    }
+    let mut words = super::last_words::LastWords::new(FATAL_SIGNAL);
+    words.put_decimal(signal.unsigned_abs().into());
+    words.say_and_exit(128 + signal)
 }
 
 /// Why this host cannot jail guest processes, if it cannot.

@@ -7,5 +7,6 @@ pub mod dial;
 pub mod handle;
 pub mod ipc;
 pub mod jail;
+mod last_words;
 pub mod seccomp;
 mod syscall_names;

@@ -280,38 +280,15 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     // number at 24 (`si_syscall`).
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let nr = unsafe { *info.cast::<u8>().add(24).cast::<libc::c_int>() };
-    let mut line = [0u8; 96];
-    let mut n = 0;
-    let mut put = |bytes: &[u8]| {
-        let take = bytes.len().min(line.len() - n);
-        line[n..n + take].copy_from_slice(&bytes[..take]);
-        n += take;
-    };
-    put(VIOLATION.as_bytes());
+    let mut words = super::last_words::LastWords::new(VIOLATION);
     match super::syscall_names::name(nr.into()) {
-        Some(name) => put(name.as_bytes()),
+        Some(name) => words.put(name.as_bytes()),
         None => {
-            put(b"system call ");
-            let mut digits = [0u8; 12];
-            let mut i = digits.len();
-            let mut v = nr.unsigned_abs();
-            loop {
-                i -= 1;
-                digits[i] = b'0' + (v % 10) as u8;
-                v /= 10;
-                if v == 0 {
-                    break;
-                }
-            }
-            put(&digits[i..]);
+            words.put(b"system call ");
+            words.put_decimal(nr.unsigned_abs().into());
         }
     }
-    put(b"\n");
-    // SAFETY: write(2) and _exit(2) are async-signal-safe.
-    unsafe {
-        libc::write(2, line.as_ptr().cast(), n);
-        libc::_exit(31);
-    }
+    words.say_and_exit(31)
 }
 
 #[cfg(test)]

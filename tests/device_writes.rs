@@ -18,15 +18,16 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::bus::BusDevice;
-use vmm::devices::io_gate::IoGate;
-use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::net::{self, Net};
-use vmm::devices::virtio::tap::Tap;
-use vmm::devices::virtio::{MmioDevice, Queues, VirtioDevice};
-use vmm::disk::{BaseImage, Disk};
+use vmm::guest::devices::bus::BusDevice;
+use vmm::guest::devices::io_gate::IoGate;
+use vmm::guest::devices::virtio::block::Block;
+use vmm::guest::devices::virtio::net::{self, Net};
+use vmm::guest::devices::virtio::{MmioDevice, Queues, VirtioDevice};
+use vmm::guest::disk::Disk;
+use vmm::guest::vstate::control::VcpuGate;
+use vmm::image::BaseImage;
 use vmm::memory::{guest_memfd, GuestMemoryMmap, GuestRam};
-use vmm::vstate::control::VcpuGate;
+use vmm::tap::Tap;
 use vmm_sys_util::eventfd::EventFd;
 
 const PAGES: u64 = 64;
@@ -337,7 +338,7 @@ fn race_frames_against_merges(mode: ProtectMode, k: u8) {
     let name = format!("vmmw{}{k}", id % 10_000);
     let tap = Tap::open(&name).unwrap_or_else(|e| panic!("this test needs root and /dev/net/tun: TAP {name}: {e}"));
     let net3 = 100 + 2 * (id % 50) as u8 + k;
-    let mac = net::mac_for_guest(42);
+    let mac = vmm::config::mac_for_guest(42);
     let mac_text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     sh(&format!(

@@ -185,7 +185,7 @@ fn the_next_supervisor_removes_what_a_killed_one_left() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let cgroup = vmm::cgroup::own_memory_cgroup_dir().expect("a memory cgroup").join(format!("vmm-{pid}"));
+    let cgroup = vmm::supervisor::cgroup::own_memory_cgroup_dir().expect("a memory cgroup").join(format!("vmm-{pid}"));
     let temp_dirs = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(std::env::temp_dir())
             .unwrap()

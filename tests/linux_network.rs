@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vmm::devices::virtio::net::mac_for_guest;
+use vmm::config::mac_for_guest;
 use vmm::host::HostKind;
 
 const GUESTS: u64 = 4;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use vmm::cgroup::MemoryCgroup;
+use vmm::supervisor::cgroup::MemoryCgroup;
 
 const MIB: u64 = 1 << 20;
 

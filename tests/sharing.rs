@@ -216,8 +216,12 @@ fn churn_guests_verify_clean_while_the_api_stirs() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let (_, stats) = server.call("GET", "/dedup/stats", None);
-    assert!(stats["global"]["cow_breaks"].as_u64() > Some(0), "{stats}");
+    // Merged pages are written again (their guests keep writing), though
+    // when depends on the heat logic, which holds back pages that changed
+    // lately: wait for the first break rather than expect it by now.
+    wait_for("a copy-on-write break", || {
+        server.call("GET", "/dedup/stats", None).1["global"]["cow_breaks"].as_u64() > Some(0)
+    });
     for id in guests {
         wait_for("a few verified rounds", || rounds(&server, id) >= 3);
         let (status, g) = server.call("POST", &format!("/guests/{id}/stop"), None);

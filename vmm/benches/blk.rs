@@ -14,9 +14,10 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::io_gate::IoGate;
-use vmm::devices::virtio::block::Block;
-use vmm::disk::{BaseImage, Disk};
+use vmm::guest::devices::io_gate::IoGate;
+use vmm::guest::devices::virtio::block::Block;
+use vmm::guest::disk::Disk;
+use vmm::image::BaseImage;
 use vmm::memory::GuestMemoryMmap;
 
 const IMAGE: usize = 256 << 20;

@@ -5,11 +5,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::RateLimit;
 use crate::config::{
     self, DedupMode, DedupSettings, GuestConfig, JailConfig, MergeGroups, MergeProtect, RunConfig, SharingConfig,
     Source, SupervisorConfig,
 };
-use crate::devices::rate_limiter::RateLimit;
 use crate::error::Error;
 use crate::memory::MemoryBackend;
 
@@ -379,7 +379,7 @@ pub struct HostArgs {
     #[arg(long)]
     pub no_jail: bool,
     /// Guest N's process runs as user and group id BASE + N.
-    #[arg(long, default_value_t = crate::process::jail::DEFAULT_UID_BASE, value_name = "BASE")]
+    #[arg(long, default_value_t = crate::config::DEFAULT_UID_BASE, value_name = "BASE")]
     pub jail_uid_base: u32,
     /// Cap of each guest's console log file: past it, its oldest half is
     /// dropped (a line says so at its top).
@@ -619,7 +619,7 @@ mod tests {
         let err = crate::bench::BenchConfig::try_from(bench_args(&["--clone", "--image", "tiny-linux"])).unwrap_err();
         assert!(err.contains("cloned mode needs --image memtest"), "{err}");
         assert!(Cli::try_parse_from(["vmm", "bench", "--clone", "--modes", "off"]).is_err());
-        let images = crate::manager::fresh_temp_dir("vmm-cli-test").unwrap();
+        let images = crate::supervisor::manager::fresh_temp_dir("vmm-cli-test").unwrap();
         std::fs::create_dir(images.join("tiny-linux")).unwrap();
         for f in ["memtest", "tiny-linux/vmlinux", "tiny-linux/initramfs.cpio.gz"] {
             std::fs::write(images.join(f), "").unwrap();

@@ -160,11 +160,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                 merge_group: c.merge_group,
                 dedup_opt_out: c.dedup_opt_out,
                 net: c.net.as_deref().map(crate::config::NetConfig::parse_cli).transpose()?,
-                disk_limit: c
-                    .disk_limit
-                    .as_deref()
-                    .map(crate::devices::rate_limiter::RateLimit::parse_cli)
-                    .transpose()?,
+                disk_limit: c.disk_limit.as_deref().map(crate::config::RateLimit::parse_cli).transpose()?,
                 vsock: c.vsock.as_ref().map(|p| crate::config::VsockConfig { socket: abs(p), cid: None }),
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))

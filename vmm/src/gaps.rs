@@ -6,14 +6,25 @@
 //! distributions of each mode in one run.
 //!
 //! Buckets, in TSC ticks from the guest and in nanoseconds here, are 8 per
-//! power of two (about 9% wide), as [`crate::devices::doorbell::gap_ticks`]
+//! power of two (about 9% wide), as [`gap_ticks`]
 //! describes.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::doorbell::{gap_ticks, GAP_BUCKETS};
+/// Gap buckets: 8 per power of two of TSC ticks.
+pub const GAP_BUCKETS: usize = 512;
+
+/// The fewest TSC ticks a gap in `bucket` took (memtest's bucketing: the
+/// ticks below 8 one bucket each, then 8 buckets per power of two).
+pub fn gap_ticks(bucket: usize) -> u64 {
+    if bucket < 8 {
+        return bucket as u64;
+    }
+    let (top, sub) = (bucket / 8 + 2, (bucket % 8) as u128);
+    u64::try_from((8 + sub) << (top - 3).min(100)).unwrap_or(u64::MAX)
+}
 
 /// Pages by how long they took, in nanosecond buckets (sparse).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

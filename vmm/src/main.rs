@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                 .map(|()| true)
                 .map_err(String::from)
         }
-        Command::Guest => return vmm::process::child::main(),
+        Command::Guest => return vmm::guest::process::main(),
         Command::ApiSpec => {
             println!("{}", vmm::api::routes::openapi_json());
             Ok(true)

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use crate::api::ApiServer;
 use crate::config::{check_memory_fits, RunConfig, Source};
-use crate::disk::BaseImage;
 use crate::error::{Error, Result};
 use crate::host::HostKind;
-use crate::manager::Manager;
+use crate::image::BaseImage;
 use crate::memory::{host_available_memory, MIB};
 use crate::outcome::GuestEnd;
 use crate::stats_file::{self, Created, RunStats, SharingStats};
+use crate::supervisor::manager::Manager;
 
 /// How every guest ended.
 pub struct RunReport {
@@ -33,7 +33,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     config.validate()?;
     let available = host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
     let memory_mib = match &config.guest.restore {
-        Some(dir) => crate::snapshot::SnapshotState::open(dir)?.config.memory_mib,
+        Some(dir) => crate::snapshot::Snapshot::open(dir)?.config.memory_mib,
         None => config.guest.memory_mib,
     };
     check_memory_fits(config.guests, memory_mib, available, config.supervisor.overcommit)?;
@@ -60,7 +60,6 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
 /// Makes and starts the guests (in waves), serves the API if asked, and
 /// waits for them; stops them all if any cannot be made.
 fn run_guests(config: &RunConfig, manager: &Arc<Manager>, memory_mib: u64) -> Result<RunReport> {
-    crate::vstate::control::install_kick_handler();
     crate::signals::install_stop_handlers().map_err(Error::host)?;
     let mut created = Vec::with_capacity(config.guests);
     for i in 0..config.guests {

@@ -31,12 +31,12 @@ pub struct RunStats {
     /// What the guests cost KVM (page faults, TLB flushes, exits), over
     /// all guests.
     #[serde(default)]
-    pub kvm: crate::vstate::kvm_stats::KvmCounters,
+    pub kvm: crate::protocol::KvmCounters,
     /// How long each guest took to make (booted or restored), and what its
     /// process held then, before it ran: in the order they were made.
     #[serde(default)]
     pub created: Vec<Created>,
-    /// The memory governor (pressure.rs): time guests were held, guests
+    /// The memory governor (supervisor/pressure.rs): time guests were held, guests
     /// held at some point, guests ended because sharing could not make room.
     #[serde(default)]
     pub throttled_s: f64,
@@ -170,7 +170,7 @@ mod tests {
             corrupted_pages: 3,
             guests_verified: 1,
             rounds_verified: 12,
-            kvm: crate::vstate::kvm_stats::KvmCounters { page_faults: 5, tlb_flushes: 6, exits: 7 },
+            kvm: crate::protocol::KvmCounters { page_faults: 5, tlb_flushes: 6, exits: 7 },
             created: vec![Created { ms: 2.5, memory_bytes: Some(4096), waited_ms: 1.0 }],
             throttled_s: 0.5,
             guests_throttled: 1,

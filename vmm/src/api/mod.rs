@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use crate::config::SupervisorConfig;
 use crate::error::{Error, Result};
-use crate::manager::Manager;
 use crate::outcome::GuestEnd;
+use crate::supervisor::manager::Manager;
 
 pub struct ApiServer {
     path: PathBuf,

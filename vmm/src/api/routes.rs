@@ -17,8 +17,8 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::config::{DedupSettings, DedupUpdate, GuestConfig, Source};
 use crate::error::{Error, Kind};
-use crate::manager::{GuestInfo, GuestSharing, GuestState, Manager};
 use crate::stats_file::SharingStats;
+use crate::supervisor::manager::{GuestInfo, GuestSharing, GuestState, Manager};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -394,7 +394,7 @@ async fn audit(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
     .await
 }
 
-fn sharing_of(m: &Manager) -> Result<&crate::sharing::Sharing, Error> {
+fn sharing_of(m: &Manager) -> Result<&crate::supervisor::sharing::Sharing, Error> {
     m.sharing().ok_or_else(|| Error::conflict("page sharing is off (started with --dedup off or ksm)"))
 }
 

@@ -11,7 +11,7 @@
 
 use std::process::Command;
 
-use crate::cgroup::MemoryCgroup;
+use crate::supervisor::cgroup::MemoryCgroup;
 
 pub enum Meter {
     Cgroup(MemoryCgroup),

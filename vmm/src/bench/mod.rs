@@ -120,7 +120,7 @@ pub fn run(config: &BenchConfig) -> Result<BenchReport, String> {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             dir.clone()
         }
-        None => crate::manager::fresh_temp_dir("vmm-bench")?,
+        None => crate::supervisor::manager::fresh_temp_dir("vmm-bench")?,
     };
     let outcome = run_modes(config, &work_dir);
     match &outcome {

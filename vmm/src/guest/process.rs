@@ -1,0 +1,500 @@
+//! The guest process (`vmm guest`, started by the supervisor): builds one
+//! guest from the setup the supervisor sends, runs it, answers requests
+//! (start, pause, stop, page sharing's status and merges) and reports how
+//! the guest ended, then exits. Its descriptors are listed in
+//! [`crate::protocol`]. Whatever happens here, only this guest is affected: a
+//! panic ends the process (and the supervisor reports it); the process
+//! also ends if the supervisor goes away.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::GuestConfig;
+use crate::error::{Error, Result};
+use crate::guest::devices::console::{CappedFile, Console};
+use crate::guest::devices::virtio::{
+    self, block::Block, device::from_value, net::Net, vsock::Vsock, Persist, VirtioDevice,
+};
+use crate::guest::disk::Disk;
+use crate::guest::machine::{Guest, GuestOptions};
+use crate::guest::snapshot::SnapshotState;
+use crate::hypervisor::Hypervisor;
+use crate::image::BaseImage;
+use crate::memory::{GuestRam, MemoryBackend};
+use crate::outcome::GuestEnd;
+use crate::protocol::{self, Event, Reply, Request, Setup};
+
+pub fn main() -> ExitCode {
+    // A panic anywhere ends this guest at once, with its message on stderr
+    // for the supervisor, rather than leaving a half-dead guest.
+    std::panic::set_hook(Box::new(|info| {
+        // One line: the supervisor keeps the last lines of our stderr.
+        eprintln!("vmm-guest panic: {}", info.to_string().replace('\n', " "));
+        std::process::abort();
+    }));
+    crate::guest::vstate::control::install_kick_handler();
+    // What it makes (a snapshot's files come made) is nobody else's.
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
+    // If the kernel's OOM killer must act, this guest goes, not the
+    // supervisor (which maps every guest's memory and so looks biggest).
+    let _ = std::fs::write("/proc/self/oom_score_adj", protocol::GUEST_OOM_SCORE_ADJ.to_string());
+    // SAFETY: the supervisor started us with these descriptors open (protocol.rs).
+    let (requests, events) =
+        unsafe { (UnixStream::from_raw_fd(protocol::FD_REQUESTS), UnixStream::from_raw_fd(protocol::FD_EVENTS)) };
+    match serve(requests, events) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm guest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
+    // Each request comes with a number its reply carries back.
+    let (number, setup) = match protocol::receive::<(u64, Request)>(&mut requests)? {
+        Some(((n, Request::Setup(setup)), _)) => (n, setup),
+        _ => return Err(io::Error::other("the supervisor sent no setup")),
+    };
+    let built = build(&setup);
+    // The snapshot's state is in the guest now; its copy goes before the
+    // heap is handed back.
+    let id = setup.id;
+    let jail_setup = setup.jail;
+    drop(setup);
+    let built = built.and_then(|built| {
+        jail(jail_setup)?;
+        Ok(built)
+    });
+    let (mut guest, mut agent) = match built {
+        Ok(built) => built,
+        Err(e) => {
+            return protocol::send(&mut requests, &(number, Reply::Error { kind: e.kind, message: e.message }), &[]);
+        }
+    };
+    let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
+    // Named as --merge-protect names them.
+    let protection = agent.as_ref().map(|a| match a.protection() {
+        dedup::Protection::WriteProtect => "uffd".to_string(),
+        dedup::Protection::Freeze => "freeze".to_string(),
+    });
+    protocol::send(&mut requests, &(number, Reply::Created { regions, protection }), &[])?;
+    return_freed_heap();
+
+    // The control loop waits for a request or for the vCPUs to finish,
+    // itself: no thread hop on the way to a merge.
+    let finished_fd = EventFd::new(EFD_NONBLOCK)?;
+    let (finished_tx, finished_rx) = mpsc::channel::<usize>();
+    {
+        let finished_fd = finished_fd.try_clone()?;
+        std::thread::Builder::new().name("finished".into()).spawn(move || {
+            if finished_rx.recv().is_ok() {
+                let _ = finished_fd.write(1);
+            }
+        })?;
+    }
+
+    let mut started = false;
+    let mut stopped_before_start = GuestEnd::Stopped;
+    let mut mismatches = 0;
+    // What a clone's doorbell brought from its template.
+    let rounds_before = guest.rounds().unwrap_or(0);
+    let mut rounds = 0;
+    let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
+    let mut kvm_sent = Default::default();
+    let mut closed = false;
+    loop {
+        let (request_ready, finished) = wait_for_input(&requests, &finished_fd, Duration::from_millis(200))?;
+        if finished {
+            break;
+        }
+        if request_ready && !closed {
+            match protocol::receive::<(u64, Request)>(&mut requests) {
+                Ok(Some(((number, request), payload))) => {
+                    let stop = matches!(request, Request::Stop(_));
+                    let adopt = matches!(request, Request::Adopt);
+                    if let (Request::Stop(reason), false) = (&request, started) {
+                        stopped_before_start = reason.clone();
+                    }
+                    // A snapshot's files follow its request.
+                    let files = match request {
+                        Request::Snapshot => Some(protocol::receive_files(&requests)),
+                        _ => None,
+                    };
+                    let (reply, out) = match files {
+                        Some(files) => snapshot(&guest, files),
+                        None => handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload),
+                    };
+                    protocol::send(&mut requests, &(number, reply), &out)?;
+                    if adopt {
+                        return_freed_heap();
+                    }
+                    if stop && !started {
+                        break;
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => format!("bad request: {e}"),
+                        _ => "the supervisor closed the channel".into(),
+                    };
+                    log::warn!("guest {id}: {why}; stopping");
+                    closed = true;
+                    guest.stop(GuestEnd::Stopped);
+                    if !started {
+                        break;
+                    }
+                }
+            }
+        }
+        let now = guest.reported_mismatches();
+        if now != mismatches {
+            mismatches = now;
+            protocol::send(&mut events, &Event::Mismatches(now), &[])?;
+        }
+        let now = guest.rounds().unwrap_or(0).saturating_sub(rounds_before);
+        if now != rounds {
+            rounds = now;
+            protocol::send(&mut events, &Event::Rounds(now), &[])?;
+        }
+        if gaps_at.elapsed() >= Duration::from_secs(1) {
+            gaps_at = std::time::Instant::now();
+            send_gaps(&guest, &mut gaps_sent, &mut events)?;
+            send_kvm_counters(&guest, &mut kvm_sent, &mut events)?;
+        }
+    }
+    send_gaps(&guest, &mut gaps_sent, &mut events)?;
+    send_kvm_counters(&guest, &mut kvm_sent, &mut events)?;
+    let console = guest.console_tail();
+    // The agent maps guest memory: gone before the memory is.
+    drop(agent);
+    let end = if started { guest.join() } else { stopped_before_start };
+    protocol::send(&mut events, &Event::Ended { end, console }, &[])
+}
+
+/// Locks the process in its jail, if it has one (jail.rs); the
+/// /proc files it keeps reading are opened first, since the jail has none.
+fn jail(jail: Option<crate::protocol::Jail>) -> Result<()> {
+    let Some(jail) = jail else { return Ok(()) };
+    dedup::os::keep_proc_files().map_err(|e| Error::host(format!("cannot open its /proc files: {e}")))?;
+    super::jail::handle_ending_signals().map_err(|e| Error::host(format!("cannot handle signals: {e}")))?;
+    jail.enter(supervisor_alive).map_err(|e| Error::host(format!("cannot enter its jail: {e}")))?;
+    super::seccomp::install(super::seccomp::Role::Process)
+        .map_err(|e| Error::host(format!("cannot filter its system calls: {e}")))
+}
+
+/// Whether the supervisor still holds its end of the request channel.
+fn supervisor_alive() -> bool {
+    let mut p = libc::pollfd { fd: protocol::FD_REQUESTS, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: poll on one pollfd of our own, not waiting.
+    let ready = unsafe { libc::poll(&mut p, 1, 0) };
+    ready == 0 || (ready == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) == 0)
+}
+
+/// Writes a snapshot into the files that came with the request.
+fn snapshot(guest: &Guest, files: io::Result<Vec<File>>) -> (Reply, Vec<u8>) {
+    use crate::error::Kind;
+    let files = files.and_then(crate::snapshot::SnapshotFiles::from_files);
+    match files.map(|files| guest.snapshot(&files)) {
+        Ok(Ok(written)) => (Reply::Snapshotted(written), Vec::new()),
+        Ok(Err(e)) => error_reply(e.kind, e.message),
+        Err(e) => error_reply(Kind::BadInput, format!("the snapshot's files: {e}")),
+    }
+}
+
+/// Waits up to `limit` for a request or the vCPUs' end: (request ready,
+/// finished). A closed channel reads as a request (its end of file).
+fn wait_for_input(requests: &UnixStream, finished: &EventFd, limit: Duration) -> io::Result<(bool, bool)> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd { fd: requests.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: finished.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: poll on two pollfds of our own.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, limit.as_millis() as i32) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok((false, false)) } else { Err(e) };
+    }
+    Ok((fds[0].revents != 0, fds[1].revents != 0))
+}
+
+/// Hands the heap that building the guest or adopting a snapshot's pages
+/// used and freed (parsed state, page lists: hundreds of KiB) back to the
+/// host: the allocator keeps it otherwise, and a clone is meant to cost
+/// its host next to nothing.
+fn return_freed_heap() {
+    // glibc's allocator keeps freed memory until asked; musl has no malloc_trim.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Sends the guest's gap histogram if it grew since the last time.
+fn send_gaps(guest: &Guest, sent: &mut u64, events: &mut UnixStream) -> io::Result<()> {
+    let gaps = guest.gaps();
+    if gaps.count() == *sent {
+        return Ok(());
+    }
+    *sent = gaps.count();
+    protocol::send(events, &Event::Gaps(gaps), &[])
+}
+
+/// Sends what the guest has cost KVM if it changed since the last time.
+fn send_kvm_counters(
+    guest: &Guest,
+    sent: &mut crate::protocol::KvmCounters,
+    events: &mut UnixStream,
+) -> io::Result<()> {
+    let now = guest.kvm_counters();
+    if now == *sent {
+        return Ok(());
+    }
+    *sent = now;
+    protocol::send(events, &Event::Kvm(now), &[])
+}
+
+/// Builds the guest and, with in-process sharing, its merge agent.
+fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
+    let hv = Hypervisor::open().map_err(Error::host)?;
+    let config = &setup.guest;
+    // The supervisor checked what the snapshot is and which guest it
+    // holds; its machine state is parsed and checked here.
+    let state = match (&setup.restore, &config.restore) {
+        (Some(saved), Some(dir)) => Some((SnapshotState::parse(saved, dir)?, dir.as_path())),
+        _ => None,
+    };
+    let restore = state.as_ref().map(|(state, dir)| (state, *dir));
+    // SAFETY: the supervisor passes these descriptors when it says they exist.
+    let memfd = (setup.backend == MemoryBackend::Memfd).then(|| unsafe { File::from_raw_fd(protocol::FD_MEMORY) });
+    let ram = GuestRam::new(config.memory_bytes(), memfd)
+        .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", config.memory_mib)))?;
+    // The snapshot's memory is read here only when the supervisor does not
+    // adopt it.
+    if let (Some((_, dir)), false) = (restore, setup.adopt_memory) {
+        crate::guest::snapshot::load_memory(dir, &ram)
+            .map_err(|e| Error::host(format!("cannot read snapshot {}: {e}", dir.display())))?;
+    }
+    if setup.ksm {
+        ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
+    }
+    let virtio = virtio_devices(config, setup, restore)?;
+    // SAFETY: the supervisor always passes the console descriptor.
+    let console_file = unsafe { File::from_raw_fd(protocol::FD_CONSOLE) };
+    let console = match setup.console_limit {
+        Some(limit) => Console::with_sink(Box::new(
+            CappedFile::new(console_file, limit).map_err(|e| Error::host(format!("its console file: {e}")))?,
+        )),
+        None => Console::with_sink(Box::new(console_file)),
+    };
+    let options = GuestOptions {
+        dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
+        hide_virtualization: setup.sharing.is_some(),
+        kernel_args: setup.net.iter().filter_map(|n| n.kernel_arg.clone()).collect(),
+    };
+    let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, &options, restore.map(|(state, _)| state))?;
+    let agent = match setup.sharing {
+        None => None,
+        Some(agent) => {
+            // This (the control) thread makes the merges.
+            dedup::os::prioritize_thread(agent.nice, "the merge agent");
+            let memfd = guest.ram().memfd().ok_or_else(|| Error::host("page sharing needs memfd guest memory"))?;
+            let memfd = memfd.try_clone().map_err(|e| Error::host(e.to_string()))?;
+            // SAFETY: passed with in-process sharing, as the setup says.
+            let store = unsafe { File::from_raw_fd(protocol::FD_STORE) };
+            let agent = dedup::Agent::new(
+                guest.ram().regions(),
+                memfd,
+                store,
+                agent.protect.into(),
+                guest.freezer(),
+                guest.dirty_tracker(),
+            )
+            .map_err(|e| Error::host(format!("cannot set up page sharing: {e}")))?;
+            Some(agent)
+        }
+    };
+    Ok((guest, agent))
+}
+
+/// The guest's virtio devices in slot order (`virtio::planned`), each
+/// built afresh or from its state in the snapshot it is restored from.
+/// The disk's writes go to `setup.disk_overlay` (none: read-only), the
+/// network's frames to the TAP the supervisor passed.
+fn virtio_devices(
+    config: &GuestConfig,
+    setup: &Setup,
+    restore: Option<(&SnapshotState, &std::path::Path)>,
+) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let disk_overlay = setup.disk_overlay.clone();
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(path) = &config.disk {
+        let base = BaseImage::open(path).map_err(|e| Error::bad_input(e.to_string()))?;
+        let saved =
+            restore.and_then(|(state, dir)| Some((state.device(crate::guest::devices::virtio::block::NAME)?, dir)));
+        let block = match (saved, disk_overlay) {
+            (Some((saved, dir)), overlay) => from_value::<Block>(&saved.state)
+                .and_then(|state| Block::restore((base, overlay), &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's disk: {e}")))?,
+            (None, Some(overlay)) => {
+                Block::new(Disk::with_overlay(base, &overlay).map_err(|e| Error::host(e.to_string()))?)
+            }
+            (None, None) => Block::new(Disk::read_only(base)),
+        };
+        let block = match &config.disk_limit {
+            Some(limit) => block.with_limiter(limiter(limit)?),
+            None => block,
+        };
+        // An overlay nobody asked to keep is a file without a name from
+        // now on: whatever ends this process, nothing is left behind.
+        if let (Some(overlay), false) = (&setup.disk_overlay, setup.keep_overlay) {
+            std::fs::remove_file(overlay)
+                .map_err(|e| Error::host(format!("cannot unlink its overlay {}: {e}", overlay.display())))?;
+        }
+        devices.push(Box::new(block));
+    }
+    if let Some(net) = &setup.net {
+        // SAFETY: the supervisor passes the TAP whenever it sets up a network.
+        let tap =
+            crate::tap::Tap::from_fd(unsafe { std::os::fd::OwnedFd::from_raw_fd(protocol::FD_TAP) }, net.tap.clone());
+        let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::net::NAME)?, dir)));
+        let device = match saved {
+            Some((saved, dir)) => from_value::<Net>(&saved.state)
+                .and_then(|state| Net::restore(tap, &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's network device: {e}")))?,
+            None => Net::new(tap, net.mac),
+        };
+        let device = match config.net.as_ref().and_then(|n| n.limit.as_ref()) {
+            Some(limit) => device.with_limiter(limiter(limit)?),
+            None => device,
+        };
+        devices.push(Box::new(device));
+    }
+    if let Some(v) = &setup.vsock {
+        // SAFETY: the supervisor passes the listener and the dial channel
+        // whenever it sets up a vsock.
+        let (listener, dial) = unsafe {
+            (
+                std::os::unix::net::UnixListener::from_raw_fd(protocol::FD_VSOCK),
+                UnixStream::from_raw_fd(protocol::FD_VSOCK_DIAL),
+            )
+        };
+        let dialer = crate::guest::dial::HostDialer::new(dial).map_err(|e| Error::host(format!("vsock: {e}")))?;
+        let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::vsock::NAME)?, dir)));
+        let device = match saved {
+            Some((saved, dir)) => from_value::<Vsock>(&saved.state)
+                .and_then(|state| Vsock::restore((dialer, listener), &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's vsock device: {e}")))?,
+            None => Vsock::new(v.cid, dialer, listener).map_err(|e| Error::host(format!("vsock: {e}")))?,
+        };
+        devices.push(Box::new(device));
+    }
+    Ok(devices)
+}
+
+fn limiter(limit: &crate::config::RateLimit) -> Result<crate::guest::devices::rate_limiter::RateLimiter> {
+    crate::guest::devices::rate_limiter::RateLimiter::new(limit).map_err(|e| Error::host(format!("timerfd: {e}")))
+}
+
+fn error_reply(kind: crate::error::Kind, message: impl Into<String>) -> (Reply, Vec<u8>) {
+    (Reply::Error { kind, message: message.into() }, Vec::new())
+}
+
+fn handle(
+    guest: &mut Guest,
+    agent: Option<&mut dedup::Agent>,
+    started: &mut bool,
+    finished: &mpsc::Sender<usize>,
+    request: Request,
+    payload: &[u8],
+) -> (Reply, Vec<u8>) {
+    use crate::error::Kind;
+    let ok = (Reply::Ok, Vec::new());
+    match request {
+        Request::Setup(_) => error_reply(Kind::Conflict, "the guest is set up already"),
+        Request::Start if *started => error_reply(Kind::Conflict, "the guest has started already"),
+        Request::Start => match guest.start(finished.clone()) {
+            Ok(()) => {
+                *started = true;
+                ok
+            }
+            Err(e) => error_reply(Kind::Host, format!("cannot start the guest: {e}")),
+        },
+        Request::Pause => {
+            guest.pause();
+            ok
+        }
+        Request::Resume => {
+            guest.resume();
+            ok
+        }
+        Request::Throttle(on) => {
+            guest.throttle(on);
+            ok
+        }
+        Request::Stop(reason) => {
+            guest.stop(reason);
+            ok
+        }
+        Request::Console => (Reply::Console(guest.console_tail()), Vec::new()),
+        Request::Snapshot => error_reply(Kind::BadInput, "a snapshot's files did not come with it"),
+        Request::Status => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            match agent.status() {
+                Ok(s) => (
+                    Reply::Status { has_dirty_log: s.dirty.is_some(), mappings: s.mappings, map_limit: s.map_limit },
+                    protocol::words_to_bytes(&s.dirty.unwrap_or_default()),
+                ),
+                Err(e) => error_reply(Kind::Host, format!("reading the dirty log: {e}")),
+            }
+        }
+        Request::Watch => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            let watch = protocol::bytes_to_words(payload).and_then(|pages| dedup::GuestAgent::watch(agent, &pages));
+            match watch {
+                Ok(()) => ok,
+                Err(e) => error_reply(Kind::Host, format!("watching the dirty log: {e}")),
+            }
+        }
+        Request::Adopt if *started => error_reply(Kind::Conflict, "only a guest that has not run can adopt pages"),
+        Request::Merge | Request::Adopt => {
+            let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
+            let merges = match protocol::decode_merges(payload) {
+                Ok(m) => m,
+                Err(e) => return error_reply(Kind::BadInput, e.to_string()),
+            };
+            let out = if matches!(request, Request::Adopt) { agent.adopt(&merges) } else { agent.merge(&merges) };
+            let merged = (out.merged.iter().zip(&out.changed))
+                .map(|(&m, &c)| {
+                    if m {
+                        protocol::MERGED
+                    } else if c {
+                        protocol::CHANGED
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let reply = Reply::Merged {
+                stalls_ns: out.stalls.iter().map(|d| d.as_nanos() as u64).collect(),
+                write_protected: out.protection == Some(dedup::Protection::WriteProtect),
+                map_limited: out.map_limited,
+                mappings: out.mappings,
+                map_limit: out.map_limit,
+                errors: out.errors,
+                first_error: out.first_error,
+            };
+            (reply, merged)
+        }
+    }
+}

@@ -173,6 +173,54 @@ pub fn write_mbr_image(path: &Path, mib: u64) {
     std::fs::write(path, image).unwrap();
 }
 
+/// A GPT disk image `name` in `dir` whose Linux partition holds an ext4
+/// file system made from `files` (path, contents), after an EFI system
+/// partition if `efi`, made with the usual tools (sfdisk, mkfs.ext4).
+/// Returns its path.
+pub fn gpt_image(dir: &Path, name: &str, files: &[(&str, &[u8])], efi: bool) -> PathBuf {
+    let root = dir.join(format!("{name}-root"));
+    for (path, contents) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+    std::fs::create_dir_all(&root).unwrap();
+    let fs = dir.join(format!("{name}.ext4"));
+    let bytes: usize = files.iter().map(|(_, c)| c.len()).sum();
+    let mib = (bytes >> 20) + 8;
+    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&fs).arg(format!("{mib}M")).status();
+    assert!(made.expect("mkfs.ext4 (e2fsprogs) is needed").success(), "mkfs.ext4 failed");
+    let disk = dir.join(format!("{name}.img"));
+    std::fs::File::create(&disk).unwrap().set_len(((mib + 3) << 20) as u64).unwrap();
+    let script = format!("label: gpt\n{}size={mib}MiB, type=L\n", if efi { "size=1MiB, type=U\n" } else { "" });
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("--quiet")
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk (Debian's fdisk package) is needed");
+    std::io::Write::write_all(sfdisk.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+    // Where sfdisk put the Linux partition: the last line of its dump.
+    let dump = Command::new("sfdisk").arg("-d").arg(&disk).output().unwrap();
+    let dump = String::from_utf8(dump.stdout).unwrap();
+    let start: u64 = dump
+        .lines()
+        .filter_map(|l| l.split("start=").nth(1))
+        .next_back()
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no partition in sfdisk's dump:\n{dump}"));
+    let bytes = std::fs::read(&fs).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&disk).unwrap(),
+        &bytes,
+        start * 512,
+    )
+    .unwrap();
+    disk
+}
+
 /// A `vmm serve` child, stopped with SIGINT when dropped.
 pub struct Server {
     pub child: Child,

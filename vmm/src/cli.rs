@@ -268,7 +268,10 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub guests: u64,
     /// Kernel to boot: a vmlinux ELF, a bzImage, or one of our test guests.
-    #[arg(long, value_name = "PATH", required_unless_present = "restore")]
+    /// Without it, guests boot the Linux their IMAGE's boot loader entry
+    /// names (a Boot Loader Specification entry or GRUB's default), with
+    /// --cmdline added to that entry's command line.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["restore", "image"])]
     pub kernel: Option<PathBuf>,
     /// Start the guests from this snapshot (`vmm snapshot`) instead of
     /// booting: each is a clone of the snapshotted guest, with its kernel,

@@ -106,7 +106,7 @@ pub enum CtlCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
-    #[arg(long, required_unless_present = "restore")]
+    #[arg(long, required_unless_present_any = ["restore", "disk"])]
     pub kernel: Option<PathBuf>,
     /// Start from this snapshot instead of booting (kernel, memory and
     /// vCPUs are the snapshot's).

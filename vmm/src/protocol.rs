@@ -63,6 +63,9 @@ pub struct Setup {
     /// supervisor read it (its directory is `guest.restore`), checked for
     /// its format and version; the guest process parses the rest.
     pub restore: Option<SavedState>,
+    /// Boot what the disk image's boot entry names (a guest without a
+    /// kernel), read from the image by the guest process.
+    pub boot_entry: Option<crate::image::boot_entry::BootEntry>,
     /// With `restore`: the supervisor maps the snapshot's memory in as
     /// shared frames (`Adopt`) instead of the guest reading it.
     pub adopt_memory: bool,

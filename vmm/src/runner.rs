@@ -39,7 +39,12 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     check_memory_fits(config.guests, memory_mib, available, config.supervisor.overcommit)?;
     // A bad image is refused before any guest exists.
     if let Some(image) = &config.guest.disk {
-        BaseImage::open(image).map_err(|e| Error::bad_input(e.to_string()))?;
+        let image = BaseImage::open(image).map_err(|e| Error::bad_input(e.to_string()))?;
+        if config.guest.kernel.as_os_str().is_empty() && config.guest.restore.is_none() {
+            // Each guest finds it again when it is made; said once here.
+            let entry = crate::image::boot_entry::find(&image).map_err(Error::bad_input)?;
+            eprintln!("vmm: {} boots {}", image.path().display(), entry.described);
+        }
     }
     let manager = Manager::new(config.supervisor.clone())?;
     if manager.host() == HostKind::Pvm {

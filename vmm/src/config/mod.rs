@@ -148,7 +148,9 @@ fn default_vcpus() -> u64 {
 #[schema(example = json!({"kernel": "guest-images/out/memtest", "memory_mib": 16, "cmdline": "rounds=0 idle=1000"}))]
 pub struct GuestConfig {
     /// A vmlinux ELF, a bzImage, or one of our test guests (left out when
-    /// restoring: the snapshot's guest is used).
+    /// restoring: the snapshot's guest is used; left out with a `disk`: the
+    /// Linux its boot loader entry names, with `cmdline` added to the
+    /// entry's command line).
     #[serde(default)]
     #[schema(value_type = String)]
     pub kernel: PathBuf,
@@ -420,7 +422,13 @@ impl GuestConfig {
             Source::Api => ("kernel", "restore"),
         };
         match (&self.restore, self.kernel.as_os_str().is_empty()) {
-            (None, true) => return Err(Error::bad_input(format!("{kernel} must name a file (or give {restore})"))),
+            // Without a kernel, the disk image's own boot entry.
+            (None, true) if self.disk.is_some() => {}
+            (None, true) => {
+                return Err(Error::bad_input(format!(
+                    "{kernel} must name a file (or give {restore}, or a disk image that boots Linux)"
+                )))
+            }
             (Some(_), false) => {
                 return Err(Error::bad_input(format!(
                     "give {kernel} or {restore}, not both: a restored guest runs its snapshot's kernel"

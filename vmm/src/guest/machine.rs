@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::GuestConfig;
 use crate::error::{Error, Result};
-use crate::guest::boot::{self, BootSource};
+use crate::guest::boot::{self, BootFile, BootSource};
 use crate::guest::devices::console::Console;
 use crate::guest::devices::doorbell::{self, Doorbell};
 use crate::guest::devices::io_gate::IoGate;
@@ -70,6 +70,9 @@ pub struct GuestOptions {
     pub hide_virtualization: bool,
     /// More for a booting kernel's command line (its network address).
     pub kernel_args: Vec<String>,
+    /// The kernel and initrd a disk image's boot entry names, read from
+    /// the image; None: the configuration's files.
+    pub from_disk: Option<(BootFile, Option<BootFile>)>,
 }
 
 pub struct Guest {
@@ -110,7 +113,7 @@ impl Guest {
         ram: GuestRam,
         console: Console,
         virtio: Vec<Box<dyn VirtioDevice>>,
-        options: &GuestOptions,
+        mut options: GuestOptions,
         restore: Option<&SnapshotState>,
     ) -> Result<Guest> {
         let vcpu_count = config.vcpus as u8;
@@ -123,9 +126,17 @@ impl Guest {
                 let mut device_args: Vec<String> = (0..virtio.len()).map(virtio::cmdline_arg).collect();
                 device_args.extend(options.kernel_args.iter().cloned());
                 let device_args = device_args.join(" ");
+                let boot_err = |e: boot::BootError| Error::bad_input(e.to_string());
+                let (kernel, initrd) = match options.from_disk.take() {
+                    Some(files) => files,
+                    None => (
+                        BootFile::kernel(&config.kernel).map_err(boot_err)?,
+                        config.initrd.as_deref().map(BootFile::initrd).transpose().map_err(boot_err)?,
+                    ),
+                };
                 let source = BootSource {
-                    kernel: &config.kernel,
-                    initrd: config.initrd.as_deref(),
+                    kernel,
+                    initrd,
                     cmdline: config.cmdline.as_deref(),
                     default_linux_cmdline: hv.host.default_linux_cmdline(),
                     device_args: &device_args,

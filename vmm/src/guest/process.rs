@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::GuestConfig;
 use crate::error::{Error, Result};
+use crate::guest::boot::BootFile;
 use crate::guest::devices::console::{CappedFile, Console};
 use crate::guest::devices::virtio::{
     self, block::Block, device::from_value, net::Net, vsock::Vsock, Persist, VirtioDevice,
@@ -26,6 +28,7 @@ use crate::guest::disk::Disk;
 use crate::guest::machine::{Guest, GuestOptions};
 use crate::guest::snapshot::SnapshotState;
 use crate::hypervisor::Hypervisor;
+use crate::image::boot_entry::{self, BootEntry};
 use crate::image::BaseImage;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
@@ -301,8 +304,12 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         dirty_log: setup.sharing.is_some_and(|a| a.dirty_log),
         hide_virtualization: setup.sharing.is_some(),
         kernel_args: setup.net.iter().filter_map(|n| n.kernel_arg.clone()).collect(),
+        from_disk: match (&setup.boot_entry, &config.disk) {
+            (Some(entry), Some(disk)) => Some(boot_files(entry, disk, config.memory_bytes())?),
+            _ => None,
+        },
     };
-    let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, &options, restore.map(|(state, _)| state))?;
+    let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, options, restore.map(|(state, _)| state))?;
     let agent = match setup.sharing {
         None => None,
         Some(agent) => {
@@ -325,6 +332,30 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
         }
     };
     Ok((guest, agent))
+}
+
+/// The largest kernel read from a disk image.
+const MAX_KERNEL_BYTES: u64 = 256 << 20;
+
+/// The kernel and initrds a disk image's boot entry names, read from the
+/// image into memfds (the initrds one after the other, as one), none
+/// larger than the guest's RAM.
+fn boot_files(entry: &BootEntry, disk: &Path, ram: u64) -> Result<(BootFile, Option<BootFile>)> {
+    let image = BaseImage::open(disk).map_err(|e| Error::bad_input(e.to_string()))?;
+    let read = |path: &str, limit| {
+        boot_entry::read_file(&image, entry.partition, path, limit)
+            .map_err(|e| Error::bad_input(format!("{}: {e}", disk.display())))
+    };
+    let name = |path: &str| format!("{path} in {}", disk.display());
+    let memfd_err = |e: std::io::Error| Error::host(format!("cannot hold a boot file: {e}"));
+    let kernel = read(&entry.kernel, MAX_KERNEL_BYTES.min(ram))?;
+    let kernel = BootFile::from_bytes(name(&entry.kernel), &[kernel]).map_err(memfd_err)?;
+    if entry.initrds.is_empty() {
+        return Ok((kernel, None));
+    }
+    let parts = entry.initrds.iter().map(|path| read(path, ram)).collect::<Result<Vec<_>>>()?;
+    let initrd = BootFile::from_bytes(name(&entry.initrds.join(" + ")), &parts).map_err(memfd_err)?;
+    Ok((kernel, Some(initrd)))
 }
 
 /// The guest's virtio devices in slot order (`virtio::planned`), each

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::config::{check_memory_fits, DedupMode, GuestConfig, Source, SupervisorConfig};
 use crate::error::{Error, Result};
 use crate::host::HostKind;
+use crate::image::boot_entry::BootEntry;
 use crate::image::BaseImage;
 use crate::memory::{guest_memfd, host_available_memory, MemoryBackend};
 use crate::outcome::GuestEnd;
@@ -74,6 +75,9 @@ pub struct GuestInfo {
     /// or no longer answering); `null` when it answers. Such a guest can
     /// still be stopped and deleted: its process is killed.
     pub unresponsive: Option<String>,
+    /// For a guest that boots its disk image: the boot loader entry it
+    /// boots, and where it was found.
+    pub boot_entry: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
@@ -137,6 +141,8 @@ struct Entry {
     kvm: KvmCounters,
     protection: Option<String>,
     jail: Option<crate::protocol::Jail>,
+    /// The boot loader entry it boots (a guest without a kernel).
+    boot_entry: Option<String>,
     /// Set once `create` has finished with it: listed from then on.
     made: bool,
 }
@@ -163,6 +169,7 @@ impl Entry {
             kvm: Default::default(),
             protection: None,
             jail: None,
+            boot_entry: None,
             made: false,
         }
     }
@@ -544,9 +551,14 @@ impl Manager {
                 host_available_memory().map_err(|e| Error::host(format!("cannot read host memory: {e}")))?;
             check_memory_fits(1, config.memory_mib, available, false)?;
         }
-        if let Some(disk) = &config.disk {
-            BaseImage::open(disk).map_err(|e| Error::bad_input(e.to_string()))?;
-        }
+        let boot_entry = match &config.disk {
+            Some(disk) => {
+                let image = BaseImage::open(disk).map_err(|e| Error::bad_input(e.to_string()))?;
+                let boots_disk = config.kernel.as_os_str().is_empty() && config.restore.is_none();
+                boots_disk.then(|| self.disk_boot(&image, &mut config)).transpose()?
+            }
+            None => None,
+        };
         // The entry exists (hidden) before the process does, so its events
         // and its end always find it.
         let id = {
@@ -554,17 +566,37 @@ impl Manager {
             let id = g.next_id;
             g.next_id += 1;
             config.merge_group.get_or_insert(self.config.sharing.groups.default_for(id));
-            g.map.insert(id, Entry::new(config.clone()));
+            let mut entry = Entry::new(config.clone());
+            entry.boot_entry = boot_entry.as_ref().map(|e| e.described.clone());
+            g.map.insert(id, entry);
             id
         };
-        let made = self.make(id, config, snapshot).map_err(|e| e.context(format!("guest {id}")));
+        let made = self.make(id, config, snapshot, boot_entry).map_err(|e| e.context(format!("guest {id}")));
         if made.is_err() {
             self.lock().map.remove(&id);
         }
         made.map(|()| id)
     }
 
-    fn make(&self, id: usize, config: GuestConfig, snapshot: Option<SavedState>) -> Result<()> {
+    /// What a guest without a kernel boots from its disk `image`: the
+    /// entry its boot loader would take, whose command line becomes the
+    /// guest's, with what this host needs and the user's words after it.
+    fn disk_boot(&self, image: &BaseImage, config: &mut GuestConfig) -> Result<BootEntry> {
+        let entry = crate::image::boot_entry::find(image).map_err(Error::bad_input)?;
+        let words =
+            [entry.options.as_str(), self.host.default_linux_cmdline(), config.cmdline.as_deref().unwrap_or("")];
+        config.cmdline = Some(words.iter().map(|w| w.trim()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" "));
+        log::info!("{} boots {}", image.path().display(), entry.described);
+        Ok(entry)
+    }
+
+    fn make(
+        &self,
+        id: usize,
+        config: GuestConfig,
+        snapshot: Option<SavedState>,
+        boot_entry: Option<BootEntry>,
+    ) -> Result<()> {
         let group = config.merge_group.unwrap_or(0);
         let shared = self.sharing.as_ref().filter(|_| !config.dedup_opt_out);
         let overlay = (config.disk.is_some() && !config.disk_readonly)
@@ -620,6 +652,7 @@ impl Manager {
             ksm: self.config.sharing.mode == DedupMode::Ksm,
             adopt_memory,
             restore: snapshot,
+            boot_entry,
             net,
             vsock: vsock_setup,
             jail,
@@ -812,6 +845,7 @@ impl Manager {
             merge_protection: entry.protection.clone(),
             jail: entry.jail,
             unresponsive: process.and_then(|p| p.unresponsive()),
+            boot_entry: entry.boot_entry.clone(),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
             kvm: entry.kvm,
         })

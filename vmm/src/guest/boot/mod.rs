@@ -16,7 +16,7 @@ pub use mptable::MAX_VCPUS;
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -40,12 +40,12 @@ pub struct BootInfo {
 
 #[derive(Debug)]
 pub enum BootError {
-    OpenKernel(PathBuf, io::Error),
-    NotAKernel(PathBuf),
-    LoadKernel(PathBuf, loader::Error),
-    OpenInitrd(PathBuf, io::Error),
-    InitrdTooLarge { path: PathBuf, size: u64, room: u64 },
-    LoadInitrd(PathBuf, String),
+    OpenKernel(String, io::Error),
+    NotAKernel(String),
+    LoadKernel(String, loader::Error),
+    OpenInitrd(String, io::Error),
+    InitrdTooLarge { name: String, size: u64, room: u64 },
+    LoadInitrd(String, String),
     Cmdline(String),
     BootStructures(String),
 }
@@ -53,22 +53,19 @@ pub enum BootError {
 impl std::fmt::Display for BootError {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self {
-            BootError::OpenKernel(p, e) => write!(f, "cannot open kernel {}: {e}", p.display()),
+            BootError::OpenKernel(p, e) => write!(f, "cannot open kernel {p}: {e}"),
             BootError::NotAKernel(p) => {
-                write!(f, "{} is not a kernel: expected an x86-64 ELF (vmlinux) or a bzImage", p.display())
+                write!(f, "{p} is not a kernel: expected an x86-64 ELF (vmlinux) or a bzImage")
             }
-            BootError::LoadKernel(p, e) => {
-                write!(f, "cannot load kernel {}: {e} (does it fit in guest memory?)", p.display())
-            }
-            BootError::OpenInitrd(p, e) => write!(f, "cannot open initrd {}: {e}", p.display()),
-            BootError::InitrdTooLarge { path, size, room } => write!(
+            BootError::LoadKernel(p, e) => write!(f, "cannot load kernel {p}: {e} (does it fit in guest memory?)"),
+            BootError::OpenInitrd(p, e) => write!(f, "cannot open initrd {p}: {e}"),
+            BootError::InitrdTooLarge { name, size, room } => write!(
                 f,
-                "initrd {} is {} MiB, more than the {} MiB of guest memory left for it",
-                path.display(),
+                "initrd {name} is {} MiB, more than the {} MiB of guest memory left for it",
                 size >> 20,
                 room >> 20
             ),
-            BootError::LoadInitrd(p, e) => write!(f, "cannot load initrd {}: {e}", p.display()),
+            BootError::LoadInitrd(p, e) => write!(f, "cannot load initrd {p}: {e}"),
             BootError::Cmdline(e) => write!(f, "bad kernel command line: {e}"),
             BootError::BootStructures(e) => write!(f, "cannot write boot structures: {e}"),
         }
@@ -77,10 +74,52 @@ impl std::fmt::Display for BootError {
 
 impl std::error::Error for BootError {}
 
+/// A kernel or an initrd: its name for errors and its open file (a file
+/// the user named, or what a disk image's boot entry names, read into a
+/// memfd).
+pub struct BootFile {
+    name: String,
+    file: File,
+}
+
+impl BootFile {
+    pub fn kernel(path: &Path) -> Result<BootFile, BootError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| BootError::OpenKernel(name.clone(), e))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(BootError::NotAKernel(name));
+        }
+        Ok(BootFile { name, file })
+    }
+
+    pub fn initrd(path: &Path) -> Result<BootFile, BootError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| BootError::OpenInitrd(name.clone(), e))?;
+        if file.metadata().is_ok_and(|m| m.is_dir()) {
+            return Err(BootError::OpenInitrd(name, io::Error::other("is a directory")));
+        }
+        Ok(BootFile { name, file })
+    }
+
+    /// `parts` one after the other in a memfd, called `name`.
+    pub fn from_bytes(name: String, parts: &[Vec<u8>]) -> io::Result<BootFile> {
+        use std::io::Write;
+        let mut file = dedup::os::memfd("vmm-boot")?;
+        for part in parts {
+            file.write_all(part)?;
+        }
+        Ok(BootFile { name, file })
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
 /// What to boot.
 pub struct BootSource<'a> {
-    pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    pub kernel: BootFile,
+    pub initrd: Option<BootFile>,
     /// The user's command line, if any.
     pub cmdline: Option<&'a str>,
     /// Used for a Linux kernel when the user gave no command line.
@@ -93,12 +132,9 @@ pub struct BootSource<'a> {
 /// Loads `source` into `mem` (a guest of `ram_size` bytes with `vcpus` vCPUs)
 /// and writes every boot structure except the per-vCPU registers.
 pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource) -> Result<BootInfo, BootError> {
-    let kernel = source.kernel;
-    let mut file = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.into(), e))?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(BootError::NotAKernel(kernel.into()));
-    }
-    let load_err = |e| BootError::LoadKernel(kernel.into(), e);
+    let kernel = &source.kernel.name;
+    let mut file = source.kernel.file.try_clone().map_err(|e| BootError::OpenKernel(kernel.clone(), e))?;
+    let load_err = |e| BootError::LoadKernel(kernel.clone(), e);
     let (entry, setup_header, all_vcpus_at_entry) = match kernel_format(&mut file) {
         Some(KernelFormat::Elf) => {
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
@@ -110,7 +146,7 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
             // The 64-bit entry sits 0x200 bytes into the protected-mode code.
             (r.kernel_load.unchecked_add(0x200), r.setup_header, false)
         }
-        None => return Err(BootError::NotAKernel(kernel.into())),
+        None => return Err(BootError::NotAKernel(kernel.clone())),
     };
 
     let mut params = boot_params::default();
@@ -134,7 +170,7 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = text.trim().len() as u32 + 1;
 
-    if let Some(initrd) = source.initrd {
+    if let Some(initrd) = &source.initrd {
         let (addr, size) = load_initrd(mem, ram_size, initrd)?;
         params.hdr.ramdisk_image = addr.0 as u32;
         params.hdr.ramdisk_size = size as u32;
@@ -181,20 +217,19 @@ fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
 }
 
 /// Places the initrd at the top of low RAM, page aligned, as bootloaders do.
-fn load_initrd(mem: &GuestMemoryMmap, ram_size: u64, path: &Path) -> Result<(GuestAddress, u64), BootError> {
-    let mut file = File::open(path).map_err(|e| BootError::OpenInitrd(path.into(), e))?;
-    let size = file
-        .metadata()
-        .and_then(|m| if m.is_dir() { Err(io::Error::other("is a directory")) } else { Ok(m.len()) })
-        .map_err(|e| BootError::OpenInitrd(path.into(), e))?;
+fn load_initrd(mem: &GuestMemoryMmap, ram_size: u64, initrd: &BootFile) -> Result<(GuestAddress, u64), BootError> {
+    let name = &initrd.name;
+    let size = initrd.len().map_err(|e| BootError::OpenInitrd(name.clone(), e))?;
     let low_ram_end = ram_ranges(ram_size)[0].1;
     let room = low_ram_end.saturating_sub(INITRD_MIN_ADDR);
     if size > room {
-        return Err(BootError::InitrdTooLarge { path: path.into(), size, room });
+        return Err(BootError::InitrdTooLarge { name: name.clone(), size, room });
     }
     let addr = GuestAddress((low_ram_end - size) & !(crate::memory::PAGE_SIZE - 1));
+    let mut file = initrd.file.try_clone().map_err(|e| BootError::OpenInitrd(name.clone(), e))?;
+    file.seek(SeekFrom::Start(0)).map_err(|e| BootError::LoadInitrd(name.clone(), e.to_string()))?;
     mem.read_exact_volatile_from(addr, &mut file, size as usize)
-        .map_err(|e| BootError::LoadInitrd(path.into(), e.to_string()))?;
+        .map_err(|e| BootError::LoadInitrd(name.clone(), e.to_string()))?;
     Ok((addr, size))
 }
 
@@ -217,6 +252,7 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
 mod tests {
     use super::*;
     use crate::memory::{GuestRam, MIB, MMIO_HOLE_END, MMIO_HOLE_START};
+    use std::path::PathBuf;
     use vm_memory::Bytes;
 
     fn entries(ram: u64) -> Vec<(u64, u64, u32)> {
@@ -238,8 +274,14 @@ mod tests {
         assert_eq!(total, 5 * 1024 * MIB - (HIMEM_START - EBDA_START));
     }
 
-    fn source<'a>(kernel: &'a Path, initrd: Option<&'a Path>, cmdline: Option<&'a str>) -> BootSource<'a> {
-        BootSource { kernel, initrd, cmdline, default_linux_cmdline: "console=ttyS0 default", device_args: "" }
+    fn source<'a>(kernel: &Path, initrd: Option<&Path>, cmdline: Option<&'a str>) -> BootSource<'a> {
+        BootSource {
+            kernel: BootFile::kernel(kernel).unwrap(),
+            initrd: initrd.map(|p| BootFile::initrd(p).unwrap()),
+            cmdline,
+            default_linux_cmdline: "console=ttyS0 default",
+            device_args: "",
+        }
     }
 
     fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
@@ -261,9 +303,7 @@ mod tests {
 
     #[test]
     fn missing_kernel_names_the_path() {
-        let ram = GuestRam::new(16 * MIB, None).unwrap();
-        let src = source(Path::new("/nonexistent/vmlinux"), None, None);
-        let err = load(ram.memory(), 16 * MIB, 1, &src).unwrap_err();
+        let err = BootFile::kernel(Path::new("/nonexistent/vmlinux")).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 

@@ -1,7 +1,12 @@
 //! A disk image as the user names it: the read-only base every guest of
-//! it shares, opened and checked as hostile input. Both sides use it: the
-//! supervisor to refuse a bad image before it makes a guest, the guest
-//! process to serve the disk (`guest::disk`).
+//! it shares, opened and checked as hostile input, its partitions
+//! ([`partitions`]) and the Linux it boots ([`boot_entry`]). Both sides use
+//! it: the supervisor to refuse a bad image and to find what it boots
+//! before it makes a guest, the guest process to serve the disk
+//! (`guest::disk`) and to load the kernel from it.
+
+pub mod boot_entry;
+pub mod partitions;
 
 use std::fmt;
 use std::fs::File;

@@ -24,6 +24,8 @@ pub enum GuestEnd {
     GuestException { vector: u64, rip: u64 },
     /// The guest asked for a reset (i8042 or KVM system event): it is over.
     Reset,
+    /// The guest powered itself off (ACPI soft-off).
+    PowerOff,
     /// KVM_EXIT_SHUTDOWN: a triple fault.
     TripleFault,
     /// KVM could not emulate something (e.g. an instruction PVM lacks).
@@ -49,7 +51,7 @@ pub enum GuestEnd {
 impl GuestEnd {
     /// Clean ends leave the process exit code at 0.
     pub fn is_clean(&self) -> bool {
-        matches!(self, GuestEnd::MemtestPassed(_) | GuestEnd::Reset | GuestEnd::Stopped)
+        matches!(self, GuestEnd::MemtestPassed(_) | GuestEnd::Reset | GuestEnd::PowerOff | GuestEnd::Stopped)
     }
 }
 
@@ -74,6 +76,7 @@ impl fmt::Display for GuestEnd {
                 write!(f, "guest exception: vector {vector} at rip {rip:#x}")
             }
             GuestEnd::Reset => write!(f, "guest reset (reboot request)"),
+            GuestEnd::PowerOff => write!(f, "guest powered off (ACPI)"),
             GuestEnd::TripleFault => write!(f, "triple fault (KVM_EXIT_SHUTDOWN)"),
             GuestEnd::InternalError { suberror, rip } => write!(
                 f,
@@ -101,6 +104,7 @@ mod tests {
         let report = MemtestReport { rounds: 1, fill_time: None, verify_time_per_round: None };
         assert!(GuestEnd::MemtestPassed(report.clone()).is_clean());
         assert!(GuestEnd::Reset.is_clean());
+        assert!(GuestEnd::PowerOff.is_clean());
         assert!(GuestEnd::Stopped.is_clean());
         assert!(!GuestEnd::MemtestFailed { mismatches: 1, report }.is_clean());
         assert!(!GuestEnd::TripleFault.is_clean());

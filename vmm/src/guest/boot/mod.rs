@@ -7,6 +7,7 @@
 //! RSI pointing at the boot params. Our own test guests use the same entry,
 //! and may carry an ELF note asking for every vCPU to start there.
 
+pub mod acpi;
 mod elf_note;
 pub mod layout;
 pub mod long_mode;
@@ -174,6 +175,13 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
         let (addr, size) = load_initrd(mem, ram_size, initrd)?;
         params.hdr.ramdisk_image = addr.0 as u32;
         params.hdr.ramdisk_size = size as u32;
+    }
+
+    // A Linux kernel with ACPI reads the ACPI tables, one without it the MP
+    // table; our own test guests read neither and get neither.
+    if !all_vcpus_at_entry {
+        acpi::write(mem, vcpus).map_err(BootError::BootStructures)?;
+        params.acpi_rsdp_addr = acpi::RSDP_START;
     }
 
     let e820 = e820_map(ram_size);

@@ -8,6 +8,7 @@ pub mod console;
 pub mod doorbell;
 pub mod i8042;
 pub mod io_gate;
+pub mod power;
 pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
@@ -47,8 +48,9 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Puts the devices on their buses: COM1 and the i8042's ports, the
-    /// doorbell page and each virtio device's slot.
+    /// Puts the devices on their buses: COM1, the i8042's ports, the ACPI
+    /// sleep control register, the doorbell page and each virtio device's
+    /// slot.
     pub fn new(
         serial: Serial,
         doorbell: Doorbell,
@@ -62,6 +64,8 @@ impl Devices {
         for port in i8042::PORTS {
             pio.insert(u64::from(port), 1, Arc::new(i8042::Port(port)))?;
         }
+        let sleep_control = u64::from(crate::guest::boot::acpi::SLEEP_CONTROL_PORT);
+        pio.insert(sleep_control, 1, Arc::new(power::SleepControl))?;
         let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
         mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
         for device in &virtio {

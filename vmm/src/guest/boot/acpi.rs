@@ -1,0 +1,184 @@
+//! ACPI tables: how an OS that reads ACPI (any distribution's kernel)
+//! learns a guest's CPUs, interrupt controllers and serial port, and how it
+//! powers the guest off. Built with rust-vmm's `acpi_tables` and placed in
+//! the BIOS area below 1 MiB, where an OS looks for the RSDP (and named in
+//! the boot params as well).
+//!
+//! The platform is hardware-reduced ACPI (no PM timer, no GPE blocks, no
+//! SMI): the FADT's sleep control register is a port of ours
+//! ([`SLEEP_CONTROL_PORT`]), and the `_S5_` object says which value means
+//! soft-off, so an ACPI power-off ends the guest cleanly. The MP table
+//! stays for kernels without ACPI. ISA interrupts are wired one to one to
+//! the IOAPIC's pins (KVM's default routing), so the MADT needs no
+//! interrupt source overrides.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
+use crate::guest::devices::serial::{COM1_BASE, COM1_IRQ};
+use crate::memory::GuestMemoryMmap;
+
+/// Where the tables go: the BIOS area an OS scans for the RSDP.
+pub const RSDP_START: u64 = 0xe_0000;
+const AREA_END: u64 = 0x10_0000;
+/// The hardware-reduced sleep control register: a guest writes
+/// `SLP_TYPx << 2 | SLP_EN` to it to enter sleep state x.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+/// The sleep type `_S5_` names: soft-off.
+pub const S5_SLEEP_TYPE: u8 = 5;
+const SLEEP_ENABLE: u8 = 1 << 5;
+
+const OEM_ID: [u8; 6] = *b"VMMRS ";
+const OEM_TABLE_ID: [u8; 8] = *b"VMMGUEST";
+const OEM_REVISION: u32 = 1;
+
+/// Whether `value`, written to the sleep control register, asks for
+/// soft-off (S5).
+pub fn is_power_off(value: u8) -> bool {
+    value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE
+}
+
+/// The tables for a guest of `vcpus` vCPUs, each at its guest address,
+/// the RSDP first at [`RSDP_START`].
+pub fn tables(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
+    let mut at = RSDP_START + Rsdp::len() as u64;
+    let mut place = |bytes: Vec<u8>| {
+        at = at.next_multiple_of(16);
+        let here = at;
+        at += bytes.len() as u64;
+        (here, bytes)
+    };
+    let dsdt = place(dsdt());
+    let fadt = place(fadt(dsdt.0));
+    let madt = place(madt(vcpus));
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for (addr, _) in [&fadt, &madt] {
+        xsdt.add_entry(*addr);
+    }
+    let xsdt = place(bytes_of(&xsdt));
+    let rsdp = (RSDP_START, bytes_of(&Rsdp::new(OEM_ID, xsdt.0)));
+    assert!(at <= AREA_END, "ACPI tables overflow the BIOS area");
+    vec![rsdp, xsdt, fadt, madt, dsdt]
+}
+
+/// Writes the tables into guest memory.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), String> {
+    for (addr, bytes) in tables(vcpus) {
+        mem.write_slice(&bytes, GuestAddress(addr)).map_err(|e| format!("ACPI tables: {e}"))?;
+    }
+    Ok(())
+}
+
+fn bytes_of(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Hardware-reduced, with the sleep control and status registers on our
+/// port and the DSDT at `dsdt`.
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let port = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, SLEEP_CONTROL_PORT.into());
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.sleep_control_reg = port;
+    fadt.sleep_status_reg = port;
+    bytes_of(&fadt.finalize())
+}
+
+/// The MADT: a local APIC per vCPU, the IOAPIC (its id after the vCPUs',
+/// as in the MP table) and the NMI line (LINT1) of every local APIC.
+fn madt(vcpus: u8) -> Vec<u8> {
+    const LOCAL_APIC: u8 = 0;
+    const IO_APIC: u8 = 1;
+    const LOCAL_APIC_NMI: u8 = 4;
+    const ENABLED: u32 = 1;
+    const ALL_PROCESSORS: u8 = 0xff;
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, APIC_DEFAULT_BASE);
+    madt.write_u32(40, 0); // flags: no dual 8259s (hardware-reduced)
+    for cpu in 0..vcpus {
+        let mut entry = vec![LOCAL_APIC, 8, cpu, cpu];
+        entry.extend(ENABLED.to_le_bytes());
+        madt.append_slice(&entry);
+    }
+    let mut ioapic = vec![IO_APIC, 12, vcpus, 0];
+    ioapic.extend(IOAPIC_DEFAULT_BASE.to_le_bytes());
+    ioapic.extend(0u32.to_le_bytes()); // its first GSI
+    madt.append_slice(&ioapic);
+    // Flags 0: the bus's polarity and trigger mode.
+    madt.append_slice(&[LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
+    madt.as_slice().to_vec()
+}
+
+/// The DSDT: COM1 with its ports and interrupt, and `_S5_`.
+fn dsdt() -> Vec<u8> {
+    let (ports, irq) =
+        (aml::IO::new(COM1_BASE, COM1_BASE, 1, 8), aml::Interrupt::new(true, true, false, false, COM1_IRQ));
+    let resources = aml::ResourceTemplate::new(vec![&ports, &irq]);
+    let hid = aml::EISAName::new("PNP0501");
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &resources),
+    );
+    let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
+    let s5 = aml::Name::new("_S5_".into(), &s5_package);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    system_bus.to_aml_bytes(&mut dsdt);
+    s5.to_aml_bytes(&mut dsdt);
+    dsdt.update_checksum();
+    dsdt.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    #[test]
+    fn every_table_is_whole_and_checksummed_and_the_rsdp_finds_them() {
+        for vcpus in [1, 4, 32] {
+            let tables = tables(vcpus);
+            let (rsdp_at, rsdp) = &tables[0];
+            assert_eq!((*rsdp_at, &rsdp[..8]), (RSDP_START, &b"RSD PTR "[..]));
+            assert_eq!((sum(&rsdp[..20]), sum(rsdp)), (0, 0));
+            let xsdt_at = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+            let find = |at: u64| tables.iter().find(|(a, _)| *a == at).map(|(_, b)| b.clone()).unwrap();
+            let xsdt = find(xsdt_at);
+            for (_, table) in &tables[1..] {
+                let len = u32::from_le_bytes(table[4..8].try_into().unwrap()) as usize;
+                assert_eq!(len, table.len(), "{}", String::from_utf8_lossy(&table[..4]));
+                assert_eq!(sum(table), 0, "{} checksum", String::from_utf8_lossy(&table[..4]));
+            }
+            let listed: Vec<Vec<u8>> =
+                xsdt[36..].chunks(8).map(|c| find(u64::from_le_bytes(c.try_into().unwrap()))[..4].to_vec()).collect();
+            assert_eq!(listed, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+            let madt = find(tables.iter().find(|(_, t)| &t[..4] == b"APIC").unwrap().0);
+            let cpus = madt[44..].chunks(8).take_while(|e| e[0] == 0).count();
+            assert_eq!(cpus, vcpus as usize);
+        }
+    }
+
+    #[test]
+    fn only_s5_with_the_enable_bit_powers_off() {
+        assert!(is_power_off(5 << 2 | 1 << 5));
+        assert!(!is_power_off(5 << 2), "no SLP_EN");
+        assert!(!is_power_off(3 << 2 | 1 << 5), "S3 is not off");
+    }
+}

@@ -208,6 +208,12 @@ impl Guest {
             ),
             None => (serial::new(serial_irq, console.clone()), Doorbell::new(id as u64, vcpu_count, rounds)),
         };
+        // Only our own test guests (the ELF note) ask for the doorbell; a
+        // restored guest has it as its snapshot says.
+        let doorbell = match &boot {
+            Some(info) if !info.all_vcpus_at_entry => doorbell.unmapped(),
+            _ => doorbell,
+        };
         let doorbell = doorbell.with_tsc_khz(tsc_khz);
         let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
         let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();

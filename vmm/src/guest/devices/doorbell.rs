@@ -65,6 +65,9 @@ pub struct Doorbell {
     /// The rounds it was asked for (0: until stopped).
     rounds: u64,
     tsc_khz: u32,
+    /// Whether its page is on the guest's MMIO bus: only for guests that
+    /// ask for it (our own test guests), so no other guest can reach it.
+    mapped: bool,
     state: Mutex<State>,
 }
 
@@ -97,6 +100,13 @@ pub struct DoorbellState {
     mismatches: u64,
     reported_mismatches: u64,
     fill_micros: Option<u64>,
+    /// Snapshots from before this was kept had it on every guest.
+    #[serde(default = "mapped_before")]
+    mapped: bool,
+}
+
+fn mapped_before() -> bool {
+    true
 }
 
 impl DoorbellState {
@@ -108,7 +118,7 @@ impl DoorbellState {
 impl Doorbell {
     /// The doorbell of a guest restored from `state`, as guest `guest_id`.
     pub fn restore(guest_id: u64, rounds: u64, state: &DoorbellState) -> Self {
-        let doorbell = Doorbell::new(guest_id, state.progress.len() as u8, rounds);
+        let doorbell = Doorbell { mapped: state.mapped, ..Doorbell::new(guest_id, state.progress.len() as u8, rounds) };
         {
             let mut s = doorbell.state.lock().unwrap();
             s.progress = state.progress.clone();
@@ -132,6 +142,7 @@ impl Doorbell {
             mismatches: s.mismatches,
             reported_mismatches: s.reported_mismatches,
             fill_micros: s.fill_done.map(|d| d.as_micros() as u64),
+            mapped: self.mapped,
         }
     }
 
@@ -143,6 +154,7 @@ impl Doorbell {
             vcpus,
             rounds,
             tsc_khz: 0,
+            mapped: true,
             state: Mutex::new(State {
                 started: Instant::now(),
                 progress: vec![None; vcpus as usize],
@@ -156,6 +168,15 @@ impl Doorbell {
                 gaps: vec![0; GAP_BUCKETS],
             }),
         }
+    }
+
+    /// Keeps its page off the guest's bus: a guest that did not ask for it.
+    pub fn unmapped(self) -> Self {
+        Doorbell { mapped: false, ..self }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
 
     /// Tells the guest its TSC rate (the [`TSC_KHZ`] register).

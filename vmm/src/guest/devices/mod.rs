@@ -49,8 +49,8 @@ pub struct Devices {
 
 impl Devices {
     /// Puts the devices on their buses: COM1, the i8042's ports, the ACPI
-    /// sleep control register, the doorbell page and each virtio device's
-    /// slot.
+    /// sleep control register, the doorbell page (for a guest that asks for
+    /// it) and each virtio device's slot.
     pub fn new(
         serial: Serial,
         doorbell: Doorbell,
@@ -66,8 +66,10 @@ impl Devices {
         }
         let sleep_control = u64::from(crate::guest::boot::acpi::SLEEP_CONTROL_PORT);
         pio.insert(sleep_control, 1, Arc::new(power::SleepControl))?;
-        let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
-        mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
+        if doorbell.is_mapped() {
+            let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
+            mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
+        }
         for device in &virtio {
             let (base, len) = device.range();
             mmio.insert(base, len, device.clone())?;
@@ -137,6 +139,7 @@ impl BusDevice for DoorbellPage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use doorbell::DoorbellState;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn bare_devices() -> Devices {
@@ -166,6 +169,31 @@ mod tests {
             devices.mmio_write(0, doorbell::DOORBELL_BASE, &[*c]);
         }
         assert!(devices.console.tail().ends_with("ok"), "{:?}", devices.console.tail());
+        // The ACPI sleep control register: soft-off ends the guest.
+        assert_eq!(devices.pio_write(0x600, &[5 << 2 | 1 << 5]), Action::EndGuest(GuestEnd::PowerOff));
+    }
+
+    /// A guest that did not ask for the doorbell cannot reach it: its page
+    /// reads all ones and takes no write, and a snapshot keeps it so.
+    #[test]
+    fn the_doorbell_is_only_on_the_bus_of_a_guest_that_asks() {
+        let console = Console::with_sink(Box::new(std::io::sink()));
+        let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
+        let doorbell = Doorbell::new(7, 1, 3).unmapped();
+        let devices = Devices::new(serial, doorbell, console, Vec::new()).unwrap();
+        let mut w = [0u8; 8];
+        devices.mmio_read(0, doorbell::DOORBELL_BASE + doorbell::GUEST_ID, &mut w);
+        assert_eq!(w, [0xff; 8]);
+        devices.mmio_write(0, doorbell::DOORBELL_BASE + doorbell::DONE, &1u64.to_le_bytes());
+        devices.mmio_write(0, doorbell::DOORBELL_BASE, b"x");
+        assert_eq!(devices.console.tail(), "");
+        let saved = devices.doorbell.save();
+        assert!(!Doorbell::restore(8, 3, &saved).is_mapped());
+        let old: DoorbellState = serde_json::from_str(
+            r#"{"progress":[null],"finished_vcpus":0,"mismatches":0,"reported_mismatches":0,"fill_micros":null}"#,
+        )
+        .unwrap();
+        assert!(Doorbell::restore(8, 3, &old).is_mapped(), "an older snapshot's guest lost its doorbell");
     }
 
     /// Port I/O and MMIO anywhere, with any data, as a hostile guest would:

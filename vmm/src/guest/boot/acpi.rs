@@ -4,13 +4,17 @@
 //! the BIOS area below 1 MiB, where an OS looks for the RSDP (and named in
 //! the boot params as well).
 //!
-//! The platform is hardware-reduced ACPI (no PM timer, no GPE blocks, no
-//! SMI): the FADT's sleep control register is a port of ours
-//! ([`SLEEP_CONTROL_PORT`]), and the `_S5_` object says which value means
-//! soft-off, so an ACPI power-off ends the guest cleanly. The MP table
-//! stays for kernels without ACPI. ISA interrupts are wired one to one to
-//! the IOAPIC's pins (KVM's default routing), so the MADT needs no
-//! interrupt source overrides.
+//! The platform is a PC's ACPI, not hardware-reduced ACPI: Linux on
+//! hardware-reduced ACPI drops the legacy PIC and PIT, and on PVM hosts,
+//! where the paravirtual clock is off, it then has no timer to calibrate
+//! against and stops at boot. So the FADT names PM1 event and control
+//! blocks and the ACPI PM timer, all ports of ours
+//! (`devices::power`, from [`PM_BASE`]), with no SMI (ACPI is always on)
+//! and an SCI on IRQ 9 that never fires; `_S5_` says which sleep type is
+//! soft-off, and writing it to the PM1 control block ends the guest
+//! cleanly. The MP table stays for kernels without ACPI. ISA interrupts are
+//! wired one to one to the IOAPIC's pins (KVM's default routing); the MADT
+//! says only that the SCI is level-triggered.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -28,21 +32,32 @@ use crate::memory::GuestMemoryMmap;
 /// Where the tables go: the BIOS area an OS scans for the RSDP.
 pub const RSDP_START: u64 = 0xe_0000;
 const AREA_END: u64 = 0x10_0000;
-/// The hardware-reduced sleep control register: a guest writes
-/// `SLP_TYPx << 2 | SLP_EN` to it to enter sleep state x.
-pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+/// The PM registers: PM1a event block (status, enable: 2 bytes each),
+/// PM1a control block (2 bytes), the PM timer (4 bytes).
+pub const PM_BASE: u16 = 0x600;
+pub const PM1_EVENT: u16 = PM_BASE;
+pub const PM1_CONTROL: u16 = PM_BASE + 4;
+pub const PM_TIMER: u16 = PM_BASE + 8;
+pub const PM_LEN: u16 = 12;
+/// The PM timer's rate, fixed by the ACPI specification.
+pub const PM_TIMER_HZ: u64 = 3_579_545;
+/// The SCI's interrupt (never raised: no event of ours needs it).
+const SCI_IRQ: u16 = 9;
 /// The sleep type `_S5_` names: soft-off.
-pub const S5_SLEEP_TYPE: u8 = 5;
-const SLEEP_ENABLE: u8 = 1 << 5;
+pub const S5_SLEEP_TYPE: u16 = 5;
+/// PM1 control: SCI_EN (ACPI mode; always on), SLP_TYP and SLP_EN.
+pub const SCI_ENABLED: u16 = 1;
+const SLEEP_TYPE_SHIFT: u16 = 10;
+const SLEEP_ENABLE: u16 = 1 << 13;
 
 const OEM_ID: [u8; 6] = *b"VMMRS ";
 const OEM_TABLE_ID: [u8; 8] = *b"VMMGUEST";
 const OEM_REVISION: u32 = 1;
 
-/// Whether `value`, written to the sleep control register, asks for
-/// soft-off (S5).
-pub fn is_power_off(value: u8) -> bool {
-    value & SLEEP_ENABLE != 0 && (value >> 2) & 0x7 == S5_SLEEP_TYPE
+/// Whether `value`, written to the PM1 control block, asks for soft-off
+/// (S5).
+pub fn is_power_off(value: u16) -> bool {
+    value & SLEEP_ENABLE != 0 && (value >> SLEEP_TYPE_SHIFT) & 0x7 == S5_SLEEP_TYPE
 }
 
 /// The tables for a guest of `vcpus` vCPUs, each at its guest address,
@@ -82,31 +97,47 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// Hardware-reduced, with the sleep control and status registers on our
-/// port and the DSDT at `dsdt`.
+/// A PC's FADT: PM1a event and control blocks and the PM timer on our
+/// ports, an SCI, no SMI command port (ACPI is on from the start), the
+/// i8042 and legacy devices present, and the DSDT at `dsdt`.
 fn fadt(dsdt: u64) -> Vec<u8> {
-    let port = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, SLEEP_CONTROL_PORT.into());
+    const LEGACY_DEVICES: u16 = 1 << 0;
+    const I8042: u16 = 1 << 1;
+    let io = |port: u16, bytes: u8| GAS::new(AddressSpace::SystemIo, bytes * 8, 0, AccessSize::Undefined, port.into());
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt)
-        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
         .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton);
-    fadt.sleep_control_reg = port;
-    fadt.sleep_status_reg = port;
+        .flag(Flags::SlpButton)
+        .flag(Flags::TmrValExt);
+    fadt.sci_int = SCI_IRQ.into();
+    fadt.pm1a_evt_blk = u32::from(PM1_EVENT).into();
+    fadt.pm1a_cnt_blk = u32::from(PM1_CONTROL).into();
+    fadt.pm_tmr_blk = u32::from(PM_TIMER).into();
+    (fadt.pm1_evt_len, fadt.pm1_cnt_len, fadt.pm_tmr_len) = (4, 2, 4);
+    fadt.x_pm1a_evt_blk = io(PM1_EVENT, 4);
+    fadt.x_pm1a_cnt_blk = io(PM1_CONTROL, 2);
+    fadt.x_pm_tmr_blk = io(PM_TIMER, 4);
+    fadt.iapc_boot_arch = (LEGACY_DEVICES | I8042).into();
     bytes_of(&fadt.finalize())
 }
 
-/// The MADT: a local APIC per vCPU, the IOAPIC (its id after the vCPUs',
-/// as in the MP table) and the NMI line (LINT1) of every local APIC.
+/// The MADT: a PC with dual 8259s, a local APIC per vCPU, the IOAPIC (its
+/// id after the vCPUs', as in the MP table), the SCI level-triggered, and
+/// the NMI line (LINT1) of every local APIC.
 fn madt(vcpus: u8) -> Vec<u8> {
     const LOCAL_APIC: u8 = 0;
     const IO_APIC: u8 = 1;
+    const INTERRUPT_OVERRIDE: u8 = 2;
     const LOCAL_APIC_NMI: u8 = 4;
     const ENABLED: u32 = 1;
+    const PCAT_COMPAT: u32 = 1;
+    const ACTIVE_HIGH_LEVEL: u16 = 0b1101;
     const ALL_PROCESSORS: u8 = 0xff;
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     madt.write_u32(36, APIC_DEFAULT_BASE);
-    madt.write_u32(40, 0); // flags: no dual 8259s (hardware-reduced)
+    madt.write_u32(40, PCAT_COMPAT);
     for cpu in 0..vcpus {
         let mut entry = vec![LOCAL_APIC, 8, cpu, cpu];
         entry.extend(ENABLED.to_le_bytes());
@@ -116,6 +147,10 @@ fn madt(vcpus: u8) -> Vec<u8> {
     ioapic.extend(IOAPIC_DEFAULT_BASE.to_le_bytes());
     ioapic.extend(0u32.to_le_bytes()); // its first GSI
     madt.append_slice(&ioapic);
+    let mut sci = vec![INTERRUPT_OVERRIDE, 10, 0, SCI_IRQ as u8];
+    sci.extend(u32::from(SCI_IRQ).to_le_bytes());
+    sci.extend(ACTIVE_HIGH_LEVEL.to_le_bytes());
+    madt.append_slice(&sci);
     // Flags 0: the bus's polarity and trigger mode.
     madt.append_slice(&[LOCAL_APIC_NMI, 6, ALL_PROCESSORS, 0, 0, 1]);
     madt.as_slice().to_vec()
@@ -134,7 +169,8 @@ fn dsdt() -> Vec<u8> {
     );
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
     let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1]);
-    let s5_package = aml::Package::new(vec![&S5_SLEEP_TYPE]);
+    let s5_type = S5_SLEEP_TYPE as u8;
+    let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &aml::ZERO, &aml::ZERO]);
     let s5 = aml::Name::new("_S5_".into(), &s5_package);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     system_bus.to_aml_bytes(&mut dsdt);
@@ -177,8 +213,9 @@ mod tests {
 
     #[test]
     fn only_s5_with_the_enable_bit_powers_off() {
-        assert!(is_power_off(5 << 2 | 1 << 5));
-        assert!(!is_power_off(5 << 2), "no SLP_EN");
-        assert!(!is_power_off(3 << 2 | 1 << 5), "S3 is not off");
+        assert!(is_power_off(5 << 10 | 1 << 13));
+        assert!(is_power_off(5 << 10 | 1 << 13 | SCI_ENABLED));
+        assert!(!is_power_off(5 << 10), "no SLP_EN");
+        assert!(!is_power_off(3 << 10 | 1 << 13), "S3 is not off");
     }
 }

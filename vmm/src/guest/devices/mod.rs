@@ -49,7 +49,7 @@ pub struct Devices {
 
 impl Devices {
     /// Puts the devices on their buses: COM1, the i8042's ports, the ACPI
-    /// sleep control register, the doorbell page (for a guest that asks for
+    /// PM registers, the doorbell page (for a guest that asks for
     /// it) and each virtio device's slot.
     pub fn new(
         serial: Serial,
@@ -64,8 +64,8 @@ impl Devices {
         for port in i8042::PORTS {
             pio.insert(u64::from(port), 1, Arc::new(i8042::Port(port)))?;
         }
-        let sleep_control = u64::from(crate::guest::boot::acpi::SLEEP_CONTROL_PORT);
-        pio.insert(sleep_control, 1, Arc::new(power::SleepControl))?;
+        let pm = (u64::from(crate::guest::boot::acpi::PM_BASE), u64::from(crate::guest::boot::acpi::PM_LEN));
+        pio.insert(pm.0, pm.1, Arc::new(power::PmRegisters::default()))?;
         if doorbell.is_mapped() {
             let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
             mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
@@ -169,8 +169,11 @@ mod tests {
             devices.mmio_write(0, doorbell::DOORBELL_BASE, &[*c]);
         }
         assert!(devices.console.tail().ends_with("ok"), "{:?}", devices.console.tail());
-        // The ACPI sleep control register: soft-off ends the guest.
-        assert_eq!(devices.pio_write(0x600, &[5 << 2 | 1 << 5]), Action::EndGuest(GuestEnd::PowerOff));
+        // The ACPI PM1 control block: soft-off ends the guest.
+        assert_eq!(
+            devices.pio_write(0x604, &(5u16 << 10 | 1 << 13).to_le_bytes()),
+            Action::EndGuest(GuestEnd::PowerOff)
+        );
     }
 
     /// A guest that did not ask for the doorbell cannot reach it: its page

@@ -422,7 +422,13 @@ impl GuestConfig {
             Source::Api => ("kernel", "restore"),
         };
         match (&self.restore, self.kernel.as_os_str().is_empty()) {
-            // Without a kernel, the disk image's own boot entry.
+            // Without a kernel, the disk image's own boot entry (and its initrd).
+            (None, true) if self.disk.is_some() && self.initrd.is_some() => {
+                let initrd = if source == Source::Cli { "--initrd" } else { "initrd" };
+                return Err(Error::bad_input(format!(
+                    "{initrd} goes with {kernel}: a guest that boots its disk image takes the initrd its boot entry names"
+                )));
+            }
             (None, true) if self.disk.is_some() => {}
             (None, true) => {
                 return Err(Error::bad_input(format!(
@@ -836,6 +842,19 @@ pub fn check_memory_fits(guests: usize, memory_mib: u64, available: u64, overcom
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_boots_a_kernel_a_snapshot_or_its_disk_image() {
+        let err = |c: &GuestConfig| c.validate(Source::Api).unwrap_err().to_string();
+        let mut c = GuestConfig::new(PathBuf::new());
+        assert!(err(&c).contains("or a disk image that boots Linux"), "{}", err(&c));
+        c.disk = Some("disk.img".into());
+        assert!(c.validate(Source::Api).is_ok(), "a disk alone boots its own entry");
+        c.initrd = Some("initrd".into());
+        assert!(err(&c).contains("initrd goes with kernel"), "{}", err(&c));
+        c.kernel = "vmlinux".into();
+        assert!(c.validate(Source::Api).is_ok());
+    }
 
     #[test]
     fn knobs_name_themselves_by_source() {

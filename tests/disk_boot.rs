@@ -1,7 +1,8 @@
 //! Guests that boot the user's own disk image, without `--kernel`: vmm
-//! reads the image's partition table and /boot (ext4) and boots what its
+//! reads the image's partition table and /boot (ext4 or FAT) and boots what its
 //! boot loader's entry names (docs/design.md, "Booting a disk image").
-//! The images are made here with the usual tools (sfdisk, mkfs.ext4), with
+//! The images are made here with the usual tools (sfdisk, mkfs.ext4,
+//! mkfs.vfat and mtools), with
 //! memtest as the kernel so the boots are quick on any host.
 
 mod common;
@@ -59,17 +60,29 @@ fn a_guest_boots_grubs_default_entry() {
 }
 
 #[test]
+fn a_guest_boots_the_entry_systemd_boot_keeps_on_the_efi_system_partition() {
+    let dir = scratch_dir("disk-boot-esp");
+    let kernel = memtest();
+    let entry = b"title Arch Linux\nlinux /vmlinuz-linux\noptions rounds=2\n";
+    let disk = esp_image(&dir, "esp", &[("vmlinuz-linux", &kernel), ("loader/entries/arch.conf", entry)]);
+    let out = run_image(&disk, "1");
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stderr.contains("/loader/entries/arch.conf on partition 1"), "{}", out.describe());
+    assert!(out.stderr.contains("memtest passed: 2 rounds verified"), "{}", out.describe());
+}
+
+#[test]
 fn an_image_with_nothing_to_boot_is_refused_by_name_at_once() {
     let dir = scratch_dir("disk-boot-bad");
     let kernel = memtest();
     let no_entry = gpt_image(&dir, "no-entry", &[("boot/vmlinuz", &kernel)], false);
-    let efi_only = gpt_image(&dir, "efi", &[("EFI/BOOT/BOOTX64.EFI", b"MZ")], true);
+    let efi_only = esp_image(&dir, "efi", &[("EFI/BOOT/BOOTX64.EFI", b"MZ")]);
     let blank = dir.join("blank.img");
     std::fs::File::create(&blank).unwrap().set_len(4 << 20).unwrap();
     for (disk, says) in [
         (&no_entry, "holds nothing vmm can boot"),
         (&efi_only, "UEFI firmware is not supported yet"),
-        (&blank, "no ext2/ext4 file system"),
+        (&blank, "no ext2, ext4 or FAT file system"),
     ] {
         let out = run_image(disk, "2");
         assert_ne!(out.code, Some(0), "{}", out.describe());

@@ -178,21 +178,54 @@ pub fn write_mbr_image(path: &Path, mib: u64) {
 /// partition if `efi`, made with the usual tools (sfdisk, mkfs.ext4).
 /// Returns its path.
 pub fn gpt_image(dir: &Path, name: &str, files: &[(&str, &[u8])], efi: bool) -> PathBuf {
+    let (root, mib) = file_tree(dir, name, files);
+    let fs = dir.join(format!("{name}.ext4"));
+    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&fs).arg(format!("{mib}M")).status();
+    assert!(made.expect("mkfs.ext4 (e2fsprogs) is needed").success(), "mkfs.ext4 failed");
+    gpt_around(dir, name, &fs, mib, if efi { &["U", "L"] } else { &["L"] })
+}
+
+/// A GPT disk image `name` in `dir` with one EFI system partition whose
+/// FAT file system holds `files`, as systemd-boot keeps them (mkfs.vfat
+/// and mtools). Returns its path.
+pub fn esp_image(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let (root, mib) = file_tree(dir, name, files);
+    let fs = dir.join(format!("{name}.vfat"));
+    let _ = std::fs::remove_file(&fs);
+    let made = Command::new("mkfs.vfat").arg("-C").arg(&fs).arg((mib * 1024).to_string()).output();
+    assert!(made.expect("mkfs.vfat (dosfstools) is needed").status.success(), "mkfs.vfat failed");
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let copied = Command::new("mcopy").args(["-s", "-i"]).arg(&fs).arg(entry.unwrap().path()).arg("::/").status();
+        assert!(copied.expect("mcopy (mtools) is needed").success(), "mcopy failed");
+    }
+    gpt_around(dir, name, &fs, mib, &["U"])
+}
+
+/// Writes `files` under a fresh directory; returns it and a size in MiB
+/// that holds them with room to spare.
+fn file_tree(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> (PathBuf, usize) {
     let root = dir.join(format!("{name}-root"));
+    std::fs::create_dir_all(&root).unwrap();
     for (path, contents) in files {
         let path = root.join(path);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, contents).unwrap();
     }
-    std::fs::create_dir_all(&root).unwrap();
-    let fs = dir.join(format!("{name}.ext4"));
     let bytes: usize = files.iter().map(|(_, c)| c.len()).sum();
-    let mib = (bytes >> 20) + 8;
-    let made = Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&fs).arg(format!("{mib}M")).status();
-    assert!(made.expect("mkfs.ext4 (e2fsprogs) is needed").success(), "mkfs.ext4 failed");
+    (root, (bytes >> 20) + 8)
+}
+
+/// A GPT disk image with partitions of `types` (sfdisk's names), the last
+/// `mib` MiB and holding the file system image `fs`, the others 1 MiB.
+fn gpt_around(dir: &Path, name: &str, fs: &Path, mib: usize, types: &[&str]) -> PathBuf {
     let disk = dir.join(format!("{name}.img"));
-    std::fs::File::create(&disk).unwrap().set_len(((mib + 3) << 20) as u64).unwrap();
-    let script = format!("label: gpt\n{}size={mib}MiB, type=L\n", if efi { "size=1MiB, type=U\n" } else { "" });
+    std::fs::File::create(&disk).unwrap().set_len(((mib + types.len() + 2) << 20) as u64).unwrap();
+    let (last, before) = types.split_last().unwrap();
+    let mut script = String::from("label: gpt\n");
+    for kind in before {
+        script += &format!("size=1MiB, type={kind}\n");
+    }
+    script += &format!("size={mib}MiB, type={last}\n");
     let mut sfdisk = Command::new("sfdisk")
         .arg("--quiet")
         .arg(&disk)
@@ -201,7 +234,7 @@ pub fn gpt_image(dir: &Path, name: &str, files: &[(&str, &[u8])], efi: bool) -> 
         .expect("sfdisk (Debian's fdisk package) is needed");
     std::io::Write::write_all(sfdisk.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
     assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
-    // Where sfdisk put the Linux partition: the last line of its dump.
+    // Where sfdisk put the last partition: the last line of its dump.
     let dump = Command::new("sfdisk").arg("-d").arg(&disk).output().unwrap();
     let dump = String::from_utf8(dump.stdout).unwrap();
     let start: u64 = dump
@@ -211,13 +244,9 @@ pub fn gpt_image(dir: &Path, name: &str, files: &[(&str, &[u8])], efi: bool) -> 
         .and_then(|s| s.split(',').next())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or_else(|| panic!("no partition in sfdisk's dump:\n{dump}"));
-    let bytes = std::fs::read(&fs).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(
-        &std::fs::File::options().write(true).open(&disk).unwrap(),
-        &bytes,
-        start * 512,
-    )
-    .unwrap();
+    let bytes = std::fs::read(fs).unwrap();
+    let out = std::fs::File::options().write(true).open(&disk).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&out, &bytes, start * 512).unwrap();
     disk
 }
 

@@ -1,7 +1,9 @@
 //! The Linux a disk image boots, found the way its boot loader would find
 //! it, read in Rust from the image (never mounted, never run): on each
-//! partition with an ext2 or ext4 file system (or the whole image, without
-//! a partition table), `/boot` as a directory or as the partition itself,
+//! partition with an ext2, ext4 or FAT file system (or the whole image,
+//! without a partition table; an EFI system partition too, where
+//! systemd-boot keeps its entries), `/boot` as a directory or as the
+//! partition itself,
 //! first a Boot Loader Specification entry (`loader/entries/*.conf`; the
 //! highest version wins), then GRUB's default entry in `grub/grub.cfg` or
 //! `grub2/grub.cfg`. vmm then loads that kernel, initrd and command line
@@ -12,12 +14,11 @@
 //! what cannot be parsed is passed over and named in the error.
 
 use std::cmp::Ordering;
-use std::os::unix::fs::FileExt;
 
-use ext4_view::{Ext4, Ext4Read};
 use serde::{Deserialize, Serialize};
 
-use super::partitions::{self, Kind, Partition};
+use super::file_systems::{self, BootFs};
+use super::partitions::{self, Kind};
 use super::BaseImage;
 
 /// The largest boot loader file read (an entry, a grub.cfg).
@@ -40,27 +41,6 @@ pub struct BootEntry {
     pub described: String,
 }
 
-/// A partition of the image as ext4-view reads it.
-struct PartitionReader {
-    file: std::fs::File,
-    part: Partition,
-}
-
-impl Ext4Read for PartitionReader {
-    fn read(&mut self, at: u64, dst: &mut [u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        let inside = at.checked_add(dst.len() as u64).is_some_and(|end| end <= self.part.len);
-        if !inside {
-            return Err(format!("a read at {at} past the end of partition {}", self.part.number).into());
-        }
-        Ok(self.file.read_exact_at(dst, self.part.start + at)?)
-    }
-}
-
-fn file_system(image: &BaseImage, part: Partition) -> Result<Ext4, String> {
-    let file = image.file.try_clone().map_err(|e| e.to_string())?;
-    Ext4::load(Box::new(PartitionReader { file, part })).map_err(|e| e.to_string())
-}
-
 /// Finds what `image` boots, or says what was looked for and where.
 pub fn find(image: &BaseImage) -> Result<BootEntry, String> {
     let parts = partitions::read(&image.file, image.len)?;
@@ -72,23 +52,17 @@ pub fn find(image: &BaseImage) -> Result<BootEntry, String> {
             n => format!("partition {n}"),
         };
         match part.kind {
-            Kind::EfiSystem => {
-                has_efi = true;
-                continue;
-            }
             Kind::NoFileSystem => continue,
+            Kind::EfiSystem => has_efi = true,
             Kind::Data => {}
         }
-        let fs = match file_system(image, part) {
-            Ok(fs) => fs,
-            Err(_) => {
-                passed.push(format!("{name}: no ext2/ext4 file system"));
-                continue;
-            }
+        let Some(fs) = file_systems::open(image, part) else {
+            passed.push(format!("{name}: no ext2, ext4 or FAT file system"));
+            continue;
         };
         for boot in ["/boot", ""] {
-            let found = match bls_entry(&fs, boot) {
-                Ok(None) => grub_entry(&fs, boot),
+            let found = match bls_entry(fs.as_ref(), boot) {
+                Ok(None) => grub_entry(fs.as_ref(), boot),
                 other => other,
             };
             match found {
@@ -108,14 +82,14 @@ pub fn find(image: &BaseImage) -> Result<BootEntry, String> {
     let mut why = format!(
         "{} holds nothing vmm can boot: it looked for a Boot Loader Specification entry \
          (loader/entries/*.conf) and GRUB's grub.cfg (grub/ or grub2/), in /boot or at the top of each \
-         partition's ext2/ext4 file system",
+         partition's ext2, ext4 or FAT file system",
         image.path.display()
     );
     if !passed.is_empty() {
         why += &format!(" ({})", passed.join("; "));
     }
     if has_efi {
-        why += "; it has an EFI system partition, but UEFI firmware is not supported yet";
+        why += "; it has an EFI system partition without such an entry, and UEFI firmware is not supported yet";
     }
     Err(why + ": give --kernel")
 }
@@ -125,35 +99,25 @@ pub fn find(image: &BaseImage) -> Result<BootEntry, String> {
 pub fn read_file(image: &BaseImage, partition: u32, path: &str, limit: u64) -> Result<Vec<u8>, String> {
     let parts = partitions::read(&image.file, image.len)?;
     let part = parts.into_iter().find(|p| p.number == partition).ok_or(format!("no partition {partition}"))?;
-    let fs = file_system(image, part)?;
-    let len = fs.metadata(path).map_err(|e| format!("{path}: {e}"))?.len();
-    if len > limit {
-        return Err(format!("{path} is {len} bytes, more than {limit}"));
-    }
-    fs.read(path).map_err(|e| format!("{path}: {e}"))
+    let fs = file_systems::open(image, part).ok_or(format!("partition {partition} has no file system vmm reads"))?;
+    fs.read(path, limit)
 }
 
 /// A small text file, if it is there.
-fn read_config(fs: &Ext4, path: &str) -> Result<Option<String>, String> {
-    if !fs.exists(path).unwrap_or(false) {
-        return Ok(None);
+fn read_config(fs: &dyn BootFs, path: &str) -> Result<Option<String>, String> {
+    match fs.file_len(path) {
+        None => Ok(None),
+        Some(len) if len > MAX_CONFIG_BYTES => Err(format!("{path} is {len} bytes, more than a boot loader's file is")),
+        Some(_) => Ok(Some(String::from_utf8_lossy(&fs.read(path, MAX_CONFIG_BYTES)?).into_owned())),
     }
-    let len = fs.metadata(path).map_err(|e| format!("{path}: {e}"))?.len();
-    if len > MAX_CONFIG_BYTES {
-        return Err(format!("{path} is {len} bytes, more than a boot loader's file is"));
-    }
-    let bytes = fs.read(path).map_err(|e| format!("{path}: {e}"))?;
-    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// `path` as an entry names it, resolved in `fs`: relative to the file
 /// system holding the entry, or to `boot` when /boot is a directory of it.
-fn resolve(fs: &Ext4, boot: &str, path: &str) -> Option<String> {
+fn resolve(fs: &dyn BootFs, boot: &str, path: &str) -> Option<String> {
     let path = strip_device(path);
     let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
-    [format!("{boot}{path}"), path]
-        .into_iter()
-        .find(|p| fs.metadata(p.as_str()).is_ok_and(|m| m.file_type().is_regular_file()))
+    [format!("{boot}{path}"), path].into_iter().find(|p| fs.file_len(p).is_some())
 }
 
 /// GRUB's `(hd0,gpt2)/vmlinuz` or `($root)/vmlinuz`: the path after the device.
@@ -166,14 +130,13 @@ fn strip_device(path: &str) -> &str {
 
 /// The Boot Loader Specification entry with the highest version in
 /// `boot`/loader/entries.
-fn bls_entry(fs: &Ext4, boot: &str) -> Result<Option<BootEntry>, String> {
+fn bls_entry(fs: &dyn BootFs, boot: &str) -> Result<Option<BootEntry>, String> {
     let dir = format!("{boot}/loader/entries");
-    let Ok(entries) = fs.read_dir(dir.as_str()) else { return Ok(None) };
+    let Some(mut names) = fs.files_in(&dir) else { return Ok(None) };
+    names.sort();
     let mut best: Option<(String, String, BootEntry)> = None;
-    for entry in entries.take(MAX_ENTRIES) {
-        let entry = entry.map_err(|e| format!("{dir}: {e}"))?;
-        let Ok(name) = entry.file_name().as_str().map(str::to_string) else { continue };
-        if !name.ends_with(".conf") {
+    for name in names.into_iter().take(MAX_ENTRIES) {
+        if !name.to_ascii_lowercase().ends_with(".conf") {
             continue;
         }
         let path = format!("{dir}/{name}");
@@ -246,7 +209,7 @@ fn trim_zeros(digits: &[u8]) -> &[u8] {
 }
 
 /// GRUB's default entry in `boot`/grub/grub.cfg (or grub2/).
-fn grub_entry(fs: &Ext4, boot: &str) -> Result<Option<BootEntry>, String> {
+fn grub_entry(fs: &dyn BootFs, boot: &str) -> Result<Option<BootEntry>, String> {
     for cfg in [format!("{boot}/grub/grub.cfg"), format!("{boot}/grub2/grub.cfg")] {
         let Some(text) = read_config(fs, &cfg)? else { continue };
         let menu = parse_grub(&text);

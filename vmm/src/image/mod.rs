@@ -6,6 +6,7 @@
 //! (`guest::disk`) and to load the kernel from it.
 
 pub mod boot_entry;
+pub mod file_systems;
 pub mod partitions;
 
 use std::fmt;

@@ -39,12 +39,7 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     check_memory_fits(config.guests, memory_mib, available, config.supervisor.overcommit)?;
     // A bad image is refused before any guest exists.
     if let Some(image) = &config.guest.disk {
-        let image = BaseImage::open(image).map_err(|e| Error::bad_input(e.to_string()))?;
-        if config.guest.kernel.as_os_str().is_empty() && config.guest.restore.is_none() {
-            // Each guest finds it again when it is made; said once here.
-            let entry = crate::image::boot_entry::find(&image).map_err(Error::bad_input)?;
-            eprintln!("vmm: {} boots {}", image.path().display(), entry.described);
-        }
+        BaseImage::open(image).map_err(|e| Error::bad_input(e.to_string()))?;
     }
     let manager = Manager::new(config.supervisor.clone())?;
     if manager.host() == HostKind::Pvm {
@@ -72,8 +67,13 @@ fn run_guests(config: &RunConfig, manager: &Arc<Manager>, memory_mib: u64) -> Re
         let waited = manager.wait_for_room(memory_mib * MIB);
         let t = Instant::now();
         let made = manager.create(config.guest(i), Source::Cli).and_then(|id| {
+            let info = manager.get(id)?;
+            // A guest booting its disk image: which entry, said once.
+            if let (0, Some(entry), Some(image)) = (i, &info.boot_entry, &config.guest.disk) {
+                eprintln!("vmm: {} boots {entry}", image.display());
+            }
             // What the guest costs before it has run a single instruction.
-            let memory_bytes = manager.get(id)?.memory_bytes;
+            let memory_bytes = info.memory_bytes;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             created.push(Created { ms, memory_bytes, waited_ms: waited.as_secs_f64() * 1000.0 });
             manager.start_admitted(id)

@@ -342,10 +342,9 @@ const MAX_KERNEL_BYTES: u64 = 256 << 20;
 /// larger than the guest's RAM.
 fn boot_files(entry: &BootEntry, disk: &Path, ram: u64) -> Result<(BootFile, Option<BootFile>)> {
     let image = BaseImage::open(disk).map_err(|e| Error::bad_input(e.to_string()))?;
-    let read = |path: &str, limit| {
-        boot_entry::read_file(&image, entry.partition, path, limit)
-            .map_err(|e| Error::bad_input(format!("{}: {e}", disk.display())))
-    };
+    let bad = |e: String| Error::bad_input(format!("{}: {e}", disk.display()));
+    let fs = boot_entry::open_partition(&image, entry.partition).map_err(bad)?;
+    let read = |path: &str, limit| fs.read(path, limit).map_err(bad);
     let name = |path: &str| format!("{path} in {}", disk.display());
     let memfd_err = |e: std::io::Error| Error::host(format!("cannot hold a boot file: {e}"));
     let kernel = read(&entry.kernel, MAX_KERNEL_BYTES.min(ram))?;

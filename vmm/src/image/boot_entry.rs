@@ -94,13 +94,12 @@ pub fn find(image: &BaseImage) -> Result<BootEntry, String> {
     Err(why + ": give --kernel")
 }
 
-/// The contents of `path` in partition `partition` of `image`, if it is
-/// a file of at most `limit` bytes.
-pub fn read_file(image: &BaseImage, partition: u32, path: &str, limit: u64) -> Result<Vec<u8>, String> {
+/// The file system of partition `partition` of `image` (0: the whole
+/// image), where a boot entry's files are.
+pub fn open_partition(image: &BaseImage, partition: u32) -> Result<Box<dyn BootFs>, String> {
     let parts = partitions::read(&image.file, image.len)?;
     let part = parts.into_iter().find(|p| p.number == partition).ok_or(format!("no partition {partition}"))?;
-    let fs = file_systems::open(image, part).ok_or(format!("partition {partition} has no file system vmm reads"))?;
-    fs.read(path, limit)
+    file_systems::open(image, part).ok_or(format!("partition {partition} has no file system vmm reads"))
 }
 
 /// A small text file, if it is there.

@@ -41,6 +41,16 @@ fn zero_memory() {
 }
 
 #[test]
+fn a_transport_that_does_not_exist_or_beside_a_restore_is_refused() {
+    let out = run_vmm(&["run", "--kernel", "/any", "--transport", "usb"], LIMIT);
+    assert_eq!(out.code, Some(EXIT_SETUP_FAILED), "{}", out.describe());
+    assert!(out.stderr.contains("'usb'") && out.stderr.contains("pci, mmio"), "{}", out.describe());
+    let out = run_vmm(&["run", "--restore", "/any", "--transport", "pci"], LIMIT);
+    assert_eq!(out.code, Some(EXIT_SETUP_FAILED), "{}", out.describe());
+    assert!(out.stderr.contains("cannot be used with"), "{}", out.describe());
+}
+
+#[test]
 fn unknown_flag_is_a_usage_error() {
     let out = run_vmm(&["run", "--kernel", "/any", "--memroy", "64"], LIMIT);
     assert_eq!(out.code, Some(EXIT_SETUP_FAILED), "{}", out.describe());

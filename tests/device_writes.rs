@@ -22,7 +22,7 @@ use vmm::guest::devices::bus::BusDevice;
 use vmm::guest::devices::io_gate::IoGate;
 use vmm::guest::devices::virtio::block::Block;
 use vmm::guest::devices::virtio::net::{self, Net};
-use vmm::guest::devices::virtio::{MmioDevice, Queues, VirtioDevice};
+use vmm::guest::devices::virtio::{Irq, Queues, VirtioDevice, VirtioSlot};
 use vmm::guest::disk::Disk;
 use vmm::guest::vstate::control::VcpuGate;
 use vmm::image::BaseImage;
@@ -56,19 +56,26 @@ impl Freezer for GateFreezer {
     }
 }
 
-fn reg(dev: &MmioDevice, offset: u64, value: u32) {
+fn reg(dev: &VirtioSlot, offset: u64, value: u32) {
     dev.write(0, offset, &value.to_le_bytes());
 }
 
 /// A virtio disk on `image`, read-only, writing into `mem`.
-fn disk(image: &std::path::Path, gate: &Arc<IoGate>, mem: &GuestMemoryMmap) -> MmioDevice {
+fn disk(image: &std::path::Path, gate: &Arc<IoGate>, mem: &GuestMemoryMmap) -> VirtioSlot {
     let block = Block::new(Disk::read_only(BaseImage::open(image).unwrap()));
-    MmioDevice::new(0, Box::new(block), EventFd::new(0).unwrap(), gate.clone(), Arc::new(VcpuGate::new(1)), mem.clone())
-        .unwrap()
+    VirtioSlot::new(
+        0,
+        Box::new(block),
+        Irq::Line(EventFd::new(0).unwrap()),
+        gate.clone(),
+        Arc::new(VcpuGate::new(1)),
+        mem.clone(),
+    )
+    .unwrap()
 }
 
 /// Sets the device up as a driver would, with its queue where `vq` lies.
-fn set_up_queue(dev: &MmioDevice, vq: &MockSplitQueue<GuestMemoryMmap>) {
+fn set_up_queue(dev: &VirtioSlot, vq: &MockSplitQueue<GuestMemoryMmap>) {
     reg(dev, 0x070, 0); // reset
     reg(dev, 0x070, 1 | 2);
     reg(dev, 0x024, 1);

@@ -169,18 +169,24 @@ fn bad_snapshots_are_refused_and_start_nothing() {
     let (status, e) = server.call("POST", "/guests", Some(json!({"restore": dir, "kernel": image("memtest")})));
     assert_eq!(status, 400, "{e}");
     assert!(e["error"].as_str().unwrap().contains("not both"), "{e}");
+    let (status, e) = server.call("POST", "/guests", Some(json!({"restore": dir, "transport": "pci"})));
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("keeps its snapshot's devices"), "{e}");
+    let (status, e) = server.call("POST", "/guests", Some(json!({"kernel": image("memtest"), "transport": "usb"})));
+    assert_eq!(status, 400, "{e}");
     let ids =
         |list: Value| -> Vec<u64> { list.as_array().unwrap().iter().map(|g| g["id"].as_u64().unwrap()).collect() };
     assert_eq!(ids(before), ids(server.call("GET", "/guests", None).1), "a refused restore left a guest behind");
 }
 
 /// Linux boots from its disk image (the kernel, initrd and command line
-/// its Boot Loader Specification entry names), is paused mid-boot and
-/// restored four times: each clone boots on to its init (the marker its
+/// its Boot Loader Specification entry names) on our ACPI tables with its
+/// disk on PCI, is paused mid-boot and restored four times: each clone boots on to its init (the marker its
 /// init prints on hardware KVM; on PVM hosts, where user space cannot make
 /// system calls, the kernel's line) from where the snapshot left off, which
 /// only works if its vCPU, interrupt controller, timer and serial port state
-/// came through; each finds its virtio disk and reads its partition table
+/// came through; each probes its virtio-pci disk (BAR, MSI-X, queue: the
+/// PCI state the snapshot kept) and reads its partition table
 /// through its own overlay, and the image never changes. The clones also
 /// share their kernel's pages. (This is the suite's Linux boot and disk
 /// test: one boot and four part-boots instead of seven whole boots.)
@@ -197,7 +203,8 @@ fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_c
         [("boot/vmlinux", &kernel), ("boot/initramfs.cpio.gz", &initrd), ("boot/loader/entries/tiny.conf", entry)];
     let disk = gpt_image(&work, "disk", &files, false);
     let before = std::fs::read(&disk).unwrap();
-    let server = Server::start("snap-linux");
+    let template_console = work.join("template-console");
+    let server = Server::start_with("snap-linux", &["--console-dir", template_console.to_str().unwrap()]);
     let (status, g) = server.call("POST", "/guests", Some(json!({"memory_mib": 128, "disk": disk})));
     assert_eq!(status, 201, "{g}");
     let (_, g) = server.call("GET", "/guests/0", None);
@@ -220,6 +227,19 @@ fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_c
     let (status, written) = server.call("PUT", "/guests/0/snapshot", Some(json!({"dir": snapshot})));
     assert_eq!(status, 200, "{written}");
     assert!(!console().contains("[vda]") && !console().contains("Run /init"), "snapshot not mid-boot:\n{}", console());
+    // It booted on our ACPI tables (the MADT for its CPUs, the FADT's PM
+    // blocks for S5, the DSDT's root bridge and the MCFG for PCI bus 0,
+    // where its disk is), not on the MP table.
+    let booted = std::fs::read_to_string(template_console.join("guest-0.log")).unwrap();
+    for line in [
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "ACPI: PM: (supports S0 S5)",
+        "PCI: MMCONFIG at [mem 0xe0000000-0xe00fffff] reserved",
+        "ACPI: PCI Root Bridge [PCI0]",
+        "pci 0000:00:01.0: [1af4:1042]",
+    ] {
+        assert!(booted.contains(line), "no '{line}' in the template's boot:\n{booted}");
+    }
     assert_eq!(server.call("DELETE", "/guests/0", None).0, 204);
     drop(server);
 
@@ -236,6 +256,8 @@ fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_c
         let blocks = format!("virtio_blk virtio0: [vda] {} 512-byte logical blocks", before.len() / 512);
         assert!(log.contains(&blocks), "clone {id} did not see its whole vda ({blocks}):\n{log}");
         assert!(log.contains(" vda: vda1"), "clone {id} did not read the partition table:\n{log}");
+        // The disk is a virtio-pci function, probed by the clone itself.
+        assert!(log.contains("virtio-pci 0000:00:01.0: enabling device"), "clone {id}: no disk on PCI:\n{log}");
         let overlay = overlays.join(format!("guest-{id}.overlay"));
         assert_eq!(std::fs::metadata(&overlay).unwrap().len(), before.len() as u64, "{}", overlay.display());
     }

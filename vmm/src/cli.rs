@@ -276,7 +276,7 @@ pub struct RunArgs {
     /// Start the guests from this snapshot (`vmm snapshot`) instead of
     /// booting: each is a clone of the snapshotted guest, with its kernel,
     /// command line, memory and vCPUs.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "image", "disk_readonly"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "image", "disk_readonly", "transport"])]
     pub restore: Option<PathBuf>,
     /// Raw disk image every guest gets as its virtio-blk disk (/dev/vda):
     /// opened read-only and shared; each guest writes to its own overlay.
@@ -289,6 +289,11 @@ pub struct RunArgs {
     /// Give guests the image as a read-only disk, without overlays.
     #[arg(long)]
     pub disk_readonly: bool,
+    /// How the virtio devices reach the guest: `pci` (PCI bus with ACPI,
+    /// MSI-X) or `mmio` (virtio-mmio, announced on the kernel command
+    /// line). Default: pci for Linux, mmio for our test guests.
+    #[arg(long, value_enum)]
+    pub transport: Option<config::Transport>,
     /// A network device per guest: `bridge=NAME[,subnet=CIDR]` (a TAP of
     /// its own on bridge NAME, made with the subnet's first address if
     /// absent; guest i gets address base + 2 + i, as `ip=` on its command
@@ -571,6 +576,7 @@ impl TryFrom<RunArgs> for RunConfig {
             net: args.net.map(|n| config::NetConfig::parse_cli(&n)).transpose().map_err(Error::bad_input)?,
             disk_limit: args.disk_limit.map(|l| RateLimit::parse_cli(&l)).transpose().map_err(Error::bad_input)?,
             vsock: args.vsock.map(|socket| config::VsockConfig { socket, cid: None }),
+            transport: args.transport,
         };
         let config = RunConfig {
             guest,

@@ -110,7 +110,7 @@ pub struct CreateArgs {
     pub kernel: Option<PathBuf>,
     /// Start from this snapshot instead of booting (kernel, memory and
     /// vCPUs are the snapshot's).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "disk"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "memory", "vcpus", "disk", "transport"])]
     pub restore: Option<PathBuf>,
     #[arg(long)]
     pub initrd: Option<PathBuf>,
@@ -124,6 +124,9 @@ pub struct CreateArgs {
     pub disk: Option<PathBuf>,
     #[arg(long)]
     pub disk_readonly: bool,
+    /// As `vmm run --transport`.
+    #[arg(long, value_enum)]
+    pub transport: Option<crate::config::Transport>,
     /// Default: the server's --merge-group policy.
     #[arg(long)]
     pub merge_group: Option<u32>,
@@ -162,6 +165,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                 net: c.net.as_deref().map(crate::config::NetConfig::parse_cli).transpose()?,
                 disk_limit: c.disk_limit.as_deref().map(crate::config::RateLimit::parse_cli).transpose()?,
                 vsock: c.vsock.as_ref().map(|p| crate::config::VsockConfig { socket: abs(p), cid: None }),
+                transport: c.transport,
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
         }

@@ -18,6 +18,17 @@ pub enum HostKind {
 }
 
 impl HostKind {
+    /// Whether a restored vCPU's TSC can be set to its saved value. On PVM
+    /// hosts the guest reads the host's TSC whatever KVM was told, so a
+    /// clone's TSC has moved on by the time its snapshot waited; KVM still
+    /// takes the write and would then time the LAPIC's TSC deadline against
+    /// a TSC the guest does not see, firing every timer that much late (a
+    /// clone of a kernel that keeps time with the TSC stalled). There the
+    /// TSC is left as it is, and the other clocks follow it.
+    pub fn restores_guest_tsc(self) -> bool {
+        !matches!(self, HostKind::Pvm)
+    }
+
     pub fn detect() -> Self {
         Self::detect_in(Path::new("/sys/module"))
     }
@@ -50,8 +61,14 @@ const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// KVM, in the paravirt set-up that `nopv` turns off; without it the kernel
 /// counts timer ticks over ~70 ms of TSC time and, when the emulated vCPU gets
 /// too little of a busy host in that window, panics ("IO-APIC + timer doesn't
-/// work").
-const PVM_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave nopv nopti no_timer_check \
+/// work"). `lapic=notscdeadline`: PVM's KVM does not keep an armed TSC
+/// deadline in the state a snapshot reads (it always reads 0), so a clone of
+/// a kernel that programs its LAPIC timer by TSC deadline waits for ticks
+/// that come only by chance (with an ACPI kernel, whose TSC is calibrated
+/// against the PM timer; seen in every such snapshot); the LAPIC's own
+/// count-down, which the LAPIC state carries, comes through.
+const PVM_LINUX_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 noxsave nopv nopti no_timer_check lapic=notscdeadline \
     clearcpuid=smap,smep,pku,umip,popcnt,fsgsbase,erms,fsrm,rdrand,rdseed,rdpid,avx,avx2,\
 bmi1,bmi2,clwb,clflushopt,invpcid,pcid";
 

@@ -201,6 +201,22 @@ pub struct GuestConfig {
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub vsock: Option<VsockConfig>,
+    /// How the virtio devices reach the guest; left out: PCI for Linux,
+    /// MMIO for our own test guests (a snapshot's guest keeps the one it
+    /// had; one from before PCI had MMIO).
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub transport: Option<Transport>,
+}
+
+/// The virtio transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Devices on PCI bus 0 (virtio-pci, MSI-X), described by ACPI.
+    Pci,
+    /// virtio-mmio devices, announced on the kernel command line.
+    Mmio,
 }
 
 /// A guest's vsock device (virtio-vsock), its host side a Unix socket as
@@ -394,6 +410,16 @@ impl GuestConfig {
             net: None,
             disk_limit: None,
             vsock: None,
+            transport: None,
+        }
+    }
+
+    /// The transport's name, for messages ("pci", "mmio", or "mmio" for a
+    /// guest restored from before PCI).
+    pub fn transport_name(&self) -> &'static str {
+        match self.transport {
+            Some(Transport::Pci) => "pci",
+            _ => "mmio",
         }
     }
 
@@ -442,6 +468,12 @@ impl GuestConfig {
             }
             (Some(dir), true) if dir.as_os_str().is_empty() => {
                 return Err(Error::bad_input(format!("{restore} must name a snapshot directory")))
+            }
+            (Some(_), true) if self.transport.is_some() => {
+                let transport = if source == Source::Cli { "--transport" } else { "transport" };
+                return Err(Error::bad_input(format!(
+                    "give {transport} or {restore}, not both: a clone keeps its snapshot's devices where they were"
+                )));
             }
             _ => {}
         }

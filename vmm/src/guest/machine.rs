@@ -7,22 +7,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventSubscriber, SubscriberOps};
-use kvm_ioctls::{IoEventAddress, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::GuestConfig;
+use crate::config::{GuestConfig, Transport};
 use crate::error::{Error, Result};
 use crate::guest::boot::{self, BootFile, BootSource};
 use crate::guest::devices::console::Console;
 use crate::guest::devices::doorbell::{self, Doorbell};
 use crate::guest::devices::io_gate::IoGate;
-use crate::guest::devices::virtio::{self, MmioDevice, SavedDevice, VirtioDevice};
+use crate::guest::devices::pci::msix::MsiSink;
+use crate::guest::devices::power::PmRegisters;
+use crate::guest::devices::virtio::{self, Irq, SavedDevice, VirtioDevice, VirtioSlot};
 use crate::guest::devices::{serial, Devices};
 use crate::guest::snapshot::SnapshotState;
 use crate::guest::vstate::control::VcpuGate;
 use crate::guest::vstate::kvm_stats::KvmStats;
 use crate::guest::vstate::state::{VcpuState, VmState};
-use crate::guest::vstate::{vcpu, vm};
+use crate::guest::vstate::vcpu;
+use crate::guest::vstate::vm::{self, KvmMsi};
 use crate::hypervisor::Hypervisor;
 use crate::memory::{GuestMemoryMmap, GuestRam};
 use crate::outcome::GuestEnd;
@@ -123,9 +126,7 @@ impl Guest {
         let boot = match restore {
             Some(_) => None,
             None => {
-                let mut device_args: Vec<String> = (0..virtio.len()).map(virtio::cmdline_arg).collect();
-                device_args.extend(options.kernel_args.iter().cloned());
-                let device_args = device_args.join(" ");
+                let device_args = options.kernel_args.join(" ");
                 let boot_err = |e: boot::BootError| Error::bad_input(e.to_string());
                 let (kernel, initrd) = match options.from_disk.take() {
                     Some(files) => files,
@@ -140,6 +141,8 @@ impl Guest {
                     cmdline: config.cmdline.as_deref(),
                     default_linux_cmdline: hv.host.default_linux_cmdline(),
                     device_args: &device_args,
+                    virtio_slots: virtio.len(),
+                    transport: config.transport,
                 };
                 Some(
                     boot::load(ram.memory(), config.memory_bytes(), vcpu_count, &source)
@@ -159,24 +162,35 @@ impl Guest {
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ).map_err(|e| kvm_err("cannot wire the serial interrupt", e))?;
         let io_gate = Arc::new(IoGate::default());
         let gate = Arc::new(VcpuGate::new(vcpu_count as usize));
+        // A booted guest's transport is what its boot chose; a clone's is
+        // its snapshot's (MMIO for one from before PCI).
+        let transport = match &boot {
+            Some(info) => info.transport,
+            None => config.transport.unwrap_or(Transport::Mmio),
+        };
+        let msi: Arc<dyn MsiSink> = Arc::new(KvmMsi(vm.clone()));
         let mut devices = Vec::with_capacity(virtio.len());
         for (slot, device) in virtio.into_iter().enumerate() {
             let name = device.name();
-            let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
-            vm.register_irqfd(&irq, virtio::FIRST_GSI + slot as u32)
-                .map_err(|e| kvm_err(&format!("cannot wire {name}'s interrupt"), e))?;
-            let device = MmioDevice::new(slot, device, irq, io_gate.clone(), gate.clone(), ram.memory().clone())
+            let irq = match transport {
+                Transport::Mmio => {
+                    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::host(format!("eventfd: {e}")))?;
+                    vm.register_irqfd(&irq, virtio::FIRST_GSI + slot as u32)
+                        .map_err(|e| kvm_err(&format!("cannot wire {name}'s interrupt"), e))?;
+                    Irq::Line(irq)
+                }
+                Transport::Pci => Irq::Msi(msi.clone()),
+            };
+            let device = VirtioSlot::new(slot, device, irq, io_gate.clone(), gate.clone(), ram.memory().clone())
                 .map_err(|e| Error::host(format!("eventfd: {e}")))?;
             if let Some(snapshot) = restore {
                 let saved = snapshot.devices.iter().find(|d| d.slot == slot);
                 let saved = saved.ok_or_else(|| restore_err(format!("no state for {name} in slot {slot}")))?;
                 device.restore(saved).map_err(restore_err)?;
             }
-            for (fd, addr, queue) in device.notifications() {
-                if let Err(e) = vm.register_ioevent(fd, &IoEventAddress::Mmio(addr), queue) {
-                    // Kicks then exit to the vCPU thread, which serves them.
-                    log::warn!("guest {id}: no ioeventfd for {name}'s queue {queue} ({e}); serving it on vCPU exits");
-                }
+            if let Err(e) = device.wire_notifications(&vm) {
+                // Kicks then exit to the vCPU thread, which serves them.
+                log::warn!("guest {id}: no ioeventfds for {name}'s queues ({e}); serving kicks on vCPU exits");
             }
             devices.push(Arc::new(device));
         }
@@ -189,7 +203,10 @@ impl Guest {
                     (None, Some(snapshot)) => {
                         vcpu::set_cpuid(&fd, i, &hv.cpuid, options.hide_virtualization)
                             .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
-                        snapshot.vcpus[i as usize].restore(&fd).map_err(|e| restore_err(format!("vCPU {i}: {e}")))?;
+                        let restore_tsc = hv.host.restores_guest_tsc();
+                        snapshot.vcpus[i as usize]
+                            .restore(&fd, restore_tsc)
+                            .map_err(|e| restore_err(format!("vCPU {i}: {e}")))?;
                     }
                     (None, None) => unreachable!("a guest is booted or restored"),
                 }
@@ -215,12 +232,17 @@ impl Guest {
             _ => doorbell,
         };
         let doorbell = doorbell.with_tsc_khz(tsc_khz);
-        let devices = Devices::new(serial, doorbell, console, devices).map_err(Error::host)?;
+        let power = match restore.and_then(|snapshot| snapshot.power.as_ref()) {
+            Some(saved) => PmRegisters::restore(saved, hv.host.restores_guest_tsc()),
+            None => PmRegisters::default(),
+        };
+        let pci = transport == Transport::Pci;
+        let devices = Devices::new(serial, doorbell, power, console, devices, pci).map_err(Error::host)?;
         let msr_list = hv.kvm.get_msr_index_list().map(|l| l.as_slice().to_vec()).unwrap_or_default();
         let shared = Arc::new(Shared { gate, io_gate, devices, end: Mutex::new(None) });
         Ok(Guest {
             id,
-            config: config.clone(),
+            config: GuestConfig { transport: Some(transport), ..config.clone() },
             shared,
             vcpus,
             msr_list,
@@ -341,6 +363,7 @@ impl Guest {
             vcpus,
             self.shared.devices.serial_state(),
             self.shared.devices.doorbell.save(),
+            self.shared.devices.power.save(),
             devices,
         );
         crate::guest::snapshot::write(files, &state, &self.ram)
@@ -460,7 +483,7 @@ impl dedup::DirtyTracker for DirtyPages {
 
 /// The guest's device event loop: serves its virtio devices' queue kicks
 /// (ioeventfds) and host descriptors until told to stop.
-fn spawn_io_thread(id: usize, devices: &[Arc<MmioDevice>]) -> std::io::Result<(JoinHandle<()>, Arc<AtomicBool>)> {
+fn spawn_io_thread(id: usize, devices: &[Arc<VirtioSlot>]) -> std::io::Result<(JoinHandle<()>, Arc<AtomicBool>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut events = EventManager::<Arc<dyn EventSubscriber + Send + Sync>>::new()
         .map_err(|e| std::io::Error::other(format!("event loop: {e}")))?;

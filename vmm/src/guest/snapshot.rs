@@ -14,6 +14,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::config::GuestConfig;
 use crate::error::{Error, Result};
 use crate::guest::devices::doorbell::DoorbellState;
+use crate::guest::devices::power::PmState;
 use crate::guest::devices::serial::SerialSnapshot;
 use crate::guest::devices::virtio::{self, SavedDevice};
 use crate::guest::vstate::state::{VcpuState, VmState};
@@ -32,6 +33,10 @@ pub struct SnapshotState {
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
     pub doorbell: DoorbellState,
+    /// The ACPI PM registers (absent from snapshots before they were kept:
+    /// such clones' timers count the host's clock).
+    #[serde(default)]
+    pub power: Option<PmState>,
     /// Its virtio devices, in slot order (a disk's overlay is
     /// [`OVERLAY_FILE`]).
     pub devices: Vec<SavedDevice>,
@@ -44,9 +49,11 @@ impl SnapshotState {
         vcpus: Vec<VcpuState>,
         serial: SerialSnapshot,
         doorbell: DoorbellState,
+        power: PmState,
         devices: Vec<SavedDevice>,
     ) -> Self {
-        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell, devices }
+        let power = Some(power);
+        SnapshotState { format: FORMAT.into(), version: VERSION, config, vm, vcpus, serial, doorbell, power, devices }
     }
 
     /// The saved state of the device called `name`.

@@ -19,6 +19,7 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -26,6 +27,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_BASE, IOAPIC_DEFAULT_BASE};
+use crate::guest::devices::pci;
 use crate::guest::devices::serial::{COM1_BASE, COM1_IRQ};
 use crate::memory::GuestMemoryMmap;
 
@@ -60,9 +62,10 @@ pub fn is_power_off(value: u16) -> bool {
     value & SLEEP_ENABLE != 0 && (value >> SLEEP_TYPE_SHIFT) & 0x7 == S5_SLEEP_TYPE
 }
 
-/// The tables for a guest of `vcpus` vCPUs, each at its guest address,
-/// the RSDP first at [`RSDP_START`].
-pub fn tables(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
+/// The tables for a guest of `vcpus` vCPUs, with PCI bus 0 (the root
+/// bridge in the DSDT, its ECAM in an MCFG) if `pci`, each at its guest
+/// address, the RSDP first at [`RSDP_START`].
+pub fn tables(vcpus: u8, pci: bool) -> Vec<(u64, Vec<u8>)> {
     let mut at = RSDP_START + Rsdp::len() as u64;
     let mut place = |bytes: Vec<u8>| {
         at = at.next_multiple_of(16);
@@ -70,22 +73,23 @@ pub fn tables(vcpus: u8) -> Vec<(u64, Vec<u8>)> {
         at += bytes.len() as u64;
         (here, bytes)
     };
-    let dsdt = place(dsdt());
+    let dsdt = place(dsdt(pci));
     let fadt = place(fadt(dsdt.0));
     let madt = place(madt(vcpus));
+    let mcfg = pci.then(|| place(mcfg()));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    for (addr, _) in [&fadt, &madt] {
+    for (addr, _) in [Some(&fadt), Some(&madt), mcfg.as_ref()].into_iter().flatten() {
         xsdt.add_entry(*addr);
     }
     let xsdt = place(bytes_of(&xsdt));
     let rsdp = (RSDP_START, bytes_of(&Rsdp::new(OEM_ID, xsdt.0)));
     assert!(at <= AREA_END, "ACPI tables overflow the BIOS area");
-    vec![rsdp, xsdt, fadt, madt, dsdt]
+    [Some(rsdp), Some(xsdt), Some(fadt), Some(madt), mcfg, Some(dsdt)].into_iter().flatten().collect()
 }
 
 /// Writes the tables into guest memory.
-pub fn write(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), String> {
-    for (addr, bytes) in tables(vcpus) {
+pub fn write(mem: &GuestMemoryMmap, vcpus: u8, pci: bool) -> Result<(), String> {
+    for (addr, bytes) in tables(vcpus, pci) {
         mem.write_slice(&bytes, GuestAddress(addr)).map_err(|e| format!("ACPI tables: {e}"))?;
     }
     Ok(())
@@ -156,8 +160,16 @@ fn madt(vcpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
-/// The DSDT: COM1 with its ports and interrupt, and `_S5_`.
-fn dsdt() -> Vec<u8> {
+/// The MCFG: bus 0's ECAM window.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(pci::ECAM_BASE, 0, 0, 0);
+    bytes_of(&mcfg)
+}
+
+/// The DSDT: COM1 with its ports and interrupt, PCI bus 0's root bridge
+/// (for a guest with PCI) and `_S5_`.
+fn dsdt(pci: bool) -> Vec<u8> {
     let (ports, irq) =
         (aml::IO::new(COM1_BASE, COM1_BASE, 1, 8), aml::Interrupt::new(true, true, false, false, COM1_IRQ));
     let resources = aml::ResourceTemplate::new(vec![&ports, &irq]);
@@ -168,7 +180,32 @@ fn dsdt() -> Vec<u8> {
         aml::Name::new("_CRS".into(), &resources),
     );
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1]);
+    // PCI bus 0's root bridge (PCI Express, so the MCFG's window is used),
+    // its resources: bus 0, the configuration ports, the I/O ports around
+    // them, and the memory window BARs go in.
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(pci::CONFIG_PORTS, pci::CONFIG_PORTS, 1, pci::CONFIG_PORTS_LEN as u8);
+    let io_low = aml::AddressSpace::new_io(0u16, pci::CONFIG_PORTS - 1, None);
+    let io_high = aml::AddressSpace::new_io(pci::CONFIG_PORTS + pci::CONFIG_PORTS_LEN, 0xffffu16, None);
+    let window_end = (pci::WINDOW_BASE + pci::WINDOW_SIZE - 1) as u32;
+    let cacheable = aml::AddressSpaceCacheable::NotCacheable;
+    let window = aml::AddressSpace::new_memory(cacheable, true, pci::WINDOW_BASE as u32, window_end, None);
+    let resources = aml::ResourceTemplate::new(vec![&buses, &config_ports, &io_low, &io_high, &window]);
+    let (pcie, pci_compatible) = (aml::EISAName::new("PNP0A08"), aml::EISAName::new("PNP0A03"));
+    let (hid, cid, seg, uid, bbn, crs) = (
+        aml::Name::new("_HID".into(), &pcie),
+        aml::Name::new("_CID".into(), &pci_compatible),
+        aml::Name::new("_SEG".into(), &aml::ZERO),
+        aml::Name::new("_UID".into(), &aml::ZERO),
+        aml::Name::new("_BBN".into(), &aml::ZERO),
+        aml::Name::new("_CRS".into(), &resources),
+    );
+    let root_bridge = aml::Device::new("PCI0".into(), vec![&hid, &cid, &seg, &uid, &bbn, &crs]);
+    let mut devices: Vec<&dyn Aml> = vec![&com1];
+    if pci {
+        devices.push(&root_bridge);
+    }
+    let system_bus = aml::Scope::new("\\_SB_".into(), devices);
     let s5_type = S5_SLEEP_TYPE as u8;
     let s5_package = aml::Package::new(vec![&s5_type, &s5_type, &aml::ZERO, &aml::ZERO]);
     let s5 = aml::Name::new("_S5_".into(), &s5_package);
@@ -189,8 +226,8 @@ mod tests {
 
     #[test]
     fn every_table_is_whole_and_checksummed_and_the_rsdp_finds_them() {
-        for vcpus in [1, 4, 32] {
-            let tables = tables(vcpus);
+        for (vcpus, pci) in [(1, false), (4, true), (32, true)] {
+            let tables = tables(vcpus, pci);
             let (rsdp_at, rsdp) = &tables[0];
             assert_eq!((*rsdp_at, &rsdp[..8]), (RSDP_START, &b"RSD PTR "[..]));
             assert_eq!((sum(&rsdp[..20]), sum(rsdp)), (0, 0));
@@ -204,7 +241,11 @@ mod tests {
             }
             let listed: Vec<Vec<u8>> =
                 xsdt[36..].chunks(8).map(|c| find(u64::from_le_bytes(c.try_into().unwrap()))[..4].to_vec()).collect();
-            assert_eq!(listed, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+            let mut expected = vec![b"FACP".to_vec(), b"APIC".to_vec()];
+            if pci {
+                expected.push(b"MCFG".to_vec());
+            }
+            assert_eq!(listed, expected);
             let madt = find(tables.iter().find(|(_, t)| &t[..4] == b"APIC").unwrap().0);
             let cpus = madt[44..].chunks(8).take_while(|e| e[0] == 0).count();
             assert_eq!(cpus, vcpus as usize);

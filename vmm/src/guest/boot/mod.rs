@@ -26,6 +26,9 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use crate::config::Transport;
+use crate::guest::devices::pci::{ECAM_BASE, ECAM_SIZE};
+use crate::guest::devices::virtio;
 use crate::memory::{ram_ranges, GuestMemoryMmap};
 use layout::*;
 
@@ -37,6 +40,8 @@ pub struct BootInfo {
     /// Start every vCPU at `entry` (our test guests) instead of only the
     /// first, with the others waiting for INIT/SIPI (Linux).
     pub all_vcpus_at_entry: bool,
+    /// Where its virtio devices go.
+    pub transport: Transport,
 }
 
 #[derive(Debug)]
@@ -125,9 +130,12 @@ pub struct BootSource<'a> {
     pub cmdline: Option<&'a str>,
     /// Used for a Linux kernel when the user gave no command line.
     pub default_linux_cmdline: &'a str,
-    /// Appended to any command line: the devices the guest has
-    /// (`virtio_mmio.device=...`).
+    /// Appended to any command line (`ip=` for its network).
     pub device_args: &'a str,
+    /// How many virtio devices it has, and on which transport (`None`:
+    /// PCI for Linux, MMIO for our own guests, which drive only that).
+    pub virtio_slots: usize,
+    pub transport: Option<Transport>,
 }
 
 /// Loads `source` into `mem` (a guest of `ram_size` bytes with `vcpus` vCPUs)
@@ -165,7 +173,13 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
         None if all_vcpus_at_entry => "",
         None => source.default_linux_cmdline,
     };
-    let text = format!("{} {}", text.trim(), source.device_args.trim());
+    let transport = source.transport.unwrap_or(if all_vcpus_at_entry { Transport::Mmio } else { Transport::Pci });
+    let mut args: Vec<String> = match transport {
+        Transport::Mmio => (0..source.virtio_slots).map(virtio::cmdline_arg).collect(),
+        Transport::Pci => Vec::new(),
+    };
+    args.push(source.device_args.trim().to_string());
+    let text = format!("{} {}", text.trim(), args.join(" ").trim());
     let cmdline = build_cmdline(&text)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|e| BootError::Cmdline(e.to_string()))?;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
@@ -179,12 +193,13 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
 
     // A Linux kernel with ACPI reads the ACPI tables, one without it the MP
     // table; our own test guests read neither and get neither.
+    let pci = transport == Transport::Pci;
     if !all_vcpus_at_entry {
-        acpi::write(mem, vcpus).map_err(BootError::BootStructures)?;
+        acpi::write(mem, vcpus, pci).map_err(BootError::BootStructures)?;
         params.acpi_rsdp_addr = acpi::RSDP_START;
     }
 
-    let e820 = e820_map(ram_size);
+    let e820 = e820_map(ram_size, pci);
     params.e820_entries = e820.len() as u8;
     for (slot, entry) in params.e820_table.iter_mut().zip(&e820) {
         *slot = *entry;
@@ -195,7 +210,7 @@ pub fn load(mem: &GuestMemoryMmap, ram_size: u64, vcpus: u8, source: &BootSource
     mptable::write(mem, vcpus).map_err(BootError::BootStructures)?;
     long_mode::write_tables(mem).map_err(BootError::BootStructures)?;
 
-    Ok(BootInfo { entry, all_vcpus_at_entry })
+    Ok(BootInfo { entry, all_vcpus_at_entry, transport })
 }
 
 enum KernelFormat {
@@ -241,9 +256,12 @@ fn load_initrd(mem: &GuestMemoryMmap, ram_size: u64, initrd: &BootFile) -> Resul
     Ok((addr, size))
 }
 
-/// The e820 map: base memory below the EBDA, then everything from 1 MiB.
-pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
+/// The e820 map: base memory below the EBDA, then everything from 1 MiB;
+/// with PCI, the ECAM window reserved (Linux uses the MCFG's window only
+/// if the firmware reserved it).
+pub fn e820_map(ram_size: u64, pci: bool) -> Vec<boot_e820_entry> {
     const E820_RAM: u32 = 1;
+    const E820_RESERVED: u32 = 2;
     let ram = |addr, size| boot_e820_entry { addr, size, r#type: E820_RAM };
     let mut map = vec![ram(0, EBDA_START)];
     for (base, len) in ram_ranges(ram_size) {
@@ -252,6 +270,10 @@ pub fn e820_map(ram_size: u64) -> Vec<boot_e820_entry> {
         if end > start {
             map.push(ram(start, end - start));
         }
+    }
+    if pci {
+        map.push(boot_e820_entry { addr: ECAM_BASE, size: ECAM_SIZE, r#type: E820_RESERVED });
+        map.sort_by_key(|e| e.addr);
     }
     map
 }
@@ -264,7 +286,15 @@ mod tests {
     use vm_memory::Bytes;
 
     fn entries(ram: u64) -> Vec<(u64, u64, u32)> {
-        e820_map(ram).iter().map(|e| (e.addr, e.size, e.r#type)).collect()
+        e820_map(ram, false).iter().map(|e| (e.addr, e.size, e.r#type)).collect()
+    }
+
+    #[test]
+    fn e820_reserves_the_ecam_window_for_pci() {
+        let map = e820_map(128 * MIB, true);
+        let ecam: Vec<_> = map.iter().filter(|e| e.r#type == 2).map(|e| (e.addr, e.size)).collect();
+        assert_eq!(ecam, vec![(ECAM_BASE, ECAM_SIZE)]);
+        assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr), "sorted, no overlap");
     }
 
     #[test]
@@ -289,6 +319,8 @@ mod tests {
             cmdline,
             default_linux_cmdline: "console=ttyS0 default",
             device_args: "",
+            virtio_slots: 0,
+            transport: None,
         }
     }
 
@@ -348,7 +380,8 @@ mod tests {
         let initrd = temp_file("initrd", &[7u8; 5000]);
         let src = source(&kernel, Some(&initrd), Some("console=ttyS0 quiet"));
         let info = load(ram.memory(), 32 * MIB, 2, &src).unwrap();
-        assert_eq!(info, BootInfo { entry: GuestAddress(HIMEM_START), all_vcpus_at_entry: false });
+        let linux = BootInfo { entry: GuestAddress(HIMEM_START), all_vcpus_at_entry: false, transport: Transport::Pci };
+        assert_eq!(info, linux, "Linux gets PCI by default");
         let mem = ram.memory();
         let mut code = [0u8; 16];
         mem.read_slice(&mut code, GuestAddress(HIMEM_START)).unwrap();
@@ -360,7 +393,7 @@ mod tests {
         let mut cmd = [0u8; 20];
         mem.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&cmd, b"console=ttyS0 quiet\0");
-        assert_eq!(params.e820_entries, 2);
+        assert_eq!(params.e820_entries, 3, "RAM twice and the ECAM window");
         let (rd_addr, rd_size) = (params.hdr.ramdisk_image as u64, params.hdr.ramdisk_size);
         assert_eq!(rd_size, 5000);
         assert_eq!(rd_addr % 4096, 0);

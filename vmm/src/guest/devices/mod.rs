@@ -8,6 +8,7 @@ pub mod console;
 pub mod doorbell;
 pub mod i8042;
 pub mod io_gate;
+pub mod pci;
 pub mod power;
 pub mod rate_limiter;
 pub mod serial;
@@ -42,20 +43,24 @@ pub struct Devices {
     mmio: Bus,
     serial: Arc<SerialPort>,
     pub doorbell: Arc<Doorbell>,
+    pub power: Arc<power::PmRegisters>,
     pub console: Console,
     /// In slot order.
-    pub virtio: Vec<Arc<virtio::MmioDevice>>,
+    pub virtio: Vec<Arc<virtio::VirtioSlot>>,
 }
 
 impl Devices {
     /// Puts the devices on their buses: COM1, the i8042's ports, the ACPI
     /// PM registers, the doorbell page (for a guest that asks for
-    /// it) and each virtio device's slot.
+    /// it), and each virtio device's slot on MMIO or, with `pci`, PCI bus 0
+    /// (its configuration ports, its ECAM window and its BAR window).
     pub fn new(
         serial: Serial,
         doorbell: Doorbell,
+        power: power::PmRegisters,
         console: Console,
-        virtio: Vec<Arc<virtio::MmioDevice>>,
+        virtio: Vec<Arc<virtio::VirtioSlot>>,
+        pci: bool,
     ) -> Result<Self, String> {
         let serial = Arc::new(SerialPort(Mutex::new(serial)));
         let doorbell = Arc::new(doorbell);
@@ -65,16 +70,25 @@ impl Devices {
             pio.insert(u64::from(port), 1, Arc::new(i8042::Port(port)))?;
         }
         let pm = (u64::from(crate::guest::boot::acpi::PM_BASE), u64::from(crate::guest::boot::acpi::PM_LEN));
-        pio.insert(pm.0, pm.1, Arc::new(power::PmRegisters::default()))?;
+        let power = Arc::new(power);
+        pio.insert(pm.0, pm.1, power.clone())?;
         if doorbell.is_mapped() {
             let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
             mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
         }
-        for device in &virtio {
-            let (base, len) = device.range();
+        for device in virtio.iter().filter(|d| !d.is_pci()) {
+            let (base, len) = device.mmio_range();
             mmio.insert(base, len, device.clone())?;
         }
-        Ok(Devices { pio, mmio, serial, doorbell, console, virtio })
+        if pci {
+            let functions = virtio.iter().filter(|d| d.is_pci()).map(|d| d.clone() as Arc<dyn pci::PciFunction>);
+            let bus = Arc::new(pci::PciBus::new(functions.collect())?);
+            let ports = (u64::from(pci::CONFIG_PORTS), u64::from(pci::CONFIG_PORTS_LEN));
+            pio.insert(ports.0, ports.1, Arc::new(pci::ConfigPorts(bus.clone())))?;
+            mmio.insert(pci::ECAM_BASE, pci::ECAM_SIZE, Arc::new(pci::Ecam(bus.clone())))?;
+            mmio.insert(pci::WINDOW_BASE, pci::WINDOW_SIZE, Arc::new(pci::BarWindow(bus)))?;
+        }
+        Ok(Devices { pio, mmio, serial, doorbell, power, console, virtio })
     }
 
     /// The serial port's registers, for a snapshot.
@@ -145,7 +159,7 @@ mod tests {
     fn bare_devices() -> Devices {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
-        Devices::new(serial, Doorbell::new(7, 1, 3), console, Vec::new()).unwrap()
+        Devices::new(serial, Doorbell::new(7, 1, 3), Default::default(), console, Vec::new(), false).unwrap()
     }
 
     #[test]
@@ -183,7 +197,7 @@ mod tests {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
         let doorbell = Doorbell::new(7, 1, 3).unmapped();
-        let devices = Devices::new(serial, doorbell, console, Vec::new()).unwrap();
+        let devices = Devices::new(serial, doorbell, Default::default(), console, Vec::new(), false).unwrap();
         let mut w = [0u8; 8];
         devices.mmio_read(0, doorbell::DOORBELL_BASE + doorbell::GUEST_ID, &mut w);
         assert_eq!(w, [0xff; 8]);
@@ -205,7 +219,8 @@ mod tests {
     fn fuzzed_port_and_mmio_accesses() {
         let console = Console::with_sink(Box::new(std::io::sink()));
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
-        let devices = Devices::new(serial, Doorbell::new(7, 2, 3), console, Vec::new()).unwrap();
+        let devices =
+            Devices::new(serial, Doorbell::new(7, 2, 3), Default::default(), console, Vec::new(), false).unwrap();
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..50_000 {
             x ^= x << 13;

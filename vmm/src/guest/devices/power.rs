@@ -5,10 +5,19 @@
 //! reads clear; other sleep states are not offered (`_S5_` is the only one
 //! named) and writes asking for them are ignored.
 //!
-//! The timer counts the host's monotonic clock at 3.579545 MHz (32 bits),
-//! so it never runs backwards, for a restored clone either.
+//! The timer counts the host's monotonic clock at 3.579545 MHz (32 bits).
+//! A clone's timer moves as its TSC does, so the kernel's clocks agree
+//! (Linux's clocksource watchdog compares them, and drops a TSC that skews
+//! from the PM timer): where the restore sets the TSC to its saved value
+//! the timer goes on from its saved value too; on PVM hosts, where the
+//! guest's TSC is the host's and has moved on by however long the
+//! snapshot waited, the timer is the host's clock again and has moved on
+//! as much.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
 
 use super::bus::BusDevice;
 use super::Action;
@@ -24,22 +33,49 @@ const TIMER: u64 = (PM_TIMER - PM_BASE) as u64;
 pub struct PmRegisters {
     /// PM1 enable and control as the guest last wrote them.
     regs: Mutex<(u16, u16)>,
+    /// Added to the host clock's ticks to make the guest's timer.
+    timer_offset: AtomicU32,
+}
+
+/// The registers in a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PmState {
+    enable: u16,
+    control: u16,
+    timer: u32,
 }
 
 impl PmRegisters {
+    /// Registers that go on from `saved`; the timer counts on from its
+    /// saved value if `timer_from_saved` (the clone's TSC does too), else
+    /// from the host's clock.
+    pub fn restore(saved: &PmState, timer_from_saved: bool) -> Self {
+        let offset = if timer_from_saved { saved.timer.wrapping_sub(host_ticks()) } else { 0 };
+        PmRegisters { regs: Mutex::new((saved.enable, saved.control)), timer_offset: AtomicU32::new(offset) }
+    }
+
+    pub fn save(&self) -> PmState {
+        let (enable, control) = *self.regs.lock().unwrap();
+        PmState { enable, control, timer: self.timer() }
+    }
+
+    fn timer(&self) -> u32 {
+        host_ticks().wrapping_add(self.timer_offset.load(Ordering::Relaxed))
+    }
+
     /// The registers as they read now, little endian from [`PM_BASE`].
     fn image(&self) -> [u8; acpi::PM_LEN as usize] {
         let (enable, control) = *self.regs.lock().unwrap();
         let mut image = [0u8; acpi::PM_LEN as usize];
         image[ENABLE as usize..][..2].copy_from_slice(&enable.to_le_bytes());
         image[CONTROL as usize..][..2].copy_from_slice(&(control | acpi::SCI_ENABLED).to_le_bytes());
-        image[TIMER as usize..][..4].copy_from_slice(&timer_now().to_le_bytes());
+        image[TIMER as usize..][..4].copy_from_slice(&self.timer().to_le_bytes());
         image
     }
 }
 
-/// The PM timer's value now.
-fn timer_now() -> u32 {
+/// The host's monotonic clock in PM timer ticks (wrapping at 32 bits).
+fn host_ticks() -> u32 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes the timespec we pass and nothing else.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
@@ -112,5 +148,30 @@ mod tests {
         let mut beyond = [0u8; 2];
         pm.read(0, 11, &mut beyond);
         assert_eq!(beyond, [read(&pm, PM_TIMER + 3, 1) as u8, 0xff]);
+    }
+
+    /// A restored timer goes on from its saved value, however long the
+    /// snapshot waited, and the registers come back as they were saved.
+    #[test]
+    fn a_restored_timer_goes_on_from_its_saved_value() {
+        let pm = PmRegisters::default();
+        pm.write(0, 2, &0x0100u16.to_le_bytes());
+        let saved = pm.save();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let clone = PmRegisters::restore(&saved, true);
+        let ticks = (read(&clone, PM_TIMER, 4) as u32).wrapping_sub(saved.timer);
+        // 200 ms would be 715,909 ticks.
+        assert!(ticks < PM_TIMER_HZ as u32 / 20, "the clone's timer jumped {ticks} ticks");
+        assert_eq!(read(&clone, PM1_EVENT + 2, 2), 0x0100);
+        let restored = clone.save();
+        assert_eq!((restored.enable, restored.control), (saved.enable, saved.control));
+        // Following the host's clock (a PVM host's clone), it has moved on.
+        let on_host_clock = PmRegisters::restore(&saved, false);
+        let moved = (read(&on_host_clock, PM_TIMER, 4) as u32).wrapping_sub(saved.timer);
+        assert!(moved >= PM_TIMER_HZ as u32 / 10, "{moved} ticks after 200 ms");
+        assert_eq!(read(&on_host_clock, PM1_EVENT + 2, 2), 0x0100);
+        // Across the 32-bit wrap too.
+        let near_wrap = PmRegisters::restore(&PmState { timer: u32::MAX - 5, ..saved }, true);
+        assert!((read(&near_wrap, PM_TIMER, 4) as u32).wrapping_sub(u32::MAX - 5) < PM_TIMER_HZ as u32 / 20);
     }
 }

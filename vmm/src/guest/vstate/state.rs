@@ -5,8 +5,10 @@
 //!
 //! The order of the writes matters to KVM (as in other VMMs): CPUID first,
 //! then MSRs (the TSC before the TSC deadline), registers, special
-//! registers, XSAVE, XCRs, debug registers, the LAPIC, the MP state and the
-//! pending events last, since they refer to the rest.
+//! registers, XSAVE, XCRs, debug registers, the LAPIC, the TSC deadline
+//! once more (KVM takes it only with the LAPIC timer in deadline mode; see
+//! `timer_deadline`), the MP state and the pending events last, since they
+//! refer to the rest.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
@@ -15,6 +17,13 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+/// The time stamp counter.
+const MSR_IA32_TSC: u32 = 0x10;
+/// The LAPIC timer's deadline in TSC-deadline mode.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's timer LVT register, in its register page.
+const APIC_LVTT: usize = 0x320;
 
 /// KVM's limit on MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSRS_PER_CALL: usize = 256;
@@ -52,10 +61,13 @@ impl VcpuState {
         })
     }
 
-    /// Writes the state into a vCPU whose CPUID is set and that has not run.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), String> {
+    /// Writes the state into a vCPU whose CPUID is set and that has not
+    /// run; its TSC too if `restore_tsc` (see `HostKind::restores_guest_tsc`).
+    pub fn restore(&self, fd: &VcpuFd, restore_tsc: bool) -> Result<(), String> {
         let step = |what: &str, r: KvmResult<()>| r.map_err(|e| format!("restoring {what}: {e}"));
-        restore_msrs(fd, &self.msrs)?;
+        let msrs: Vec<kvm_msr_entry> =
+            self.msrs.iter().filter(|m| restore_tsc || m.index != MSR_IA32_TSC).copied().collect();
+        restore_msrs(fd, &msrs)?;
         step("the registers", fd.set_regs(&self.regs))?;
         step("the special registers", fd.set_sregs(&self.sregs))?;
         // SAFETY: a legacy 4 KiB kvm_xsave, as KVM_GET_XSAVE returned it,
@@ -64,8 +76,27 @@ impl VcpuState {
         step("the XCRs", fd.set_xcrs(&self.xcrs))?;
         step("the debug registers", fd.set_debug_regs(&self.debug_regs))?;
         step("the LAPIC", fd.set_lapic(&self.lapic))?;
+        if let Some(deadline) = self.timer_deadline() {
+            let entry = kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: deadline, ..Default::default() };
+            restore_msrs(fd, &[entry])?;
+        }
         step("the MP state", fd.set_mp_state(self.mp_state))?;
         step("the pending events", fd.set_vcpu_events(&self.events))
+    }
+
+    /// The TSC deadline to arm once the LAPIC is set, if its timer is in
+    /// TSC-deadline mode and unmasked. KVM drops a deadline written while
+    /// the timer is in another mode (a fresh vCPU's), and setting the
+    /// LAPIC does not arm it, so it is written again after. A deadline of
+    /// 0 is armed in the past: the timer fired while the guest was paused,
+    /// and KVM keeps such a tick outside the LAPIC state it saves, so the
+    /// clone would wait for it forever (its kernel's clock stopped); it
+    /// gets one tick at once instead, which a kernel takes as an early one.
+    fn timer_deadline(&self) -> Option<u64> {
+        let lvtt = u32::from_le_bytes(std::array::from_fn(|i| self.lapic.regs[APIC_LVTT + i] as u8));
+        let deadline_mode = (lvtt >> 17) & 3 == 2 && lvtt & (1 << 16) == 0;
+        let saved = self.msrs.iter().find(|m| m.index == MSR_IA32_TSC_DEADLINE).map_or(0, |m| m.data);
+        deadline_mode.then_some(saved.max(1))
     }
 
     pub fn msr_count(&self) -> usize {

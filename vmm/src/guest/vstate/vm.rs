@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVMIO,
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVMIO,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
     KVM_PIT_SPEAKER_DUMMY,
 };
@@ -13,6 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use crate::guest::devices::pci::msix::{MsiMessage, MsiSink};
 use crate::memory::{GuestRam, PAGE_SIZE};
 
 /// Where KVM keeps the TSS it needs on Intel (three pages below the BIOS).
@@ -113,5 +114,23 @@ impl DirtyLog {
             first += words;
         }
         Ok(())
+    }
+}
+
+/// MSI messages into the VM through KVM_SIGNAL_MSI: the in-kernel LAPICs
+/// take them as a write to their window, no routing table needed.
+pub struct KvmMsi(pub Arc<VmFd>);
+
+impl MsiSink for KvmMsi {
+    fn signal(&self, message: MsiMessage) {
+        let msi = kvm_msi {
+            address_lo: message.address as u32,
+            address_hi: (message.address >> 32) as u32,
+            data: message.data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            log::warn!("cannot deliver an MSI ({:#x}, {:#x}): {e}", message.address, message.data);
+        }
     }
 }

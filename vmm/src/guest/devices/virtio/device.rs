@@ -1,9 +1,9 @@
 //! What a virtio device is to the transport: its type, features, queues,
 //! configuration space, how it serves a queue and the host descriptors it
-//! waits on, and what a snapshot keeps of it. The transport
-//! ([`super::MmioDevice`]) does the rest: registers, notifications,
-//! interrupts, the I/O thread and the transport's half of a snapshot, the
-//! same for every device.
+//! waits on, and what a snapshot keeps of it. Its slot
+//! ([`super::VirtioSlot`], on either transport) does the rest: registers,
+//! notifications, interrupts, the I/O thread and the transport's half of a
+//! snapshot, the same for every device.
 
 use std::io;
 use std::os::fd::RawFd;

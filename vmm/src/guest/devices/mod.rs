@@ -113,6 +113,21 @@ impl Devices {
     }
 }
 
+/// A xorshift generator for the fuzz tests: hostile register traffic,
+/// the same on every run.
+#[cfg(test)]
+pub struct XorShift(pub u64);
+
+#[cfg(test)]
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
 /// COM1's eight registers.
 struct SerialPort(Mutex<Serial>);
 
@@ -221,11 +236,9 @@ mod tests {
         let serial = serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), console.clone());
         let devices =
             Devices::new(serial, Doorbell::new(7, 2, 3), Default::default(), console, Vec::new(), false).unwrap();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::guest::devices::XorShift(0x2545_f491_4f6c_dd1d);
         for _ in 0..50_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let len = [1usize, 2, 4, 8][(x >> 50) as usize % 4];
             let mut data: Vec<u8> = (0..len).map(|i| (x >> (8 * i)) as u8).collect();
             let port = if x.is_multiple_of(3) { 0x3f8 + (x >> 20) as u16 % 8 } else { (x >> 16) as u16 };

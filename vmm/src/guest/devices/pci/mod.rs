@@ -427,11 +427,9 @@ mod tests {
     fn fuzzed_configuration_accesses() {
         let bus = bus();
         let (ports, ecam, window) = (ConfigPorts(bus.clone()), Ecam(bus.clone()), BarWindow(bus.clone()));
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::guest::devices::XorShift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..50_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let len = [1usize, 2, 4, 8][(x >> 40) as usize % 4];
             let mut data: Vec<u8> = (0..len).map(|i| (x >> (8 * i)) as u8).collect();
             let write = x & 1 == 0;

@@ -197,11 +197,9 @@ mod tests {
     #[test]
     fn fuzzed_register_accesses() {
         let mut t = transport(2, 1 << 32, &[256, 16]);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::guest::devices::XorShift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..100_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let offset = if x.is_multiple_of(4) { x >> 20 } else { (x >> 8) % 0x100 };
             let len = [0usize, 1, 2, 3, 4, 8, 16][(x >> 40) as usize % 7];
             let mut data: Vec<u8> = (0..len).map(|i| (x >> (i % 8)) as u8).collect();

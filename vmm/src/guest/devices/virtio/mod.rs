@@ -541,17 +541,6 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-    }
-
     fn device(dir: &std::path::Path, mem: &GuestMemoryMmap) -> VirtioSlot {
         let path = dir.join("base.img");
         std::fs::write(&path, vec![0x5a; 64 * 512]).unwrap();
@@ -755,7 +744,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let dev = device(&dir, &mem);
-        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut rng = crate::guest::devices::XorShift(0x2545_f491_4f6c_dd1d);
         for round in 0..400 {
             // A driver that sets the queue up (sometimes), then garbage.
             let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
@@ -773,18 +762,18 @@ mod tests {
             }
             // Random descriptors (addresses, lengths, flags, next) and a
             // random avail ring.
-            let garbage: Vec<u8> = (0..16 * 16 + 4 + 2 * 16).map(|_| rng.next() as u8).collect();
+            let garbage: Vec<u8> = (0..16 * 16 + 4 + 2 * 16).map(|_| rng.next_u64() as u8).collect();
             let (desc, avail) = garbage.split_at(16 * 16);
             mem.write_slice(desc, vq.desc_table_addr()).unwrap();
             mem.write_slice(avail, vq.avail_addr()).unwrap();
             for _ in 0..8 {
-                let offset = match rng.next() % 3 {
-                    0 => rng.next() % 0x1100,
-                    _ => (rng.next() % 0x40) * 4,
+                let offset = match rng.next_u64() % 3 {
+                    0 => rng.next_u64() % 0x1100,
+                    _ => (rng.next_u64() % 0x40) * 4,
                 };
-                let len = [1usize, 2, 4, 8, 3][rng.next() as usize % 5];
-                let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-                if rng.next().is_multiple_of(2) {
+                let len = [1usize, 2, 4, 8, 3][rng.next_u64() as usize % 5];
+                let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+                if rng.next_u64().is_multiple_of(2) {
                     dev.write(0, offset, &data);
                 } else {
                     let mut out = vec![0u8; len];

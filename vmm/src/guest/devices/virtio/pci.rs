@@ -438,11 +438,9 @@ mod tests {
     #[test]
     fn fuzzed_bar_and_config_accesses() {
         let mut t = transport();
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rng = crate::guest::devices::XorShift(0x2545_f491_4f6c_dd1d);
         for _ in 0..100_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let x = rng.next_u64();
             let len = [1usize, 2, 4, 8][(x >> 40) as usize % 4];
             let mut data: Vec<u8> = (0..len).map(|i| (x >> (8 * i)) as u8).collect();
             let offset = (x >> 8) % 0x4100;

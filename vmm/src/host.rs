@@ -61,12 +61,12 @@ const LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// KVM, in the paravirt set-up that `nopv` turns off; without it the kernel
 /// counts timer ticks over ~70 ms of TSC time and, when the emulated vCPU gets
 /// too little of a busy host in that window, panics ("IO-APIC + timer doesn't
-/// work"). `lapic=notscdeadline`: PVM's KVM does not keep an armed TSC
-/// deadline in the state a snapshot reads (it always reads 0), so a clone of
-/// a kernel that programs its LAPIC timer by TSC deadline waits for ticks
-/// that come only by chance (with an ACPI kernel, whose TSC is calibrated
-/// against the PM timer; seen in every such snapshot); the LAPIC's own
-/// count-down, which the LAPIC state carries, comes through.
+/// work"). `lapic=notscdeadline`: PVM's KVM seldom shows an armed TSC
+/// deadline in the state a snapshot reads (11 of 12 snapshots of a running
+/// ACPI kernel, whose calibrated TSC makes it use the deadline timer, read
+/// 0), so a clone of such a kernel waits for ticks that come only by
+/// chance; the LAPIC's own count-down, which the LAPIC state carries, comes
+/// through.
 const PVM_LINUX_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 noxsave nopv nopti no_timer_check lapic=notscdeadline \
     clearcpuid=smap,smep,pku,umip,popcnt,fsgsbase,erms,fsrm,rdrand,rdseed,rdpid,avx,avx2,\

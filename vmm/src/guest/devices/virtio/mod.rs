@@ -423,8 +423,13 @@ impl PciFunction for VirtioSlot {
         let mut inner = self.state.lock().unwrap();
         let TransportRegs::Pci(t) = &mut inner.transport else { return };
         let released = t.config_write(offset, data);
-        // Only where it decodes: a kernel sizing the BAR turns decoding off.
-        let bar = t.bar().map(|(address, _)| address);
+        // Only where it decodes (a kernel sizing the BAR turns decoding
+        // off), and only inside the window: a BAR a guest points elsewhere
+        // reaches nothing, and its kicks no KVM device.
+        let in_window = |(address, size): (u64, u64)| {
+            address >= pci_bus::WINDOW_BASE && address + size <= pci_bus::WINDOW_BASE + pci_bus::WINDOW_SIZE
+        };
+        let bar = t.bar().filter(|&b| in_window(b)).map(|(address, _)| address);
         drop(inner);
         if let Some(sink) = self.sink() {
             self.signal(sink, released);

@@ -194,6 +194,9 @@ impl Guest {
             }
             devices.push(Arc::new(device));
         }
+        // On PVM the guest's TSC is the host's whatever it is told; the
+        // PM timer then follows the host's clock too.
+        let restore_tsc = hv.host.restores_guest_tsc();
         let vcpus = (0..vcpu_count)
             .map(|i| {
                 let fd = vm.create_vcpu(u64::from(i)).map_err(|e| kvm_err("cannot create a vCPU", e))?;
@@ -203,7 +206,6 @@ impl Guest {
                     (None, Some(snapshot)) => {
                         vcpu::set_cpuid(&fd, i, &hv.cpuid, options.hide_virtualization)
                             .map_err(|e| kvm_err("cannot set up a vCPU", e))?;
-                        let restore_tsc = hv.host.restores_guest_tsc();
                         snapshot.vcpus[i as usize]
                             .restore(&fd, restore_tsc)
                             .map_err(|e| restore_err(format!("vCPU {i}: {e}")))?;
@@ -233,7 +235,7 @@ impl Guest {
         };
         let doorbell = doorbell.with_tsc_khz(tsc_khz);
         let power = match restore.and_then(|snapshot| snapshot.power.as_ref()) {
-            Some(saved) => PmRegisters::restore(saved, hv.host.restores_guest_tsc()),
+            Some(saved) => PmRegisters::restore(saved, restore_tsc),
             None => PmRegisters::default(),
         };
         let pci = transport == Transport::Pci;

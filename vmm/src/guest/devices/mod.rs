@@ -76,12 +76,13 @@ impl Devices {
             let page = DoorbellPage { doorbell: doorbell.clone(), console: console.clone() };
             mmio.insert(doorbell::DOORBELL_BASE, doorbell::DOORBELL_SIZE, Arc::new(page))?;
         }
-        for device in virtio.iter().filter(|d| !d.is_pci()) {
-            let (base, len) = device.mmio_range();
-            mmio.insert(base, len, device.clone())?;
-        }
-        if pci {
-            let functions = virtio.iter().filter(|d| d.is_pci()).map(|d| d.clone() as Arc<dyn pci::PciFunction>);
+        if !pci {
+            for device in &virtio {
+                let (base, len) = device.mmio_range();
+                mmio.insert(base, len, device.clone())?;
+            }
+        } else {
+            let functions = virtio.iter().map(|d| d.clone() as Arc<dyn pci::PciFunction>);
             let bus = Arc::new(pci::PciBus::new(functions.collect())?);
             let ports = (u64::from(pci::CONFIG_PORTS), u64::from(pci::CONFIG_PORTS_LEN));
             pio.insert(ports.0, ports.1, Arc::new(pci::ConfigPorts(bus.clone())))?;

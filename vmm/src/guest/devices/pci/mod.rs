@@ -34,7 +34,6 @@ pub const VENDOR_ID: usize = 0x00;
 pub const COMMAND: usize = 0x04;
 pub const STATUS: usize = 0x06;
 pub const REVISION: usize = 0x08;
-pub const HEADER_TYPE: usize = 0x0e;
 pub const BAR0: usize = 0x10;
 pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
 pub const CAPABILITIES: usize = 0x34;
@@ -48,6 +47,11 @@ pub const STATUS_CAPABILITIES: u16 = 1 << 4;
 /// function gets 1 MiB of the window).
 pub fn bar_base(slot: usize) -> u64 {
     WINDOW_BASE + (slot as u64) * 0x10_0000
+}
+
+/// Whether `size` bytes at `address` lie inside the BAR window.
+pub fn in_window(address: u64, size: u64) -> bool {
+    address >= WINDOW_BASE && address.saturating_add(size) <= WINDOW_BASE + WINDOW_SIZE
 }
 
 /// A function on the bus: its configuration space and its one memory BAR.
@@ -222,16 +226,8 @@ impl ConfigSpace {
         self.bytes[at..at + 2].copy_from_slice(&v.to_le_bytes());
     }
 
-    pub fn set32(&mut self, at: usize, v: u32) {
-        self.bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    }
-
     pub fn get16(&self, at: usize) -> u16 {
         u16::from_le_bytes([self.bytes[at], self.bytes[at + 1]])
-    }
-
-    pub fn get32(&self, at: usize) -> u32 {
-        u32::from_le_bytes(self.bytes[at..at + 4].try_into().unwrap())
     }
 
     /// Puts bytes in (capabilities), `writable` the bits a driver may change.

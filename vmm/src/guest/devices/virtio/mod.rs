@@ -108,7 +108,6 @@ pub struct VirtioSlot {
     slot: usize,
     name: &'static str,
     state: Mutex<Inner>,
-    irq: Irq,
     /// One per queue, signalled by KVM when the driver writes the queue's
     /// notification register.
     notify: Vec<EventFd>,
@@ -123,7 +122,7 @@ pub struct VirtioSlot {
     mem: GuestMemoryMmap,
 }
 
-/// How a slot interrupts the guest.
+/// How a slot interrupts the guest, which says its transport.
 pub enum Irq {
     /// An interrupt line (virtio-mmio): an irqfd.
     Line(EventFd),
@@ -131,23 +130,24 @@ pub enum Irq {
     Msi(Arc<dyn MsiSink>),
 }
 
+/// The transport's registers, with how it interrupts.
 enum TransportRegs {
-    Mmio(MmioTransport),
-    Pci(Box<PciTransport>),
+    Mmio(MmioTransport, EventFd),
+    Pci(Box<PciTransport>, Arc<dyn MsiSink>),
 }
 
 impl TransportRegs {
     fn core(&self) -> &VirtioCore {
         match self {
-            TransportRegs::Mmio(t) => &t.core,
-            TransportRegs::Pci(t) => &t.core,
+            TransportRegs::Mmio(t, _) => &t.core,
+            TransportRegs::Pci(t, _) => &t.core,
         }
     }
 
     fn core_mut(&mut self) -> &mut VirtioCore {
         match self {
-            TransportRegs::Mmio(t) => &mut t.core,
-            TransportRegs::Pci(t) => &mut t.core,
+            TransportRegs::Mmio(t, _) => &mut t.core,
+            TransportRegs::Pci(t, _) => &mut t.core,
         }
     }
 }
@@ -182,8 +182,8 @@ impl VirtioSlot {
     ) -> std::io::Result<VirtioSlot> {
         let core = VirtioCore::new(device.device_type(), device.features(), device.queue_max_sizes());
         let transport = match irq {
-            Irq::Line(_) => TransportRegs::Mmio(MmioTransport::new(core)),
-            Irq::Msi(_) => TransportRegs::Pci(Box::new(PciTransport::new(core, pci_bus::bar_base(slot + 1)))),
+            Irq::Line(fd) => TransportRegs::Mmio(MmioTransport::new(core), fd),
+            Irq::Msi(sink) => TransportRegs::Pci(Box::new(PciTransport::new(core, pci_bus::bar_base(slot + 1))), sink),
         };
         let notify =
             device.queue_max_sizes().iter().map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<_>>()?;
@@ -192,7 +192,6 @@ impl VirtioSlot {
             name: device.name(),
             host_fds: device.host_fds(),
             state: Mutex::new(Inner { transport, device }),
-            irq,
             notify,
             wired: Mutex::new(None),
             io_gate,
@@ -209,10 +208,6 @@ impl VirtioSlot {
         self.slot
     }
 
-    pub fn is_pci(&self) -> bool {
-        matches!(self.irq, Irq::Msi(_))
-    }
-
     /// Where its virtio-mmio registers are, and how many bytes.
     pub fn mmio_range(&self) -> (u64, u64) {
         (slot_base(self.slot), MMIO_SIZE)
@@ -223,20 +218,21 @@ impl VirtioSlot {
     /// PCI one address per queue in the BAR). Kicks that cannot be wired
     /// exit to the vCPU thread, which serves them: the error says why.
     pub fn wire_notifications(&self, vm: &Arc<VmFd>) -> Result<(), kvm_ioctls::Error> {
-        let base = match &self.state.lock().unwrap().transport {
-            TransportRegs::Mmio(_) => slot_base(self.slot) + QUEUE_NOTIFY,
-            TransportRegs::Pci(t) => t.bar_address() + pci::NOTIFY,
+        let (base, pci) = match &self.state.lock().unwrap().transport {
+            TransportRegs::Mmio(..) => (slot_base(self.slot) + QUEUE_NOTIFY, false),
+            TransportRegs::Pci(t, _) => (t.notify_base(), true),
         };
         let mut wired = self.wired.lock().unwrap();
         *wired = Some((vm.clone(), base));
-        self.register(vm, base, true)
+        self.register(vm, base, pci, true)
     }
 
-    /// (Un)registers the notifications at `base`.
-    fn register(&self, vm: &VmFd, base: u64, on: bool) -> Result<(), kvm_ioctls::Error> {
+    /// (Un)registers the notifications at `base`: on PCI one address per
+    /// queue, on MMIO one for all, told apart by the value written.
+    fn register(&self, vm: &VmFd, base: u64, pci: bool, on: bool) -> Result<(), kvm_ioctls::Error> {
         for (i, fd) in self.notify.iter().enumerate() {
-            let r = match self.irq {
-                Irq::Line(_) => {
+            let r = match pci {
+                false => {
                     let addr = IoEventAddress::Mmio(base);
                     if on {
                         vm.register_ioevent(fd, &addr, i as u32)
@@ -244,7 +240,7 @@ impl VirtioSlot {
                         vm.unregister_ioevent(fd, &addr, i as u32)
                     }
                 }
-                Irq::Msi(_) => {
+                true => {
                     let addr = IoEventAddress::Mmio(base + i as u64 * u64::from(pci::NOTIFY_MULTIPLIER));
                     if on {
                         vm.register_ioevent(fd, &addr, NoDatamatch)
@@ -258,16 +254,16 @@ impl VirtioSlot {
         Ok(())
     }
 
-    /// The kernel moved the BAR: the notifications follow.
-    fn rewire(&self, bar_address: u64) {
+    /// The kernel moved a PCI function's BAR: the notifications follow
+    /// to `new`.
+    fn rewire(&self, new: u64) {
         let mut wired = self.wired.lock().unwrap();
         let Some((vm, base)) = wired.as_mut() else { return };
-        let new = bar_address + pci::NOTIFY;
         if *base == new {
             return;
         }
-        let _ = self.register(vm, *base, false);
-        if let Err(e) = self.register(vm, new, true) {
+        let _ = self.register(vm, *base, true, false);
+        if let Err(e) = self.register(vm, new, true, true) {
             log::warn!("{}: notifications not wired at {new:#x} ({e}); serving kicks on vCPU exits", self.name);
         }
         *base = new;
@@ -291,8 +287,8 @@ impl VirtioSlot {
         }
         let mut inner = self.state.lock().unwrap();
         match (&mut inner.transport, &saved.pci) {
-            (TransportRegs::Mmio(_), None) => {}
-            (TransportRegs::Pci(t), Some(pci)) => t.restore(pci)?,
+            (TransportRegs::Mmio(..), None) => {}
+            (TransportRegs::Pci(t, _), Some(pci)) => t.restore(pci)?,
             _ => return Err(format!("the state of {} is for the other transport", saved.name)),
         }
         inner.transport.core_mut().restore(&saved.transport)?;
@@ -344,15 +340,14 @@ impl VirtioSlot {
             return;
         }
         transport.core_mut().interrupt_status |= INT_VRING;
-        match (&self.irq, transport) {
-            (Irq::Line(fd), _) => {
+        match transport {
+            TransportRegs::Mmio(_, fd) => {
                 if let Err(e) = fd.write(1) {
                     log::warn!("{}: cannot raise the interrupt: {e}", self.name);
                 }
                 self.vcpu_gate.device_interrupt();
             }
-            (Irq::Msi(sink), TransportRegs::Pci(t)) => self.signal(sink.as_ref(), t.raise(wanting)),
-            (Irq::Msi(_), TransportRegs::Mmio(_)) => unreachable!("an MMIO slot interrupts on a line"),
+            TransportRegs::Pci(t, sink) => self.signal(sink.as_ref(), t.raise(wanting)),
         }
     }
 
@@ -365,13 +360,6 @@ impl VirtioSlot {
             sink.signal(message);
         }
         self.vcpu_gate.device_interrupt();
-    }
-
-    fn sink(&self) -> Option<&dyn MsiSink> {
-        match &self.irq {
-            Irq::Msi(sink) => Some(sink.as_ref()),
-            Irq::Line(_) => None,
-        }
     }
 
     /// Acts on a transport register write.
@@ -389,7 +377,7 @@ impl VirtioSlot {
 impl BusDevice for VirtioSlot {
     fn read(&self, _vcpu: u8, offset: u64, data: &mut [u8]) {
         let inner = self.state.lock().unwrap();
-        let TransportRegs::Mmio(transport) = &inner.transport else { return data.fill(0xff) };
+        let TransportRegs::Mmio(transport, _) = &inner.transport else { return data.fill(0xff) };
         match offset.checked_sub(CONFIG_SPACE) {
             Some(at) => inner.device.read_config(at, data),
             None => transport.read(offset, data),
@@ -398,7 +386,7 @@ impl BusDevice for VirtioSlot {
 
     fn write(&self, _vcpu: u8, offset: u64, data: &[u8]) -> Action {
         let mut inner = self.state.lock().unwrap();
-        let TransportRegs::Mmio(transport) = &mut inner.transport else { return Action::Continue };
+        let TransportRegs::Mmio(transport, _) = &mut inner.transport else { return Action::Continue };
         if let Some(at) = offset.checked_sub(CONFIG_SPACE) {
             inner.device.write_config(at, data);
             return Action::Continue;
@@ -413,42 +401,35 @@ impl BusDevice for VirtioSlot {
 impl PciFunction for VirtioSlot {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         match &self.state.lock().unwrap().transport {
-            TransportRegs::Pci(t) => t.config_read(offset, data),
-            TransportRegs::Mmio(_) => data.fill(0xff),
+            TransportRegs::Pci(t, _) => t.config_read(offset, data),
+            TransportRegs::Mmio(..) => data.fill(0xff),
         }
     }
 
     fn config_write(&self, offset: u64, data: &[u8]) {
         log::trace!("{}: config write {offset:#x} {data:02x?}", self.name);
         let mut inner = self.state.lock().unwrap();
-        let TransportRegs::Pci(t) = &mut inner.transport else { return };
+        let TransportRegs::Pci(t, sink) = &mut inner.transport else { return };
         let released = t.config_write(offset, data);
+        self.signal(sink.as_ref(), released);
         // Only where it decodes (a kernel sizing the BAR turns decoding
         // off), and only inside the window: a BAR a guest points elsewhere
         // reaches nothing, and its kicks no KVM device.
-        let in_window = |(address, size): (u64, u64)| {
-            address >= pci_bus::WINDOW_BASE && address + size <= pci_bus::WINDOW_BASE + pci_bus::WINDOW_SIZE
-        };
-        let bar = t.bar().filter(|&b| in_window(b)).map(|(address, _)| address);
-        drop(inner);
-        if let Some(sink) = self.sink() {
-            self.signal(sink, released);
-        }
-        if let Some(bar) = bar {
-            self.rewire(bar);
+        if t.bar().is_some_and(|(address, size)| pci_bus::in_window(address, size)) {
+            self.rewire(t.notify_base());
         }
     }
 
     fn bar(&self) -> Option<(u64, u64)> {
         match &self.state.lock().unwrap().transport {
-            TransportRegs::Pci(t) => t.bar(),
-            TransportRegs::Mmio(_) => None,
+            TransportRegs::Pci(t, _) => t.bar(),
+            TransportRegs::Mmio(..) => None,
         }
     }
 
     fn bar_read(&self, _vcpu: u8, offset: u64, data: &mut [u8]) {
         let mut inner = self.state.lock().unwrap();
-        let Inner { transport: TransportRegs::Pci(t), device } = &mut *inner else { return data.fill(0xff) };
+        let Inner { transport: TransportRegs::Pci(t, _), device } = &mut *inner else { return data.fill(0xff) };
         match PciTransport::region(offset) {
             Region::Common(at) => t.read_common(at, data),
             Region::Isr => t.read_isr(data),
@@ -463,7 +444,7 @@ impl PciFunction for VirtioSlot {
     fn bar_write(&self, _vcpu: u8, offset: u64, data: &[u8]) -> Action {
         log::trace!("{}: BAR write {offset:#x} {data:02x?}", self.name);
         let mut inner = self.state.lock().unwrap();
-        let Inner { transport: TransportRegs::Pci(t), device } = &mut *inner else { return Action::Continue };
+        let Inner { transport: TransportRegs::Pci(t, sink), device } = &mut *inner else { return Action::Continue };
         let event = match PciTransport::region(offset) {
             Region::Common(at) => t.write_common(at, data),
             Region::DeviceConfig(at) => {
@@ -473,9 +454,7 @@ impl PciFunction for VirtioSlot {
             Region::Notify(at) => t.notify(at),
             Region::MsixTable(at) => {
                 let released = t.msix_mut().write_table(at, data);
-                if let Some(sink) = self.sink() {
-                    self.signal(sink, released);
-                }
+                self.signal(sink.as_ref(), released);
                 TransportEvent::None
             }
             Region::Isr | Region::MsixPba(_) | Region::None => TransportEvent::None,
@@ -494,8 +473,8 @@ impl HeldDevice<'_> {
     /// The device's state, its files (a disk's overlay) written into `files`.
     pub fn save(&self, files: &crate::snapshot::SnapshotFiles) -> std::io::Result<SavedDevice> {
         let pci = match &self.inner.transport {
-            TransportRegs::Pci(t) => Some(t.save()),
-            TransportRegs::Mmio(_) => None,
+            TransportRegs::Pci(t, _) => Some(t.save()),
+            TransportRegs::Mmio(..) => None,
         };
         Ok(SavedDevice {
             slot: self.slot,

@@ -162,9 +162,9 @@ impl PciTransport {
         self.config.memory_enabled().then_some((u64::from(self.bar.address), u64::from(self.bar.size)))
     }
 
-    /// The BAR's address, decoding or not (where notifications are wired).
-    pub fn bar_address(&self) -> u64 {
-        u64::from(self.bar.address)
+    /// Where the queue notifications are in the BAR, decoding or not.
+    pub fn notify_base(&self) -> u64 {
+        u64::from(self.bar.address) + NOTIFY
     }
 
     pub fn config_read(&self, offset: u64, data: &mut [u8]) {

@@ -188,7 +188,7 @@ fn bad_snapshots_are_refused_and_start_nothing() {
 /// came through; each probes its virtio-pci disk (BAR, MSI-X, queue: the
 /// PCI state the snapshot kept) and reads its partition table
 /// through its own overlay, and the image never changes. The clones also
-/// share their kernel's pages. (This is the suite's Linux boot and disk
+/// share their kernel's pages, and each one's balloon driver starts. (This is the suite's Linux boot and disk
 /// test: one boot and four part-boots instead of seven whole boots.)
 #[test]
 fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_clones() {
@@ -205,7 +205,8 @@ fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_c
     let before = std::fs::read(&disk).unwrap();
     let template_console = work.join("template-console");
     let server = Server::start_with("snap-linux", &["--console-dir", template_console.to_str().unwrap()]);
-    let (status, g) = server.call("POST", "/guests", Some(json!({"memory_mib": 128, "disk": disk})));
+    let spec = json!({"memory_mib": 128, "disk": disk, "balloon": {}});
+    let (status, g) = server.call("POST", "/guests", Some(spec));
     assert_eq!(status, 201, "{g}");
     let (_, g) = server.call("GET", "/guests/0", None);
     assert!(g["boot_entry"].as_str().is_some_and(|e| e.contains("tiny.conf on partition 1")), "{g}");
@@ -274,6 +275,12 @@ fn tiny_linux_booted_from_its_disk_image_snapshotted_mid_boot_boots_on_in_four_c
         .unwrap_or_else(|| panic!("{}", out.describe()));
     let on_frames: u64 = line["vmm: guest 1 sharing: ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!(on_frames >= 1000, "only {on_frames} pages of clone 1 shared\n{}", out.describe());
+    // Each clone's balloon driver (probed after the snapshot, on PCI) ran.
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("vmm: balloons: 4 of 4 guests' drivers ran")),
+        "{}",
+        out.describe()
+    );
     std::fs::remove_dir_all(work).unwrap();
 }
 

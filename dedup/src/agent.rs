@@ -17,7 +17,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::layout::{page_runs, Layout, Region, Target};
+use crate::layout::{page_runs, set_bits, set_runs, Layout, Region, Target};
 use crate::os::{self, PAGE_SIZE};
 use crate::store::{StableStore, StoreView};
 use crate::uffd::Uffd;
@@ -69,6 +69,9 @@ pub struct AgentStatus {
     /// Mappings the guest's process has (an upper bound), and its limit.
     pub mappings: u64,
     pub map_limit: u64,
+    /// Pages the guest gave back since the last status and not merged
+    /// since, as runs (first page, count): see [`Agent::discard`].
+    pub discarded: Vec<(u32, u32)>,
 }
 
 /// What one merge call did.
@@ -153,6 +156,11 @@ pub struct Agent {
     map_limit: Option<u64>,
     /// Memfd ranges whose freeing failed: tried again at the next call.
     unfreed: Vec<(u64, u64)>,
+    /// Pages mapped elsewhere than their memfd page (a frame or the zero
+    /// page, or a private copy of one): a discard maps the memfd back.
+    remapped: Vec<u64>,
+    /// Pages discarded since the last status and not merged since.
+    discarded: Vec<u64>,
     /// Called with the first page of each remap, before it (tests).
     #[cfg(test)]
     before_remap: Option<Box<dyn FnMut(u32)>>,
@@ -192,6 +200,7 @@ impl Agent {
                 }
             },
         };
+        let words = layout.pages().div_ceil(64);
         Ok(Agent {
             layout,
             memfd,
@@ -201,6 +210,8 @@ impl Agent {
             mappings_bound: 0,
             map_limit: None,
             unfreed: Vec::new(),
+            remapped: vec![0; words],
+            discarded: vec![0; words],
             #[cfg(test)]
             before_remap: None,
         })
@@ -510,6 +521,42 @@ impl Agent {
         // window that meets it registers it then (most merged pages are
         // never merged again).
         self.mappings_bound += 2;
+        // A page merged after a discard is booked by this merge: its
+        // discard must not be reported, or the engine would release the
+        // frame it now maps.
+        set_bits(&mut self.remapped, page as usize, n, true);
+        set_bits(&mut self.discarded, page as usize, n, false);
+        Ok(())
+    }
+
+    /// The guest gave the pages at `host..host + len` (its addresses in
+    /// this process) back to the host (a balloon): their memory is freed,
+    /// and the guest reads zeroes there until it writes them again.
+    /// Pages on their memfd page are punched out of the memfd; merged
+    /// pages and private copies get their memfd mapping back first (a hole
+    /// now), so whatever they mapped is dropped with the mapping. The
+    /// engine learns of them at the next status and releases their frames.
+    ///
+    /// Called between merges (the caller serializes the two); writers are
+    /// not held off: the guest promised not to use these pages, and one
+    /// that does anyway writes only its own memory.
+    pub fn discard(&mut self, host: u64, len: u64) -> io::Result<()> {
+        let runs = self
+            .layout
+            .pages_at(host, len)
+            .ok_or_else(|| io::Error::other(format!("{len:#x} bytes at {host:#x} are not whole guest pages")))?;
+        for (first, n) in runs {
+            for (page, count) in set_runs(&self.remapped, first, n) {
+                let (addr, bytes) = (self.ptr(page), count * PAGE_SIZE);
+                // SAFETY: the guest's own pages, which it gave up: their
+                // contents are not needed.
+                unsafe { os::map_shared_at(addr, bytes, &self.memfd, self.layout.file_offset(page))? };
+                self.mappings_bound += 2;
+                set_bits(&mut self.remapped, page, count, false);
+            }
+            os::punch_hole(&self.memfd, self.layout.file_offset(first), (n * PAGE_SIZE) as u64)?;
+            set_bits(&mut self.discarded, first, n, true);
+        }
         Ok(())
     }
 
@@ -537,7 +584,10 @@ impl Agent {
         }
         let dirty = self.dirty.as_ref().map(|d| d.take_dirty()).transpose()?;
         let (mappings, map_limit) = self.refresh_mappings();
-        Ok(AgentStatus { dirty, mappings, map_limit })
+        let discarded = set_runs(&self.discarded, 0, self.layout.pages());
+        self.discarded.fill(0);
+        let discarded = discarded.into_iter().map(|(page, n)| (page as u32, n as u32)).collect();
+        Ok(AgentStatus { dirty, mappings, map_limit, discarded })
     }
 }
 
@@ -633,6 +683,26 @@ impl GuestAgent for Agent {
 
     fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
         Ok(Agent::adopt(self, pages))
+    }
+}
+
+/// An agent shared with whatever else changes the guest's mappings (a
+/// balloon's discards, [`Agent::discard`]): each call holds it alone.
+impl GuestAgent for Arc<std::sync::Mutex<Agent>> {
+    fn status(&mut self) -> io::Result<AgentStatus> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).status()
+    }
+
+    fn watch(&mut self, pages: &[u64]) -> io::Result<()> {
+        GuestAgent::watch(&mut *self.lock().unwrap_or_else(|e| e.into_inner()), pages)
+    }
+
+    fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        Ok(self.lock().unwrap_or_else(|e| e.into_inner()).merge(merges))
+    }
+
+    fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
+        Ok(self.lock().unwrap_or_else(|e| e.into_inner()).adopt(pages))
     }
 }
 

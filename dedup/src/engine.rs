@@ -12,7 +12,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::agent::{GuestAgent, MergeOutcome, Protection, MAP_COUNT_MARGIN};
 use crate::churn::{self, Heat, Tick, Why};
-use crate::layout::{Layout, Region, Target};
+use crate::layout::{bit, set_bits, Layout, Region, Target};
 use crate::os::{self, PageMap, PageMapEntry, PAGE_SIZE};
 use crate::stats::{GuestStats, StallTimes, Stats};
 use crate::store::{FrameId, GroupId, StableStore};
@@ -95,15 +95,11 @@ struct Guest {
 
 impl Guest {
     fn is_private(&self, page: usize) -> bool {
-        self.private[page / 64] & (1 << (page % 64)) != 0
+        bit(&self.private, page)
     }
 
     fn set_private(&mut self, page: usize, on: bool) {
-        if on {
-            self.private[page / 64] |= 1 << (page % 64);
-        } else {
-            self.private[page / 64] &= !(1 << (page % 64));
-        }
+        set_bits(&mut self.private, page, 1, on);
     }
 
     fn written_last_pass(&self, page: usize) -> bool {
@@ -131,10 +127,6 @@ impl Guest {
         // SAFETY: inside the view (see read_page).
         os::resident(unsafe { self.view.add(self.layout.file_offset(page) as usize) }, n * PAGE_SIZE, out)
     }
-}
-
-fn bit(bitmap: &[u64], i: usize) -> bool {
-    bitmap.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 impl Drop for Guest {
@@ -733,6 +725,7 @@ impl Engine {
                 if guest.at_map_limit {
                     self.note_map_limit(id, status.map_limit);
                 }
+                self.forget_discarded(id, &status.discarded);
                 self.judge_written(id);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -743,6 +736,42 @@ impl Engine {
             Err(e) => self.lose(id, format!("its merge agent did not answer: {e}")),
         }
         true
+    }
+
+    /// Pages the guest gave back (a balloon, [`crate::Agent::discard`]):
+    /// the memfd holds holes there and the guest's mapping is the memfd's
+    /// again. Whatever they were merged with is released, and they are as
+    /// pages never written. A page queued for a merge keeps its place in
+    /// the queue: the merge compares it again and books what it finds.
+    fn forget_discarded(&mut self, id: GuestId, runs: &[(u32, u32)]) {
+        let guest = self.guests.get_mut(&id).unwrap();
+        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
+        let mut release_errors = Vec::new();
+        for &(first, n) in runs {
+            let (first, pages) = (first as usize, guest.layout.pages());
+            for page in first.min(pages)..first.saturating_add(n as usize).min(pages) {
+                match guest.state[page] {
+                    UNMERGED | QUEUED => {}
+                    ZERO => {
+                        guest.state[page] = UNMERGED;
+                        guest.stats.zero_pages -= 1;
+                    }
+                    frame => {
+                        guest.state[page] = UNMERGED;
+                        guest.stats.merged_pages -= 1;
+                        if let Err(e) = store.unmap(frame) {
+                            release_errors.push(e);
+                        }
+                    }
+                }
+                guest.set_private(page, false);
+                guest.last_hash[page] = 0;
+                guest.stats.discarded_pages += 1;
+            }
+        }
+        for e in release_errors {
+            self.count_error(format!("freeing a stable frame: {e}"));
+        }
     }
 
     /// Reads the guest's dirty log the moment it is read: each page written

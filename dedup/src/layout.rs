@@ -82,6 +82,25 @@ impl Layout {
         self.regions[r].file_offset + (off * PAGE_SIZE) as u64
     }
 
+    /// The pages `host..host + len` of this process are, as runs within
+    /// one region each: `None` unless they are whole pages of the guest.
+    pub fn pages_at(&self, host: u64, len: u64) -> Option<Vec<(usize, usize)>> {
+        let page = PAGE_SIZE as u64;
+        if !host.is_multiple_of(page) || !len.is_multiple_of(page) {
+            return None;
+        }
+        let mut runs = Vec::new();
+        let (mut at, end) = (host, host.checked_add(len)?);
+        while at < end {
+            let r = self.regions.iter().position(|r| (r.host..r.host + r.len as u64).contains(&at))?;
+            let region = &self.regions[r];
+            let n = (end.min(region.host + region.len as u64) - at) / page;
+            runs.push((self.starts[r] + ((at - region.host) / page) as usize, n as usize));
+            at += n * page;
+        }
+        Some(runs)
+    }
+
     /// One past the highest memfd offset any region uses.
     pub fn file_len(&self) -> u64 {
         self.regions.iter().map(|r| r.file_offset + r.len as u64).max().unwrap_or(0)
@@ -127,6 +146,43 @@ pub fn page_runs(layout: &Layout, pages: impl Iterator<Item = usize>) -> Vec<(us
     runs
 }
 
+/// Sets (or clears) bits `start..start + n` of a bitmap (bit i of word i / 64).
+pub fn set_bits(bitmap: &mut [u64], start: usize, n: usize, on: bool) {
+    for i in start..start + n {
+        if on {
+            bitmap[i / 64] |= 1 << (i % 64);
+        } else {
+            bitmap[i / 64] &= !(1 << (i % 64));
+        }
+    }
+}
+
+/// Whether bit `i` of a bitmap is set (bits past its end are not).
+pub fn bit(bitmap: &[u64], i: usize) -> bool {
+    bitmap.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+/// The runs (first, count) of set bits in `start..start + n`.
+pub fn set_runs(bitmap: &[u64], start: usize, n: usize) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut i = start;
+    while i < start + n {
+        // Whole words of clear bits are skipped at once.
+        if i.is_multiple_of(64) && bitmap.get(i / 64).is_none_or(|&w| w == 0) {
+            i += 64;
+            continue;
+        }
+        if bit(bitmap, i) {
+            match runs.last_mut() {
+                Some((first, len)) if *first + *len == i => *len += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        i += 1;
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +204,19 @@ mod tests {
         assert_eq!(l.file_offset(5), 5 * PAGE_SIZE as u64);
         assert_eq!(l.pages_left_in_region(2, 100), 2);
         assert_eq!(l.file_len(), 8 * PAGE_SIZE as u64);
+        assert_eq!(l.pages_at(0x10_2000, 0x2000), Some(vec![(2, 2)]));
+        assert_eq!(l.pages_at(0x90_0000, 0x1000), Some(vec![(4, 1)]));
+        assert_eq!(l.pages_at(0x10_3000, 0x2000), None, "runs past its region into no region");
+        assert_eq!(l.pages_at(0x10_0800, 0x1000), None, "not whole pages");
+    }
+
+    #[test]
+    fn bitmap_runs() {
+        let mut b = vec![0u64; 2];
+        set_bits(&mut b, 62, 4, true);
+        set_bits(&mut b, 63, 1, false);
+        assert_eq!(set_runs(&b, 0, 128), vec![(62, 1), (64, 2)]);
+        assert!(bit(&b, 65) && !bit(&b, 66) && !bit(&b, 1000));
     }
 
     /// A run never crosses from one region into the next, even where page

@@ -94,6 +94,27 @@ pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -
     .map(drop)
 }
 
+/// Maps `file` from `offset` over `addr` again, shared: a page given back
+/// to the host returns to the guest's memfd (`Agent::discard`).
+///
+/// # Safety
+/// As for [`map_private`].
+pub unsafe fn map_shared_at(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
+    may_fail(Op::Mmap)?;
+    // SAFETY: the caller owns the range; MAP_FIXED replaces it.
+    check_mmap(unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    })
+    .map(drop)
+}
+
 /// Maps fresh anonymous private memory over `addr`: reads see the kernel's
 /// shared zero page, so a zero page costs no memory until it is written.
 ///

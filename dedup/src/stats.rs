@@ -68,6 +68,9 @@ pub struct GuestStats {
     pub lost: Option<String>,
     /// Passes that went by it: its agent could not answer (stopped).
     pub passes_skipped: u64,
+    /// Pages it gave back to the host (a balloon), each released from
+    /// whatever it was merged with.
+    pub discarded_pages: u64,
     pub held: HeldPages,
     pub(crate) volatile_this_pass: u64,
 }

@@ -101,6 +101,82 @@ fn pages_copied_on_write_merge_again() {
     }
 }
 
+/// Pages a guest gives back (a balloon) read zero and cost nothing, in
+/// whatever state they were: merged with another guest's, merged and
+/// written since (a private copy), zero-mapped, or never merged. Their
+/// frames are released with them, the other guest keeps its content, and
+/// the pages merge again once the guest fills them again.
+#[test]
+fn given_back_pages_read_zero_and_release_their_frames() {
+    for mode in modes() {
+        let (a, b) = (TestGuest::new(16), TestGuest::new(16));
+        for i in 0..16 {
+            let seed = match i {
+                0..8 => 300 + i as u64, // in both: merged
+                8..12 => 0,             // zero
+                _ => 700 + i as u64,    // a's own
+            };
+            a.fill(i, seed);
+            b.fill(i, if i >= 12 { 900 + i as u64 } else { seed });
+        }
+        let mut e = engine();
+        let agent = Arc::new(Mutex::new(a.agent(&mut e, 0, mode)));
+        let id = e
+            .add_guest(dedup::GuestMemory {
+                memfd: a.memfd.try_clone().unwrap(),
+                regions: a.regions(),
+                group: 0,
+                pid: std::process::id(),
+                agent: Box::new(agent.clone()),
+            })
+            .unwrap();
+        b.add(&mut e, 0, mode);
+        settle(&mut e);
+        assert_eq!(e.stats().pages_sharing, 8, "{mode:?}: {:?}", e.stats());
+        a.fill(1, 4242); // a private copy of a merged page
+        scan_passes(&mut e, 1);
+        assert_eq!(e.stats().cow_breaks, 1);
+
+        agent.lock().unwrap().discard(a.base as u64, (16 * PAGE_SIZE) as u64).unwrap();
+        // (Before reading them: a read of a memfd hole allocates a page.)
+        assert_eq!(a.resident_bytes(), 0, "{mode:?}: given-back pages still hold memory");
+        for i in 0..16 {
+            assert_eq!(a.read(i), vec![0; PAGE_SIZE], "{mode:?}: page {i} given back does not read zero");
+        }
+        scan_passes(&mut e, 1);
+        let g = e.guest_stats(id).unwrap();
+        assert_eq!((g.merged_pages, g.zero_pages, g.discarded_pages), (0, 0, 16), "{mode:?}: {g:?}");
+        assert_eq!(e.audit().leaked_frames, 0, "{mode:?}");
+        for i in 0..16 {
+            let seed = if i >= 12 {
+                900 + i as u64
+            } else if (8..12).contains(&i) {
+                0
+            } else {
+                300 + i as u64
+            };
+            assert_eq!(b.read(i), expected(seed), "{mode:?}: the other guest's page {i} changed");
+        }
+        // Given back twice (a balloon inflated over pages it never took
+        // back): nothing more to release.
+        agent.lock().unwrap().discard(a.page(0) as u64, PAGE_SIZE as u64).unwrap();
+        assert!(agent.lock().unwrap().discard(a.page(15) as u64, 2 * PAGE_SIZE as u64).is_err(), "past the guest");
+        // Taken back and filled again, they merge again.
+        for i in 0..8 {
+            a.fill(i, 300 + i as u64);
+        }
+        // (Written since the last look: held back a while, crate churn.)
+        e.advance_clock(Duration::from_secs(10));
+        settle(&mut e);
+        let g = e.guest_stats(id).unwrap();
+        assert_eq!(g.merged_pages, 8, "{mode:?}: {g:?}");
+        assert_eq!(e.audit().leaked_frames, 0, "{mode:?}");
+        for i in 0..8 {
+            assert_eq!(a.read(i), expected(300 + i as u64));
+        }
+    }
+}
+
 #[test]
 fn frame_is_freed_with_its_last_user() {
     let (a, b) = (TestGuest::new(4), TestGuest::new(4));

@@ -39,8 +39,25 @@
  * volatile pages, verifies every page it owns and reports PROGRESS n. After
  * `rounds=` rounds (0: forever) it writes DONE with its mismatch count.
  * Command line: seed= share= zero= volatile= churn= near= rounds= run= idle=
- * (ms to idle after each round, like a mostly idle OS; 0 by default); other
- * words are ignored (a Linux-style command line may hold anything).
+ * (ms to idle after each round, like a mostly idle OS; 0 by default) free=
+ * report=; other words are ignored (a Linux-style command line may hold
+ * anything).
+ *
+ * Holding memory unused (`hold=F`, with a balloon device): about F of the
+ * pages (never volatile or churn pages) are written once with content of
+ * the guest's own and then left alone, like an OS's freed page cache: not
+ * verified, counted as free memory in the balloon's statistics, and given
+ * to the balloon (inflating) when the host's target asks for them, taken
+ * back (deflating) when it lowers it. vCPU 0 follows the target after
+ * every round and while idle.
+ *
+ * Giving memory back (`free=F`, with a balloon device, balloon.c): at the
+ * end of each round each vCPU gives back about F of its pages (in runs of
+ * FREE_RUN, never volatile or churn pages) through the balloon, inflating
+ * (or, with `report=1`, reporting them free), and takes back the ones it
+ * gave the round before: deflating, checking each reads zero (the host
+ * freed it), and filling it again. Pages out are not verified; every other
+ * page is, every round.
  *
  * Gaps: during the rounds each vCPU reads the TSC after every page and
  * keeps a histogram of the time each page took (8 buckets per power of two
@@ -54,6 +71,7 @@
  */
 
 #include "memtest.h"
+#include "virtio.h"
 
 #define LARGE_PAGE (2UL << 20)
 #define GIB (1UL << 30)
@@ -182,8 +200,8 @@ const char *cmdline(void)
 #define ONE (1UL << 32) /* fractions are in parts per 2^32 */
 
 struct params {
-	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse, hammer, chatter;
-	u64 share, zero, near;
+	u64 seed, volatile_pages, churn_pages, rounds, run, idle_ms, abuse, hammer, chatter, report;
+	u64 share, zero, near, free, hold;
 };
 
 int word_is(const char *w, const char *key)
@@ -254,6 +272,12 @@ static struct params parse_params(const char *w)
 			p.hammer = parse_uint(w + 7);
 		else if (word_is(w, "chatter="))
 			p.chatter = parse_uint(w + 8);
+		else if (word_is(w, "free="))
+			p.free = parse_fraction(w + 5);
+		else if (word_is(w, "report="))
+			p.report = parse_uint(w + 7);
+		else if (word_is(w, "hold="))
+			p.hold = parse_fraction(w + 5);
 		w = next_word(w);
 	}
 	if (p.run == 0)
@@ -380,9 +404,22 @@ struct page_gen {
 	u64 key, odd_word, odd_bits;
 };
 
+/* hold= (below): whether a page is held unused; the stale pages, and how
+ * many of them are in the balloon (the first `stale_out` in page order). */
+static int stale(u64 page);
+static void hold_follow(void);
+static u64 stale_total, stale_out;
+/* vCPUs that have filled their pages. */
+static u64 vcpus_filled;
+
 static struct page_gen page_gen(u64 page, u64 round)
 {
 	struct page_gen g = { page_key(page, round), PAGE_SIZE / 8, 0 };
+	if (stale(page)) {
+		/* Its own content, which page sharing cannot take. */
+		g.key = mix(params.seed ^ mix(page ^ (guest_id + 1) << 40) ^ 0x57a1e);
+		return g;
+	}
 	if (kind_of(page) == NEAR) {
 		g.odd_word = mix(page) % (PAGE_SIZE / 8);
 		g.odd_bits = (guest_id % 255 + 1) << (8 * (mix(page ^ 1) % 8));
@@ -546,6 +583,22 @@ static void plan(void)
 	print_plan();
 	tsc_khz = db_read(DB_TSC_KHZ);
 	devices_init();
+	for (u64 page = 0; page < total_pages; page++)
+		stale_total += stale(page);
+	if (params.hold) {
+		console_lock();
+		puts(balloon_present() ? "memtest: holding " : "memtest: no balloon device: holding ");
+		putdec(stale_total);
+		puts(" pages unused, given back when the host asks\n");
+		console_unlock();
+	}
+	if (params.free) {
+		console_lock();
+		puts(balloon_present() ? "memtest: giving back " : "memtest: no balloon device: not giving back ");
+		put_fraction(params.free);
+		puts(params.report ? " of its pages each round, reported free\n" : " of its pages each round, inflating\n");
+		console_unlock();
+	}
 }
 
 /* ---- gaps: how long each page took, as the vCPU felt it ---- */
@@ -611,13 +664,15 @@ static void poll_in_round(u64 vcpu, u64 page)
  * to waiting. */
 static void idle(u64 vcpu, u64 ms)
 {
-	if (vcpu != 0 || !devices_present() || !tsc_khz) {
+	int holding = params.hold && balloon_present();
+	if (vcpu != 0 || !(devices_present() || holding) || !tsc_khz) {
 		db_write(DB_IDLE, ms);
 		return;
 	}
 	u64 end = rdtsc() + ms * tsc_khz;
 	for (;;) {
 		devices_poll();
+		hold_follow();
 		u64 now = rdtsc();
 		if (now >= end)
 			return;
@@ -636,9 +691,147 @@ static u64 round_of(u64 vcpu, u64 page, u64 round)
 	return kind_of(page) == CHURN ? churn_phase[vcpu] : round;
 }
 
+/* ---- free=: pages given back through the balloon and taken again ---- */
+
+#define FREE_RUN 16
+
+/* Whether `page` is one memtest holds unused (`hold=`). */
+static int stale(u64 page)
+{
+	if (!params.hold)
+		return 0;
+	enum kind k = kind_of(page);
+	if (k == VOLATILE || k == CHURN)
+		return 0;
+	return (mix(params.seed ^ mix(page / FREE_RUN + 0x5eed)) >> 32) < params.hold;
+}
+
+u64 balloon_free_bytes(void)
+{
+	return (stale_total - stale_out) * PAGE_SIZE;
+}
+
+u64 balloon_total_bytes(void)
+{
+	return total_pages * PAGE_SIZE;
+}
+
+/* vCPU 0: follows the host's target with the stale pages, inflating the
+ * next ones or deflating the last ones in; fresh statistics if asked. */
+static void hold_follow(void)
+{
+	/* Not before every vCPU has written its stale pages. */
+	if (!params.hold || !balloon_present() || __atomic_load_n(&vcpus_filled, __ATOMIC_ACQUIRE) < vcpu_count)
+		return;
+	balloon_poll_stats();
+	u64 target = balloon_target();
+	if (target > stale_total)
+		target = stale_total;
+	if (target == stale_out)
+		return;
+	int inflate = target > stale_out;
+	u64 from = inflate ? stale_out : target, to = inflate ? target : stale_out, k = 0;
+	for (u64 page = 0; page < total_pages && k < to;) {
+		if (!stale(page) || k < from) {
+			k += stale(page);
+			page++;
+			continue;
+		}
+		u64 start = page, addr = (u64)page_addr(start);
+		while (page < total_pages && k < to && stale(page) &&
+		       (u64)page_addr(page) == addr + (page - start) * PAGE_SIZE) {
+			page++;
+			k++;
+		}
+		balloon_pages(addr, page - start, inflate);
+	}
+	stale_out = target;
+	balloon_poll_stats();
+}
+
+/* Whether `page` is given back at the end of round `round` (and taken
+ * back at the end of the next). */
+static int freed_in(u64 page, u64 round)
+{
+	if (!params.free || round == 0 || !balloon_present() || stale(page))
+		return 0;
+	enum kind k = kind_of(page);
+	if (k == VOLATILE || k == CHURN)
+		return 0;
+	return (mix(params.seed ^ mix(page / FREE_RUN + 1) ^ mix(round) * 3) >> 32) < params.free;
+}
+
+/* A page taken back must read zero: the host freed it. */
+static int check_zero(u64 page, int report)
+{
+	u64 *p = page_addr(page);
+	for (u64 i = 0; i < PAGE_SIZE / 8; i++)
+		if (p[i]) {
+			if (report)
+				report_mismatch(p, i, 0);
+			return 1;
+		}
+	return 0;
+}
+
+/* What the end of round `round` does with a page: it stays as it is (in,
+ * or out since the last round and this one's share too), is taken back,
+ * or is given back. */
+enum { KEEP, TAKE, GIVE };
+
+static int balloon_action(u64 page, u64 round)
+{
+	int was = freed_in(page, round - 1), now = freed_in(page, round);
+	return was == now ? KEEP : was ? TAKE : GIVE;
+}
+
+/* End of round `round`: takes back what went at the end of the last one
+ * (checked zero, filled again) and gives back this round's share, in one
+ * walk, run by run, so the guest never holds both shares at once.
+ * Returns the pages that did not read zero. */
+static u64 balloon_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
+{
+	u64 bad = 0, count[3] = { 0, 0, 0 };
+	for (u64 page = first; page < end;) {
+		u64 start = page, addr = (u64)page_addr(start);
+		int action = balloon_action(page, round);
+		while (page < end && balloon_action(page, round) == action &&
+		       (u64)page_addr(page) == addr + (page - start) * PAGE_SIZE)
+			page++;
+		u64 n = page - start;
+		count[action] += n;
+		if (action == TAKE) {
+			if (!params.report)
+				balloon_pages(addr, n, 0);
+			for (u64 p = start; p < page; p++) {
+				bad += check_zero(p, reported + bad < MAX_REPORTED);
+				fill_page(p, round_of(vcpu, p, round));
+			}
+		} else if (action == GIVE) {
+			if (params.report)
+				balloon_report(addr, n);
+			else
+				balloon_pages(addr, n, 1);
+		}
+	}
+	console_lock();
+	puts("memtest: vcpu ");
+	putdec(vcpu);
+	puts(" round ");
+	putdec(round);
+	puts(params.report ? " reported " : " gave back ");
+	putdec(count[GIVE]);
+	puts(" pages, took back ");
+	putdec(count[TAKE]);
+	puts("\n");
+	console_unlock();
+	return bad;
+}
+
 /* Round `round` over pages [first, end): rewrite the volatile and churn
- * ones, verify all. Returns the pages that differ; reports them while
- * `reported` (those reported before) is under MAX_REPORTED. */
+ * ones, verify all but those given back. Returns the pages that differ;
+ * reports them while `reported` (those reported before) is under
+ * MAX_REPORTED. */
 static u64 run_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
 {
 	gap_restart(vcpu);
@@ -652,6 +845,8 @@ static u64 run_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
 	churn_phase[vcpu]++;
 	u64 bad = 0;
 	for (u64 page = first; page < end; page++) {
+		if (freed_in(page, round - 1) || stale(page))
+			continue;
 		bad += check_page(page, round_of(vcpu, page, round), reported + bad < MAX_REPORTED);
 		gap_tick(vcpu);
 		poll_in_round(vcpu, page);
@@ -770,6 +965,7 @@ void user_main(u64 vcpu)
 	u64 first = total_pages * vcpu / vcpu_count, end = total_pages * (vcpu + 1) / vcpu_count;
 	for (u64 page = first; page < end; page++)
 		fill_page(page, 0);
+	__atomic_add_fetch(&vcpus_filled, 1, __ATOMIC_RELEASE);
 	db_write(DB_PROGRESS, 0);
 	u64 mismatches = 0;
 	for (u64 round = 1; params.rounds == 0 || round <= params.rounds; round++) {
@@ -778,6 +974,10 @@ void user_main(u64 vcpu)
 			bad += check_initrd();
 		if (params.hammer)
 			bad += hammer(vcpu, first, end, mismatches + bad);
+		if (params.free && balloon_present())
+			bad += balloon_round(vcpu, first, end, round, mismatches + bad);
+		if (vcpu == 0)
+			hold_follow();
 		mismatches += bad;
 		print_round(vcpu, round, bad);
 		gap_report(vcpu);

@@ -30,7 +30,7 @@ enum {
 };
 
 enum { S_ACKNOWLEDGE = 1, S_DRIVER = 2, S_DRIVER_OK = 4, S_FEATURES_OK = 8 };
-enum { ID_NET = 1, ID_VSOCK = 19 };
+enum { ID_NET = 1, ID_BALLOON = 5, ID_VSOCK = 19 };
 
 static u32 reg_read(u64 base, u64 offset)
 {
@@ -183,6 +183,9 @@ void devices_init(void)
 				case ID_VSOCK:
 					vsock_setup(base);
 					present |= vsock_present();
+					break;
+				case ID_BALLOON:
+					balloon_setup(base); /* used synchronously: no polling */
 					break;
 				default:
 					break;

@@ -84,4 +84,18 @@ void vsock_setup(u64 base);
 u64 vsock_poll(void);
 int vsock_present(void);
 
+/* balloon.c: pages given back to the host and taken again, by any vCPU,
+ * each call returning once the device is done. */
+void balloon_setup(u64 base);
+int balloon_present(void);
+int balloon_reporting(void);
+void balloon_pages(u64 addr, u64 n, int inflate);
+void balloon_report(u64 addr, u64 n);
+/* The host's target, in pages; statistics posted again if the device
+ * wants fresh ones. memtest.c says what they are. */
+u32 balloon_target(void);
+void balloon_poll_stats(void);
+u64 balloon_free_bytes(void);
+u64 balloon_total_bytes(void);
+
 #endif

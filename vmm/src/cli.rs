@@ -156,6 +156,12 @@ pub struct BenchArgs {
     /// with and without, to see what the jail and its filters cost.
     #[arg(long)]
     pub no_jail: bool,
+    /// Give every mode's guests a balloon (`vmm run --balloon`): with
+    /// `--host-memory`, the memory governor reclaims the free memory the
+    /// guests hold through their balloons before it holds or ends any
+    /// (memtest's `hold=` gives them free memory to hold).
+    #[arg(long)]
+    pub balloon: bool,
     /// Measure the network instead: ping round trips to memtest guests on
     /// a bridge against a kernel-only veth peer, and UDP echo rates, for
     /// each of --net-guests (needs root and ping).
@@ -258,6 +264,7 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             scan_flags: args.scan.as_flags(),
             host_memory_mib: args.host_memory.map(|m| config::HOST_MEMORY_MIB.check(m, Source::Cli)).transpose()?,
             no_jail: args.no_jail,
+            balloon: args.balloon,
         })
     }
 }
@@ -307,6 +314,8 @@ pub struct RunArgs {
     /// guest's connections to host port P go to `<socket>_P`.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    #[command(flatten)]
+    pub balloon: BalloonArgs,
     /// Cap each guest's disk: `bytes=N,ops=N[,bytes-burst=N][,ops-burst=N]`
     /// per second (sizes in bytes, or with K, M, G); the same keys go in
     /// `--net` for its frames.
@@ -531,6 +540,37 @@ impl TryFrom<ServeArgs> for SupervisorConfig {
     }
 }
 
+/// The balloon's flags, as `vmm run` and `vmm ctl create` take them.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct BalloonArgs {
+    /// A memory balloon (virtio-balloon) per guest: `vmm ctl balloon ID
+    /// MIB` asks a guest to give that much memory back, and the guest
+    /// hands back the pages it frees (free page reporting) as it goes.
+    #[arg(long)]
+    pub balloon: bool,
+    /// With --balloon: no free page reporting.
+    #[arg(long, requires = "balloon")]
+    pub no_page_reporting: bool,
+    /// With --balloon: the guest may not take memory back from its
+    /// balloon when it runs out (it fails allocations instead).
+    #[arg(long, requires = "balloon")]
+    pub no_deflate_on_oom: bool,
+    /// With --balloon: seconds between the guest's memory statistics
+    /// (0: none asked).
+    #[arg(long, requires = "balloon", value_name = "SECONDS", default_value_t = 5)]
+    pub balloon_stats_interval: u64,
+}
+
+impl BalloonArgs {
+    pub fn config(&self) -> Option<config::BalloonConfig> {
+        self.balloon.then_some(config::BalloonConfig {
+            free_page_reporting: !self.no_page_reporting,
+            deflate_on_oom: !self.no_deflate_on_oom,
+            stats_interval_s: self.balloon_stats_interval,
+        })
+    }
+}
+
 fn parse_level(text: &str) -> Result<log::LevelFilter, String> {
     text.parse().map_err(|_| format!("unknown log level '{text}' (error, warn, info, debug, trace)"))
 }
@@ -576,6 +616,7 @@ impl TryFrom<RunArgs> for RunConfig {
             net: args.net.map(|n| config::NetConfig::parse_cli(&n)).transpose().map_err(Error::bad_input)?,
             disk_limit: args.disk_limit.map(|l| RateLimit::parse_cli(&l)).transpose().map_err(Error::bad_input)?,
             vsock: args.vsock.map(|socket| config::VsockConfig { socket, cid: None }),
+            balloon: args.balloon.config(),
             transport: args.transport,
         };
         let config = RunConfig {

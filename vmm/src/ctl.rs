@@ -62,7 +62,7 @@ pub enum CtlCommand {
     /// List guests.
     List,
     /// Create a guest (it starts with `start`).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     Start {
         id: usize,
     },
@@ -82,6 +82,12 @@ pub enum CtlCommand {
     /// Merge what can be merged in one guest now.
     Merge {
         id: usize,
+    },
+    /// Ask a guest to give MIB MiB of memory back through its balloon
+    /// (0: take it all back); the guest needs --balloon and its driver.
+    Balloon {
+        id: usize,
+        mib: u64,
     },
     /// The tail of a guest's console.
     Console {
@@ -141,6 +147,8 @@ pub struct CreateArgs {
     /// As `vmm run --vsock`.
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    #[command(flatten)]
+    pub balloon: crate::cli::BalloonArgs,
 }
 
 /// Runs one `vmm ctl` command; Ok(false) when the API said no.
@@ -165,6 +173,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
                 net: c.net.as_deref().map(crate::config::NetConfig::parse_cli).transpose()?,
                 disk_limit: c.disk_limit.as_deref().map(crate::config::RateLimit::parse_cli).transpose()?,
                 vsock: c.vsock.as_ref().map(|p| crate::config::VsockConfig { socket: abs(p), cid: None }),
+                balloon: c.balloon.config(),
                 transport: c.transport,
             };
             ("POST", "/guests".to_string(), Some(serde_json::to_value(config).map_err(|e| e.to_string())?))
@@ -178,6 +187,9 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
         CtlCommand::Snapshot { id, dir } => {
             let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
             ("PUT", format!("/guests/{id}/snapshot"), Some(serde_json::json!({ "dir": dir })))
+        }
+        CtlCommand::Balloon { id, mib } => {
+            ("PUT", format!("/guests/{id}/balloon"), Some(serde_json::json!({ "target_mib": mib })))
         }
         CtlCommand::Console { id } => ("GET", format!("/guests/{id}/console"), None),
         CtlCommand::Stats => ("GET", "/dedup/stats".to_string(), None),
@@ -207,6 +219,7 @@ pub fn run(args: CtlArgs) -> Result<bool, String> {
             print!("{}", guest_table(std::slice::from_ref(&value)))
         }
         CtlCommand::Delete { id } => println!("guest {id} deleted"),
+        CtlCommand::Balloon { .. } => print!("{}", key_values(&value["balloon"], "")),
         CtlCommand::Console { .. } => print!("{}", value["tail"].as_str().unwrap_or_default()),
         _ => print!("{}", key_values(&value, "")),
     }

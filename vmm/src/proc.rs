@@ -38,6 +38,21 @@ pub fn is_stopped(pid: u32) -> bool {
     matches!(stat.get(end + 2), Some(b'T' | b't'))
 }
 
+/// Anonymous memory process `pid` holds (`RssAnon`), in bytes: its heap
+/// and, for a guest process, its private copies of merged pages.
+pub fn anon_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes of memory a file holds (a memfd's pages; holes hold none).
+pub fn file_bytes(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| m.blocks() * 512)
+}
+
 /// Proportional set size of process `pid` in bytes: each page it maps
 /// counted once, divided among the mappings that share it.
 pub fn pss_bytes(pid: u32) -> Option<u64> {

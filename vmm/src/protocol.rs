@@ -130,6 +130,8 @@ pub enum Request {
     Adopt,
     /// The console's last bytes.
     Console,
+    /// The balloon's new target, in 4 KiB pages.
+    Balloon(u32),
     /// Writes a snapshot of the paused guest into the files that follow
     /// the request ([`send_files`]: memory, state, and a disk's overlay).
     Snapshot,
@@ -151,6 +153,7 @@ impl Request {
             Request::Merge => "merge",
             Request::Adopt => "adopt",
             Request::Console => "console",
+            Request::Balloon(_) => "balloon",
             Request::Snapshot => "snapshot",
         }
     }
@@ -175,6 +178,10 @@ pub enum Reply {
         has_dirty_log: bool,
         mappings: u64,
         map_limit: u64,
+        /// Pages the guest gave back since the last status, as runs
+        /// (first page, count) ([`dedup::AgentStatus::discarded`]).
+        #[serde(default)]
+        discarded: Vec<(u32, u32)>,
     },
     /// The payload: one byte per requested merge: [`MERGED`], [`CHANGED`]
     /// (left alone: the page changed), or 0 (not made).
@@ -206,6 +213,8 @@ pub enum Event {
     Gaps(crate::gaps::Gaps),
     /// What it has cost KVM so far.
     Kvm(KvmCounters),
+    /// Where its balloon stands, whenever that changed.
+    Balloon(BalloonStatus),
     /// How the guest ended, and its console's tail; the process exits next.
     Ended { end: GuestEnd, console: String },
 }
@@ -237,6 +246,34 @@ pub const FATAL_SIGNAL: &str = "vmm-guest ended by signal ";
 /// The line a guest process leaves on stderr when seccomp stops a call,
 /// before the call's name.
 pub const VIOLATION: &str = "vmm-guest seccomp violation: ";
+
+/// Balloon pages are 4 KiB whatever the guest's page size.
+pub const BALLOON_PAGE: u64 = 4096;
+
+/// Where a guest's balloon stands (`guest::devices::virtio::balloon`),
+/// as its process tells the supervisor.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalloonStatus {
+    /// Pages the host asked the guest to hold in its balloon.
+    pub target_pages: u32,
+    /// Pages the guest says its balloon holds.
+    pub actual_pages: u32,
+    /// The guest's driver has started the device.
+    pub driver_ready: bool,
+    /// It negotiated free page reporting, statistics, deflate on OOM.
+    pub reporting: bool,
+    pub stats_queue: bool,
+    pub deflate_on_oom: bool,
+    /// Pages given back by inflating, taken back by deflating, and
+    /// reported free, since the guest booted (a clone goes on counting).
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_pages: u64,
+    /// Frame numbers or ranges outside the guest's RAM, skipped.
+    pub bad_pages: u64,
+    /// The guest's last statistics, by name.
+    pub stats: std::collections::BTreeMap<String, u64>,
+}
 
 /// What a guest cost KVM so far, summed over its vCPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

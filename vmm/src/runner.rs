@@ -171,6 +171,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
         last.sharing = Some(SharingStats { scanner_cpu_s: now.cpu.as_secs_f64(), ..SharingStats::new(&peak) });
     }
     report_pressure(&last);
+    report_balloons(manager);
     if let Some(path) = &config.stats_file {
         write_stats(path, &last);
     }
@@ -197,6 +198,13 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         guests_throttled: pressure.held.len(),
         throttled_s_per_guest: pressure.held.iter().map(|(&id, d)| (id, d.as_secs_f64())).collect(),
         guests_ended_for_memory: pressure.ended_for_memory,
+        balloon_given_mib: manager
+            .list()
+            .iter()
+            .filter_map(|g| g.balloon.as_ref())
+            .map(|b| (b.inflated_pages + b.reported_pages) as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64)
+            .sum(),
+        balloon_reclaims: pressure.balloon_reclaims,
         guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
@@ -214,6 +222,9 @@ fn write_stats(path: &Path, stats: &RunStats) {
 fn report_pressure(s: &RunStats) {
     let waited = s.waited_s();
     let waves = s.created.iter().filter(|c| c.waited_ms >= 1.0).count();
+    if s.balloon_reclaims > 0 {
+        eprintln!("vmm: memory governor: {} balloon request(s) to reclaim guests' free memory", s.balloon_reclaims);
+    }
     if s.guests_throttled + s.guests_ended_for_memory + waves > 0 {
         let each: Vec<String> = s.throttled_s_per_guest.iter().map(|(id, t)| format!("guest {id} {t:.1} s")).collect();
         eprintln!(
@@ -225,6 +236,26 @@ fn report_pressure(s: &RunStats) {
             s.guests_ended_for_memory
         );
     }
+}
+
+/// What the guests' balloons gave back, if they have balloons.
+fn report_balloons(manager: &Manager) {
+    let balloons: Vec<_> = manager.list().into_iter().filter_map(|g| g.balloon).collect();
+    if balloons.is_empty() {
+        return;
+    }
+    let mib = |f: fn(&crate::supervisor::manager::BalloonInfo) -> u64| {
+        balloons.iter().map(f).sum::<u64>() as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64
+    };
+    eprintln!(
+        "vmm: balloons: {} of {} guests' drivers ran; {:.1} MiB given back by inflating, {:.1} MiB reported free, \
+         {:.1} MiB taken back by deflating",
+        balloons.iter().filter(|b| b.driver_ready).count(),
+        balloons.len(),
+        mib(|b| b.inflated_pages),
+        mib(|b| b.reported_pages),
+        mib(|b| b.deflated_pages),
+    );
 }
 
 fn report_end(id: usize, total: usize, end: &GuestEnd) {

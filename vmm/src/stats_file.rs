@@ -51,6 +51,12 @@ pub struct RunStats {
     /// kernel's OOM killer, under a memory limit).
     #[serde(default)]
     pub guests_killed: usize,
+    /// Memory the guests' balloons gave back (inflated or reported free)
+    /// so far, and balloon requests the governor made to reclaim it.
+    #[serde(default)]
+    pub balloon_given_mib: f64,
+    #[serde(default)]
+    pub balloon_reclaims: u64,
     /// In-process page sharing; `None` when it is not on.
     pub sharing: Option<SharingStats>,
     /// How long memtest guests' pages took, in nanosecond buckets.
@@ -177,6 +183,8 @@ mod tests {
             throttled_s_per_guest: [(3, 0.5)].into(),
             guests_ended_for_memory: 1,
             guests_killed: 1,
+            balloon_given_mib: 64.0,
+            balloon_reclaims: 2,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
             finished: false,

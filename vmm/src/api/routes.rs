@@ -35,6 +35,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/guests/{id}/stop"),
     ("POST", "/guests/{id}/merge"),
     ("PUT", "/guests/{id}/snapshot"),
+    ("PUT", "/guests/{id}/balloon"),
     ("GET", "/guests/{id}/console"),
     ("GET", "/dedup/stats"),
     ("GET", "/dedup/audit"),
@@ -54,6 +55,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/guests/{id}/stop", post(stop))
         .route("/guests/{id}/merge", post(merge))
         .route("/guests/{id}/snapshot", put(snapshot))
+        .route("/guests/{id}/balloon", put(balloon))
         .route("/guests/{id}/console", get(console))
         .route("/dedup/stats", get(stats))
         .route("/dedup/audit", get(audit))
@@ -83,6 +85,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         stop,
         merge,
         snapshot,
+        balloon,
         console,
         stats,
         audit,
@@ -100,7 +103,7 @@ struct ApiDoc;
 pub fn openapi_json() -> String {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the description serializes");
     let links: serde_json::Map<String, serde_json::Value> =
-        ["get_guest", "delete", "start", "pause", "resume", "stop", "merge", "console"]
+        ["get_guest", "delete", "start", "pause", "resume", "stop", "merge", "console", "balloon"]
             .iter()
             .map(|op| {
                 (op.to_string(), serde_json::json!({"operationId": op, "parameters": {"id": "$response.body#/id"}}))
@@ -300,6 +303,29 @@ async fn snapshot(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: B
         Ok(Json(SnapshotReply { dir, pages: written.pages, held_ms: written.micros as f64 / 1000.0 }))
     })
     .await
+}
+
+/// How much a guest's balloon is to hold.
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct BalloonRequest {
+    /// MiB the guest is to give back (0: take everything back), at most
+    /// its memory.
+    target_mib: u64,
+}
+
+/// Asks a guest to give memory back through its balloon, or to take it
+/// back; the reply's `balloon` shows where it stands (the guest's driver
+/// gets there on its own time). Refused (409) for a guest without a
+/// balloon or whose balloon driver has not started.
+#[utoipa::path(put, path = "/guests/{id}/balloon", params(GuestId), request_body = BalloonRequest, responses(
+    (status = 200, body = GuestInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 500, body = ErrorBody),
+))]
+async fn balloon(State(m): State<Arc<Manager>>, Path(id): Path<String>, body: Body) -> Reply<Json<GuestInfo>> {
+    let id = guest_id(&id)?;
+    let request: BalloonRequest = json_body(body).await?;
+    blocking(move || m.set_balloon(id, request.target_mib).map(Json)).await
 }
 
 /// The last bytes a guest wrote to its console.
@@ -538,6 +564,22 @@ fn prometheus_text(m: &Manager) -> String {
     out += "# HELP vmm_guest_merged_pages Pages of a guest on shared frames.\n# TYPE vmm_guest_merged_pages gauge\n";
     for (id, s) in &stats.guests {
         let _ = writeln!(out, "vmm_guest_merged_pages{{guest=\"{id}\",group=\"{}\"}} {}", s.group, s.merged_pages);
+    }
+    let balloons: Vec<_> = guests.iter().filter_map(|g| Some((g.id, g.balloon.as_ref()?))).collect();
+    out += "# HELP vmm_guest_balloon_mib What a guest's balloon holds and was asked to hold.\n\
+            # TYPE vmm_guest_balloon_mib gauge\n";
+    for (id, b) in &balloons {
+        for (of, mib) in [("actual", b.actual_mib), ("target", b.target_mib)] {
+            let _ = writeln!(out, "vmm_guest_balloon_mib{{guest=\"{id}\",of=\"{of}\"}} {mib}");
+        }
+    }
+    out += "# HELP vmm_guest_balloon_pages_total Pages a guest gave back through its balloon, by how.\n\
+            # TYPE vmm_guest_balloon_pages_total counter\n";
+    for (id, b) in &balloons {
+        for (how, n) in [("inflated", b.inflated_pages), ("deflated", b.deflated_pages), ("reported", b.reported_pages)]
+        {
+            let _ = writeln!(out, "vmm_guest_balloon_pages_total{{guest=\"{id}\",how=\"{how}\"}} {n}");
+        }
     }
     out
 }

@@ -103,6 +103,8 @@ pub struct BenchConfig {
     pub host_memory_mib: Option<u64>,
     /// Guests run unjailed (`--no-jail`).
     pub no_jail: bool,
+    /// Guests have balloons (`--balloon`), which the governor may use.
+    pub balloon: bool,
 }
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -355,6 +357,9 @@ fn run_command(config: &BenchConfig, guests: usize, how: Guests, dir: &Path) -> 
     command.arg("run").args(["--guests", &guests.to_string()]);
     if config.no_jail {
         command.arg("--no-jail");
+    }
+    if config.balloon {
+        command.arg("--balloon");
     }
     match how {
         // A snapshot brings its kernel, command line, memory and vCPUs.

@@ -92,6 +92,10 @@ pub struct ModeResult {
     pub guests_killed: usize,
     /// The memory governor: guests it ended, and time it held guests.
     pub guests_ended_for_memory: usize,
+    /// Memory the guests' balloons gave back (inflated or reported), and
+    /// the governor's balloon requests.
+    pub balloon_mib: f64,
+    pub balloon_reclaims: u64,
     pub throttled_s: f64,
     /// Time tasks on the host stalled on memory during the run (PSI
     /// "some"; reclaim at the run's limit shows here), where the host has it.
@@ -167,6 +171,8 @@ impl ModeResult {
             oom_kills: 0,
             guests_killed: last.guests_killed,
             guests_ended_for_memory: last.guests_ended_for_memory,
+            balloon_mib: last.balloon_given_mib,
+            balloon_reclaims: last.balloon_reclaims,
             throttled_s: last.throttled_s,
             waited_s: last.waited_s(),
             memory_stall_s: None,
@@ -432,13 +438,14 @@ impl BenchReport {
         let mut out = format!(
             "\nIn {limit} MiB ({:.2}x overcommitted):\n\n| mode | every guest verified and alive | OOM kills | \
              guests killed | ended for memory | throttled (s) | waited to start (s) | all verified a round (s) | peak memory (MiB) | \
-             host memory stall (s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+             host memory stall (s) | saved by sharing (MiB) | given back by balloons (MiB) | balloon requests |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             (self.guests as u64 * self.memory_mib) as f64 / limit as f64
         );
         for m in &self.modes {
             let survived = m.guests_failed == 0 && m.oom_kills == 0 && m.all_verified_s.is_some();
             out += &format!(
-                "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.0} | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {:.0} | {} | {:.0} | {:.0} | {} |\n",
                 m.mode.name(),
                 if survived { "yes" } else { "no" },
                 m.oom_kills,
@@ -448,7 +455,10 @@ impl BenchReport {
                 m.waited_s,
                 m.all_verified_s.map_or("-".into(), |t| format!("{t:.1}")),
                 m.peak_memory_mib,
-                m.memory_stall_s.map_or("-".into(), |t| format!("{t:.2}"))
+                m.memory_stall_s.map_or("-".into(), |t| format!("{t:.2}")),
+                m.saved_mib,
+                m.balloon_mib,
+                m.balloon_reclaims
             );
         }
         out
@@ -512,6 +522,7 @@ mod tests {
             scan_flags: vec![],
             host_memory_mib: None,
             no_jail: false,
+            balloon: false,
         }
     }
 

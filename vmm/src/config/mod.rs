@@ -201,12 +201,53 @@ pub struct GuestConfig {
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub vsock: Option<VsockConfig>,
+    /// A memory balloon (virtio-balloon): the guest gives memory back
+    /// when asked (`PUT /guests/{id}/balloon`) and reports the pages it
+    /// frees.
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub balloon: Option<BalloonConfig>,
     /// How the virtio devices reach the guest; left out: PCI for Linux,
     /// MMIO for our own test guests (a snapshot's guest keeps the one it
     /// had; one from before PCI had MMIO).
     #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub transport: Option<Transport>,
+}
+
+/// A guest's memory balloon (virtio-balloon).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"free_page_reporting": true}))]
+pub struct BalloonConfig {
+    /// The guest hands back the pages it frees (free page reporting),
+    /// where its driver can.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub free_page_reporting: bool,
+    /// The guest may take pages back from its balloon when it runs out
+    /// of memory, rather than fail.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub deflate_on_oom: bool,
+    /// Seconds between the guest's memory statistics (0: none asked).
+    #[serde(default = "default_stats_interval", deserialize_with = "integer")]
+    #[schema(default = 5, minimum = 0, maximum = 3600)]
+    pub stats_interval_s: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_stats_interval() -> u64 {
+    5
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig { free_page_reporting: true, deflate_on_oom: true, stats_interval_s: default_stats_interval() }
+    }
 }
 
 /// The virtio transport.
@@ -410,6 +451,7 @@ impl GuestConfig {
             net: None,
             disk_limit: None,
             vsock: None,
+            balloon: None,
             transport: None,
         }
     }
@@ -435,6 +477,12 @@ impl GuestConfig {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate(source)?;
+        }
+        if let Some(balloon) = &self.balloon {
+            if balloon.stats_interval_s > 3600 {
+                let name = if source == Source::Cli { "--balloon-stats-interval" } else { "balloon.stats_interval_s" };
+                return Err(Error::bad_input(format!("{name} {} is over an hour", balloon.stats_interval_s)));
+            }
         }
         if let Some(limit) = &self.disk_limit {
             let name = if source == Source::Cli { "--disk-limit" } else { "disk_limit" };

@@ -443,6 +443,15 @@ impl Guest {
         })
     }
 
+    /// Its virtio device called `name`, if it has one.
+    pub fn virtio_slot(&self, name: &str) -> Option<Arc<VirtioSlot>> {
+        self.shared.devices.virtio.iter().find(|d| d.name() == name).cloned()
+    }
+
+    pub fn config(&self) -> &GuestConfig {
+        &self.config
+    }
+
     pub fn console_tail(&self) -> String {
         self.shared.devices.console.tail()
     }

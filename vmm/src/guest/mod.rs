@@ -13,6 +13,7 @@ pub mod jail;
 mod last_words;
 pub mod machine;
 pub mod process;
+pub mod reclaim;
 pub mod seccomp;
 pub mod snapshot;
 mod syscall_names;

@@ -12,8 +12,8 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -21,11 +21,13 @@ use crate::config::GuestConfig;
 use crate::error::{Error, Result};
 use crate::guest::boot::BootFile;
 use crate::guest::devices::console::{CappedFile, Console};
+use crate::guest::devices::virtio::balloon::{self, Balloon, BalloonControl, BalloonStatus, GiveBack};
 use crate::guest::devices::virtio::{
-    self, block::Block, device::from_value, net::Net, vsock::Vsock, Persist, VirtioDevice,
+    self, block::Block, device::from_value, net::Net, vsock::Vsock, Persist, VirtioDevice, VirtioSlot,
 };
 use crate::guest::disk::Disk;
 use crate::guest::machine::{Guest, GuestOptions};
+use crate::guest::reclaim::GuestPages;
 use crate::guest::snapshot::SnapshotState;
 use crate::hypervisor::Hypervisor;
 use crate::image::boot_entry::{self, BootEntry};
@@ -77,7 +79,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         jail(jail_setup)?;
         Ok(built)
     });
-    let (mut guest, mut agent) = match built {
+    let Built { mut guest, agent, balloon } = match built {
         Ok(built) => built,
         Err(e) => {
             return protocol::send(&mut requests, &(number, Reply::Error { kind: e.kind, message: e.message }), &[]);
@@ -85,7 +87,8 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     };
     let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
     // Named as --merge-protect names them.
-    let protection = agent.as_ref().map(|a| match a.protection() {
+    let mut balloon = balloon.and_then(|control| BalloonHandle::new(&guest, control));
+    let protection = agent.as_ref().map(|a| match a.lock().unwrap().protection() {
         dedup::Protection::WriteProtect => "uffd".to_string(),
         dedup::Protection::Freeze => "freeze".to_string(),
     });
@@ -134,7 +137,10 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
                     };
                     let (reply, out) = match files {
                         Some(files) => snapshot(&guest, files),
-                        None => handle(&mut guest, agent.as_mut(), &mut started, &finished_tx, request, &payload),
+                        None => {
+                            let parts = Parts { agent: agent.as_ref(), balloon: balloon.as_ref() };
+                            handle(&mut guest, parts, &mut started, &finished_tx, request, &payload)
+                        }
                     };
                     protocol::send(&mut requests, &(number, reply), &out)?;
                     if adopt {
@@ -167,6 +173,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         if now != rounds {
             rounds = now;
             protocol::send(&mut events, &Event::Rounds(now), &[])?;
+        }
+        if let Some(b) = balloon.as_mut() {
+            if let Some(status) = b.tick() {
+                protocol::send(&mut events, &Event::Balloon(status), &[])?;
+            }
         }
         if gaps_at.elapsed() >= Duration::from_secs(1) {
             gaps_at = std::time::Instant::now();
@@ -267,8 +278,64 @@ fn send_kvm_counters(
     protocol::send(events, &Event::Kvm(now), &[])
 }
 
+/// A guest built, with what its control thread drives beside it.
+struct Built {
+    guest: Guest,
+    /// With in-process sharing; shared with the balloon's discards.
+    agent: Option<Arc<Mutex<dedup::Agent>>>,
+    balloon: Option<Arc<BalloonControl>>,
+}
+
+/// The guest's balloon, as the control thread drives it: targets, the
+/// statistics it asks for now and then, and what it tells the supervisor.
+struct BalloonHandle {
+    control: Arc<BalloonControl>,
+    slot: Arc<VirtioSlot>,
+    stats_every: Option<Duration>,
+    stats_asked: Instant,
+    /// The status last sent to the supervisor.
+    sent: Option<BalloonStatus>,
+}
+
+impl BalloonHandle {
+    fn new(guest: &Guest, control: Arc<BalloonControl>) -> Option<BalloonHandle> {
+        let slot = guest.virtio_slot(balloon::NAME)?;
+        let every = guest.config().balloon.as_ref().map_or(0, |b| b.stats_interval_s);
+        Some(BalloonHandle {
+            control,
+            slot,
+            stats_every: (every > 0).then(|| Duration::from_secs(every)),
+            stats_asked: Instant::now(),
+            sent: None,
+        })
+    }
+
+    /// A new target, in 4 KiB pages.
+    fn set_target(&self, pages: u32) -> std::result::Result<(), String> {
+        self.control.set_target(pages)?;
+        self.slot.config_changed();
+        Ok(())
+    }
+
+    /// Asks for statistics when due; returns the status if it changed
+    /// since it was last sent.
+    fn tick(&mut self) -> Option<BalloonStatus> {
+        if self.stats_every.is_some_and(|every| self.stats_asked.elapsed() >= every) {
+            self.stats_asked = Instant::now();
+            if let (true, Some(queue)) = (self.control.want_stats(), self.control.stats_queue()) {
+                self.slot.kick_queue(queue);
+            }
+        }
+        let now = self.control.status();
+        (self.sent.as_ref() != Some(&now)).then(|| {
+            self.sent = Some(now.clone());
+            now
+        })
+    }
+}
+
 /// Builds the guest and, with in-process sharing, its merge agent.
-fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
+fn build(setup: &Setup) -> Result<Built> {
     let hv = Hypervisor::open().map_err(Error::host)?;
     let config = &setup.guest;
     // The supervisor checked what the snapshot is and which guest it
@@ -291,7 +358,9 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
     if setup.ksm {
         ram.mark_mergeable().map_err(|e| Error::host(format!("MADV_MERGEABLE failed: {e}")))?;
     }
-    let virtio = virtio_devices(config, setup, restore)?;
+    let pages = Arc::new(GuestPages::new(&ram).map_err(|e| Error::host(format!("its memory file: {e}")))?);
+    let balloon = config.balloon.as_ref().map(|_| Arc::new(BalloonControl::default()));
+    let virtio = virtio_devices(config, setup, restore, balloon.as_ref().map(|c| (c.clone(), pages.clone() as _)))?;
     // SAFETY: the supervisor always passes the console descriptor.
     let console_file = unsafe { File::from_raw_fd(protocol::FD_CONSOLE) };
     let console = match setup.console_limit {
@@ -328,10 +397,12 @@ fn build(setup: &Setup) -> Result<(Guest, Option<dedup::Agent>)> {
                 guest.dirty_tracker(),
             )
             .map_err(|e| Error::host(format!("cannot set up page sharing: {e}")))?;
+            let agent = Arc::new(Mutex::new(agent));
+            pages.share_with(&agent);
             Some(agent)
         }
     };
-    Ok((guest, agent))
+    Ok(Built { guest, agent, balloon })
 }
 
 /// The largest kernel read from a disk image.
@@ -365,6 +436,7 @@ fn virtio_devices(
     config: &GuestConfig,
     setup: &Setup,
     restore: Option<(&SnapshotState, &std::path::Path)>,
+    balloon: Option<(Arc<BalloonControl>, Arc<dyn GiveBack>)>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>> {
     let disk_overlay = setup.disk_overlay.clone();
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -429,6 +501,16 @@ fn virtio_devices(
         };
         devices.push(Box::new(device));
     }
+    if let (Some(b), Some((control, give_back))) = (&config.balloon, balloon) {
+        let saved = restore.and_then(|(state, dir)| Some((state.device(balloon::NAME)?, dir)));
+        let device = match saved {
+            Some((saved, dir)) => from_value::<Balloon>(&saved.state)
+                .and_then(|state| Balloon::restore((control, give_back), &state, dir))
+                .map_err(|e| Error::bad_input(format!("the snapshot's balloon: {e}")))?,
+            None => Balloon::new(b.deflate_on_oom, b.free_page_reporting, control, give_back),
+        };
+        devices.push(Box::new(device));
+    }
     Ok(devices)
 }
 
@@ -440,9 +522,15 @@ fn error_reply(kind: crate::error::Kind, message: impl Into<String>) -> (Reply, 
     (Reply::Error { kind, message: message.into() }, Vec::new())
 }
 
+/// What besides the guest a request may reach.
+struct Parts<'a> {
+    agent: Option<&'a Arc<Mutex<dedup::Agent>>>,
+    balloon: Option<&'a BalloonHandle>,
+}
+
 fn handle(
     guest: &mut Guest,
-    agent: Option<&mut dedup::Agent>,
+    parts: Parts,
     started: &mut bool,
     finished: &mpsc::Sender<usize>,
     request: Request,
@@ -450,6 +538,8 @@ fn handle(
 ) -> (Reply, Vec<u8>) {
     use crate::error::Kind;
     let ok = (Reply::Ok, Vec::new());
+    let mut agent = parts.agent.map(|a| a.lock().unwrap_or_else(|e| e.into_inner()));
+    let agent = agent.as_deref_mut();
     match request {
         Request::Setup(_) => error_reply(Kind::Conflict, "the guest is set up already"),
         Request::Start if *started => error_reply(Kind::Conflict, "the guest has started already"),
@@ -477,12 +567,26 @@ fn handle(
             ok
         }
         Request::Console => (Reply::Console(guest.console_tail()), Vec::new()),
+        Request::Balloon(pages) => {
+            let Some(balloon) = parts.balloon else {
+                return error_reply(Kind::Conflict, "this guest has no balloon device");
+            };
+            match balloon.set_target(pages) {
+                Ok(()) => ok,
+                Err(e) => error_reply(Kind::Conflict, e),
+            }
+        }
         Request::Snapshot => error_reply(Kind::BadInput, "a snapshot's files did not come with it"),
         Request::Status => {
             let Some(agent) = agent else { return error_reply(Kind::Conflict, "this guest does not share pages") };
             match agent.status() {
                 Ok(s) => (
-                    Reply::Status { has_dirty_log: s.dirty.is_some(), mappings: s.mappings, map_limit: s.map_limit },
+                    Reply::Status {
+                        has_dirty_log: s.dirty.is_some(),
+                        mappings: s.mappings,
+                        map_limit: s.map_limit,
+                        discarded: s.discarded,
+                    },
                     protocol::words_to_bytes(&s.dirty.unwrap_or_default()),
                 ),
                 Err(e) => error_reply(Kind::Host, format!("reading the dirty log: {e}")),

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::host::HostKind;
 use crate::image::boot_entry::BootEntry;
 use crate::image::BaseImage;
-use crate::memory::{guest_memfd, host_available_memory, MemoryBackend};
+use crate::memory::{guest_memfd, host_available_memory, MemoryBackend, MIB};
 use crate::outcome::GuestEnd;
 use crate::protocol::KvmCounters;
 use crate::protocol::{Event, Reply, Request, Setup};
@@ -55,6 +55,11 @@ pub struct GuestInfo {
     pub pid: Option<u32>,
     /// Host memory its process uses now (its memory cgroup, or its Pss).
     pub memory_bytes: Option<u64>,
+    /// Host memory its RAM holds now, exactly: the pages of its memory
+    /// file (not those page sharing merged, nor those it gave back) and
+    /// its process's anonymous memory (its copies of merged pages it
+    /// wrote, and the VMM's heap). `null` for anonymous guest RAM.
+    pub ram_bytes: Option<u64>,
     /// Corrupted pages a memtest guest has reported.
     pub corrupted_pages: u64,
     /// Rounds a memtest guest has verified on every vCPU since it started
@@ -78,6 +83,50 @@ pub struct GuestInfo {
     /// For a guest that boots its disk image: the boot loader entry it
     /// boots, and where it was found.
     pub boot_entry: Option<String>,
+    /// Its memory balloon, for a guest that has one.
+    pub balloon: Option<BalloonInfo>,
+}
+
+/// Where a guest's balloon stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct BalloonInfo {
+    /// What the guest was asked to hold in its balloon, and holds (MiB).
+    pub target_mib: u64,
+    pub actual_mib: u64,
+    /// Its driver runs the device (else targets are refused).
+    pub driver_ready: bool,
+    /// What its driver took: free page reporting, deflate on OOM.
+    pub free_page_reporting: bool,
+    pub deflate_on_oom: bool,
+    /// 4 KiB pages it gave back by inflating, took back by deflating, and
+    /// reported free, since it booted (a clone goes on counting from its
+    /// snapshot's).
+    pub inflated_pages: u64,
+    pub deflated_pages: u64,
+    pub reported_pages: u64,
+    /// Pages it named that are not its RAM (skipped).
+    pub bad_pages: u64,
+    /// Its last memory statistics, by name (memory in bytes, events in
+    /// counts).
+    pub stats: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<&crate::protocol::BalloonStatus> for BalloonInfo {
+    fn from(s: &crate::protocol::BalloonStatus) -> Self {
+        let mib = |pages: u32| u64::from(pages) * crate::protocol::BALLOON_PAGE / MIB;
+        BalloonInfo {
+            target_mib: mib(s.target_pages),
+            actual_mib: mib(s.actual_pages),
+            driver_ready: s.driver_ready,
+            free_page_reporting: s.reporting,
+            deflate_on_oom: s.deflate_on_oom,
+            inflated_pages: s.inflated_pages,
+            deflated_pages: s.deflated_pages,
+            reported_pages: s.reported_pages,
+            bad_pages: s.bad_pages,
+            stats: s.stats.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, utoipa::ToSchema)]
@@ -95,6 +144,8 @@ pub struct GuestSharing {
     /// Scan passes that went by it because its process did not answer
     /// (stopped).
     pub passes_skipped: u64,
+    /// Pages it gave back (its balloon) that page sharing let go of.
+    pub discarded_pages: u64,
 }
 
 impl From<&dedup::GuestStats> for GuestSharing {
@@ -109,6 +160,7 @@ impl From<&dedup::GuestStats> for GuestSharing {
             pages_held: s.held.now,
             holds: s.held.holds(),
             passes_skipped: s.passes_skipped,
+            discarded_pages: s.discarded_pages,
         }
     }
 }
@@ -139,6 +191,8 @@ struct Entry {
     gaps: crate::gaps::Gaps,
     /// What it has cost KVM, as its process last said.
     kvm: KvmCounters,
+    /// Its balloon, as its process last said.
+    balloon: Option<crate::protocol::BalloonStatus>,
     protection: Option<String>,
     jail: Option<crate::protocol::Jail>,
     /// The boot loader entry it boots (a guest without a kernel).
@@ -148,6 +202,17 @@ struct Entry {
 }
 
 impl Entry {
+    /// What its balloon could give back: the free memory its driver last
+    /// reported, less a sixteenth of its RAM (at least 8 MiB) the guest
+    /// keeps, less what it was asked for and has not given yet.
+    fn spare_memory(&self) -> u64 {
+        let Some(b) = self.balloon.as_ref().filter(|b| b.driver_ready) else { return 0 };
+        let free = b.stats.get("free_memory").copied().unwrap_or(0);
+        let pending = u64::from(b.target_pages.saturating_sub(b.actual_pages)) * crate::protocol::BALLOON_PAGE;
+        let margin = (self.config.memory_bytes() / 16).max(8 * MIB);
+        free.saturating_sub(margin).saturating_sub(pending)
+    }
+
     fn new(config: GuestConfig) -> Entry {
         Entry {
             config,
@@ -167,6 +232,7 @@ impl Entry {
             throttled_before: Duration::ZERO,
             gaps: Default::default(),
             kvm: Default::default(),
+            balloon: None,
             protection: None,
             jail: None,
             boot_entry: None,
@@ -260,6 +326,11 @@ pub struct PressureCounts {
     /// Guests whose processes a SIGKILL from outside the VMM ended (with a
     /// memory limit and no governor: the kernel's OOM killer).
     pub killed_from_outside: usize,
+    /// Balloon requests it made to reclaim guests' free memory, what they
+    /// asked for in all, and requests to give it back.
+    pub balloon_reclaims: u64,
+    pub balloon_reclaimed_bytes: u64,
+    pub balloon_returns: u64,
 }
 
 /// The memory governor (pressure.rs) and its threads: one looks and
@@ -443,7 +514,8 @@ impl Manager {
             .filter(|(_, e)| e.made && e.state != GuestState::Ended)
             .filter_map(|(&id, e)| {
                 let bytes = e.cgroup.as_ref()?.charged()?;
-                Some(GuestMemory { id, bytes, size: e.config.memory_bytes(), running: e.state == GuestState::Running })
+                let size = e.config.memory_bytes();
+                Some(GuestMemory { id, bytes, size, running: e.state == GuestState::Running, spare: e.spare_memory() })
             })
             .collect();
         let (actions, next) = {
@@ -468,6 +540,12 @@ impl Manager {
                 Action::End(id, why) => {
                     eprintln!("vmm: guest {id}: ending it: {why}");
                     let _ = self.send_stop(id, GuestEnd::OutOfMemory(why));
+                }
+                Action::Balloon(id, bytes) => {
+                    log::info!("memory governor: guest {id}'s balloon to {} MiB", bytes / MIB);
+                    if let Err(e) = self.set_balloon(id, bytes / MIB) {
+                        log::info!("memory governor: guest {id}'s balloon: {}", e.message);
+                    }
                 }
             }
         }
@@ -508,10 +586,18 @@ impl Manager {
 
     /// What memory pressure did so far.
     pub fn pressure(&self) -> PressureCounts {
+        let (balloon_reclaims, balloon_reclaimed_bytes, balloon_returns) =
+            self.governed.as_ref().map_or((0, 0, 0), |g| {
+                let gov = g.governor.lock().unwrap();
+                (gov.reclaims, gov.reclaimed_bytes, gov.returns)
+            });
         let g = self.lock();
         let held: BTreeMap<usize, Duration> =
             g.map.iter().map(|(&id, e)| (id, e.throttled())).filter(|(_, d)| !d.is_zero()).collect();
         PressureCounts {
+            balloon_reclaims,
+            balloon_reclaimed_bytes,
+            balloon_returns,
             held,
             ended_for_memory: g.map.values().filter(|e| matches!(e.end, Some(GuestEnd::OutOfMemory(_)))).count(),
             killed_from_outside: g.map.values().filter(|e| e.killed_from_outside).count(),
@@ -773,6 +859,7 @@ impl Manager {
             Event::Rounds(n) => entry.rounds_verified = n,
             Event::Gaps(gaps) => entry.gaps = gaps,
             Event::Kvm(counters) => entry.kvm = counters,
+            Event::Balloon(status) => entry.balloon = Some(status),
             Event::Ended { end, console } => {
                 entry.reported_end = Some(end);
                 entry.console_tail = console;
@@ -838,6 +925,9 @@ impl Manager {
             memory_bytes: process.and_then(|p| {
                 entry.cgroup.as_ref().and_then(MemoryCgroup::usage).or_else(|| crate::proc::pss_bytes(p.pid))
             }),
+            ram_bytes: process
+                .zip(entry.memory.as_ref())
+                .and_then(|(p, memfd)| Some(crate::proc::file_bytes(memfd)? + crate::proc::anon_bytes(p.pid)?)),
             corrupted_pages: entry.corrupted_pages,
             rounds_verified: entry.rounds_verified,
             throttled: entry.throttled_since.is_some(),
@@ -848,6 +938,11 @@ impl Manager {
             boot_entry: entry.boot_entry.clone(),
             sharing: stats.as_ref().filter(|_| entry.shared).map(GuestSharing::from),
             kvm: entry.kvm,
+            balloon: entry
+                .config
+                .balloon
+                .as_ref()
+                .map(|_| entry.balloon.as_ref().map(BalloonInfo::from).unwrap_or_default()),
         })
     }
 
@@ -926,6 +1021,36 @@ impl Manager {
             if let Some(entry) = self.lock().map.get_mut(&id) {
                 entry.hold();
             }
+        }
+        self.get(id)
+    }
+
+    /// Asks guest `id` to hold `mib` MiB in its balloon (0: take it all
+    /// back). Refused for a guest without a balloon, one whose driver has
+    /// not started, and more than the guest has.
+    pub fn set_balloon(&self, id: usize, mib: u64) -> Result<GuestInfo> {
+        let process = {
+            let g = self.lock();
+            let entry = g.map.get(&id).filter(|e| e.made).ok_or_else(|| not_found(id))?;
+            if entry.config.balloon.is_none() {
+                return Err(Error::conflict(format!(
+                    "guest {id} has no balloon: create it with --balloon (\"balloon\": {{}} in POST /guests)"
+                )));
+            }
+            if mib > entry.config.memory_mib {
+                return Err(Error::bad_input(format!(
+                    "a balloon of {mib} MiB is more than guest {id}'s {} MiB",
+                    entry.config.memory_mib
+                )));
+            }
+            entry.process.clone().ok_or_else(|| Error::conflict(format!("guest {id} has ended")))?
+        };
+        let pages = (mib * MIB / crate::protocol::BALLOON_PAGE) as u32;
+        Self::ask(&process, Request::Balloon(pages))
+            .map_err(|e| Error { message: format!("guest {id}: {}", e.message), ..e })?;
+        // Its process says so too, at its next event; the reply says it now.
+        if let Some(entry) = self.lock().map.get_mut(&id) {
+            entry.balloon.get_or_insert_default().target_pages = pages;
         }
         self.get(id)
     }

@@ -10,6 +10,15 @@
 //!   level's working set (`cgroup::OwnCgroup`). The reserve is a share of
 //!   the smaller of host RAM and the tightest limit
 //!   (`--memory-reserve`, 5% by default), at least [`MIN_RESERVE`].
+//! - **Reclaim first.** Near the wall (room under twice the reserve, and
+//!   what the guests growing now will add), guests with a balloon whose
+//!   driver says they hold free memory are asked to give it back: their
+//!   balloon's target is raised by that free memory less a margin
+//!   ([`GuestMemory::spare`]), a guest at most every [`RECLAIM_EVERY`]
+//!   (its statistics must catch up first). Balloons take seconds, so the
+//!   throttles below still hold the wall meanwhile. Once room is
+//!   plentiful again, with no guest held, the balloons it filled are
+//!   emptied, one guest per [`SETTLE`].
 //! - **Backpressure.** While room is under the reserve (less what the
 //!   guests growing now will add in the next [`LOOKAHEAD`] at the rate they
 //!   grow), every running guest whose memory grew since the last tick is
@@ -78,6 +87,11 @@ const MERGE_EVERY: Duration = Duration::from_millis(250);
 /// The scanner's nice value while room is short: ahead of the vCPUs, whose
 /// memory it is freeing.
 pub const URGENT_NICE: i32 = -10;
+/// Least time between two reclaims from one guest: its balloon's
+/// statistics (every 5 s by default) must show what the last one took.
+pub const RECLAIM_EVERY: Duration = Duration::from_secs(6);
+/// Free memory below this is not worth a balloon request.
+pub const MIN_RECLAIM: u64 = 8 * MIB;
 
 /// Where the wall is.
 pub struct Wall {
@@ -119,6 +133,10 @@ pub struct GuestMemory {
     pub size: u64,
     /// Its vCPUs may run (started, not paused by the user, not ending).
     pub running: bool,
+    /// What its balloon could give back now: the free memory its driver
+    /// last reported, less a margin for the guest (0 without a balloon
+    /// driver).
+    pub spare: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -132,6 +150,9 @@ pub enum Action {
     Urgent(bool),
     /// End this guest: sharing cannot make room. The reason says why.
     End(usize, String),
+    /// Set this guest's balloon to hold this many bytes: more to reclaim
+    /// its free memory, 0 to give it all back.
+    Balloon(usize, u64),
 }
 
 struct Squeeze {
@@ -164,6 +185,13 @@ pub struct Governor {
     last_merge_ask: Option<Instant>,
     /// Whether page sharing was last told room is short.
     urgent: bool,
+    /// What each guest's balloon holds at the governor's asking, and when
+    /// it last asked.
+    balloons: BTreeMap<usize, (u64, Instant)>,
+    /// Balloon requests made so far, to reclaim and to give back.
+    pub reclaims: u64,
+    pub reclaimed_bytes: u64,
+    pub returns: u64,
 }
 
 impl Governor {
@@ -184,6 +212,10 @@ impl Governor {
             merged_up_to: 0,
             last_merge_ask: None,
             urgent: false,
+            balloons: BTreeMap::new(),
+            reclaims: 0,
+            reclaimed_bytes: 0,
+            returns: 0,
         }
     }
 
@@ -201,6 +233,7 @@ impl Governor {
         // Guests gone since the last tick leave the books.
         self.throttled.retain(|id| guests.iter().any(|g| g.id == *id));
         self.ending.retain(|id| guests.iter().any(|g| g.id == *id));
+        self.balloons.retain(|id, _| guests.iter().any(|g| g.id == *id));
         // Growth is measured over the time since the last look.
         let ticks = self.last_step.map_or(1.0, |t| now.duration_since(t).as_secs_f64() / TICK.as_secs_f64()).max(1.0);
         self.last_step = Some(now);
@@ -238,6 +271,21 @@ impl Governor {
             .map(|g| g.size.saturating_sub(g.bytes))
             .sum();
         let mut actions = Vec::new();
+        // Free memory held by guests goes first: asked back before anyone
+        // is held, and long before anyone is ended.
+        if room < (2 * self.reserve).saturating_add(incoming) {
+            for g in guests.iter().filter(|g| g.spare >= MIN_RECLAIM && !self.ending.contains(&g.id)) {
+                let last = self.balloons.get(&g.id).copied();
+                if last.is_none_or(|(_, asked)| now.duration_since(asked) >= RECLAIM_EVERY) {
+                    let held = last.map_or(0, |(held, _)| held);
+                    let target = (held + g.spare).min(g.size);
+                    self.balloons.insert(g.id, (target, now));
+                    self.reclaims += 1;
+                    self.reclaimed_bytes += target - held;
+                    actions.push(Action::Balloon(g.id, target));
+                }
+            }
+        }
         let squeezed = room < self.reserve.saturating_add(incoming);
         if squeezed {
             for g in guests.iter().filter(|g| g.running && growing.contains(&g.id)) {
@@ -300,6 +348,16 @@ impl Governor {
             }
         }
         let plenty = room / 4 > self.reserve.saturating_add(self.filling).saturating_add(incoming);
+        // Plenty of room, nobody held: the balloons go back, one at a time.
+        let settled = self.last_release.is_none_or(|t| now.duration_since(t) >= SETTLE);
+        if plenty && settled && self.throttled.is_empty() {
+            if let Some((&id, _)) = self.balloons.iter().find(|(_, &(held, _))| held > 0) {
+                self.balloons.insert(id, (0, now));
+                self.returns += 1;
+                self.last_release = Some(now);
+                actions.push(Action::Balloon(id, 0));
+            }
+        }
         if plenty == self.urgent {
             self.urgent = !plenty;
             actions.push(Action::Urgent(self.urgent));
@@ -349,7 +407,7 @@ mod tests {
     }
 
     fn guest(id: usize, mib: u64) -> GuestMemory {
-        GuestMemory { id, bytes: mib * MIB, size: 512 * MIB, running: true }
+        GuestMemory { id, bytes: mib * MIB, size: 512 * MIB, running: true, spare: 0 }
     }
 
     #[test]
@@ -484,7 +542,7 @@ mod tests {
     fn admits_what_fits_besides_what_others_may_still_fill() {
         let mut gov = Governor::new(RESERVE);
         let t = Instant::now();
-        let sized = |id, mib| GuestMemory { id, bytes: mib * MIB, size: 256 * MIB, running: true };
+        let sized = |id, mib| GuestMemory { id, bytes: mib * MIB, size: 256 * MIB, running: true, spare: 0 };
         // Three fit in 1000 MiB above the reserve, counting those let in.
         for _ in 0..3 {
             assert!(gov.admits(t, 1000 * MIB, 256 * MIB));
@@ -511,5 +569,39 @@ mod tests {
         let available = host_available_memory().unwrap();
         assert!(wall.room() <= available + 64 * MIB);
         assert!(wall.size() <= host_total_memory().unwrap());
+    }
+
+    /// Near the wall, free memory guests hold is asked back through their
+    /// balloons before anyone is held, once per guest per RECLAIM_EVERY;
+    /// with plenty of room again the balloons are emptied one at a time.
+    #[test]
+    fn free_memory_is_reclaimed_first_and_given_back_when_room_returns() {
+        let mut gov = Governor::new(RESERVE);
+        let t = Instant::now();
+        let with_spare = |id, mib, spare_mib: u64| GuestMemory { spare: spare_mib * MIB, ..guest(id, mib) };
+        gov.step(t, 1000 * MIB, &[with_spare(0, 100, 64), guest(1, 100)]);
+        // Near the wall (under twice the reserve), nobody growing.
+        let near = gov.step(t + TICK, 150 * MIB, &[with_spare(0, 100, 64), guest(1, 100)]);
+        assert_eq!(decided(near), vec![Action::Balloon(0, 64 * MIB)]);
+        // Not again until its statistics can have caught up.
+        let again = gov.step(t + 2 * TICK, 150 * MIB, &[with_spare(0, 100, 64), guest(1, 100)]);
+        assert!(decided(again).is_empty());
+        // Squeezed and growing: reclaimed again (6 s on), then throttled.
+        let later = t + RECLAIM_EVERY + 3 * TICK;
+        // (Between the two: neither near the wall nor plenty of room.)
+        assert!(decided(gov.step(later - TICK, 300 * MIB, &[with_spare(0, 100, 16), guest(1, 100)])).is_empty());
+        let squeezed = gov.step(later, 50 * MIB, &[with_spare(0, 200, 16), guest(1, 100)]);
+        assert_eq!(decided(squeezed), vec![Action::Balloon(0, 80 * MIB), Action::Throttle(0)]);
+        assert_eq!((gov.reclaims, gov.reclaimed_bytes), (2, 80 * MIB));
+        // A guest with little free memory is not asked.
+        let small = gov.step(later + TICK, 50 * MIB, &[with_spare(0, 200, 0), with_spare(1, 100, 4)]);
+        assert!(!decided(small).iter().any(|a| matches!(a, Action::Balloon(..))));
+        // Room back: the throttled guest goes first, then the balloon.
+        let back = later + Duration::from_secs(1);
+        assert_eq!(decided(gov.step(back, 4000 * MIB, &[guest(0, 200), guest(1, 100)])), vec![Action::Release(0)]);
+        let then = gov.step(back + SETTLE, 4000 * MIB, &[guest(0, 200), guest(1, 100)]);
+        assert_eq!(decided(then), vec![Action::Balloon(0, 0)]);
+        assert_eq!(gov.returns, 1);
+        assert!(decided(gov.step(back + 2 * SETTLE, 4000 * MIB, &[guest(0, 200), guest(1, 100)])).is_empty());
     }
 }

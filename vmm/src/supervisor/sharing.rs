@@ -210,10 +210,11 @@ impl dedup::GuestAgent for RemoteAgent {
 
     fn status(&mut self) -> io::Result<AgentStatus> {
         match self.0.request(&Request::Status, &[]).map_err(|e| self.channel_error(e))? {
-            (Reply::Status { has_dirty_log, mappings, map_limit }, payload) => Ok(AgentStatus {
+            (Reply::Status { has_dirty_log, mappings, map_limit, discarded }, payload) => Ok(AgentStatus {
                 dirty: if has_dirty_log { Some(protocol::bytes_to_words(&payload)?) } else { None },
                 mappings,
                 map_limit,
+                discarded,
             }),
             (other, _) => Err(io::Error::other(format!("status answered with {other:?}"))),
         }

@@ -14,8 +14,10 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_FAILED: u32 = 0x80;
 
-/// The interrupt status bit for "the used ring changed".
+/// The interrupt status bits for "the used ring changed" and "the
+/// configuration changed".
 pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
 
 /// What the owner must do after a register write.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,6 +42,9 @@ pub struct VirtioCore {
     pub interrupt_status: u32,
     pub queue_sel: u32,
     queues: Vec<Queue>,
+    /// Changes with every change of the device's configuration, so a
+    /// driver reading several fields can tell it read them at once.
+    config_generation: u32,
 }
 
 /// What a snapshot keeps of the transport: what the driver negotiated and
@@ -53,6 +58,8 @@ pub struct TransportState {
     interrupt_status: u32,
     queue_sel: u32,
     pub(super) queues: Vec<QueueRegs>,
+    #[serde(default)]
+    config_generation: u32,
 }
 
 /// Where one queue stands.
@@ -80,6 +87,7 @@ impl VirtioCore {
             interrupt_status: 0,
             queue_sel: 0,
             queues: queue_max.iter().map(|&n| Queue::new(n).expect("a power-of-two queue size")).collect(),
+            config_generation: 0,
         }
     }
 
@@ -105,6 +113,7 @@ impl VirtioCore {
             interrupt_status: self.interrupt_status,
             queue_sel: self.queue_sel,
             queues,
+            config_generation: self.config_generation,
         }
     }
 
@@ -141,6 +150,7 @@ impl VirtioCore {
         self.driver_features = saved.driver_features & self.device_features;
         self.status = saved.status;
         self.interrupt_status = saved.interrupt_status;
+        self.config_generation = saved.config_generation;
         Ok(())
     }
 
@@ -159,6 +169,17 @@ impl VirtioCore {
 
     pub fn selected_mut(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// The device changed its configuration: a new generation, and the
+    /// interrupt status says so (the transport raises the interrupt).
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt_status |= INT_CONFIG;
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation
     }
 
     /// Whether the driver finished setting up and may use the device.

@@ -44,7 +44,7 @@ impl MmioTransport {
             0x044 => queue.map_or(0, |q| u32::from(q.ready())),
             0x060 => core.interrupt_status,
             0x070 => core.status(),
-            0x0fc => 0, // config generation: the config never changes
+            0x0fc => core.config_generation(),
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0

@@ -11,6 +11,7 @@
 //! i's registers are the i-th page from [`MMIO_BASE`] and its interrupt
 //! line is [`FIRST_GSI`] + i; on PCI slot i is device i + 1 on bus 0.
 
+pub mod balloon;
 pub mod block;
 pub mod common;
 pub mod device;
@@ -67,7 +68,8 @@ pub fn cmdline_arg(slot: usize) -> String {
 pub fn planned(config: &GuestConfig) -> Vec<&'static str> {
     let disk = config.disk.iter().map(|_| block::NAME);
     let net = config.net.iter().map(|_| net::NAME);
-    disk.chain(net).chain(config.vsock.iter().map(|_| vsock::NAME)).collect()
+    let vsock = config.vsock.iter().map(|_| vsock::NAME);
+    disk.chain(net).chain(vsock).chain(config.balloon.iter().map(|_| balloon::NAME)).collect()
 }
 
 /// Checks a snapshot's device states against its guest's configuration
@@ -89,6 +91,7 @@ pub fn check_saved(config: &GuestConfig, saved: &[SavedDevice], dir: &Path) -> R
             (vsock::NAME, _) => {
                 device::from_value::<vsock::Vsock>(&device.state).and_then(|state| crate::config::check_cid(state.cid))
             }
+            (balloon::NAME, _) => device::from_value::<balloon::Balloon>(&device.state).map(|_| ()),
             (name, _) => Err(format!("no device is called {name}")),
         };
         checked.map_err(|e| format!("{}: {e}", device.name))?;
@@ -304,6 +307,34 @@ impl VirtioSlot {
     pub fn kick(&self) {
         for fd in &self.notify {
             let _ = fd.write(1);
+        }
+    }
+
+    /// Has the I/O thread look at queue `index` (the device has something
+    /// for it: a balloon's wish for statistics).
+    pub fn kick_queue(&self, index: usize) {
+        if let Some(fd) = self.notify.get(index) {
+            let _ = fd.write(1);
+        }
+    }
+
+    /// The device's configuration changed (a balloon's target): a new
+    /// generation and the configuration interrupt, if the driver is there.
+    pub fn config_changed(&self) {
+        let mut inner = self.state.lock().unwrap();
+        let core = inner.transport.core_mut();
+        if !core.is_live() {
+            return;
+        }
+        core.config_changed();
+        match &mut inner.transport {
+            TransportRegs::Mmio(_, fd) => {
+                if let Err(e) = fd.write(1) {
+                    log::warn!("{}: cannot raise the interrupt: {e}", self.name);
+                }
+                self.vcpu_gate.device_interrupt();
+            }
+            TransportRegs::Pci(t, sink) => self.signal(sink.as_ref(), t.raise_config()),
         }
     }
 

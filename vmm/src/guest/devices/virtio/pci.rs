@@ -215,7 +215,7 @@ impl PciTransport {
             0x10 => self.config_vector.into(),
             0x12 => core.queues().len() as u64,
             0x14 => core.status().into(),
-            0x15 => 0, // config generation: the config never changes
+            0x15 => u64::from(core.config_generation() as u8),
             0x16 => core.queue_sel.into(),
             0x18 => queue.map_or(0, |q| q.size().into()),
             0x1a => self.queue_vectors.get(sel).copied().unwrap_or(NO_VECTOR).into(),
@@ -305,6 +305,14 @@ impl PciTransport {
 
     /// The messages for the queues in `queues` (bit i: queue i) that may
     /// go now (the rest wait as pending, or go nowhere with MSI-X off).
+    /// The message for a configuration change, if the driver set a vector.
+    pub fn raise_config(&mut self) -> Vec<MsiMessage> {
+        match self.config_vector {
+            NO_VECTOR => Vec::new(),
+            vector => self.msix.trigger(vector).into_iter().collect(),
+        }
+    }
+
     pub fn raise(&mut self, queues: u32) -> Vec<MsiMessage> {
         let mut out = Vec::new();
         for (i, &vector) in self.queue_vectors.iter().enumerate() {

@@ -203,7 +203,8 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
             .iter()
             .filter_map(|g| g.balloon.as_ref())
             .map(|b| (b.inflated_pages + b.reported_pages) as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64)
-            .sum(),
+            // (An empty f64 sum is -0.)
+            .fold(0.0, |all, mib| all + mib),
         balloon_reclaims: pressure.balloon_reclaims,
         guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),

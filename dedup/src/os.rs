@@ -79,19 +79,8 @@ fn check_mmap(p: *mut libc::c_void) -> io::Result<*mut u8> {
 /// `addr..addr + len` must be page-aligned memory this process owns and
 /// whose current contents nobody needs any more.
 pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
-    may_fail(Op::Mmap)?;
-    // SAFETY: the caller owns the range; MAP_FIXED replaces it.
-    check_mmap(unsafe {
-        libc::mmap(
-            addr.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    })
-    .map(drop)
+    // SAFETY: as the caller promised.
+    unsafe { map_fixed(addr, len, libc::MAP_PRIVATE, file.as_raw_fd(), offset) }
 }
 
 /// Maps `file` from `offset` over `addr` again, shared: a page given back
@@ -100,19 +89,8 @@ pub unsafe fn map_private(addr: *mut u8, len: usize, file: &File, offset: u64) -
 /// # Safety
 /// As for [`map_private`].
 pub unsafe fn map_shared_at(addr: *mut u8, len: usize, file: &File, offset: u64) -> io::Result<()> {
-    may_fail(Op::Mmap)?;
-    // SAFETY: the caller owns the range; MAP_FIXED replaces it.
-    check_mmap(unsafe {
-        libc::mmap(
-            addr.cast(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            file.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    })
-    .map(drop)
+    // SAFETY: as the caller promised.
+    unsafe { map_fixed(addr, len, libc::MAP_SHARED, file.as_raw_fd(), offset) }
 }
 
 /// Maps fresh anonymous private memory over `addr`: reads see the kernel's
@@ -121,16 +99,26 @@ pub unsafe fn map_shared_at(addr: *mut u8, len: usize, file: &File, offset: u64)
 /// # Safety
 /// As for [`map_private`].
 pub unsafe fn map_zero(addr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: as the caller promised.
+    unsafe { map_fixed(addr, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) }
+}
+
+/// A read-write mapping over `addr..addr + len` with `flags` (plus
+/// MAP_FIXED and MAP_NORESERVE), replacing what was there.
+///
+/// # Safety
+/// As for [`map_private`].
+unsafe fn map_fixed(addr: *mut u8, len: usize, flags: libc::c_int, fd: libc::c_int, offset: u64) -> io::Result<()> {
     may_fail(Op::Mmap)?;
-    // SAFETY: as above.
+    // SAFETY: the caller owns the range; MAP_FIXED replaces it.
     check_mmap(unsafe {
         libc::mmap(
             addr.cast(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
+            flags | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd,
+            offset as libc::off_t,
         )
     })
     .map(drop)

@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
-use vm_memory::Bytes;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::VIRTIO_F_VERSION_1;
@@ -207,63 +209,69 @@ impl Balloon {
         (given, bad)
     }
 
-    /// Serves the inflate or deflate queue: frame numbers, 4 bytes each.
-    fn serve_pfns(&mut self, index: usize, inflate: bool, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+    /// Serves every buffer made available on queue `index`: `take` acts
+    /// on its descriptors (address, length, device-writable), freeing any
+    /// pages before the buffer goes back, then the buffer is returned.
+    fn serve_each(
+        &mut self,
+        index: usize,
+        q: &mut Queues,
+        mut take: impl FnMut(&mut Self, &GuestMemoryMmap, &[(GuestAddress, u32, bool)]),
+    ) -> Result<Used, virtio_queue::Error> {
         let mut used = 0;
         while let Some(chain) = q.queues[index].pop_descriptor_chain(q.mem) {
             let head = chain.head_index();
+            let descriptors: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
+            take(self, q.mem, &descriptors);
+            used |= return_buffer(q, index, head)?;
+        }
+        Ok(used)
+    }
+
+    /// Serves the inflate or deflate queue: frame numbers, 4 bytes each.
+    fn serve_pfns(&mut self, index: usize, inflate: bool, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        self.serve_each(index, q, |balloon, mem, descriptors| {
             let mut pfns = Vec::new();
-            for d in chain.clone().filter(|d| !d.is_write_only()) {
+            for &(addr, len, _) in descriptors.iter().filter(|d| !d.2) {
                 let room = MAX_PFNS_PER_BUFFER - pfns.len();
-                let mut bytes = vec![0u8; (d.len() as usize / 4).min(room) * 4];
-                if q.mem.read_slice(&mut bytes, d.addr()).is_err() {
+                let mut bytes = vec![0u8; (len as usize / 4).min(room) * 4];
+                if mem.read_slice(&mut bytes, addr).is_err() {
                     log::debug!("{NAME}: a buffer outside guest memory ignored");
                     continue;
                 }
                 pfns.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
             }
             if inflate {
-                // Freed before the buffer goes back: see the module comment.
-                let (given, bad) = self.give_back_pfns(&pfns);
-                self.control.update(|s| {
+                let (given, bad) = balloon.give_back_pfns(&pfns);
+                balloon.control.update(|s| {
                     s.inflated_pages += given;
                     s.bad_pages += bad;
                 });
             } else {
-                self.control.update(|s| s.deflated_pages += pfns.len() as u64);
+                balloon.control.update(|s| s.deflated_pages += pfns.len() as u64);
             }
-            let _inside = q.gate.enter();
-            q.queues[index].add_used(q.mem, head, 0)?;
-            used |= 1 << index;
-        }
-        Ok(used)
+        })
     }
 
     /// Serves free page reports: each descriptor a range of free pages.
     fn serve_reports(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
-        let mut used = 0;
-        while let Some(chain) = q.queues[index].pop_descriptor_chain(q.mem) {
-            let head = chain.head_index();
+        self.serve_each(index, q, |balloon, _, descriptors| {
             let (mut given, mut bad) = (0, 0);
-            for d in chain.clone() {
-                let (addr, len) = (d.addr().0, u64::from(d.len()));
-                match self.give_back.discard(addr, len) {
+            for &(addr, len, _) in descriptors {
+                let len = u64::from(len);
+                match balloon.give_back.discard(addr.0, len) {
                     Ok(()) => given += len / PAGE,
                     Err(e) => {
-                        log::debug!("{NAME}: reported range {addr:#x}+{len:#x} not given back: {e}");
+                        log::debug!("{NAME}: reported range {:#x}+{len:#x} not given back: {e}", addr.0);
                         bad += len.div_ceil(PAGE);
                     }
                 }
             }
-            self.control.update(|s| {
+            balloon.control.update(|s| {
                 s.reported_pages += given;
                 s.bad_pages += bad;
             });
-            let _inside = q.gate.enter();
-            q.queues[index].add_used(q.mem, head, 0)?;
-            used |= 1 << index;
-        }
-        Ok(used)
+        })
     }
 
     /// Takes a statistics buffer and keeps it; returns the one held when
@@ -289,20 +297,24 @@ impl Balloon {
             self.control.update(|s| s.stats = stats);
             // A driver that sends a second buffer gets the first back.
             if let Some(old) = self.stats_head.replace(chain.head_index()) {
-                let _inside = q.gate.enter();
-                q.queues[index].add_used(q.mem, old, 0)?;
-                used |= 1 << index;
+                used |= return_buffer(q, index, old)?;
             }
         }
         if self.control.stats_wanted.swap(false, Ordering::SeqCst) {
             if let Some(head) = self.stats_head.take() {
-                let _inside = q.gate.enter();
-                q.queues[index].add_used(q.mem, head, 0)?;
-                used |= 1 << index;
+                used |= return_buffer(q, index, head)?;
             }
         }
         Ok(used)
     }
+}
+
+/// Hands buffer `head` of queue `index` back to the driver (a write into
+/// guest memory: inside the I/O gate).
+fn return_buffer(q: &mut Queues, index: usize, head: u16) -> Result<Used, virtio_queue::Error> {
+    let _inside = q.gate.enter();
+    q.queues[index].add_used(q.mem, head, 0)?;
+    Ok(1 << index)
 }
 
 impl VirtioDevice for Balloon {
@@ -414,11 +426,9 @@ impl Persist for Balloon {
 mod tests {
     use super::*;
     use crate::guest::devices::io_gate::IoGate;
-    use crate::memory::GuestMemoryMmap;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::GuestAddress;
 
     /// Records what it was asked to free; refuses what is past 1 MiB.
     #[derive(Default)]

@@ -94,6 +94,15 @@ fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
         .find_map(|l| l.strip_prefix("vmm: page sharing: ")?.split(" pages").next()?.split('(').nth(1)?.parse().ok())
         .unwrap_or_else(|| panic!("no sharing report\n{}", out.describe()));
     assert!(saved >= 7 * pages * 8 / 10, "clones saved {saved} pages of {} possible\n{}", 7 * pages, out.describe());
+    // The run says how long the clones took from their requests.
+    assert!(
+        out.stderr.lines().any(|l| l.starts_with("vmm: from each guest's request: made p50 ")
+            && l.contains("first instruction p50 ")
+            && l.contains("first verified round p50 ")
+            && l.contains("(8 guests)")),
+        "{}",
+        out.describe()
+    );
 
     // And one clone into the server that made the snapshot: all of its
     // memory is on shared frames before it first runs, and costs its
@@ -110,6 +119,12 @@ fn memtest_clones_go_on_from_the_snapshot_and_verify_every_round() {
     assert!(memory < pages * 4096 / 4, "a clone's process holds {memory} bytes of a {pages}-page snapshot");
     assert_eq!(server.call("POST", &format!("/guests/{id}/start"), None).0, 200);
     wait_for("the clone to verify rounds", || rounds(&server, id) >= 3);
+    // Made, then first in the guest, then a round verified, each timed
+    // from its request.
+    let t = &server.call("GET", &format!("/guests/{id}"), None).1["timings"];
+    let step = |name: &str| t[name].as_f64().unwrap_or_else(|| panic!("no {name}: {t}"));
+    let (made, first, round) = (step("made_ms"), step("first_instruction_ms"), step("first_round_ms"));
+    assert!(0.0 < made && made <= first && first <= round, "{t}");
 
     // A clone can be snapshotted in turn, and its clone goes on from there.
     assert_eq!(server.call("POST", &format!("/guests/{id}/pause"), None).0, 200);

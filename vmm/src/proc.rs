@@ -38,6 +38,16 @@ pub fn is_stopped(pid: u32) -> bool {
     matches!(stat.get(end + 2), Some(b'T' | b't'))
 }
 
+/// The host's monotonic clock in nanoseconds: the same in every process
+/// (and PID namespace), so a guest process's moment and the supervisor's
+/// compare.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// Anonymous memory process `pid` holds (`RssAnon`), in bytes: its heap
 /// and, for a guest process, its private copies of merged pages.
 pub fn anon_bytes(pid: u32) -> Option<u64> {

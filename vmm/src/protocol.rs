@@ -215,6 +215,8 @@ pub enum Event {
     Kvm(KvmCounters),
     /// Where its balloon stands, whenever that changed.
     Balloon(BalloonStatus),
+    /// When a vCPU first entered the guest (the host's monotonic clock, ns).
+    FirstEntry(u64),
     /// How the guest ended, and its console's tail; the process exits next.
     Ended { end: GuestEnd, console: String },
 }

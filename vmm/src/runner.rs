@@ -172,6 +172,7 @@ fn wait(config: &RunConfig, manager: &Arc<Manager>, created: Vec<Created>) -> Ru
     }
     report_pressure(&last);
     report_balloons(manager);
+    report_timings(&last);
     if let Some(path) = &config.stats_file {
         write_stats(path, &last);
     }
@@ -209,6 +210,7 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
+        timings: manager.list().into_iter().map(|g| g.timings).collect(),
         finished,
     }
 }
@@ -236,6 +238,21 @@ fn report_pressure(s: &RunStats) {
             if each.is_empty() { String::new() } else { format!(" ({})", each.join(", ")) },
             s.guests_ended_for_memory
         );
+    }
+}
+
+/// How long the guests took from the requests that made them: made
+/// (ready to start), first instruction, first verified round.
+fn report_timings(s: &RunStats) {
+    let said: Vec<String> = crate::supervisor::manager::GuestTimings::STEPS
+        .iter()
+        .filter_map(|&(name, step)| {
+            let d = s.spread(step)?;
+            Some(format!("{name} p50 {:.1} ms, p99 {:.1}, max {:.1} ({} guests)", d.p50, d.p99, d.max, d.guests))
+        })
+        .collect();
+    if !said.is_empty() {
+        eprintln!("vmm: from each guest's request: {}", said.join("; "));
     }
 }
 

@@ -62,8 +62,35 @@ pub struct RunStats {
     /// How long memtest guests' pages took, in nanosecond buckets.
     #[serde(default)]
     pub gaps: crate::gaps::Gaps,
+    /// Each guest's timings from the request that made it.
+    #[serde(default)]
+    pub timings: Vec<crate::supervisor::manager::GuestTimings>,
     /// Set in the last snapshot, written after every guest ended.
     pub finished: bool,
+}
+
+/// p50, p99 and max of one step's time over the guests that reached it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub guests: usize,
+}
+
+impl RunStats {
+    /// The spread of `step` (see `GuestTimings`) over the guests, if any
+    /// reached it.
+    pub fn spread(&self, step: crate::supervisor::manager::TimingStep) -> Option<Spread> {
+        let mut ms: Vec<f64> = self.timings.iter().filter_map(step).collect();
+        ms.sort_by(f64::total_cmp);
+        Some(Spread {
+            p50: dedup::stats::nearest_rank(&ms, 0.5)?,
+            p99: dedup::stats::nearest_rank(&ms, 0.99)?,
+            max: *ms.last()?,
+            guests: ms.len(),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -187,6 +214,11 @@ mod tests {
             balloon_reclaims: 2,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
+            timings: vec![crate::supervisor::manager::GuestTimings {
+                made_ms: Some(2.0),
+                first_instruction_ms: Some(3.0),
+                first_round_ms: None,
+            }],
             finished: false,
         };
         snap.write_to(&path).unwrap();

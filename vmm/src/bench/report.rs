@@ -79,6 +79,10 @@ pub struct ModeResult {
     pub create_p50_ms: Option<f64>,
     pub create_p99_ms: Option<f64>,
     pub create_first_ms: Option<f64>,
+    /// From each guest's request to its first instruction and to its first
+    /// verified round: p50, p99 and max over the guests.
+    pub first_instruction_ms: Option<[f64; 3]>,
+    pub first_round_ms: Option<[f64; 3]>,
     /// Host memory of a guest's process right after it was made, before
     /// it ran (median over the guests).
     pub memory_at_create_mib: Option<f64>,
@@ -103,6 +107,11 @@ pub struct ModeResult {
     /// Time guests waited to start (the governor's waves).
     pub waited_s: f64,
     pub samples: Vec<Sample>,
+}
+
+/// p50 / p99 / max, or "-".
+fn spread(v: Option<[f64; 3]>) -> String {
+    v.map_or("-".into(), |[p50, p99, max]| format!("{p50:.0} / {p99:.0} / {max:.0}"))
 }
 
 impl ModeResult {
@@ -166,6 +175,8 @@ impl ModeResult {
             create_p50_ms: nearest_rank(&create_ms, 0.5),
             create_p99_ms: nearest_rank(&create_ms, 0.99),
             create_first_ms: last.created.first().map(|c| c.ms),
+            first_instruction_ms: last.spread(|t| t.first_instruction_ms).map(|d| [d.p50, d.p99, d.max]),
+            first_round_ms: last.spread(|t| t.first_round_ms).map(|d| [d.p50, d.p99, d.max]),
             memory_at_create_mib: nearest_rank(&at_create, 0.5),
             peak_memory_mib: samples.iter().map(|s| s.memory_mib).fold(0.0, f64::max),
             oom_kills: 0,
@@ -469,19 +480,22 @@ impl BenchReport {
         let f = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
         let mut out = format!(
             "\n| mode | all {} verified a round (s) | host memory then (MiB) | make a guest p50 (ms) | p99 (ms) | \
-             first (ms) | guest memory when made (MiB) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+             first (ms) | guest memory when made (MiB) | first instruction p50 / p99 / max (ms) | \
+             first round p50 / p99 / max (ms) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.guests
         );
         for m in &self.modes {
             out += &format!(
-                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 m.mode.name(),
                 f(m.all_verified_s, 1),
                 f(m.memory_all_verified_mib, 0),
                 f(m.create_p50_ms, 0),
                 f(m.create_p99_ms, 0),
                 f(m.create_first_ms, 0),
-                f(m.memory_at_create_mib, 1)
+                f(m.memory_at_create_mib, 1),
+                spread(m.first_instruction_ms),
+                spread(m.first_round_ms)
             );
         }
         if let Some(t) = &self.template {

@@ -114,6 +114,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     // What a clone's doorbell brought from its template.
     let rounds_before = guest.rounds().unwrap_or(0);
     let mut rounds = 0;
+    let mut first_entry_sent = false;
     let (mut gaps_sent, mut gaps_at) = (0, std::time::Instant::now());
     let mut kvm_sent = Default::default();
     let mut closed = false;
@@ -174,6 +175,10 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
             rounds = now;
             protocol::send(&mut events, &Event::Rounds(now), &[])?;
         }
+        if !first_entry_sent && crate::guest::vstate::vcpu::first_entry_ns() != 0 {
+            first_entry_sent = true;
+            protocol::send(&mut events, &Event::FirstEntry(crate::guest::vstate::vcpu::first_entry_ns()), &[])?;
+        }
         if let Some(b) = balloon.as_mut() {
             if let Some(status) = b.tick() {
                 protocol::send(&mut events, &Event::Balloon(status), &[])?;
@@ -187,6 +192,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     }
     send_gaps(&guest, &mut gaps_sent, &mut events)?;
     send_kvm_counters(&guest, &mut kvm_sent, &mut events)?;
+    // Rounds verified since the last look (a guest may finish within one).
+    let now = guest.rounds().unwrap_or(0).saturating_sub(rounds_before);
+    if now != rounds {
+        protocol::send(&mut events, &Event::Rounds(now), &[])?;
+    }
     let console = guest.console_tail();
     // The agent maps guest memory: gone before the memory is.
     drop(agent);

@@ -85,6 +85,34 @@ pub struct GuestInfo {
     pub boot_entry: Option<String>,
     /// Its memory balloon, for a guest that has one.
     pub balloon: Option<BalloonInfo>,
+    /// How long it took, from the request that made it.
+    pub timings: GuestTimings,
+}
+
+/// Milliseconds from the request that made a guest (`POST /guests`, or
+/// `vmm run` making it) to each step; `null` until it happens.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct GuestTimings {
+    /// Its process ready to start it (booted: the kernel loaded; a clone:
+    /// its state restored and its memory mapped): what `POST /guests`
+    /// answers after.
+    pub made_ms: Option<f64>,
+    /// A vCPU first entered the guest (after its start).
+    pub first_instruction_ms: Option<f64>,
+    /// memtest's first verified round on every vCPU since it was made.
+    pub first_round_ms: Option<f64>,
+}
+
+/// One step of [`GuestTimings`].
+pub type TimingStep = fn(&GuestTimings) -> Option<f64>;
+
+impl GuestTimings {
+    /// Each step, named as reports name it.
+    pub const STEPS: [(&'static str, TimingStep); 3] = [
+        ("made", |t| t.made_ms),
+        ("first instruction", |t| t.first_instruction_ms),
+        ("first verified round", |t| t.first_round_ms),
+    ];
 }
 
 /// Where a guest's balloon stands.
@@ -193,6 +221,10 @@ struct Entry {
     kvm: KvmCounters,
     /// Its balloon, as its process last said.
     balloon: Option<crate::protocol::BalloonStatus>,
+    /// When it was asked for (the host's monotonic clock, ns), and how
+    /// long each step took from then.
+    requested_ns: u64,
+    timings: GuestTimings,
     protection: Option<String>,
     jail: Option<crate::protocol::Jail>,
     /// The boot loader entry it boots (a guest without a kernel).
@@ -202,6 +234,10 @@ struct Entry {
 }
 
 impl Entry {
+    fn ms_since_request(&self, ns: u64) -> f64 {
+        ns.saturating_sub(self.requested_ns) as f64 / 1e6
+    }
+
     /// What its balloon could give back: the free memory its driver last
     /// reported, less a sixteenth of its RAM (at least 8 MiB) the guest
     /// keeps, less what it was asked for and has not given yet.
@@ -233,6 +269,8 @@ impl Entry {
             gaps: Default::default(),
             kvm: Default::default(),
             balloon: None,
+            requested_ns: crate::proc::monotonic_ns(),
+            timings: GuestTimings::default(),
             protection: None,
             jail: None,
             boot_entry: None,
@@ -623,6 +661,7 @@ impl Manager {
     /// Makes a guest in a process of its own, ready to start; returns its
     /// id. `source` names its settings in errors the way the user gave them.
     pub fn create(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
+        let requested_ns = crate::proc::monotonic_ns();
         config.validate(source)?;
         let snapshot = match &config.restore {
             None => None,
@@ -653,6 +692,7 @@ impl Manager {
             g.next_id += 1;
             config.merge_group.get_or_insert(self.config.sharing.groups.default_for(id));
             let mut entry = Entry::new(config.clone());
+            entry.requested_ns = requested_ns;
             entry.boot_entry = boot_entry.as_ref().map(|e| e.described.clone());
             g.map.insert(id, entry);
             id
@@ -822,6 +862,7 @@ impl Manager {
         entry.protection = created.protection;
         entry.vsock_socket = vsock_file;
         entry.jail = jail;
+        entry.timings.made_ms = Some(entry.ms_since_request(crate::proc::monotonic_ns()));
         entry.made = true;
         drop(g);
         self.changed.notify_all();
@@ -856,7 +897,13 @@ impl Manager {
         let Some(entry) = g.map.get_mut(&id) else { return };
         match event {
             Event::Mismatches(n) => entry.corrupted_pages = n,
-            Event::Rounds(n) => entry.rounds_verified = n,
+            Event::Rounds(n) => {
+                entry.rounds_verified = n;
+                if n >= 1 && entry.timings.first_round_ms.is_none() {
+                    entry.timings.first_round_ms = Some(entry.ms_since_request(crate::proc::monotonic_ns()));
+                }
+            }
+            Event::FirstEntry(ns) => entry.timings.first_instruction_ms = Some(entry.ms_since_request(ns)),
             Event::Gaps(gaps) => entry.gaps = gaps,
             Event::Kvm(counters) => entry.kvm = counters,
             Event::Balloon(status) => entry.balloon = Some(status),
@@ -943,6 +990,7 @@ impl Manager {
                 .balloon
                 .as_ref()
                 .map(|_| entry.balloon.as_ref().map(BalloonInfo::from).unwrap_or_default()),
+            timings: entry.timings.clone(),
         })
     }
 

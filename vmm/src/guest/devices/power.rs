@@ -76,10 +76,7 @@ impl PmRegisters {
 
 /// The host's monotonic clock in PM timer ticks (wrapping at 32 bits).
 fn host_ticks() -> u32 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we pass and nothing else.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let nanos = now.tv_sec as u128 * 1_000_000_000 + now.tv_nsec as u128;
+    let nanos = u128::from(crate::proc::monotonic_ns());
     (nanos * u128::from(PM_TIMER_HZ) / 1_000_000_000) as u32
 }
 

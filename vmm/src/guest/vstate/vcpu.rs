@@ -1,5 +1,6 @@
 //! One vCPU: its initial state, and the loop its thread runs.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kvm_bindings::{kvm_fpu, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE};
@@ -98,6 +99,14 @@ fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
     }
 }
 
+/// When a vCPU of this process first entered the guest (the host's
+/// monotonic clock, ns; 0: none yet): a restore's "first instruction".
+static FIRST_ENTRY_NS: AtomicU64 = AtomicU64::new(0);
+
+pub fn first_entry_ns() -> u64 {
+    FIRST_ENTRY_NS.load(Ordering::Relaxed)
+}
+
 /// Runs vCPU `index` until the gate stops it, its work is done, or it ends
 /// the guest. Returns the reason when it is this vCPU that ends the guest,
 /// and whether it was the guest's last vCPU to leave.
@@ -114,6 +123,10 @@ pub fn run(fd: &Mutex<VcpuFd>, index: u8, gate: &VcpuGate, devices: &Devices) ->
             Pass::Stop => break None,
             // SAFETY: it points into this vCPU's kvm_run page, mapped while `fd` lives.
             Pass::FinishIo => unsafe { super::control::set_immediate_exit(immediate_exit) },
+        }
+        if FIRST_ENTRY_NS.load(Ordering::Relaxed) == 0 {
+            let _ =
+                FIRST_ENTRY_NS.compare_exchange(0, crate::proc::monotonic_ns(), Ordering::Relaxed, Ordering::Relaxed);
         }
         let (action, io) = handle_exit(&mut fd.lock().unwrap(), index, devices, immediate_exit);
         io_pending = io;

@@ -64,9 +64,35 @@ pub struct RunStats {
     pub gaps: crate::gaps::Gaps,
     /// Each guest's timings from the request that made it.
     #[serde(default)]
-    pub timings: Vec<crate::supervisor::manager::GuestTimings>,
+    pub timings: Vec<GuestTimings>,
     /// Set in the last snapshot, written after every guest ended.
     pub finished: bool,
+}
+
+/// Milliseconds from the request that made a guest (`POST /guests`, or
+/// `vmm run` making it) to each step; `null` until it happens.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GuestTimings {
+    /// Its process ready to start it (booted: the kernel loaded; a clone:
+    /// its state restored and its memory mapped): what `POST /guests`
+    /// answers after.
+    pub made_ms: Option<f64>,
+    /// A vCPU first entered the guest (after its start).
+    pub first_instruction_ms: Option<f64>,
+    /// memtest's first verified round on every vCPU since it was made.
+    pub first_round_ms: Option<f64>,
+}
+
+/// One step of [`GuestTimings`].
+pub type TimingStep = fn(&GuestTimings) -> Option<f64>;
+
+impl GuestTimings {
+    /// Each step, named as reports name it.
+    pub const STEPS: [(&'static str, TimingStep); 3] = [
+        ("made", |t| t.made_ms),
+        ("first instruction", |t| t.first_instruction_ms),
+        ("first verified round", |t| t.first_round_ms),
+    ];
 }
 
 /// p50, p99 and max of one step's time over the guests that reached it.
@@ -81,7 +107,7 @@ pub struct Spread {
 impl RunStats {
     /// The spread of `step` (see `GuestTimings`) over the guests, if any
     /// reached it.
-    pub fn spread(&self, step: crate::supervisor::manager::TimingStep) -> Option<Spread> {
+    pub fn spread(&self, step: TimingStep) -> Option<Spread> {
         let mut ms: Vec<f64> = self.timings.iter().filter_map(step).collect();
         ms.sort_by(f64::total_cmp);
         Some(Spread {
@@ -214,11 +240,7 @@ mod tests {
             balloon_reclaims: 2,
             sharing: Some(SharingStats { pages_saved: 7, ..Default::default() }),
             gaps: Default::default(),
-            timings: vec![crate::supervisor::manager::GuestTimings {
-                made_ms: Some(2.0),
-                first_instruction_ms: Some(3.0),
-                first_round_ms: None,
-            }],
+            timings: vec![GuestTimings { made_ms: Some(2.0), first_instruction_ms: Some(3.0), first_round_ms: None }],
             finished: false,
         };
         snap.write_to(&path).unwrap();

@@ -28,6 +28,7 @@ use crate::outcome::GuestEnd;
 use crate::protocol::KvmCounters;
 use crate::protocol::{Event, Reply, Request, Setup};
 use crate::snapshot::{SavedState, Snapshot};
+pub use crate::stats_file::{GuestTimings, TimingStep};
 use crate::supervisor::cgroup::MemoryCgroup;
 use crate::supervisor::handle::{Descriptors, Exit, GuestProcess};
 use crate::supervisor::pressure::{Action, Governor, GuestMemory, Wall};
@@ -87,32 +88,6 @@ pub struct GuestInfo {
     pub balloon: Option<BalloonInfo>,
     /// How long it took, from the request that made it.
     pub timings: GuestTimings,
-}
-
-/// Milliseconds from the request that made a guest (`POST /guests`, or
-/// `vmm run` making it) to each step; `null` until it happens.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct GuestTimings {
-    /// Its process ready to start it (booted: the kernel loaded; a clone:
-    /// its state restored and its memory mapped): what `POST /guests`
-    /// answers after.
-    pub made_ms: Option<f64>,
-    /// A vCPU first entered the guest (after its start).
-    pub first_instruction_ms: Option<f64>,
-    /// memtest's first verified round on every vCPU since it was made.
-    pub first_round_ms: Option<f64>,
-}
-
-/// One step of [`GuestTimings`].
-pub type TimingStep = fn(&GuestTimings) -> Option<f64>;
-
-impl GuestTimings {
-    /// Each step, named as reports name it.
-    pub const STEPS: [(&'static str, TimingStep); 3] = [
-        ("made", |t| t.made_ms),
-        ("first instruction", |t| t.first_instruction_ms),
-        ("first verified round", |t| t.first_round_ms),
-    ];
 }
 
 /// Where a guest's balloon stands.

@@ -173,6 +173,10 @@ pub enum Reply {
     Created {
         regions: Vec<(u64, u64, u64)>,
         protection: Option<String>,
+        /// When each step of its making ended (the host's monotonic clock,
+        /// ns), from the process's start, in order.
+        #[serde(default)]
+        stages: Vec<(String, u64)>,
     },
     Status {
         has_dirty_log: bool,

@@ -36,7 +36,20 @@ use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
 use crate::protocol::{self, Event, Reply, Request, Setup};
 
+/// When this process started (the host's monotonic clock, ns).
+static STARTED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When each step of making the guest ended, for the supervisor's log.
+struct Stages(Vec<(String, u64)>);
+
+impl Stages {
+    fn mark(&mut self, step: &str) {
+        self.0.push((step.into(), crate::proc::monotonic_ns()));
+    }
+}
+
 pub fn main() -> ExitCode {
+    STARTED_NS.store(crate::proc::monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
     // A panic anywhere ends this guest at once, with its message on stderr
     // for the supervisor, rather than leaving a half-dead guest.
     std::panic::set_hook(Box::new(|info| {
@@ -69,7 +82,10 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         Some(((n, Request::Setup(setup)), _)) => (n, setup),
         _ => return Err(io::Error::other("the supervisor sent no setup")),
     };
-    let built = build(&setup);
+    let started = STARTED_NS.load(std::sync::atomic::Ordering::Relaxed);
+    let mut stages = Stages(vec![("process started".into(), started)]);
+    stages.mark("setup received");
+    let built = build(&setup, &mut stages);
     // The snapshot's state is in the guest now; its copy goes before the
     // heap is handed back.
     let id = setup.id;
@@ -77,6 +93,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
     drop(setup);
     let built = built.and_then(|built| {
         jail(jail_setup)?;
+        stages.mark("jail");
         Ok(built)
     });
     let Built { mut guest, agent, balloon } = match built {
@@ -92,7 +109,7 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
         dedup::Protection::WriteProtect => "uffd".to_string(),
         dedup::Protection::Freeze => "freeze".to_string(),
     });
-    protocol::send(&mut requests, &(number, Reply::Created { regions, protection }), &[])?;
+    protocol::send(&mut requests, &(number, Reply::Created { regions, protection, stages: stages.0 }), &[])?;
     return_freed_heap();
 
     // The control loop waits for a request or for the vCPUs to finish,
@@ -345,8 +362,9 @@ impl BalloonHandle {
 }
 
 /// Builds the guest and, with in-process sharing, its merge agent.
-fn build(setup: &Setup) -> Result<Built> {
+fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
     let hv = Hypervisor::open().map_err(Error::host)?;
+    stages.mark("hypervisor");
     let config = &setup.guest;
     // The supervisor checked what the snapshot is and which guest it
     // holds; its machine state is parsed and checked here.
@@ -370,7 +388,9 @@ fn build(setup: &Setup) -> Result<Built> {
     }
     let pages = Arc::new(GuestPages::new(&ram).map_err(|e| Error::host(format!("its memory file: {e}")))?);
     let balloon = config.balloon.as_ref().map(|_| Arc::new(BalloonControl::default()));
+    stages.mark("state and memory");
     let virtio = virtio_devices(config, setup, restore, balloon.as_ref().map(|c| (c.clone(), pages.clone() as _)))?;
+    stages.mark("devices");
     // SAFETY: the supervisor always passes the console descriptor.
     let console_file = unsafe { File::from_raw_fd(protocol::FD_CONSOLE) };
     let console = match setup.console_limit {
@@ -389,6 +409,7 @@ fn build(setup: &Setup) -> Result<Built> {
         },
     };
     let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, options, restore.map(|(state, _)| state))?;
+    stages.mark("VM and vCPUs");
     let agent = match setup.sharing {
         None => None,
         Some(agent) => {
@@ -409,6 +430,7 @@ fn build(setup: &Setup) -> Result<Built> {
             .map_err(|e| Error::host(format!("cannot set up page sharing: {e}")))?;
             let agent = Arc::new(Mutex::new(agent));
             pages.share_with(&agent);
+            stages.mark("merge agent");
             Some(agent)
         }
     };

@@ -131,6 +131,23 @@ pub struct GuestProcess {
 pub struct Created {
     pub regions: Vec<dedup::Region>,
     pub protection: Option<String>,
+    /// How long each step of its making took, in ms, from the spawn on:
+    /// "process started" is the fork, exec and the runtime's start.
+    pub stages: Vec<(String, f64)>,
+}
+
+/// Each stage's time from the end of the one before, the first from
+/// `spawned_ns`; stages out of order (a clock that is not the same) read 0.
+fn stage_times(spawned_ns: u64, stages: &[(String, u64)]) -> Vec<(String, f64)> {
+    let mut last = spawned_ns;
+    stages
+        .iter()
+        .map(|(name, at)| {
+            let ms = at.saturating_sub(last) as f64 / 1e6;
+            last = last.max(*at);
+            (name.clone(), ms)
+        })
+        .collect()
 }
 
 impl GuestProcess {
@@ -184,6 +201,7 @@ impl GuestProcess {
             cg.enroll(&mut command);
         }
         let jailed = setup.jail.is_some();
+        let spawned_ns = crate::proc::monotonic_ns();
         let mut child = spawn_from_lasting_thread(command, jailed).map_err(|e| host("cannot start its process", e))?;
         drop((child_requests, child_events, fds));
         let pid = child.id();
@@ -200,7 +218,8 @@ impl GuestProcess {
         let stderr_tail = forward_stderr(id, stderr);
         let created = process.call_with_timeout(&Request::Setup(setup), &[], &[], SETUP_TIMEOUT);
         let created = match created {
-            Ok((Reply::Created { regions, protection }, _)) => Ok(Created {
+            Ok((Reply::Created { regions, protection, stages }, _)) => Ok(Created {
+                stages: stage_times(spawned_ns, &stages),
                 regions: regions
                     .into_iter()
                     .map(|(host, len, file_offset)| dedup::Region { host, len: len as usize, file_offset })

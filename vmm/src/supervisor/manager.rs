@@ -813,9 +813,12 @@ impl Manager {
         }
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
         let t3 = Instant::now();
+        let stages: Vec<String> = created.stages.iter().map(|(name, ms)| format!("{name} {ms:.1}")).collect();
         log::debug!(
-            "guest {id}: its process set up in {:.1} ms, registered for sharing in {:.1} ms, memory adopted in {:.1} ms",
+            "guest {id}: its process set up in {:.1} ms ({} ms), registered for sharing in {:.1} ms, memory adopted \
+             in {:.1} ms",
             ms(t0, t1),
+            stages.join(", "),
             ms(t1, t2),
             ms(t2, t3)
         );

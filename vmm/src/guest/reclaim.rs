@@ -19,9 +19,10 @@ use crate::memory::{GuestMemoryMmap, GuestRam};
 pub struct GuestPages {
     memory: GuestMemoryMmap,
     memfd: Option<File>,
-    /// The merge agent, once it exists; weak, so the agent still goes
-    /// before the memory it maps when the guest ends.
-    agent: OnceLock<Weak<Mutex<dedup::Agent>>>,
+    /// The merge agent, once it exists, and whether a discard may wait
+    /// for it (see [`GuestPages::share_with`]); weak, so the agent still
+    /// goes before the memory it maps when the guest ends.
+    agent: OnceLock<(Weak<Mutex<dedup::Agent>>, bool)>,
 }
 
 impl GuestPages {
@@ -30,9 +31,14 @@ impl GuestPages {
         Ok(GuestPages { memory: ram.memory().clone(), memfd, agent: OnceLock::new() })
     }
 
-    /// From now on discards go through the merge agent.
+    /// From now on discards go through the merge agent. Under the freeze
+    /// a discard never waits for it: the device thread that discards holds
+    /// its device, a vCPU may wait for that device, and a frozen merge
+    /// (which holds the agent) waits for every vCPU. There a discard that
+    /// meets a merge frees nothing ([`io::ErrorKind::WouldBlock`]).
     pub fn share_with(&self, agent: &Arc<Mutex<dedup::Agent>>) {
-        let _ = self.agent.set(Arc::downgrade(agent));
+        let may_wait = agent.lock().unwrap_or_else(|e| e.into_inner()).protection() == dedup::Protection::WriteProtect;
+        let _ = self.agent.set((Arc::downgrade(agent), may_wait));
     }
 }
 
@@ -49,8 +55,16 @@ impl GiveBack for GuestPages {
             return Err(bad());
         }
         let host = region.get_host_address(MemoryRegionAddress(offset)).map_err(|_| bad())? as u64;
-        if let Some(agent) = self.agent.get().and_then(Weak::upgrade) {
-            return agent.lock().unwrap_or_else(|e| e.into_inner()).discard(host, len);
+        if let Some((agent, may_wait)) = self.agent.get().and_then(|(a, w)| Some((a.upgrade()?, *w))) {
+            let mut agent = match (may_wait, agent.try_lock()) {
+                (_, Ok(agent)) => agent,
+                (_, Err(std::sync::TryLockError::Poisoned(e))) => e.into_inner(),
+                (true, Err(std::sync::TryLockError::WouldBlock)) => agent.lock().unwrap_or_else(|e| e.into_inner()),
+                (false, Err(std::sync::TryLockError::WouldBlock)) => {
+                    return Err(io::Error::new(io::ErrorKind::WouldBlock, "page sharing is merging the guest"))
+                }
+            };
+            return agent.discard(host, len);
         }
         match (&self.memfd, region.file_offset()) {
             (Some(memfd), Some(file)) => dedup::os::punch_hole(memfd, file.start() + offset, len),
@@ -91,6 +105,38 @@ mod tests {
         for (gpa, len) in [(0xff000, 0x2000), (0x1800, 0x1000), (0x1000, 0), (1 << 30, 0x1000), (0x1000, 0x800)] {
             assert!(pages.discard(gpa, len).is_err(), "{gpa:#x}+{len:#x} was taken");
         }
+        // Through a merge agent under the freeze: never waits for it.
+        struct NoFreezer;
+        impl dedup::Freezer for NoFreezer {
+            fn freeze(&self) -> usize {
+                0
+            }
+            fn thaw(&self) {}
+        }
+        let store = dedup::store::StableStore::new(0).unwrap();
+        let agent = dedup::Agent::new(
+            ram.regions(),
+            memfd.try_clone().unwrap(),
+            store.file().try_clone().unwrap(),
+            dedup::ProtectMode::Freeze,
+            Arc::new(NoFreezer),
+            None,
+        )
+        .unwrap();
+        let agent = Arc::new(Mutex::new(agent));
+        pages.share_with(&agent);
+        ram.memory().write_slice(&[7u8; 0x1000], GuestAddress(0x8000)).unwrap();
+        let merging = agent.lock().unwrap();
+        let busy = pages.discard(0x8000, 0x1000).unwrap_err();
+        assert_eq!(busy.kind(), io::ErrorKind::WouldBlock, "{busy}");
+        drop(merging);
+        pages.discard(0x8000, 0x1000).unwrap();
+        let mut page = [1u8; 0x1000];
+        ram.memory().read_slice(&mut page, GuestAddress(0x8000)).unwrap();
+        assert_eq!(page, [0u8; 0x1000]);
+        let status = agent.lock().unwrap().status().unwrap();
+        assert_eq!(status.discarded, vec![(8, 1)], "the engine hears of it");
+
         let anon = GuestRam::new(1 << 20, None).unwrap();
         anon.memory().write_slice(&[7u8; 0x1000], GuestAddress(0x5000)).unwrap();
         GuestPages::new(&anon).unwrap().discard(0x5000, 0x1000).unwrap();

@@ -190,23 +190,31 @@ impl Balloon {
         Balloon { features, driver_features: 0, control, give_back, stats_head: None }
     }
 
-    /// Gives back the 4 KiB pages whose frame numbers the chain holds,
-    /// run by run; returns how many it gave back and how many it skipped.
-    fn give_back_pfns(&self, pfns: &[u32]) -> (u64, u64) {
-        let (mut given, mut bad) = (0, 0);
+    /// Frees `len` bytes from `gpa` on the host, counting the pages in
+    /// `counts`: freed, not RAM (skipped), or not freed now.
+    fn free(&self, gpa: u64, len: u64, counts: &mut Counts) {
+        let pages = len.div_ceil(PAGE);
+        match self.give_back.discard(gpa, len) {
+            Ok(()) => counts.freed += pages,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => counts.unfreed += pages,
+            Err(e) => {
+                log::debug!("{NAME}: {len:#x} bytes at {gpa:#x} not given back: {e}");
+                counts.bad += pages;
+            }
+        }
+    }
+
+    /// Frees the 4 KiB pages whose frame numbers an inflation holds, run
+    /// by run.
+    fn free_pfns(&self, pfns: &[u32]) -> Counts {
+        let mut counts = Counts::default();
         let mut i = 0;
         while i < pfns.len() {
             let n = 1 + pfns[i + 1..].iter().zip(&pfns[i..]).take_while(|(b, a)| **b == a.wrapping_add(1)).count();
-            match self.give_back.discard(u64::from(pfns[i]) * PAGE, n as u64 * PAGE) {
-                Ok(()) => given += n as u64,
-                Err(e) => {
-                    log::debug!("{NAME}: pages {:#x}+{n} not given back: {e}", pfns[i]);
-                    bad += n as u64;
-                }
-            }
+            self.free(u64::from(pfns[i]) * PAGE, n as u64 * PAGE, &mut counts);
             i += n;
         }
-        (given, bad)
+        counts
     }
 
     /// Serves every buffer made available on queue `index`: `take` acts
@@ -242,10 +250,10 @@ impl Balloon {
                 pfns.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
             }
             if inflate {
-                let (given, bad) = balloon.give_back_pfns(&pfns);
+                let counts = balloon.free_pfns(&pfns);
                 balloon.control.update(|s| {
-                    s.inflated_pages += given;
-                    s.bad_pages += bad;
+                    s.inflated_pages += counts.freed + counts.unfreed;
+                    counts.add_to(s);
                 });
             } else {
                 balloon.control.update(|s| s.deflated_pages += pfns.len() as u64);
@@ -256,20 +264,13 @@ impl Balloon {
     /// Serves free page reports: each descriptor a range of free pages.
     fn serve_reports(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
         self.serve_each(index, q, |balloon, _, descriptors| {
-            let (mut given, mut bad) = (0, 0);
+            let mut counts = Counts::default();
             for &(addr, len, _) in descriptors {
-                let len = u64::from(len);
-                match balloon.give_back.discard(addr.0, len) {
-                    Ok(()) => given += len / PAGE,
-                    Err(e) => {
-                        log::debug!("{NAME}: reported range {:#x}+{len:#x} not given back: {e}", addr.0);
-                        bad += len.div_ceil(PAGE);
-                    }
-                }
+                balloon.free(addr.0, u64::from(len), &mut counts);
             }
             balloon.control.update(|s| {
-                s.reported_pages += given;
-                s.bad_pages += bad;
+                s.reported_pages += counts.freed + counts.unfreed;
+                counts.add_to(s);
             });
         })
     }
@@ -306,6 +307,21 @@ impl Balloon {
             }
         }
         Ok(used)
+    }
+}
+
+/// What became of the pages a buffer gave up.
+#[derive(Default)]
+struct Counts {
+    freed: u64,
+    bad: u64,
+    unfreed: u64,
+}
+
+impl Counts {
+    fn add_to(&self, s: &mut BalloonStatus) {
+        s.bad_pages += self.bad;
+        s.unfreed_pages += self.unfreed;
     }
 }
 

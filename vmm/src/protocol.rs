@@ -277,10 +277,6 @@ pub struct BalloonStatus {
     pub reported_pages: u64,
     /// Frame numbers or ranges outside the guest's RAM, skipped.
     pub bad_pages: u64,
-    /// Pages given up that the host could not free then (page sharing was
-    /// merging the guest under the freeze): they stay the guest's memory.
-    #[serde(default)]
-    pub unfreed_pages: u64,
     /// The guest's last statistics, by name.
     pub stats: std::collections::BTreeMap<String, u64>,
 }

@@ -35,7 +35,8 @@ impl GuestPages {
     /// a discard never waits for it: the device thread that discards holds
     /// its device, a vCPU may wait for that device, and a frozen merge
     /// (which holds the agent) waits for every vCPU. There a discard that
-    /// meets a merge frees nothing ([`io::ErrorKind::WouldBlock`]).
+    /// meets a merge frees nothing and says so ([`io::ErrorKind::WouldBlock`]):
+    /// the balloon keeps that buffer and tries again.
     pub fn share_with(&self, agent: &Arc<Mutex<dedup::Agent>>) {
         let may_wait = agent.lock().unwrap_or_else(|e| e.into_inner()).protection() == dedup::Protection::WriteProtect;
         let _ = self.agent.set((Arc::downgrade(agent), may_wait));

@@ -109,9 +109,6 @@ pub struct BalloonInfo {
     pub reported_pages: u64,
     /// Pages it named that are not its RAM (skipped).
     pub bad_pages: u64,
-    /// Pages it gave up that the host could not free then (page sharing
-    /// was merging it under the freeze); they stay its memory.
-    pub unfreed_pages: u64,
     /// Its last memory statistics, by name (memory in bytes, events in
     /// counts).
     pub stats: std::collections::BTreeMap<String, u64>,
@@ -130,7 +127,6 @@ impl From<&crate::protocol::BalloonStatus> for BalloonInfo {
             deflated_pages: s.deflated_pages,
             reported_pages: s.reported_pages,
             bad_pages: s.bad_pages,
-            unfreed_pages: s.unfreed_pages,
             stats: s.stats.clone(),
         }
     }

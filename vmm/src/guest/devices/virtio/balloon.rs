@@ -26,17 +26,17 @@
 //! frame number outside the guest's RAM is hostile input: skipped,
 //! counted, never acted on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
-
-use crate::memory::GuestMemoryMmap;
+use vm_memory::Bytes;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::{self, read_config_bytes, Persist, Queues, Used, VirtioDevice};
 use super::VIRTIO_F_VERSION_1;
@@ -160,6 +160,23 @@ pub struct Balloon {
     /// The statistics buffer the device holds (its head), to return when
     /// it wants fresh numbers.
     stats_head: Option<u16>,
+    /// Buffers whose pages could not all be freed yet (page sharing was
+    /// merging the guest under the freeze): kept, and tried again when
+    /// `retry` fires, so a buffer still goes back only once its pages are
+    /// freed.
+    waiting: VecDeque<Waiting>,
+    retry: TimerFd,
+}
+
+/// A buffer waiting for its pages to be freed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Waiting {
+    queue: usize,
+    head: u16,
+    /// Inflated (else reported) pages.
+    inflated: bool,
+    /// (guest-physical address, bytes) still to free.
+    ranges: Vec<(u64, u64)>,
 }
 
 /// What a snapshot keeps of it.
@@ -169,7 +186,12 @@ pub struct BalloonState {
     driver_features: u64,
     status: BalloonStatus,
     stats_head: Option<u16>,
+    #[serde(default)]
+    waiting: Vec<Waiting>,
 }
+
+/// How soon a buffer waiting for a merge is tried again.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Balloon {
     /// A balloon offering statistics and, as asked, deflate on OOM and
@@ -187,92 +209,113 @@ impl Balloon {
         if reporting {
             features |= F_REPORTING;
         }
-        Balloon { features, driver_features: 0, control, give_back, stats_head: None }
+        Balloon::with_state(features, control, give_back)
     }
 
-    /// Frees `len` bytes from `gpa` on the host, counting the pages in
-    /// `counts`: freed, not RAM (skipped), or not freed now.
-    fn free(&self, gpa: u64, len: u64, counts: &mut Counts) {
-        let pages = len.div_ceil(PAGE);
-        match self.give_back.discard(gpa, len) {
-            Ok(()) => counts.freed += pages,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => counts.unfreed += pages,
-            Err(e) => {
-                log::debug!("{NAME}: {len:#x} bytes at {gpa:#x} not given back: {e}");
-                counts.bad += pages;
+    fn with_state(features: u64, control: Arc<BalloonControl>, give_back: Arc<dyn GiveBack>) -> Balloon {
+        // A timerfd cannot fail but for lack of descriptors; then a waiting
+        // buffer is tried again at the queue's next kick.
+        let retry = TimerFd::new().unwrap_or_else(|e| panic!("{NAME}: no timerfd: {e}"));
+        Balloon { features, driver_features: 0, control, give_back, stats_head: None, waiting: VecDeque::new(), retry }
+    }
+
+    /// Frees what `waiting` still holds, range by range, counting the
+    /// pages; true once all are freed (or skipped: not RAM), false if
+    /// page sharing was merging the guest (the rest is kept for later).
+    fn free(&self, waiting: &mut Waiting) -> bool {
+        let (mut freed, mut bad) = (0, 0);
+        let mut done = 0;
+        for &(gpa, len) in &waiting.ranges {
+            match self.give_back.discard(gpa, len) {
+                Ok(()) => freed += len.div_ceil(PAGE),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::debug!("{NAME}: {len:#x} bytes at {gpa:#x} not given back: {e}");
+                    bad += len.div_ceil(PAGE);
+                }
             }
+            done += 1;
         }
+        waiting.ranges.drain(..done);
+        let inflated = waiting.inflated;
+        self.control.update(|s| {
+            *if inflated { &mut s.inflated_pages } else { &mut s.reported_pages } += freed;
+            s.bad_pages += bad;
+        });
+        waiting.ranges.is_empty()
     }
 
-    /// Frees the 4 KiB pages whose frame numbers an inflation holds, run
-    /// by run.
-    fn free_pfns(&self, pfns: &[u32]) -> Counts {
-        let mut counts = Counts::default();
-        let mut i = 0;
-        while i < pfns.len() {
-            let n = 1 + pfns[i + 1..].iter().zip(&pfns[i..]).take_while(|(b, a)| **b == a.wrapping_add(1)).count();
-            self.free(u64::from(pfns[i]) * PAGE, n as u64 * PAGE, &mut counts);
-            i += n;
+    /// Frees a buffer's pages and returns it, or keeps it for later.
+    fn finish(&mut self, mut waiting: Waiting, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        if self.waiting.is_empty() && self.free(&mut waiting) {
+            return return_buffer(q, waiting.queue, waiting.head);
         }
-        counts
+        // Behind others waiting, or waiting itself: in order, later.
+        self.waiting.push_back(waiting);
+        if let Err(e) = self.retry.reset(RETRY, None) {
+            log::warn!("{NAME}: cannot arm the retry timer: {e}");
+        }
+        Ok(0)
     }
 
-    /// Serves every buffer made available on queue `index`: `take` acts
-    /// on its descriptors (address, length, device-writable), freeing any
-    /// pages before the buffer goes back, then the buffer is returned.
-    fn serve_each(
-        &mut self,
-        index: usize,
-        q: &mut Queues,
-        mut take: impl FnMut(&mut Self, &GuestMemoryMmap, &[(GuestAddress, u32, bool)]),
-    ) -> Result<Used, virtio_queue::Error> {
+    /// Tries the waiting buffers again, in order.
+    fn retry_waiting(&mut self, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
         let mut used = 0;
-        while let Some(chain) = q.queues[index].pop_descriptor_chain(q.mem) {
-            let head = chain.head_index();
-            let descriptors: Vec<_> = chain.map(|d| (d.addr(), d.len(), d.is_write_only())).collect();
-            take(self, q.mem, &descriptors);
-            used |= return_buffer(q, index, head)?;
+        while let Some(mut waiting) = self.waiting.pop_front() {
+            if !self.free(&mut waiting) {
+                self.waiting.push_front(waiting);
+                if let Err(e) = self.retry.reset(RETRY, None) {
+                    log::warn!("{NAME}: cannot arm the retry timer: {e}");
+                }
+                break;
+            }
+            used |= return_buffer(q, waiting.queue, waiting.head)?;
         }
         Ok(used)
     }
 
     /// Serves the inflate or deflate queue: frame numbers, 4 bytes each.
     fn serve_pfns(&mut self, index: usize, inflate: bool, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
-        self.serve_each(index, q, |balloon, mem, descriptors| {
+        let mut used = 0;
+        while let Some(chain) = q.queues[index].pop_descriptor_chain(q.mem) {
+            let head = chain.head_index();
             let mut pfns = Vec::new();
-            for &(addr, len, _) in descriptors.iter().filter(|d| !d.2) {
+            for d in chain.filter(|d| !d.is_write_only()) {
                 let room = MAX_PFNS_PER_BUFFER - pfns.len();
-                let mut bytes = vec![0u8; (len as usize / 4).min(room) * 4];
-                if mem.read_slice(&mut bytes, addr).is_err() {
+                let mut bytes = vec![0u8; (d.len() as usize / 4).min(room) * 4];
+                if q.mem.read_slice(&mut bytes, d.addr()).is_err() {
                     log::debug!("{NAME}: a buffer outside guest memory ignored");
                     continue;
                 }
                 pfns.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap())));
             }
-            if inflate {
-                let counts = balloon.free_pfns(&pfns);
-                balloon.control.update(|s| {
-                    s.inflated_pages += counts.freed + counts.unfreed;
-                    counts.add_to(s);
-                });
-            } else {
-                balloon.control.update(|s| s.deflated_pages += pfns.len() as u64);
+            if !inflate {
+                self.control.update(|s| s.deflated_pages += pfns.len() as u64);
+                used |= return_buffer(q, index, head)?;
+                continue;
             }
-        })
+            // Runs of consecutive frames, each freed in one go.
+            let mut ranges = Vec::new();
+            let mut i = 0;
+            while i < pfns.len() {
+                let n = 1 + pfns[i + 1..].iter().zip(&pfns[i..]).take_while(|(b, a)| **b == a.wrapping_add(1)).count();
+                ranges.push((u64::from(pfns[i]) * PAGE, n as u64 * PAGE));
+                i += n;
+            }
+            used |= self.finish(Waiting { queue: index, head, inflated: true, ranges }, q)?;
+        }
+        Ok(used)
     }
 
     /// Serves free page reports: each descriptor a range of free pages.
     fn serve_reports(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
-        self.serve_each(index, q, |balloon, _, descriptors| {
-            let mut counts = Counts::default();
-            for &(addr, len, _) in descriptors {
-                balloon.free(addr.0, u64::from(len), &mut counts);
-            }
-            balloon.control.update(|s| {
-                s.reported_pages += counts.freed + counts.unfreed;
-                counts.add_to(s);
-            });
-        })
+        let mut used = 0;
+        while let Some(chain) = q.queues[index].pop_descriptor_chain(q.mem) {
+            let head = chain.head_index();
+            let ranges = chain.map(|d| (d.addr().0, u64::from(d.len()))).collect();
+            used |= self.finish(Waiting { queue: index, head, inflated: false, ranges }, q)?;
+        }
+        Ok(used)
     }
 
     /// Takes a statistics buffer and keeps it; returns the one held when
@@ -307,21 +350,6 @@ impl Balloon {
             }
         }
         Ok(used)
-    }
-}
-
-/// What became of the pages a buffer gave up.
-#[derive(Default)]
-struct Counts {
-    freed: u64,
-    bad: u64,
-    unfreed: u64,
-}
-
-impl Counts {
-    fn add_to(&self, s: &mut BalloonStatus) {
-        s.bad_pages += self.bad;
-        s.unfreed_pages += self.unfreed;
     }
 }
 
@@ -385,6 +413,7 @@ impl VirtioDevice for Balloon {
         // own once more (as free memory it never wrote).
         self.driver_features = 0;
         self.stats_head = None;
+        self.waiting.clear();
         self.control.update(|s| {
             s.driver_ready = false;
             s.actual_pages = 0;
@@ -392,13 +421,25 @@ impl VirtioDevice for Balloon {
     }
 
     fn process_queue(&mut self, index: usize, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
-        match role(index, self.driver_features) {
+        let retried = self.retry_waiting(q)?;
+        let served = match role(index, self.driver_features) {
             Role::Inflate => self.serve_pfns(index, true, q),
             Role::Deflate => self.serve_pfns(index, false, q),
             Role::Stats => self.serve_stats(index, q),
             Role::Reporting => self.serve_reports(index, q),
             Role::Unused => Ok(0),
-        }
+        }?;
+        Ok(retried | served)
+    }
+
+    fn host_fds(&self) -> Vec<RawFd> {
+        vec![self.retry.as_raw_fd()]
+    }
+
+    /// The retry timer fired: the waiting buffers are tried again.
+    fn process_host(&mut self, _fd: RawFd, q: &mut Queues) -> Result<Used, virtio_queue::Error> {
+        let _ = self.retry.wait();
+        self.retry_waiting(q)
     }
 
     fn save(&self, files: &SnapshotFiles) -> io::Result<serde_json::Value> {
@@ -416,6 +457,7 @@ impl Persist for Balloon {
             driver_features: self.driver_features,
             status: self.control.status(),
             stats_head: self.stats_head,
+            waiting: self.waiting.iter().cloned().collect(),
         })
     }
 
@@ -427,14 +469,21 @@ impl Persist for Balloon {
         if state.stats_head.is_some_and(|h| h >= QUEUE_SIZES[2]) {
             return Err("its statistics buffer is outside its queue".into());
         }
+        let outside = |w: &Waiting| w.queue >= QUEUE_SIZES.len() || w.head >= QUEUE_SIZES[w.queue];
+        if state.waiting.iter().any(outside)
+            || state.waiting.len() > QUEUE_SIZES.iter().map(|&n| n as usize).sum::<usize>()
+        {
+            return Err("a buffer it holds is outside its queues".into());
+        }
         *control.status.lock().unwrap() = state.status.clone();
-        Ok(Balloon {
-            features: state.features,
-            driver_features: state.driver_features,
-            control,
-            give_back,
-            stats_head: state.stats_head,
-        })
+        let mut balloon = Balloon::with_state(state.features, control, give_back);
+        balloon.driver_features = state.driver_features;
+        balloon.stats_head = state.stats_head;
+        balloon.waiting = state.waiting.iter().cloned().collect();
+        if !balloon.waiting.is_empty() {
+            let _ = balloon.retry.reset(RETRY, None);
+        }
+        Ok(balloon)
     }
 }
 
@@ -442,9 +491,11 @@ impl Persist for Balloon {
 mod tests {
     use super::*;
     use crate::guest::devices::io_gate::IoGate;
+    use crate::memory::GuestMemoryMmap;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
 
     /// Records what it was asked to free; refuses what is past 1 MiB.
     #[derive(Default)]
@@ -540,6 +591,60 @@ mod tests {
         assert_eq!(role(3, F_REPORTING), Role::Unused);
         balloon.reset();
         assert!(!control.status().driver_ready);
+    }
+
+    /// Refuses (WouldBlock) while `busy`, as a frozen merge makes it.
+    struct Busy(std::sync::atomic::AtomicBool, Recorder);
+
+    impl GiveBack for Busy {
+        fn discard(&self, gpa: u64, len: u64) -> io::Result<()> {
+            if self.0.load(Ordering::SeqCst) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "merging"));
+            }
+            self.1.discard(gpa, len)
+        }
+    }
+
+    /// A buffer whose pages cannot be freed yet is kept, not returned, and
+    /// the ones after it wait behind it; once freeing works again, the
+    /// retry timer's pass frees them and returns them, in order, and a
+    /// snapshot taken meanwhile keeps them for the clone.
+    #[test]
+    fn a_buffer_waits_until_its_pages_are_freed() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let control = Arc::new(BalloonControl::default());
+        let busy = Arc::new(Busy(true.into(), Recorder::default()));
+        let mut balloon = Balloon::new(true, true, control.clone(), busy.clone());
+        balloon.activate(balloon.features());
+        let gate = IoGate::default();
+        let (vq0, q0) = queue(&mem, 0x1_0000);
+        let (vq3, q3) = queue(&mem, 0x4_0000);
+        let (_vq1, q1) = queue(&mem, 0x2_0000);
+        let (_vq2, q2) = queue(&mem, 0x3_0000);
+        let mut queues = vec![q0, q1, q2, q3];
+        mem.write_slice(&0x10u32.to_le_bytes(), GuestAddress(0x8000)).unwrap();
+        vq0.build_desc_chain(&[RawDescriptor::from(Descriptor::new(0x8000, 4, 0, 0))]).unwrap();
+        vq3.build_desc_chain(&[RawDescriptor::from(Descriptor::new(0x8_0000, 0x1000, 2, 0))]).unwrap();
+        let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
+        assert_eq!(balloon.process_queue(0, &mut q).unwrap(), 0, "returned before its page was freed");
+        assert_eq!(balloon.process_queue(3, &mut q).unwrap(), 0, "returned before the one ahead of it");
+        assert_eq!((vq0.used().idx().load(), vq3.used().idx().load()), (0, 0));
+        assert_eq!(balloon.host_fds(), vec![balloon.retry.as_raw_fd()]);
+        assert!(balloon.retry.is_armed().unwrap(), "no retry armed");
+        let files_dir = std::env::temp_dir().join(format!("vmm-balloon-waiting-{}", std::process::id()));
+        std::fs::create_dir_all(&files_dir).unwrap();
+        let state = balloon.save_state(&SnapshotFiles::create(&files_dir, true).unwrap()).unwrap();
+        assert_eq!(state.waiting.len(), 2, "the snapshot keeps the waiting buffers");
+        std::fs::remove_dir_all(files_dir).unwrap();
+        busy.0.store(false, Ordering::SeqCst);
+        std::thread::sleep(RETRY);
+        let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
+        let fd = balloon.retry.as_raw_fd();
+        assert_eq!(balloon.process_host(fd, &mut q).unwrap(), 1 | 1 << 3);
+        assert_eq!((vq0.used().idx().load(), vq3.used().idx().load()), (1, 1));
+        assert_eq!(*busy.1 .0.lock().unwrap(), [(0x10_000, PAGE), (0x8_0000, 0x1000)], "in order");
+        let s = control.status();
+        assert_eq!((s.inflated_pages, s.reported_pages), (1, 1));
     }
 
     /// A clone's balloon comes back with its template's target, counts

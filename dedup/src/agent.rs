@@ -686,26 +686,6 @@ impl GuestAgent for Agent {
     }
 }
 
-/// An agent shared with whatever else changes the guest's mappings (a
-/// balloon's discards, [`Agent::discard`]): each call holds it alone.
-impl GuestAgent for Arc<std::sync::Mutex<Agent>> {
-    fn status(&mut self) -> io::Result<AgentStatus> {
-        self.lock().unwrap_or_else(|e| e.into_inner()).status()
-    }
-
-    fn watch(&mut self, pages: &[u64]) -> io::Result<()> {
-        GuestAgent::watch(&mut *self.lock().unwrap_or_else(|e| e.into_inner()), pages)
-    }
-
-    fn merge(&mut self, merges: &[(u32, Target)]) -> io::Result<MergeOutcome> {
-        Ok(self.lock().unwrap_or_else(|e| e.into_inner()).merge(merges))
-    }
-
-    fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
-        Ok(self.lock().unwrap_or_else(|e| e.into_inner()).adopt(pages))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

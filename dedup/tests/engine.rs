@@ -127,7 +127,7 @@ fn given_back_pages_read_zero_and_release_their_frames() {
                 regions: a.regions(),
                 group: 0,
                 pid: std::process::id(),
-                agent: Box::new(agent.clone()),
+                agent: Box::new(SharedAgent(agent.clone())),
             })
             .unwrap();
         b.add(&mut e, 0, mode);

@@ -706,6 +706,13 @@ static int stale(u64 page)
 	return (mix(params.seed ^ mix(page / FREE_RUN + 0x5eed)) >> 32) < params.hold;
 }
 
+/* Whether `page` follows `start` in guest memory, so one request covers
+ * both (test pages are numbered across holes in RAM). */
+static int in_run(u64 start, u64 page)
+{
+	return (u64)page_addr(page) == (u64)page_addr(start) + (page - start) * PAGE_SIZE;
+}
+
 u64 balloon_free_bytes(void)
 {
 	return (stale_total - stale_out) * PAGE_SIZE;
@@ -738,8 +745,7 @@ static void hold_follow(void)
 			continue;
 		}
 		u64 start = page, addr = (u64)page_addr(start);
-		while (page < total_pages && k < to && stale(page) &&
-		       (u64)page_addr(page) == addr + (page - start) * PAGE_SIZE) {
+		while (page < total_pages && k < to && stale(page) && in_run(start, page)) {
 			page++;
 			k++;
 		}
@@ -795,8 +801,7 @@ static u64 balloon_round(u64 vcpu, u64 first, u64 end, u64 round, u64 reported)
 	for (u64 page = first; page < end;) {
 		u64 start = page, addr = (u64)page_addr(start);
 		int action = balloon_action(page, round);
-		while (page < end && balloon_action(page, round) == action &&
-		       (u64)page_addr(page) == addr + (page - start) * PAGE_SIZE)
+		while (page < end && balloon_action(page, round) == action && in_run(start, page))
 			page++;
 		u64 n = page - start;
 		count[action] += n;

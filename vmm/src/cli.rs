@@ -557,7 +557,7 @@ pub struct BalloonArgs {
     pub no_deflate_on_oom: bool,
     /// With --balloon: seconds between the guest's memory statistics
     /// (0: none asked).
-    #[arg(long, requires = "balloon", value_name = "SECONDS", default_value_t = 5)]
+    #[arg(long, requires = "balloon", value_name = "SECONDS", default_value_t = config::BALLOON_STATS_INTERVAL_S.default)]
     pub balloon_stats_interval: u64,
 }
 

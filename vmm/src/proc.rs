@@ -51,8 +51,13 @@ pub fn monotonic_ns() -> u64 {
 /// Anonymous memory process `pid` holds (`RssAnon`), in bytes: its heap
 /// and, for a guest process, its private copies of merged pages.
 pub fn anon_bytes(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("RssAnon:"))?;
+    kib_field(&format!("/proc/{pid}/status"), "RssAnon:")
+}
+
+/// The `key   N kB` line of a /proc file, in bytes.
+fn kib_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -66,10 +71,7 @@ pub fn file_bytes(file: &std::fs::File) -> Option<u64> {
 /// Proportional set size of process `pid` in bytes: each page it maps
 /// counted once, divided among the mappings that share it.
 pub fn pss_bytes(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    kib_field(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
 }
 
 /// Pss of process `pid` and every process under it (a supervisor and its

@@ -15,7 +15,7 @@ use crate::image::BaseImage;
 use crate::memory::{host_available_memory, MIB};
 use crate::outcome::GuestEnd;
 use crate::stats_file::{self, Created, RunStats, SharingStats};
-use crate::supervisor::manager::Manager;
+use crate::supervisor::manager::{BalloonInfo, GuestInfo, Manager};
 
 /// How every guest ended.
 pub struct RunReport {
@@ -185,6 +185,7 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
     let (corrupted_pages, guests_failed) = manager.failures();
     let pressure = manager.pressure();
     let (guests_verified, rounds_verified) = manager.verified();
+    let guests = manager.list();
     RunStats {
         elapsed_s: started.elapsed().as_secs_f64(),
         guests: ends.len(),
@@ -199,18 +200,12 @@ fn run_stats(started: Instant, manager: &Manager, created: &[Created], finished:
         guests_throttled: pressure.held.len(),
         throttled_s_per_guest: pressure.held.iter().map(|(&id, d)| (id, d.as_secs_f64())).collect(),
         guests_ended_for_memory: pressure.ended_for_memory,
-        balloon_given_mib: manager
-            .list()
-            .iter()
-            .filter_map(|g| g.balloon.as_ref())
-            .map(|b| (b.inflated_pages + b.reported_pages) as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64)
-            // (An empty f64 sum is -0.)
-            .fold(0.0, |all, mib| all + mib),
+        balloon_given_mib: balloon_mib(&guests, |b| b.inflated_pages + b.reported_pages),
         balloon_reclaims: pressure.balloon_reclaims,
         guests_killed: pressure.killed_from_outside,
         sharing: manager.sharing().map(|s| SharingStats::new(&s.published())),
         gaps: manager.gaps(),
-        timings: manager.list().into_iter().map(|g| g.timings).collect(),
+        timings: guests.into_iter().map(|g| g.timings).collect(),
         finished,
     }
 }
@@ -256,15 +251,20 @@ fn report_timings(s: &RunStats) {
     }
 }
 
+/// MiB of the balloons' pages that `pages` counts, over the guests.
+fn balloon_mib(guests: &[GuestInfo], pages: fn(&BalloonInfo) -> u64) -> f64 {
+    let all: u64 = guests.iter().filter_map(|g| g.balloon.as_ref()).map(pages).sum();
+    all as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64
+}
+
 /// What the guests' balloons gave back, if they have balloons.
 fn report_balloons(manager: &Manager) {
-    let balloons: Vec<_> = manager.list().into_iter().filter_map(|g| g.balloon).collect();
+    let guests = manager.list();
+    let balloons: Vec<_> = guests.iter().filter_map(|g| g.balloon.as_ref()).collect();
     if balloons.is_empty() {
         return;
     }
-    let mib = |f: fn(&crate::supervisor::manager::BalloonInfo) -> u64| {
-        balloons.iter().map(f).sum::<u64>() as f64 * crate::protocol::BALLOON_PAGE as f64 / MIB as f64
-    };
+    let mib = |pages: fn(&BalloonInfo) -> u64| balloon_mib(&guests, pages);
     eprintln!(
         "vmm: balloons: {} of {} guests' drivers ran; {:.1} MiB given back by inflating, {:.1} MiB reported free, \
          {:.1} MiB taken back by deflating",

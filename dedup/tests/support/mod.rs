@@ -130,6 +130,28 @@ impl Drop for TestGuest {
     }
 }
 
+/// An agent the test also calls directly (a balloon's discards), as a
+/// guest process shares its agent: each call holds it alone.
+pub struct SharedAgent(pub Arc<Mutex<Agent>>);
+
+impl dedup::GuestAgent for SharedAgent {
+    fn status(&mut self) -> std::io::Result<dedup::AgentStatus> {
+        self.0.lock().unwrap().status()
+    }
+
+    fn watch(&mut self, pages: &[u64]) -> std::io::Result<()> {
+        dedup::GuestAgent::watch(&mut *self.0.lock().unwrap(), pages)
+    }
+
+    fn merge(&mut self, merges: &[(u32, dedup::Target)]) -> std::io::Result<dedup::MergeOutcome> {
+        Ok(self.0.lock().unwrap().merge(merges))
+    }
+
+    fn adopt(&mut self, pages: &[(u32, dedup::Target)]) -> std::io::Result<dedup::MergeOutcome> {
+        Ok(self.0.lock().unwrap().adopt(pages))
+    }
+}
+
 /// Page content from a seed (seed 0 gives a zero page).
 pub fn fill_words(seed: u64) -> Vec<u64> {
     let mut x = seed;

@@ -67,6 +67,9 @@ impl<T: PartialOrd + Copy + std::fmt::Display> Knob<T> {
 pub const GUESTS: Knob<u64> = Knob { field: "guests", flag: "--guests", default: 1, min: 1, max: 4096 };
 pub const MEMORY_MIB: Knob<u64> = Knob { field: "memory_mib", flag: "--memory", default: 256, min: 8, max: 1 << 20 };
 pub const VCPUS: Knob<u64> = Knob { field: "vcpus", flag: "--vcpus", default: 1, min: 1, max: 32 };
+/// Seconds between a balloon's statistics (0: none asked).
+pub const BALLOON_STATS_INTERVAL_S: Knob<u64> =
+    Knob { field: "balloon.stats_interval_s", flag: "--balloon-stats-interval", default: 5, min: 0, max: 3600 };
 /// A console file's cap: past it, its oldest half is dropped.
 pub const CONSOLE_LIMIT_KIB: Knob<u64> =
     Knob { field: "console_limit_kib", flag: "--console-limit", default: 16 << 10, min: 64, max: 1 << 30 };
@@ -241,7 +244,7 @@ fn yes() -> bool {
 }
 
 fn default_stats_interval() -> u64 {
-    5
+    BALLOON_STATS_INTERVAL_S.default
 }
 
 impl Default for BalloonConfig {
@@ -479,10 +482,7 @@ impl GuestConfig {
             vsock.validate(source)?;
         }
         if let Some(balloon) = &self.balloon {
-            if balloon.stats_interval_s > 3600 {
-                let name = if source == Source::Cli { "--balloon-stats-interval" } else { "balloon.stats_interval_s" };
-                return Err(Error::bad_input(format!("{name} {} is over an hour", balloon.stats_interval_s)));
-            }
+            BALLOON_STATS_INTERVAL_S.check(balloon.stats_interval_s, source)?;
         }
         if let Some(limit) = &self.disk_limit {
             let name = if source == Source::Cli { "--disk-limit" } else { "disk_limit" };

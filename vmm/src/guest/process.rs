@@ -192,9 +192,10 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
             rounds = now;
             protocol::send(&mut events, &Event::Rounds(now), &[])?;
         }
-        if !first_entry_sent && crate::guest::vstate::vcpu::first_entry_ns() != 0 {
+        let first_entry = crate::guest::vstate::vcpu::first_entry_ns();
+        if !first_entry_sent && first_entry != 0 {
             first_entry_sent = true;
-            protocol::send(&mut events, &Event::FirstEntry(crate::guest::vstate::vcpu::first_entry_ns()), &[])?;
+            protocol::send(&mut events, &Event::FirstEntry(first_entry), &[])?;
         }
         if let Some(b) = balloon.as_mut() {
             if let Some(status) = b.tick() {
@@ -349,7 +350,7 @@ impl BalloonHandle {
     fn tick(&mut self) -> Option<BalloonStatus> {
         if self.stats_every.is_some_and(|every| self.stats_asked.elapsed() >= every) {
             self.stats_asked = Instant::now();
-            if let (true, Some(queue)) = (self.control.want_stats(), self.control.stats_queue()) {
+            if let Some(queue) = self.control.want_stats() {
                 self.slot.kick_queue(queue);
             }
         }
@@ -539,7 +540,8 @@ fn virtio_devices(
             Some((saved, dir)) => from_value::<Balloon>(&saved.state)
                 .and_then(|state| Balloon::restore((control, give_back), &state, dir))
                 .map_err(|e| Error::bad_input(format!("the snapshot's balloon: {e}")))?,
-            None => Balloon::new(b.deflate_on_oom, b.free_page_reporting, control, give_back),
+            None => Balloon::new(b.deflate_on_oom, b.free_page_reporting, control, give_back)
+                .map_err(|e| Error::host(format!("balloon: {e}")))?,
         };
         devices.push(Box::new(device));
     }
@@ -570,7 +572,10 @@ fn handle(
 ) -> (Reply, Vec<u8>) {
     use crate::error::Kind;
     let ok = (Reply::Ok, Vec::new());
-    let mut agent = parts.agent.map(|a| a.lock().unwrap_or_else(|e| e.into_inner()));
+    // Only the merge agent's own requests wait for it (a balloon's
+    // discard may be holding it).
+    let for_agent = matches!(request, Request::Status | Request::Watch | Request::Merge | Request::Adopt);
+    let mut agent = parts.agent.filter(|_| for_agent).map(|a| a.lock().unwrap_or_else(|e| e.into_inner()));
     let agent = agent.as_deref_mut();
     match request {
         Request::Setup(_) => error_reply(Kind::Conflict, "the guest is set up already"),

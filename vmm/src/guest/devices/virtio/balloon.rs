@@ -52,6 +52,8 @@ pub const F_REPORTING: u64 = 1 << 5;
 /// Inflate, deflate, statistics, reporting (renumbered by the features
 /// the driver took, see [`Role`]).
 const QUEUE_SIZES: &[u16] = &[256, 256, 256, 256];
+/// Where statistics go when the driver takes them.
+const STATS_QUEUE: usize = 2;
 pub use crate::protocol::{BalloonStatus, BALLOON_PAGE as PAGE};
 /// Most frame numbers taken from one inflate or deflate buffer (Linux
 /// sends 256); the rest is ignored.
@@ -110,19 +112,14 @@ impl BalloonControl {
         Ok(())
     }
 
-    /// Asks for fresh statistics: true if the guest sends them (the
-    /// caller then kicks the statistics queue).
-    pub fn want_stats(&self) -> bool {
+    /// Asks for fresh statistics, if the guest sends them: the queue
+    /// that carries them, for the caller to kick.
+    pub fn want_stats(&self) -> Option<usize> {
         let on = self.status.lock().unwrap().stats_queue;
         if on {
             self.stats_wanted.store(true, Ordering::SeqCst);
         }
-        on
-    }
-
-    /// The queue that carries statistics, if the driver took it.
-    pub fn stats_queue(&self) -> Option<usize> {
-        self.status.lock().unwrap().stats_queue.then_some(2)
+        on.then_some(STATS_QUEUE)
     }
 
     fn update(&self, f: impl FnOnce(&mut BalloonStatus)) {
@@ -141,14 +138,13 @@ enum Role {
 }
 
 fn role(index: usize, features: u64) -> Role {
-    let mut roles = vec![Role::Inflate, Role::Deflate];
-    if features & F_STATS_VQ != 0 {
-        roles.push(Role::Stats);
-    }
-    if features & F_REPORTING != 0 {
-        roles.push(Role::Reporting);
-    }
-    roles.get(index).copied().unwrap_or(Role::Unused)
+    let roles = [
+        Some(Role::Inflate),
+        Some(Role::Deflate),
+        (features & F_STATS_VQ != 0).then_some(Role::Stats),
+        (features & F_REPORTING != 0).then_some(Role::Reporting),
+    ];
+    roles.into_iter().flatten().nth(index).unwrap_or(Role::Unused)
 }
 
 pub struct Balloon {
@@ -201,7 +197,7 @@ impl Balloon {
         reporting: bool,
         control: Arc<BalloonControl>,
         give_back: Arc<dyn GiveBack>,
-    ) -> Balloon {
+    ) -> io::Result<Balloon> {
         let mut features = VIRTIO_F_VERSION_1 | F_STATS_VQ;
         if deflate_on_oom {
             features |= F_DEFLATE_ON_OOM;
@@ -212,11 +208,24 @@ impl Balloon {
         Balloon::with_state(features, control, give_back)
     }
 
-    fn with_state(features: u64, control: Arc<BalloonControl>, give_back: Arc<dyn GiveBack>) -> Balloon {
-        // A timerfd cannot fail but for lack of descriptors; then a waiting
-        // buffer is tried again at the queue's next kick.
-        let retry = TimerFd::new().unwrap_or_else(|e| panic!("{NAME}: no timerfd: {e}"));
-        Balloon { features, driver_features: 0, control, give_back, stats_head: None, waiting: VecDeque::new(), retry }
+    fn with_state(features: u64, control: Arc<BalloonControl>, give_back: Arc<dyn GiveBack>) -> io::Result<Balloon> {
+        let retry = TimerFd::new()?;
+        Ok(Balloon {
+            features,
+            driver_features: 0,
+            control,
+            give_back,
+            stats_head: None,
+            waiting: VecDeque::new(),
+            retry,
+        })
+    }
+
+    /// Has the I/O thread try the waiting buffers again soon.
+    fn arm_retry(&mut self) {
+        if let Err(e) = self.retry.reset(RETRY, None) {
+            log::warn!("{NAME}: cannot arm the retry timer: {e}");
+        }
     }
 
     /// Frees what `waiting` still holds, range by range, counting the
@@ -252,9 +261,7 @@ impl Balloon {
         }
         // Behind others waiting, or waiting itself: in order, later.
         self.waiting.push_back(waiting);
-        if let Err(e) = self.retry.reset(RETRY, None) {
-            log::warn!("{NAME}: cannot arm the retry timer: {e}");
-        }
+        self.arm_retry();
         Ok(0)
     }
 
@@ -264,9 +271,7 @@ impl Balloon {
         while let Some(mut waiting) = self.waiting.pop_front() {
             if !self.free(&mut waiting) {
                 self.waiting.push_front(waiting);
-                if let Err(e) = self.retry.reset(RETRY, None) {
-                    log::warn!("{NAME}: cannot arm the retry timer: {e}");
-                }
+                self.arm_retry();
                 break;
             }
             used |= return_buffer(q, waiting.queue, waiting.head)?;
@@ -466,7 +471,7 @@ impl Persist for Balloon {
         if state.features & !offered != 0 || state.driver_features & !state.features != 0 {
             return Err(format!("features {:#x} / {:#x} are not a balloon's", state.features, state.driver_features));
         }
-        if state.stats_head.is_some_and(|h| h >= QUEUE_SIZES[2]) {
+        if state.stats_head.is_some_and(|h| h >= QUEUE_SIZES[STATS_QUEUE]) {
             return Err("its statistics buffer is outside its queue".into());
         }
         let outside = |w: &Waiting| w.queue >= QUEUE_SIZES.len() || w.head >= QUEUE_SIZES[w.queue];
@@ -476,12 +481,13 @@ impl Persist for Balloon {
             return Err("a buffer it holds is outside its queues".into());
         }
         *control.status.lock().unwrap() = state.status.clone();
-        let mut balloon = Balloon::with_state(state.features, control, give_back);
+        let mut balloon =
+            Balloon::with_state(state.features, control, give_back).map_err(|e| format!("timerfd: {e}"))?;
         balloon.driver_features = state.driver_features;
         balloon.stats_head = state.stats_head;
         balloon.waiting = state.waiting.iter().cloned().collect();
         if !balloon.waiting.is_empty() {
-            let _ = balloon.retry.reset(RETRY, None);
+            balloon.arm_retry();
         }
         Ok(balloon)
     }
@@ -526,7 +532,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let control = Arc::new(BalloonControl::default());
         let recorder = Arc::new(Recorder::default());
-        let mut balloon = Balloon::new(true, true, control.clone(), recorder.clone());
+        let mut balloon = Balloon::new(true, true, control.clone(), recorder.clone()).unwrap();
         assert!(control.set_target(10).is_err(), "a target before the driver runs");
         let features = balloon.features();
         assert_eq!(
@@ -581,7 +587,7 @@ mod tests {
         let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
         assert_eq!(balloon.process_queue(2, &mut q).unwrap(), 0, "the buffer is kept");
         assert_eq!(control.status().stats, BTreeMap::from([("free_memory".to_string(), 123)]));
-        assert!(control.want_stats());
+        assert_eq!(control.want_stats(), Some(STATS_QUEUE));
         let mut q = Queues { mem: &mem, queues: &mut queues, gate: &gate };
         assert_eq!(balloon.process_queue(2, &mut q).unwrap(), 1 << 2, "returned when wanted");
         assert_eq!(vq2.used().idx().load(), 1);
@@ -614,7 +620,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let control = Arc::new(BalloonControl::default());
         let busy = Arc::new(Busy(true.into(), Recorder::default()));
-        let mut balloon = Balloon::new(true, true, control.clone(), busy.clone());
+        let mut balloon = Balloon::new(true, true, control.clone(), busy.clone()).unwrap();
         balloon.activate(balloon.features());
         let gate = IoGate::default();
         let (vq0, q0) = queue(&mem, 0x1_0000);
@@ -655,7 +661,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let files = SnapshotFiles::create(&dir, true).unwrap();
         let control = Arc::new(BalloonControl::default());
-        let mut balloon = Balloon::new(false, true, control.clone(), Arc::new(Recorder::default()));
+        let mut balloon = Balloon::new(false, true, control.clone(), Arc::new(Recorder::default())).unwrap();
         balloon.activate(balloon.features());
         control.set_target(300).unwrap();
         control.update(|s| s.inflated_pages = 42);
@@ -688,7 +694,7 @@ mod tests {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let control = Arc::new(BalloonControl::default());
         let recorder = Arc::new(Recorder::default());
-        let mut balloon = Balloon::new(true, true, control.clone(), recorder.clone());
+        let mut balloon = Balloon::new(true, true, control.clone(), recorder.clone()).unwrap();
         balloon.activate(balloon.features());
         let gate = IoGate::default();
         let mut rng = crate::guest::devices::XorShift(0x9e37_79b9_7f4a_7c15);

@@ -327,15 +327,7 @@ impl VirtioSlot {
             return;
         }
         core.config_changed();
-        match &mut inner.transport {
-            TransportRegs::Mmio(_, fd) => {
-                if let Err(e) = fd.write(1) {
-                    log::warn!("{}: cannot raise the interrupt: {e}", self.name);
-                }
-                self.vcpu_gate.device_interrupt();
-            }
-            TransportRegs::Pci(t, sink) => self.signal(sink.as_ref(), t.raise_config()),
-        }
+        self.interrupt(&mut inner.transport, PciTransport::raise_config);
     }
 
     /// Serves queue `index` after a kick.
@@ -371,6 +363,12 @@ impl VirtioSlot {
             return;
         }
         transport.core_mut().interrupt_status |= INT_VRING;
+        self.interrupt(transport, |t| t.raise(wanting));
+    }
+
+    /// Raises the slot's interrupt: its line, or on PCI the MSI messages
+    /// `messages` picks (a queue's vectors, the configuration's).
+    fn interrupt(&self, transport: &mut TransportRegs, messages: impl FnOnce(&mut PciTransport) -> Vec<MsiMessage>) {
         match transport {
             TransportRegs::Mmio(_, fd) => {
                 if let Err(e) = fd.write(1) {
@@ -378,7 +376,7 @@ impl VirtioSlot {
                 }
                 self.vcpu_gate.device_interrupt();
             }
-            TransportRegs::Pci(t, sink) => self.signal(sink.as_ref(), t.raise(wanting)),
+            TransportRegs::Pci(t, sink) => self.signal(sink.as_ref(), messages(t)),
         }
     }
 

@@ -20,6 +20,16 @@ fn status_field(pid: u64, name: &str) -> String {
     line.split_once(':').unwrap().1.trim().to_string()
 }
 
+/// The /proc path of the descriptor of process `pid` whose target starts
+/// with `name` (guest processes get theirs with their setup, at no fixed number).
+fn fd_named(pid: u64, name: &str) -> String {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    let found = fds.map(|e| e.unwrap().path()).find(|p| {
+        std::fs::read_link(p).is_ok_and(|target| target.to_string_lossy().trim_start_matches('/').starts_with(name))
+    });
+    found.unwrap_or_else(|| panic!("process {pid} holds no {name}")).to_string_lossy().into_owned()
+}
+
 fn namespace(pid: &str, ns: &str) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap().to_string_lossy().into_owned()
 }
@@ -105,7 +115,8 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
 
     // Its RAM cannot shrink or grow under the supervisor's mapping of it
     // (even for root: the memfd is sealed).
-    let ram = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/{pid}/fd/6")).unwrap();
+    let ram_path = fd_named(pid, "memfd:vmm-guest");
+    let ram = std::fs::OpenOptions::new().read(true).write(true).open(&ram_path).unwrap();
     let len = ram.metadata().unwrap().len();
     assert_eq!(len, 64 << 20);
     let shrink = ram.set_len(len / 2).unwrap_err();
@@ -115,7 +126,7 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
     // The stable store: only its owner (the supervisor's user) may open it
     // writable. The guest's user, holding a read-only descriptor as the
     // guest process does, cannot reopen it writable.
-    let store_path = format!("/proc/{pid}/fd/7");
+    let store_path = fd_named(pid, "memfd:vmm-stable-store-");
     let store = std::fs::File::open(&store_path).unwrap();
     let meta = store.metadata().unwrap();
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o400, 0), "the store's mode and owner");

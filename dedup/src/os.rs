@@ -446,6 +446,18 @@ pub fn prioritize_thread(nice: i32, who: &str) {
     set_thread_nice(nice, who);
 }
 
+/// Puts the calling thread back under the normal scheduler at the default
+/// nice value (after [`prioritize_thread`]); it can always go down.
+pub fn normal_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler and setpriority on the calling thread with
+    // valid arguments; no memory but `param` involved.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_OTHER, &param);
+        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 0);
+    }
+}
+
 /// Unmaps a range mapped by [`map_file`].
 ///
 /// # Safety

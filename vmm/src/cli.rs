@@ -416,6 +416,11 @@ pub struct HostArgs {
     /// decides).
     #[arg(long, default_value_t = config::MEMORY_RESERVE_PCT.default, value_name = "PCT")]
     pub memory_reserve: u64,
+    /// Guest processes to keep started ahead of need, jailed like any
+    /// (each has KVM open and an empty VM made): making a guest, a clone
+    /// above all, then takes one instead of starting a process. 0: none.
+    #[arg(long, default_value_t = config::POOL.default, value_name = "N")]
+    pub pool: u64,
 }
 
 /// How fast and at what priority the scanner works (`vmm run`, `vmm serve`
@@ -491,7 +496,16 @@ impl HostArgs {
             false => Some(JailConfig { uid_base: self.jail_uid_base }),
         };
         let console_limit_bytes = config::CONSOLE_LIMIT_KIB.check(self.console_limit, Source::Cli)? << 10;
-        Ok(SupervisorConfig { sharing, backend, memory_reserve_pct, jail, console_limit_bytes, ..Default::default() })
+        let pool = config::POOL.check(self.pool, Source::Cli)? as usize;
+        Ok(SupervisorConfig {
+            sharing,
+            backend,
+            memory_reserve_pct,
+            jail,
+            console_limit_bytes,
+            pool,
+            ..Default::default()
+        })
     }
 }
 

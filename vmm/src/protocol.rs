@@ -21,21 +21,29 @@ use crate::memory::MemoryBackend;
 use crate::outcome::GuestEnd;
 use crate::snapshot::SavedState;
 
-/// Descriptors a guest process starts with (after stdin, stdout, stderr).
+/// Descriptors a guest process starts with (after stdin, stdout, stderr):
+/// its two channels. Everything else comes with its setup (`Setup::files`),
+/// so a process can be started before anyone knows which guest it runs.
 pub const FD_REQUESTS: i32 = 3;
 pub const FD_EVENTS: i32 = 4;
-pub const FD_CONSOLE: i32 = 5;
-/// The guest's RAM (memfd backend only).
-pub const FD_MEMORY: i32 = 6;
-/// A read-only descriptor of the guest's merge group's stable store
-/// (in-process sharing only).
-pub const FD_STORE: i32 = 7;
-/// The guest's TAP, opened by the supervisor (a guest with a network).
-pub const FD_TAP: i32 = 8;
-/// The guest's vsock listener, bound by the supervisor (a guest with vsock).
-pub const FD_VSOCK: i32 = 9;
-/// Its channel for connections to host sockets (`guest::dial`; with vsock).
-pub const FD_VSOCK_DIAL: i32 = 10;
+
+/// What each descriptor sent after a [`Setup`] is, in the order sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetupFile {
+    /// Where the guest's serial console goes.
+    Console,
+    /// The guest's RAM (memfd backend only).
+    Memory,
+    /// A read-only descriptor of the guest's merge group's stable store
+    /// (in-process sharing only).
+    Store,
+    /// The guest's TAP, opened by the supervisor (a guest with a network).
+    Tap,
+    /// The guest's vsock listener, bound by the supervisor (a guest with vsock).
+    Vsock,
+    /// Its channel for connections to host sockets (`guest::dial`; with vsock).
+    VsockDial,
+}
 
 /// A guest process's OOM score adjustment: a guest is always the OOM
 /// killer's first pick, and only that guest ends.
@@ -69,15 +77,17 @@ pub struct Setup {
     /// With `restore`: the supervisor maps the snapshot's memory in as
     /// shared frames (`Adopt`) instead of the guest reading it.
     pub adopt_memory: bool,
-    /// The network device, whose TAP is [`FD_TAP`].
+    /// The network device, whose TAP is [`SetupFile::Tap`].
     pub net: Option<NetSetup>,
-    /// The vsock device, whose listener is [`FD_VSOCK`].
+    /// The vsock device, whose listener is [`SetupFile::Vsock`].
     pub vsock: Option<VsockSetup>,
     /// The jail the process enters once the guest is built (`None`:
     /// `--no-jail`).
     pub jail: Option<Jail>,
     /// The console file's cap in bytes (`None`: the console is a terminal).
     pub console_limit: Option<u64>,
+    /// The descriptors that follow this request, in order.
+    pub files: Vec<SetupFile>,
 }
 
 /// A guest's vsock device as the supervisor set it up.
@@ -208,6 +218,9 @@ pub enum Reply {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Event {
+    /// The process has KVM open and its VM made, and waits for its setup
+    /// (its first event, sent before the setup comes).
+    Ready,
     /// Corrupted pages the guest has reported so far.
     Mismatches(u64),
     /// Rounds a memtest guest has verified in this process (a clone's
@@ -342,7 +355,7 @@ pub fn receive_files(stream: &UnixStream) -> io::Result<Vec<std::fs::File>> {
 }
 
 /// Most descriptors one [`send_files`] carries.
-pub const MAX_FILES: usize = 4;
+pub const MAX_FILES: usize = 8;
 
 /// The next frame; `Ok(None)` at a clean end of the stream.
 pub fn receive<T: DeserializeOwned>(stream: &mut UnixStream) -> io::Result<Option<(T, Vec<u8>)>> {

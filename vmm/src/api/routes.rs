@@ -454,6 +454,8 @@ struct HostInfo {
     /// inprocess or off.
     dedup: String,
     supervisor_pid: u32,
+    /// Guest processes started ahead of need (`--pool`); absent with `--pool 0`.
+    pool: Option<crate::supervisor::pool::PoolStatus>,
 }
 
 #[utoipa::path(get, path = "/host", responses((status = 200, body = HostInfo)))]
@@ -477,6 +479,7 @@ async fn host(State(m): State<Arc<Manager>>) -> Reply<impl IntoResponse> {
             guests: m.list().len(),
             dedup: if m.sharing().is_some() { "inprocess" } else { "off" }.into(),
             supervisor_pid: std::process::id(),
+            pool: m.pool(),
         }))
     })
     .await

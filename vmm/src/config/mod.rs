@@ -94,6 +94,8 @@ pub const MAX_PAGE_SHARING: Knob<u64> =
 /// governor: the kernel's OOM killer decides, as without a VMM that knows).
 pub const MEMORY_RESERVE_PCT: Knob<u64> =
     Knob { field: "memory_reserve", flag: "--memory-reserve", default: 5, min: 0, max: 50 };
+/// Guest processes kept started ahead of need (supervisor/pool.rs).
+pub const POOL: Knob<u64> = Knob { field: "pool", flag: "--pool", default: 2, min: 0, max: 256 };
 /// `vmm bench --host-memory`: each run's memory cgroup limit.
 pub const HOST_MEMORY_MIB: Knob<u64> =
     Knob { field: "host_memory", flag: "--host-memory", default: 0, min: 64, max: 1 << 30 };
@@ -813,6 +815,9 @@ pub struct SupervisorConfig {
     pub memory_reserve_pct: u64,
     /// How guest processes are jailed; `None`: they are not (`--no-jail`).
     pub jail: Option<JailConfig>,
+    /// Guest processes kept started ahead of need (0: each is started
+    /// when its guest is made).
+    pub pool: usize,
 }
 
 /// The jail of guest processes (guest/jail.rs).
@@ -834,6 +839,7 @@ impl Default for SupervisorConfig {
             overcommit: false,
             memory_reserve_pct: MEMORY_RESERVE_PCT.default,
             jail: Some(JailConfig { uid_base: DEFAULT_UID_BASE }),
+            pool: POOL.default as usize,
         }
     }
 }

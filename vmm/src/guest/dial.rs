@@ -1,5 +1,5 @@
 //! The guest process's end of its channel for connections to host sockets
-//! ([`FD_VSOCK_DIAL`](crate::protocol::FD_VSOCK_DIAL)): a jailed guest
+//! ([`SetupFile::VsockDial`](crate::protocol::SetupFile::VsockDial)): a jailed guest
 //! process has no right to connect to a user's socket itself, and it names
 //! only a port, never a path; the supervisor dials (`supervisor::dial`).
 //!

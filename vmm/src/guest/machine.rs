@@ -106,11 +106,13 @@ pub struct Guest {
 impl Guest {
     /// Builds guest `id` from `config` in `ram`, ready to start: booted from
     /// its kernel, or, with `restore`, from a snapshot's state (its memory
-    /// is in `ram` already). `virtio` are its virtio devices, in slot
-    /// order (built from the snapshot's state too when restoring).
+    /// is in `ram` already), in `vm`, a VM made by `vm::new` and not used
+    /// yet. `virtio` are its virtio devices, in slot order (built from the
+    /// snapshot's state too when restoring).
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         hv: &Hypervisor,
+        vm: VmFd,
         id: usize,
         config: &GuestConfig,
         ram: GuestRam,
@@ -153,8 +155,8 @@ impl Guest {
 
         let kvm_err = |what: &str, e: kvm_ioctls::Error| Error::host(format!("{what}: {e}"));
         let restore_err = |e: String| Error::host(format!("cannot restore guest {id}: {e}"));
-        let vm =
-            Arc::new(vm::create(&hv.kvm, &ram, options.dirty_log).map_err(|e| kvm_err("cannot create the VM", e))?);
+        vm::attach_memory(&vm, &ram, options.dirty_log).map_err(|e| kvm_err("cannot give the VM its memory", e))?;
+        let vm = Arc::new(vm);
         if let Some(snapshot) = restore {
             snapshot.vm.restore(&vm).map_err(restore_err)?;
         }

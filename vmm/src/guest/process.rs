@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::GuestConfig;
@@ -29,15 +30,18 @@ use crate::guest::disk::Disk;
 use crate::guest::machine::{Guest, GuestOptions};
 use crate::guest::reclaim::GuestPages;
 use crate::guest::snapshot::SnapshotState;
+use crate::guest::vstate::vm;
 use crate::hypervisor::Hypervisor;
 use crate::image::boot_entry::{self, BootEntry};
 use crate::image::BaseImage;
 use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
-use crate::protocol::{self, Event, Reply, Request, Setup};
+use crate::protocol::{self, Event, Reply, Request, Setup, SetupFile};
 
 /// When this process started (the host's monotonic clock, ns).
 static STARTED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// When it had KVM open and its VM made.
+static PREPARED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// When each step of making the guest ended, for the supervisor's log.
 struct Stages(Vec<(String, u64)>);
@@ -64,10 +68,25 @@ pub fn main() -> ExitCode {
     // If the kernel's OOM killer must act, this guest goes, not the
     // supervisor (which maps every guest's memory and so looks biggest).
     let _ = std::fs::write("/proc/self/oom_score_adj", protocol::GUEST_OOM_SCORE_ADJ.to_string());
+    // Until a restored guest is built this thread runs ahead of every
+    // guest's vCPUs (real-time where allowed; the threads it starts do not
+    // inherit that): a restore must not queue for a core behind running
+    // guests. A booted guest's process goes back to the default priority
+    // when its setup comes.
+    dedup::os::prioritize_thread(0, "the guest process");
+    // What every guest needs, made before its setup comes: the process may
+    // wait for it in the supervisor's pool.
+    let prepared = Prepared::make();
+    PREPARED_NS.store(crate::proc::monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
     // SAFETY: the supervisor started us with these descriptors open (protocol.rs).
-    let (requests, events) =
+    let (requests, mut events) =
         unsafe { (UnixStream::from_raw_fd(protocol::FD_REQUESTS), UnixStream::from_raw_fd(protocol::FD_EVENTS)) };
-    match serve(requests, events) {
+    // (A failure to make the VM is the setup's answer.)
+    if let Err(e) = protocol::send(&mut events, &Event::Ready, &[]) {
+        eprintln!("vmm guest: {e}");
+        return ExitCode::from(2);
+    }
+    match serve(requests, events, prepared) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm guest: {e}");
@@ -76,16 +95,59 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
+/// KVM opened and an empty VM made (`vm::new`), before the guest is known.
+struct Prepared {
+    hv: Hypervisor,
+    vm: VmFd,
+}
+
+impl Prepared {
+    fn make() -> Result<Prepared> {
+        let hv = Hypervisor::open().map_err(Error::host)?;
+        let vm = vm::new(&hv.kvm).map_err(|e| Error::host(format!("cannot create the VM: {e}")))?;
+        Ok(Prepared { hv, vm })
+    }
+}
+
+/// The descriptors that came with the setup, by what they are.
+struct SetupFiles(Vec<(SetupFile, File)>);
+
+impl SetupFiles {
+    fn new(kinds: &[SetupFile], files: Vec<File>) -> Result<SetupFiles> {
+        if kinds.len() != files.len() {
+            return Err(Error::host(format!("its setup names {} descriptors, {} came", kinds.len(), files.len())));
+        }
+        Ok(SetupFiles(kinds.iter().copied().zip(files).collect()))
+    }
+
+    /// The descriptor of this kind.
+    fn take(&mut self, kind: SetupFile) -> Result<File> {
+        let at = self.0.iter().position(|(k, _)| *k == kind);
+        at.map(|i| self.0.swap_remove(i).1).ok_or_else(|| Error::host(format!("its setup came without {kind:?}")))
+    }
+}
+
+fn serve(mut requests: UnixStream, mut events: UnixStream, prepared: Result<Prepared>) -> io::Result<()> {
     // Each request comes with a number its reply carries back.
     let (number, setup) = match protocol::receive::<(u64, Request)>(&mut requests)? {
         Some(((n, Request::Setup(setup)), _)) => (n, setup),
         _ => return Err(io::Error::other("the supervisor sent no setup")),
     };
-    let started = STARTED_NS.load(std::sync::atomic::Ordering::Relaxed);
-    let mut stages = Stages(vec![("process started".into(), started)]);
+    let files = match setup.files.is_empty() {
+        true => Ok(Vec::new()),
+        false => protocol::receive_files(&requests),
+    };
+    let load = |at: &std::sync::atomic::AtomicU64| at.load(std::sync::atomic::Ordering::Relaxed);
+    let mut stages =
+        Stages(vec![("process started".into(), load(&STARTED_NS)), ("VM prepared".into(), load(&PREPARED_NS))]);
     stages.mark("setup received");
-    let built = build(&setup, &mut stages);
+    if setup.restore.is_none() {
+        dedup::os::normal_priority();
+    }
+    let built = files
+        .map_err(|e| Error::host(format!("its setup's descriptors: {e}")))
+        .and_then(|files| SetupFiles::new(&setup.files, files))
+        .and_then(|files| build(&setup, prepared?, files, &mut stages));
     // The snapshot's state is in the guest now; its copy goes before the
     // heap is handed back.
     let id = setup.id;
@@ -102,6 +164,10 @@ fn serve(mut requests: UnixStream, mut events: UnixStream) -> io::Result<()> {
             return protocol::send(&mut requests, &(number, Reply::Error { kind: e.kind, message: e.message }), &[]);
         }
     };
+    // Only the merges it makes keep this thread ahead of the vCPUs.
+    if agent.is_none() {
+        dedup::os::normal_priority();
+    }
     let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
     // Named as --merge-protect names them.
     let mut balloon = balloon.and_then(|control| BalloonHandle::new(&guest, control));
@@ -363,9 +429,8 @@ impl BalloonHandle {
 }
 
 /// Builds the guest and, with in-process sharing, its merge agent.
-fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
-    let hv = Hypervisor::open().map_err(Error::host)?;
-    stages.mark("hypervisor");
+fn build(setup: &Setup, prepared: Prepared, mut files: SetupFiles, stages: &mut Stages) -> Result<Built> {
+    let Prepared { hv, vm } = prepared;
     let config = &setup.guest;
     // The supervisor checked what the snapshot is and which guest it
     // holds; its machine state is parsed and checked here.
@@ -374,8 +439,7 @@ fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
         _ => None,
     };
     let restore = state.as_ref().map(|(state, dir)| (state, *dir));
-    // SAFETY: the supervisor passes these descriptors when it says they exist.
-    let memfd = (setup.backend == MemoryBackend::Memfd).then(|| unsafe { File::from_raw_fd(protocol::FD_MEMORY) });
+    let memfd = (setup.backend == MemoryBackend::Memfd).then(|| files.take(SetupFile::Memory)).transpose()?;
     let ram = GuestRam::new(config.memory_bytes(), memfd)
         .map_err(|e| Error::host(format!("cannot map {} MiB of guest memory: {e}", config.memory_mib)))?;
     // The snapshot's memory is read here only when the supervisor does not
@@ -390,10 +454,10 @@ fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
     let pages = Arc::new(GuestPages::new(&ram).map_err(|e| Error::host(format!("its memory file: {e}")))?);
     let balloon = config.balloon.as_ref().map(|_| Arc::new(BalloonControl::default()));
     stages.mark("state and memory");
-    let virtio = virtio_devices(config, setup, restore, balloon.as_ref().map(|c| (c.clone(), pages.clone() as _)))?;
+    let balloon_parts = balloon.as_ref().map(|c| (c.clone(), pages.clone() as _));
+    let virtio = virtio_devices(config, setup, &mut files, restore, balloon_parts)?;
     stages.mark("devices");
-    // SAFETY: the supervisor always passes the console descriptor.
-    let console_file = unsafe { File::from_raw_fd(protocol::FD_CONSOLE) };
+    let console_file = files.take(SetupFile::Console)?;
     let console = match setup.console_limit {
         Some(limit) => Console::with_sink(Box::new(
             CappedFile::new(console_file, limit).map_err(|e| Error::host(format!("its console file: {e}")))?,
@@ -409,7 +473,8 @@ fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
             _ => None,
         },
     };
-    let guest = Guest::create(&hv, setup.id, config, ram, console, virtio, options, restore.map(|(state, _)| state))?;
+    let restored = restore.map(|(state, _)| state);
+    let guest = Guest::create(&hv, vm, setup.id, config, ram, console, virtio, options, restored)?;
     stages.mark("VM and vCPUs");
     let agent = match setup.sharing {
         None => None,
@@ -418,8 +483,7 @@ fn build(setup: &Setup, stages: &mut Stages) -> Result<Built> {
             dedup::os::prioritize_thread(agent.nice, "the merge agent");
             let memfd = guest.ram().memfd().ok_or_else(|| Error::host("page sharing needs memfd guest memory"))?;
             let memfd = memfd.try_clone().map_err(|e| Error::host(e.to_string()))?;
-            // SAFETY: passed with in-process sharing, as the setup says.
-            let store = unsafe { File::from_raw_fd(protocol::FD_STORE) };
+            let store = files.take(SetupFile::Store)?;
             let agent = dedup::Agent::new(
                 guest.ram().regions(),
                 memfd,
@@ -468,6 +532,7 @@ fn boot_files(entry: &BootEntry, disk: &Path, ram: u64) -> Result<(BootFile, Opt
 fn virtio_devices(
     config: &GuestConfig,
     setup: &Setup,
+    files: &mut SetupFiles,
     restore: Option<(&SnapshotState, &std::path::Path)>,
     balloon: Option<(Arc<BalloonControl>, Arc<dyn GiveBack>)>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>> {
@@ -499,9 +564,7 @@ fn virtio_devices(
         devices.push(Box::new(block));
     }
     if let Some(net) = &setup.net {
-        // SAFETY: the supervisor passes the TAP whenever it sets up a network.
-        let tap =
-            crate::tap::Tap::from_fd(unsafe { std::os::fd::OwnedFd::from_raw_fd(protocol::FD_TAP) }, net.tap.clone());
+        let tap = crate::tap::Tap::from_fd(files.take(SetupFile::Tap)?.into(), net.tap.clone());
         let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::net::NAME)?, dir)));
         let device = match saved {
             Some((saved, dir)) => from_value::<Net>(&saved.state)
@@ -516,14 +579,9 @@ fn virtio_devices(
         devices.push(Box::new(device));
     }
     if let Some(v) = &setup.vsock {
-        // SAFETY: the supervisor passes the listener and the dial channel
-        // whenever it sets up a vsock.
-        let (listener, dial) = unsafe {
-            (
-                std::os::unix::net::UnixListener::from_raw_fd(protocol::FD_VSOCK),
-                UnixStream::from_raw_fd(protocol::FD_VSOCK_DIAL),
-            )
-        };
+        let listener =
+            std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(files.take(SetupFile::Vsock)?));
+        let dial = UnixStream::from(std::os::fd::OwnedFd::from(files.take(SetupFile::VsockDial)?));
         let dialer = crate::guest::dial::HostDialer::new(dial).map_err(|e| Error::host(format!("vsock: {e}")))?;
         let saved = restore.and_then(|(state, dir)| Some((state.device(virtio::vsock::NAME)?, dir)));
         let device = match saved {

@@ -25,6 +25,20 @@ pub struct MemoryCgroup {
     version: Version,
 }
 
+/// Where new cgroups go: one of ours, named without holding it open.
+#[derive(Clone, Debug)]
+pub struct CgroupPlace {
+    dir: PathBuf,
+    version: Version,
+}
+
+impl CgroupPlace {
+    /// A new cgroup named `name` here.
+    pub fn create(&self, name: &str) -> io::Result<MemoryCgroup> {
+        MemoryCgroup::create_in(self.dir.clone(), self.version, name, false)
+    }
+}
+
 impl MemoryCgroup {
     /// A cgroup named `name` under ours (or under `parent`, one of ours).
     pub fn create(name: &str, parent: Option<&MemoryCgroup>) -> io::Result<MemoryCgroup> {
@@ -33,12 +47,32 @@ impl MemoryCgroup {
             None => own_memory_cgroup()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no memory cgroup in /proc/self/cgroup"))?,
         };
+        Self::create_in(base, version, name, parent.is_none())
+    }
+
+    /// Where cgroups under this one are made.
+    pub fn place(&self) -> CgroupPlace {
+        CgroupPlace { dir: self.dir.clone(), version: self.version }
+    }
+
+    /// Gives it a new name under the same parent (a cgroup made ahead of
+    /// its use: renaming is cheap, where moving a process between cgroups
+    /// waits for the kernel's RCU). cgroup v2 does not rename: there it
+    /// keeps its name.
+    pub fn rename(&mut self, name: &str) -> io::Result<()> {
+        let to = self.dir.with_file_name(name);
+        std::fs::rename(&self.dir, &to)?;
+        self.dir = to;
+        Ok(())
+    }
+
+    fn create_in(base: PathBuf, version: Version, name: &str, top: bool) -> io::Result<MemoryCgroup> {
         let dir = base.join(name);
         match std::fs::create_dir(&dir) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             other => other.map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", dir.display())))?,
         }
-        if version == Version::V2 && parent.is_none() {
+        if version == Version::V2 && top {
             // Children of this one need the memory controller enabled here.
             let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
         }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::protocol::{self, Event, Reply, Request, Setup};
+use crate::protocol::{self, Event, Reply, Request, Setup, SetupFile};
 use crate::supervisor::cgroup::MemoryCgroup;
 
 /// How long a guest process may take to build its guest.
@@ -52,6 +52,23 @@ pub struct Descriptors<'a> {
     pub tap: Option<std::os::fd::OwnedFd>,
     pub vsock: Option<std::os::fd::OwnedFd>,
     pub vsock_dial: Option<std::os::fd::OwnedFd>,
+}
+
+impl Descriptors<'_> {
+    /// What each descriptor is and its number here, in the order sent.
+    fn listed(&self) -> (Vec<SetupFile>, Vec<RawFd>) {
+        let optional = [
+            (SetupFile::Memory, self.memory.map(|f| f.as_raw_fd())),
+            (SetupFile::Store, self.store.as_ref().map(|f| f.as_raw_fd())),
+            (SetupFile::Tap, self.tap.as_ref().map(|f| f.as_raw_fd())),
+            (SetupFile::Vsock, self.vsock.as_ref().map(|f| f.as_raw_fd())),
+            (SetupFile::VsockDial, self.vsock_dial.as_ref().map(|f| f.as_raw_fd())),
+        ];
+        std::iter::once((SetupFile::Console, Some(self.console.as_raw_fd())))
+            .chain(optional)
+            .filter_map(|(kind, fd)| Some((kind, fd?)))
+            .unzip()
+    }
 }
 
 /// How a guest process ended, as the supervisor saw it.
@@ -131,6 +148,8 @@ pub struct GuestProcess {
 pub struct Created {
     pub regions: Vec<dedup::Region>,
     pub protection: Option<String>,
+    /// Whether its process came from the pool (started before it was asked for).
+    pub pooled: bool,
     /// How long each step of its making took, in ms, from the spawn on:
     /// "process started" is the fork, exec and the runtime's start.
     pub stages: Vec<(String, f64)>,
@@ -150,22 +169,24 @@ fn stage_times(spawned_ns: u64, stages: &[(String, u64)]) -> Vec<(String, f64)> 
         .collect()
 }
 
-impl GuestProcess {
-    /// Starts `vmm guest` for `setup` in `cgroup`, and waits until it has
-    /// built the guest. `on_event` receives its events; `on_gone` runs once
-    /// it has exited (its memory mappings are gone then) and before it is
-    /// reaped.
-    pub fn spawn(
-        setup: Box<Setup>,
-        fds: Descriptors,
-        cgroup: Option<&MemoryCgroup>,
-        on_event: impl Fn(Event) + Send + 'static,
-        on_gone: impl FnOnce(Exit) + Send + 'static,
-    ) -> Result<(Arc<GuestProcess>, Created)> {
-        let id = setup.id;
-        let host = |what: &str, e: io::Error| Error::host(format!("guest {id}: {what}: {e}"));
-        let (requests, child_requests) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
-        let (mut events, child_events) = UnixStream::pair().map_err(|e| host("socketpair", e))?;
+/// A guest process started ahead of its guest: it has KVM open and an
+/// empty VM made, and waits for a setup (the pool keeps a few, pool.rs).
+pub struct Spare {
+    child: Child,
+    pidfd: OwnedFd,
+    requests: UnixStream,
+    events: UnixStream,
+    stderr: std::process::ChildStderr,
+    /// The cgroup it was started in, its guest's once it has one.
+    cgroup: Option<MemoryCgroup>,
+}
+
+impl Spare {
+    /// Starts `vmm guest`, in `cgroup` if given, and in a PID namespace of
+    /// its own if it will be `jailed`.
+    pub fn start(cgroup: Option<&MemoryCgroup>, jailed: bool) -> io::Result<Spare> {
+        let (requests, child_requests) = UnixStream::pair()?;
+        let (events, child_events) = UnixStream::pair()?;
         // This very binary, even if its file was replaced since it started:
         // the guest process must speak the supervisor's protocol.
         let mut command = Command::new("/proc/self/exe");
@@ -176,37 +197,109 @@ impl GuestProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut mapping = vec![
-            (child_requests.as_raw_fd(), protocol::FD_REQUESTS),
-            (child_events.as_raw_fd(), protocol::FD_EVENTS),
-            (fds.console.as_raw_fd(), protocol::FD_CONSOLE),
-        ];
-        if let Some(m) = fds.memory {
-            mapping.push((m.as_raw_fd(), protocol::FD_MEMORY));
-        }
-        if let Some(s) = &fds.store {
-            mapping.push((s.as_raw_fd(), protocol::FD_STORE));
-        }
-        if let Some(t) = &fds.tap {
-            mapping.push((t.as_raw_fd(), protocol::FD_TAP));
-        }
-        if let Some(v) = &fds.vsock {
-            mapping.push((v.as_raw_fd(), protocol::FD_VSOCK));
-        }
-        if let Some(d) = &fds.vsock_dial {
-            mapping.push((d.as_raw_fd(), protocol::FD_VSOCK_DIAL));
-        }
-        place_descriptors(&mut command, mapping);
+        place_descriptors(
+            &mut command,
+            vec![(child_requests.as_raw_fd(), protocol::FD_REQUESTS), (child_events.as_raw_fd(), protocol::FD_EVENTS)],
+        );
         if let Some(cg) = cgroup {
             cg.enroll(&mut command);
         }
+        let mut child = spawn_from_lasting_thread(command, jailed)?;
+        let pidfd = match pidfd_open(child.id()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
+        let stderr = child.stderr.take().expect("stderr is piped");
+        Ok(Spare { child, pidfd, requests, events, stderr, cgroup: None })
+    }
+
+    /// Starts one in a cgroup of its own, which goes to its guest with it.
+    pub fn start_in(cgroup: Option<MemoryCgroup>, jailed: bool) -> io::Result<Spare> {
+        let mut spare = Spare::start(cgroup.as_ref(), jailed)?;
+        spare.cgroup = cgroup;
+        Ok(spare)
+    }
+
+    /// The cgroup it runs in, if it was started in one of its own.
+    pub fn take_cgroup(&mut self) -> Option<MemoryCgroup> {
+        self.cgroup.take()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` until it says it is ready (`Event::Ready`).
+    pub fn wait_ready(&mut self, limit: Duration) -> io::Result<()> {
+        self.events.set_read_timeout(Some(limit))?;
+        let ready = protocol::receive::<Event>(&mut self.events);
+        self.events.set_read_timeout(None)?;
+        match ready? {
+            Some((Event::Ready, _)) => Ok(()),
+            Some((other, _)) => Err(io::Error::other(format!("its first event was {other:?}"))),
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "it exited before it was ready")),
+        }
+    }
+
+    /// Its pidfd, readable once it has exited.
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+
+    pub fn has_exited(&self) -> bool {
+        readable_within(self.pidfd.as_raw_fd(), Duration::ZERO)
+    }
+
+    /// Ends it (if it has not ended), reaps it and returns how it ended and
+    /// its last lines on stderr.
+    pub fn end(mut self) -> (Option<ExitStatus>, Vec<String>) {
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        // Empty now: it can go.
+        drop(self.cgroup.take());
+        let mut reader = BufReader::new(self.stderr);
+        let mut last = VecDeque::new();
+        while let Some(line) = read_bounded_line(&mut reader) {
+            if last.len() == STDERR_LINES {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+        (status, last.into())
+    }
+}
+
+impl GuestProcess {
+    /// Gives `setup` to a guest process, `spare` if one is given (in
+    /// `cgroup` already), else one started now in `cgroup`, and waits until
+    /// it has built the guest. `on_event` receives its events; `on_gone`
+    /// runs once it has exited (its memory mappings are gone then) and
+    /// before it is reaped.
+    pub fn spawn(
+        mut setup: Box<Setup>,
+        fds: Descriptors,
+        cgroup: Option<&MemoryCgroup>,
+        spare: Option<Spare>,
+        on_event: impl Fn(Event) + Send + 'static,
+        on_gone: impl FnOnce(Exit) + Send + 'static,
+    ) -> Result<(Arc<GuestProcess>, Created)> {
+        let id = setup.id;
+        let host = |what: &str, e: io::Error| Error::host(format!("guest {id}: {what}: {e}"));
         let jailed = setup.jail.is_some();
         let spawned_ns = crate::proc::monotonic_ns();
-        let mut child = spawn_from_lasting_thread(command, jailed).map_err(|e| host("cannot start its process", e))?;
-        drop((child_requests, child_events, fds));
+        let pooled = spare.is_some();
+        let spare = match spare {
+            Some(spare) => spare,
+            None => Spare::start(cgroup, jailed).map_err(|e| host("cannot start its process", e))?,
+        };
+        let Spare { mut child, pidfd, requests, mut events, stderr, cgroup: _ } = spare;
+        let (kinds, files) = fds.listed();
+        setup.files = kinds;
         let pid = child.id();
-        let pidfd = pidfd_open(pid).map_err(|e| host("pidfd_open", e))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
         let process = Arc::new(GuestProcess {
             id,
             pid,
@@ -216,9 +309,11 @@ impl GuestProcess {
             killed_for: Mutex::new(None),
         });
         let stderr_tail = forward_stderr(id, stderr);
-        let created = process.call_with_timeout(&Request::Setup(setup), &[], &[], SETUP_TIMEOUT);
+        let created = process.call_with_timeout(&Request::Setup(setup), &[], &files, SETUP_TIMEOUT);
+        drop(fds);
         let created = match created {
             Ok((Reply::Created { regions, protection, stages }, _)) => Ok(Created {
+                pooled,
                 stages: stage_times(spawned_ns, &stages),
                 regions: regions
                     .into_iter()

@@ -30,7 +30,8 @@ use crate::protocol::{Event, Reply, Request, Setup};
 use crate::snapshot::{SavedState, Snapshot};
 pub use crate::stats_file::{GuestTimings, TimingStep};
 use crate::supervisor::cgroup::MemoryCgroup;
-use crate::supervisor::handle::{Descriptors, Exit, GuestProcess};
+use crate::supervisor::handle::{Descriptors, Exit, GuestProcess, Spare};
+use crate::supervisor::pool::Pool;
 use crate::supervisor::pressure::{Action, Governor, GuestMemory, Wall};
 use crate::supervisor::sharing::Sharing;
 
@@ -323,6 +324,9 @@ pub struct Manager {
     overlays: Dir,
     /// Bridges made for guests' networks, removed when the manager goes.
     bridges: crate::supervisor::network::MadeBridges,
+    /// Guest processes started ahead of need (before `cgroups`: theirs
+    /// are in it, and go first).
+    pool: Option<Arc<Pool>>,
     /// The cgroup the guests' cgroups live in, where the host allows one.
     cgroups: Option<MemoryCgroup>,
     /// The memory governor, unless it is off or cannot see the guests.
@@ -437,6 +441,14 @@ impl Manager {
                 })
             }
         };
+        let pool = match config.pool {
+            0 => None,
+            size => {
+                let pool = Pool::start(size, config.jail.is_some(), cgroups.as_ref().map(MemoryCgroup::place))
+                    .map_err(|e| Error::host(format!("cannot start the guest process pool: {e}")))?;
+                Some(pool)
+            }
+        };
         let manager = Arc::new_cyclic(|this| Manager {
             config,
             host: hv.host,
@@ -446,6 +458,7 @@ impl Manager {
             consoles,
             overlays,
             bridges: Default::default(),
+            pool,
             cgroups,
             governed,
             this: this.clone(),
@@ -758,6 +771,8 @@ impl Manager {
             vsock: vsock_setup,
             jail,
             console_limit: (!self.config.console_to_terminal).then_some(self.config.console_limit_bytes),
+            // Filled in with the descriptors it is sent.
+            files: Vec::new(),
         });
         let memory = match self.config.backend {
             MemoryBackend::Memfd => Some(
@@ -768,17 +783,26 @@ impl Manager {
         };
         let store = shared.map(|s| s.store_file(group)).transpose()?;
         let console = self.console_file(id)?;
-        let cgroup = self.cgroups.as_ref().and_then(|parent| {
-            MemoryCgroup::create(&format!("guest-{id}"), Some(parent))
-                .map_err(|e| log::warn!("guest {id}: no memory cgroup of its own: {e}"))
-                .ok()
-        });
+        let mut spare = self.pool.as_ref().and_then(|p| p.take());
+        let cgroup = match spare.as_mut().and_then(Spare::take_cgroup) {
+            Some(mut cgroup) => {
+                // Named as other guests' are, where cgroups can be renamed.
+                let _ = cgroup.rename(&format!("guest-{id}"));
+                Some(cgroup)
+            }
+            None => self.cgroups.as_ref().and_then(|parent| {
+                MemoryCgroup::create(&format!("guest-{id}"), Some(parent))
+                    .map_err(|e| log::warn!("guest {id}: no memory cgroup of its own: {e}"))
+                    .ok()
+            }),
+        };
         let (on_event, on_gone) = (self.this.clone(), self.this.clone());
         let t0 = Instant::now();
         let (process, created) = GuestProcess::spawn(
             setup,
             Descriptors { memory: memory.as_ref(), store, console, tap, vsock: vsock_fd, vsock_dial },
             cgroup.as_ref(),
+            spare,
             move |event| {
                 if let Some(m) = on_event.upgrade() {
                     m.on_event(id, event);
@@ -815,8 +839,9 @@ impl Manager {
         let t3 = Instant::now();
         let stages: Vec<String> = created.stages.iter().map(|(name, ms)| format!("{name} {ms:.1}")).collect();
         log::debug!(
-            "guest {id}: its process set up in {:.1} ms ({} ms), registered for sharing in {:.1} ms, memory adopted \
+            "guest {id}: its {} set up in {:.1} ms ({} ms), registered for sharing in {:.1} ms, memory adopted \
              in {:.1} ms",
+            if created.pooled { "pooled process" } else { "process" },
             ms(t0, t1),
             stages.join(", "),
             ms(t1, t2),
@@ -874,6 +899,7 @@ impl Manager {
         let mut g = self.lock();
         let Some(entry) = g.map.get_mut(&id) else { return };
         match event {
+            Event::Ready => {}
             Event::Mismatches(n) => entry.corrupted_pages = n,
             Event::Rounds(n) => {
                 entry.rounds_verified = n;
@@ -1267,6 +1293,11 @@ impl Manager {
         }
     }
 
+    /// What the guest process pool holds now, if there is one.
+    pub fn pool(&self) -> Option<crate::supervisor::pool::PoolStatus> {
+        self.pool.as_ref().map(|p| p.status())
+    }
+
     /// How each guest ended so far, by id (`None`: not yet).
     pub fn ends(&self) -> BTreeMap<usize, Option<GuestEnd>> {
         self.lock().map.iter().filter(|(_, e)| e.made).map(|(&id, e)| (id, e.end.clone())).collect()
@@ -1323,6 +1354,9 @@ impl Drop for Manager {
             if let Some(p) = &entry.process {
                 p.kill();
             }
+        }
+        if let Some(pool) = &self.pool {
+            pool.stop();
         }
     }
 }

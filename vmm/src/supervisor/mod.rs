@@ -12,6 +12,7 @@ pub mod jailer;
 pub mod leftovers;
 pub mod manager;
 pub mod network;
+pub mod pool;
 pub mod pressure;
 pub mod sharing;
 pub mod snapshot_dir;

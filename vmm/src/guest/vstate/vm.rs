@@ -21,14 +21,21 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
-/// Creates a VM with an irqchip and PIT, and registers `ram` as its memory,
-/// with dirty logging when `dirty_log` (page sharing reads it).
-pub fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<VmFd, kvm_ioctls::Error> {
+/// Creates a VM with an irqchip and PIT and no memory yet: what every
+/// guest needs whatever it runs, so a guest process makes it before it
+/// knows its guest (while it waits in the supervisor's pool).
+pub fn new(kvm: &Kvm) -> Result<VmFd, kvm_ioctls::Error> {
     let vm = kvm.create_vm()?;
     vm.set_tss_address(KVM_TSS_ADDRESS)?;
     vm.create_irq_chip()?;
     vm.create_pit2(kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() })?;
-    if dirty_log && has_manual_clear(&vm) {
+    Ok(vm)
+}
+
+/// Registers `ram` as the memory of `vm` (made by [`new`]), with dirty
+/// logging when `dirty_log` (page sharing reads it).
+pub fn attach_memory(vm: &VmFd, ram: &GuestRam, dirty_log: bool) -> Result<(), kvm_ioctls::Error> {
+    if dirty_log && has_manual_clear(vm) {
         // Reading the log then leaves pages writable until we clear them
         // ourselves, instead of write-protecting all memory on every read.
         let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
@@ -47,7 +54,7 @@ pub fn create(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<VmFd, kvm_io
         // caller keeps alive for as long as the VM exists.
         unsafe { vm.set_user_memory_region(mem_region)? };
     }
-    Ok(vm)
+    Ok(())
 }
 
 fn has_manual_clear(vm: &VmFd) -> bool {

@@ -204,6 +204,54 @@ impl Placement {
     }
 }
 
+/// A laid-out placement being made (`Engine::place`): guest page `p`
+/// goes to frame `base + p` of a block of the store.
+struct Block<'a> {
+    base: FrameId,
+    guest: &'a mut Guest,
+    store: &'a mut StableStore,
+    queue: Vec<(u32, Target)>,
+    zero_pages: bool,
+}
+
+/// Zero pages in runs at least this long stay on the zero page in a
+/// laid-out placement (free there, for two more mappings); shorter runs
+/// get zero frames of the block, so the guest's frames stay one mapping.
+const ZERO_RUN_ON_ZERO_PAGE: usize = 64;
+
+impl Block<'_> {
+    /// Page `page` of `content` onto its frame.
+    fn page(&mut self, page: usize, content: &[u8]) -> io::Result<()> {
+        let hash = xxh3_64(content);
+        self.frame(page, hash, Some(content))
+    }
+
+    /// The zero pages `pages` onto the zero page or zero frames.
+    fn zeros(&mut self, pages: std::ops::Range<usize>) -> io::Result<()> {
+        let on_zero_page = self.zero_pages && pages.len() >= ZERO_RUN_ON_ZERO_PAGE;
+        for page in pages {
+            match on_zero_page {
+                true => {
+                    self.guest.state[page] = QUEUED;
+                    self.queue.push((page as u32, Target::Zero));
+                }
+                false => self.frame(page, zero_hash(), None)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn frame(&mut self, page: usize, hash: u64, content: Option<&[u8]>) -> io::Result<()> {
+        let frame = self.base + page as FrameId;
+        self.store.fill_block(frame, hash, content)?;
+        self.store.reserve(frame);
+        self.guest.state[page] = QUEUED;
+        self.guest.last_hash[page] = hash;
+        self.queue.push((page as u32, Target::Frame(frame)));
+        Ok(())
+    }
+}
+
 // SAFETY: the guests' views are mappings owned by the engine; the agents
 // are Send; the engine is used by one thread at a time.
 unsafe impl Send for Engine {}
@@ -437,18 +485,20 @@ impl Engine {
 
     /// Makes guest `id`, which has not run yet and whose memory is all
     /// holes, a clone of `pages` ((page, content) in page order; pages left
-    /// out are zero): each page that is not zero goes onto a stable frame of
-    /// the guest's group (one already holding that content, else a new one),
-    /// and, with zero pages on, every other page onto the zero page; the
-    /// guest's agent maps them in, as if every page had been merged. So a
-    /// clone reading a zero page allocates nothing either. Returns how many
-    /// pages were adopted; an error when any page could not be (the guest's
-    /// memory is then incomplete: it must not run).
+    /// out are zero): the pages are laid out on a block of new frames of
+    /// the guest's group in page order (frame `base + page`), so the
+    /// guest's agent maps them in with one mapping per memory region, as if
+    /// every page had been merged; zero pages in long runs go onto the zero
+    /// page instead (with zero pages on), shorter ones onto zero frames of
+    /// the block, holes in the store that hold memory only once read (and
+    /// then once for every clone). Returns how many pages were adopted; an
+    /// error when any page could not be (the guest's memory is then
+    /// incomplete: it must not run).
     ///
     /// `snapshot` names the pages' source for good (a caller's key): the
     /// next clone of it reuses this clone's placement without reading
-    /// `pages` at all, as long as every frame is still the one it was. A
-    /// failed read fails the adoption (and nothing is remembered).
+    /// `pages` at all, as long as every frame is still the one it was and
+    /// has room for another user.
     pub fn adopt(
         &mut self,
         id: GuestId,
@@ -485,7 +535,7 @@ impl Engine {
         }
     }
 
-    /// Finds (or makes) a frame for each page of `pages` and queues it, as
+    /// Lays `pages` out on a new block of frames and queues them, as
     /// `adopt` describes; on an error nothing stays queued or reserved.
     fn place(
         &mut self,
@@ -493,20 +543,17 @@ impl Engine {
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<Vec<(u32, Target)>> {
         let guest = self.guests.get_mut(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
+        if guest.state.iter().any(|&s| s != UNMERGED) {
+            return Err(io::Error::other("only a guest with nothing merged can adopt a snapshot"));
+        }
         let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
-        let zero_pages = self.config.zero_pages;
-        let mut queue = Vec::new();
+        let n = guest.state.len();
+        let base = store.open_block(n)?;
+        let mut block = Block { base, guest, store, queue: Vec::with_capacity(n), zero_pages: self.config.zero_pages };
+        // Pages before `next` are read; those from `zeros_from` on are zero
+        // and not yet placed.
+        let (mut next, mut zeros_from) = (0, 0);
         let mut failed = None;
-        // Pages before `next` are handled.
-        let mut next = 0;
-        let zeros_up_to = |guest: &mut Guest, queue: &mut Vec<(u32, Target)>, end: usize| {
-            for p in (0..end).skip(queue.last().map_or(0, |&(q, _)| q as usize + 1)) {
-                if zero_pages && guest.state[p] == UNMERGED {
-                    guest.state[p] = QUEUED;
-                    queue.push((p as u32, Target::Zero));
-                }
-            }
-        };
         for read in pages {
             let (page, content) = match read {
                 Ok(page) => page,
@@ -515,40 +562,31 @@ impl Engine {
                     break;
                 }
             };
-            if page < next || page >= guest.state.len() || guest.state[page] != UNMERGED || content.len() != PAGE_SIZE {
+            if page < next || page >= n || content.len() != PAGE_SIZE {
                 failed = Some(io::Error::other(format!("page {page} cannot be adopted")));
                 break;
             }
-            zeros_up_to(guest, &mut queue, page);
             next = page + 1;
             if content.iter().all(|&b| b == 0) {
-                zeros_up_to(guest, &mut queue, next);
                 continue;
             }
-            let hash = xxh3_64(&content);
-            let frame = match store.find(hash, &content, self.config.max_page_sharing) {
-                Some(f) => f,
-                None => match store.insert(hash, &content) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                },
-            };
-            store.reserve(frame);
-            guest.state[page] = QUEUED;
-            guest.last_hash[page] = hash;
-            queue.push((page as u32, Target::Frame(frame)));
+            if let Err(e) = block.zeros(zeros_from..page).and_then(|()| block.page(page, &content)) {
+                failed = Some(e);
+                break;
+            }
+            zeros_from = next;
         }
+        if failed.is_none() {
+            failed = block.zeros(zeros_from..n).err();
+        }
+        let Block { store, queue, .. } = block;
+        store.close_block(base, n);
         if let Some(e) = failed {
             // The agent was not asked: nothing is mapped.
             let none = MergeOutcome { merged: vec![false; queue.len()], ..Default::default() };
             self.book(id, &queue, none);
             return Err(e);
         }
-        let end = guest.state.len();
-        zeros_up_to(guest, &mut queue, end);
         Ok(queue)
     }
 
@@ -556,9 +594,8 @@ impl Engine {
     /// for guest `id`, if it still holds: same group, size and zero-page
     /// setting, a guest with nothing merged yet, and every frame still the
     /// generation it was (frames never change while live, so the content is
-    /// what it was). A frame with no room for another user (content the
-    /// snapshot repeats) is copied, from the frame itself, to another frame
-    /// of that content. None (with nothing left reserved) otherwise.
+    /// what it was) with room for another user. None (with nothing left
+    /// reserved) otherwise: the snapshot is then laid out anew.
     fn placement_again(&mut self, id: GuestId, key: u64) -> Option<Vec<(u32, Target)>> {
         let plan = self.placements.iter().find(|p| p.key == key)?;
         let guest = self.guests.get_mut(&id)?;
@@ -571,42 +608,21 @@ impl Engine {
         }
         let store = self.stores.get_mut(&guest.group)?;
         let max_users = self.config.max_page_sharing;
-        let mut queue = Vec::with_capacity(plan.entries.len());
-        for &(page, target, hash, generation) in &plan.entries {
-            let placed = match target {
-                Target::Zero => Some(Target::Zero),
-                Target::Frame(f) if !store.is_generation(f, generation) => None,
-                Target::Frame(f) => {
-                    let frame = match store.has_room(f, max_users) {
-                        true => Some(f),
-                        false => {
-                            let content = store.page(f).to_vec();
-                            store.find(hash, &content, max_users).or_else(|| store.insert(hash, &content).ok())
-                        }
-                    };
-                    frame.map(|f| {
-                        store.reserve(f);
-                        Target::Frame(f)
-                    })
-                }
-            };
-            match placed {
-                Some(target) => queue.push((page, target)),
-                None => {
-                    for &(_, target) in &queue {
-                        if let Target::Frame(f) = target {
-                            let _ = store.unreserve(f);
-                        }
-                    }
-                    return None;
-                }
-            }
+        let holds = plan.entries.iter().all(|&(_, target, _, generation)| match target {
+            Target::Zero => true,
+            Target::Frame(f) => store.is_generation(f, generation) && store.has_room(f, max_users),
+        });
+        if !holds {
+            return None;
         }
-        for (&(page, target), &(_, _, hash, _)) in queue.iter().zip(&plan.entries) {
-            guest.state[page as usize] = QUEUED;
-            if let Target::Frame(_) = target {
+        let mut queue = Vec::with_capacity(plan.entries.len());
+        for &(page, target, hash, _) in &plan.entries {
+            if let Target::Frame(f) = target {
+                store.reserve(f);
                 guest.last_hash[page as usize] = hash;
             }
+            guest.state[page as usize] = QUEUED;
+            queue.push((page, target));
         }
         Some(queue)
     }

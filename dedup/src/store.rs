@@ -127,29 +127,107 @@ impl StableStore {
     /// A new frame holding a copy of `content`, with no users yet.
     pub fn insert(&mut self, hash: u64, content: &[u8]) -> io::Result<FrameId> {
         let id = self.next_id().ok_or_else(|| io::Error::other("stable store full"))?;
-        let end = Self::offset(id) + PAGE_SIZE as u64;
+        self.grow_to(id as usize + 1)?;
+        if id as usize == self.frames.len() {
+            self.frames.push(None);
+        } else {
+            self.free.remove(&id);
+        }
+        self.fill(id, hash, Some(content))?;
+        self.last = Some(id);
+        Ok(id)
+    }
+
+    /// Makes the file hold frames below `frames` (in 2 MiB steps:
+    /// ftruncate is cheap, but not free).
+    fn grow_to(&mut self, frames: usize) -> io::Result<()> {
+        let end = Self::offset(frames as FrameId);
         if end > self.file_len {
-            // Grow in 2 MiB steps: ftruncate is cheap, but not free.
             let len = end.next_multiple_of(2 << 20);
             self.file.set_len(len)?;
             self.file_len = len;
         }
-        // A write, not a store through the view: a whole-page write fills a
-        // fresh page without the fault and the clearing a store would cost.
-        // The frame is not mapped by any guest yet, so nobody sees it early.
-        os::write_page(&self.file, content, Self::offset(id))?;
-        self.generations += 1;
-        let frame = Some(Frame { mapped: 0, reserved: 0, hash, generation: self.generations });
-        if id as usize == self.frames.len() {
-            self.frames.push(frame);
-        } else {
-            self.free.remove(&id);
-            self.frames[id as usize] = frame;
+        Ok(())
+    }
+
+    /// Makes id `id` (handed out, empty, a hole in the file) a live frame
+    /// of `content`; `None` is zero content, left a hole and kept out of the
+    /// content index (nothing is merged onto a laid-out zero frame).
+    fn fill(&mut self, id: FrameId, hash: u64, content: Option<&[u8]>) -> io::Result<()> {
+        if let Some(content) = content {
+            // A write, not a store through the view: a whole-page write
+            // fills a fresh page without the fault and the clearing a store
+            // would cost. The frame is not mapped by any guest yet, so
+            // nobody sees it early.
+            os::write_page(&self.file, content, Self::offset(id))?;
+            self.index.entry(hash).or_default().push(id);
         }
-        self.index.entry(hash).or_default().push(id);
+        self.generations += 1;
+        self.frames[id as usize] = Some(Frame { mapped: 0, reserved: 0, hash, generation: self.generations });
         self.live += 1;
-        self.last = Some(id);
-        Ok(id)
+        Ok(())
+    }
+
+    /// Hands out `n` consecutive ids, none filled yet, for a laid-out
+    /// placement (a guest's pages on frames in page order, so that one
+    /// mapping covers them): the lowest run of free ids that long, else ids
+    /// at the end. Fill them with [`StableStore::fill_block`], then give back
+    /// those left empty with [`StableStore::close_block`]. Every id of the
+    /// block is a hole when this returns.
+    pub fn open_block(&mut self, n: usize) -> io::Result<FrameId> {
+        let base = self.free_run(n).unwrap_or(self.frames.len() as FrameId);
+        let end = base as usize + n;
+        if end > MAX_FRAMES {
+            return Err(io::Error::other("stable store full"));
+        }
+        self.grow_to(end)?;
+        let reused = self.frames.len().min(end).saturating_sub(base as usize);
+        for id in base..base + reused as FrameId {
+            self.free.remove(&id);
+        }
+        if end > self.frames.len() {
+            self.frames.resize_with(end, || None);
+        }
+        // Freed frames were punched, but a failed punch only logged: a
+        // zero frame of the block must be a hole for sure.
+        if reused > 0 {
+            os::punch_hole(&self.file, Self::offset(base), (reused * PAGE_SIZE) as u64)?;
+        }
+        Ok(base)
+    }
+
+    /// Fills id `id` of an open block (see [`StableStore::fill`]).
+    pub fn fill_block(&mut self, id: FrameId, hash: u64, content: Option<&[u8]>) -> io::Result<()> {
+        debug_assert!(self.frames[id as usize].is_none(), "frame {id} of a block filled twice");
+        self.fill(id, hash, content)
+    }
+
+    /// Gives back the ids of the block at `base` that were not filled.
+    pub fn close_block(&mut self, base: FrameId, n: usize) {
+        for id in base..base + n as FrameId {
+            if self.frames[id as usize].is_none() {
+                self.free.insert(id);
+            }
+        }
+        self.last = Some(base + n as FrameId - 1);
+    }
+
+    /// The lowest run of `n` free ids (one that reaches the end of the id
+    /// space may go on past it).
+    fn free_run(&self, n: usize) -> Option<FrameId> {
+        let (mut start, mut len, mut prev) = (0, 0, None::<FrameId>);
+        for &id in &self.free {
+            if prev.is_some_and(|p| p + 1 == id) {
+                len += 1;
+            } else {
+                (start, len) = (id, 1);
+            }
+            if len == n {
+                return Some(start);
+            }
+            prev = Some(id);
+        }
+        prev.filter(|&p| p as usize + 1 == self.frames.len()).map(|_| start)
     }
 
     fn frame(&mut self, id: FrameId) -> &mut Frame {
@@ -356,6 +434,42 @@ mod tests {
         }
         assert!(s.id_space() <= 2, "id space grew to {}", s.id_space());
         assert_eq!(s.live_frames(), 1);
+    }
+
+    /// A block's frames are consecutive ids in the order filled, zero ones
+    /// read zero and are found by nobody, the ids left empty go back, and a
+    /// later block reuses a freed run.
+    #[test]
+    fn a_block_lays_frames_out_in_order() {
+        let mut s = StableStore::new(0).unwrap();
+        let keep = s.insert(1, &page(1)).unwrap();
+        s.reserve(keep);
+        let base = s.open_block(4).unwrap();
+        assert_eq!(base, keep + 1);
+        s.fill_block(base, 2, Some(&page(2))).unwrap();
+        s.fill_block(base + 1, 0, None).unwrap();
+        s.fill_block(base + 3, 3, Some(&page(3))).unwrap();
+        s.close_block(base, 4);
+        assert_eq!(s.page(base), &page(2)[..]);
+        assert_eq!(s.page(base + 1), &page(0)[..], "a zero frame is a hole");
+        assert_eq!(s.page(base + 3), &page(3)[..]);
+        assert_eq!(s.find(0, &page(0), 10), None, "zero frames are not offered");
+        assert_eq!(s.find(3, &page(3), 10), Some(base + 3));
+        assert_eq!(s.live_frames(), 4);
+        // The id left empty is handed out again.
+        assert_eq!(s.insert(4, &page(4)).unwrap(), base + 2);
+        // Freed, the block's frames make room for the next block there.
+        for f in [base, base + 1, base + 3] {
+            s.reserve(f);
+            s.unreserve(f).unwrap();
+        }
+        let f = base + 2;
+        s.reserve(f);
+        s.unreserve(f).unwrap();
+        assert_eq!(s.open_block(4).unwrap(), base, "the freed run is reused");
+        let mut read = page(9);
+        std::os::unix::fs::FileExt::read_exact_at(s.file(), &mut read, StableStore::offset(base)).unwrap();
+        assert_eq!(read, page(0), "a reused id is a hole again");
     }
 
     #[test]

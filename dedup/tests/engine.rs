@@ -690,13 +690,30 @@ fn remembered_hashes_pick_candidates_but_bytes_decide() {
     assert_eq!(b.read(2), expected(8));
 }
 
-/// A clone adopts a snapshot's pages: every page that is not zero is on a
-/// frame at once (shared with a guest already merged, where one holds that
-/// content), every zero page on the zero page, its memfd stays empty, and its writes are copied on write like
-/// any merged page's, reaching neither the frame nor the other guest.
+/// Mappings of this process that cover part of `len` bytes at `start`.
+fn mappings_over(start: *mut u8, len: usize) -> usize {
+    let (start, end) = (start as usize, start as usize + len);
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?))
+        })
+        .filter(|&(a, b)| a < end && b > start)
+        .count()
+}
+
+/// A clone adopts a snapshot's pages laid out on new frames in page order:
+/// every page is on a frame of its own at once (a short run of zero pages
+/// on zero frames, holes in the store), a long zero run on the zero page,
+/// in two mappings in all; its memfd stays empty, and its writes are copied
+/// on write like any merged page's, reaching neither the frame nor a guest
+/// merged onto the clone's frames.
 #[test]
-fn a_clone_adopts_a_snapshot_as_merged_pages() {
-    let (template, clone) = (TestGuest::new(16), TestGuest::new(16));
+fn a_clone_adopts_a_snapshot_laid_out_in_page_order() {
+    const PAGES: usize = 96;
+    let (template, clone) = (TestGuest::new(PAGES), TestGuest::new(PAGES));
+    // Pages 0..16 hold content but for every fourth (zero); 16..96 are zero.
     let snapshot: Vec<(usize, Vec<u8>)> =
         (0..16).map(|i| (i, if i % 4 == 3 { vec![0; PAGE_SIZE] } else { expected(300 + i as u64) })).collect();
     for (i, content) in &snapshot {
@@ -707,17 +724,21 @@ fn a_clone_adopts_a_snapshot_as_merged_pages() {
     let mut e = engine();
     template.add(&mut e, 0, ProtectMode::WriteProtect);
     let id = clone.add(&mut e, 0, ProtectMode::WriteProtect);
-    // The last page (zero) is left out, as a hole in a snapshot is.
-    assert_eq!(e.adopt(id, None, snapshot[..15].iter().cloned().map(Ok)).unwrap(), 16);
+    // The last zero page of the first 16 and the rest are left out, as a
+    // snapshot's holes are.
+    assert_eq!(e.adopt(id, None, snapshot[..15].iter().cloned().map(Ok)).unwrap(), PAGES as u64);
     assert_eq!(clone.resident_bytes(), 0, "the clone's memfd holds nothing");
-    for (i, content) in &snapshot {
-        assert_eq!(&clone.read(*i), content, "page {i}");
+    for i in 0..PAGES {
+        let want = snapshot.get(i).map_or(vec![0; PAGE_SIZE], |(_, c)| c.clone());
+        assert_eq!(clone.read(i), want, "page {i}");
     }
     let s = e.guest_stats(id).unwrap();
-    assert_eq!((s.merged_pages, s.zero_pages), (12, 4), "zero pages go to the zero page: {s:?}");
+    // Pages 3, 7 and 11 are zero frames; 15 starts the long zero run.
+    assert_eq!((s.merged_pages, s.zero_pages), (15, 81), "short zero runs on frames, the long one on the zero page");
+    assert_eq!(mappings_over(clone.page(0), PAGES * PAGE_SIZE), 2, "one mapping for the frames, one for zeros");
     settle(&mut e);
     let s = e.stats();
-    assert_eq!((s.pages_shared, s.pages_sharing), (12, 12), "the template's pages joined the clone's frames: {s:?}");
+    assert_eq!((s.pages_shared, s.pages_sharing), (15, 12), "the template's pages joined the clone's frames: {s:?}");
 
     clone.fill(5, 4242);
     assert_eq!(clone.read(5), expected(4242));
@@ -750,7 +771,7 @@ fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
     for (i, content) in &snapshot {
         assert_eq!(&second.read(*i), content, "page {i}");
     }
-    assert_eq!(e.stats().pages_shared, 5, "both clones on the same 5 frames: {:?}", e.stats());
+    assert_eq!(e.stats().pages_shared, 16, "both clones on the same 16 frames: {:?}", e.stats());
     assert_eq!(e.guest_stats(b).unwrap().merged_pages, 16);
 
     // Every user gone: the frames are freed; other content takes their ids.
@@ -788,37 +809,44 @@ fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
 }
 
 /// A kept placement pins its frames: clones writing their pages (copy on
-/// write) do not free them, so later clones still take the placement; a
-/// frame with no room left (content the snapshot repeats) is copied, from
-/// the frame, to another. With the group's last guest gone, nothing stays.
+/// write) do not free them, so later clones still take the placement; once
+/// its frames have no room for another user, the snapshot is laid out
+/// again on a new block. With the group's last guest gone, nothing stays.
 #[test]
 fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
-    let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 20, ..Config::default() });
-    // Every page the same content: one frame, 16 users per clone.
-    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(77))).collect();
+    let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 3, ..Config::default() });
+    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(77 + i as u64))).collect();
+    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
     let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
     let first = TestGuest::new(16);
     let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
-    assert_eq!(e.adopt(a, Some(3), snapshot.iter().cloned().map(Ok)).unwrap(), 16);
+    assert_eq!(e.adopt(a, Some(3), read()).unwrap(), 16);
     for i in 0..16 {
         first.fill(i, 1000 + i as u64);
     }
     scan_passes(&mut e, 2);
     assert_eq!(e.guest_stats(a).unwrap().merged_pages, 0, "the first clone wrote every page");
-    let second = TestGuest::new(16);
+    // The pin and one clone on each frame leave room for one more (3 users).
+    let (second, third) = (TestGuest::new(16), TestGuest::new(16));
     let b = second.add(&mut e, 0, ProtectMode::WriteProtect);
     assert_eq!(e.adopt(b, Some(3), unread()).unwrap(), 16, "the placement outlived the writes");
-    let third = TestGuest::new(16);
     let c = third.add(&mut e, 0, ProtectMode::WriteProtect);
-    // 1 pin + 16 users of the second clone leave room for 3: the rest copied.
     assert_eq!(e.adopt(c, Some(3), unread()).unwrap(), 16);
+    assert_eq!(e.stats().pages_shared, 16, "{:?}", e.stats());
+    // Full: the next clone reads the snapshot onto a block of its own.
+    let fourth = TestGuest::new(16);
+    let d = fourth.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(d, Some(3), read()).unwrap(), 16);
+    assert_eq!(e.stats().pages_shared, 32, "{:?}", e.stats());
+    assert_eq!(mappings_over(fourth.page(0), 16 * PAGE_SIZE), 1, "the new block is one mapping");
     for i in 0..16 {
-        assert_eq!(second.read(i), expected(77));
-        assert_eq!(third.read(i), expected(77));
+        for clone in [&second, &third, &fourth] {
+            assert_eq!(clone.read(i), expected(77 + i as u64));
+        }
         assert_eq!(first.read(i), expected(1000 + i as u64));
     }
     assert_eq!(e.audit().leaked_frames, 0, "{:?}", e.audit());
-    for id in [a, b, c] {
+    for id in [a, b, c, d] {
         e.remove_guest(id).unwrap();
     }
     let audit = e.audit();

@@ -162,6 +162,12 @@ pub struct BenchArgs {
     /// (memtest's `hold=` gives them free memory to hold).
     #[arg(long)]
     pub balloon: bool,
+    /// Guest processes each run keeps started ahead of need (`vmm run
+    /// --pool`; the run waits for them before its first guest); by default
+    /// as many as there are guests with --clone (a pool that holds a burst
+    /// of restores), else `vmm run`'s default.
+    #[arg(long, value_name = "N")]
+    pub pool: Option<u64>,
     /// Measure the network instead: ping round trips to memtest guests on
     /// a bridge against a kernel-only veth peer, and UDP echo rates, for
     /// each of --net-guests (needs root and ping).
@@ -265,6 +271,11 @@ impl TryFrom<BenchArgs> for crate::bench::BenchConfig {
             host_memory_mib: args.host_memory.map(|m| config::HOST_MEMORY_MIB.check(m, Source::Cli)).transpose()?,
             no_jail: args.no_jail,
             balloon: args.balloon,
+            pool: match (args.pool, args.clone) {
+                (Some(n), _) => Some(config::POOL.check(n, Source::Cli)?),
+                (None, true) => Some((args.guests as u64).min(config::POOL.max)),
+                (None, false) => None,
+            },
         })
     }
 }

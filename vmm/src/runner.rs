@@ -57,11 +57,18 @@ pub fn run(config: &RunConfig) -> Result<RunReport> {
     outcome
 }
 
+/// How long a run waits for its pool of guest processes to fill.
+const POOL_FILL_LIMIT: Duration = Duration::from_secs(10);
+
 /// Makes and starts the guests (in waves), serves the API if asked, and
 /// waits for them; stops them all if any cannot be made.
 fn run_guests(config: &RunConfig, manager: &Arc<Manager>, memory_mib: u64) -> Result<RunReport> {
     crate::signals::install_stop_handlers().map_err(Error::host)?;
     let mut created = Vec::with_capacity(config.guests);
+    // The pool's processes are what make making a guest quick: it fills first.
+    if let Some(took) = manager.wait_for_pool(POOL_FILL_LIMIT) {
+        log::info!("the guest process pool was full {} ms into the run", took.as_millis());
+    }
     for i in 0..config.guests {
         // Waves: a guest starts once it fits without squeezing the others.
         let waited = manager.wait_for_room(memory_mib * MIB);

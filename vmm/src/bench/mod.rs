@@ -105,6 +105,8 @@ pub struct BenchConfig {
     pub no_jail: bool,
     /// Guests have balloons (`--balloon`), which the governor may use.
     pub balloon: bool,
+    /// `vmm run --pool` for every run (None: its default).
+    pub pool: Option<u64>,
 }
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(500);
@@ -360,6 +362,9 @@ fn run_command(config: &BenchConfig, guests: usize, how: Guests, dir: &Path) -> 
     }
     if config.balloon {
         command.arg("--balloon");
+    }
+    if let Some(n) = config.pool {
+        command.args(["--pool", &n.to_string()]);
     }
     match how {
         // A snapshot brings its kernel, command line, memory and vCPUs.

@@ -537,6 +537,7 @@ mod tests {
             host_memory_mib: None,
             no_jail: false,
             balloon: false,
+            pool: None,
         }
     }
 

@@ -153,6 +153,11 @@ fn serve(mut requests: UnixStream, mut events: UnixStream, prepared: Result<Prep
     let id = setup.id;
     let jail_setup = setup.jail;
     drop(setup);
+    // Only the merges it makes keep this thread ahead of the vCPUs (and
+    // the jail's system call filter allows no change of priority).
+    if built.as_ref().is_ok_and(|b| b.agent.is_none()) {
+        dedup::os::normal_priority();
+    }
     let built = built.and_then(|built| {
         jail(jail_setup)?;
         stages.mark("jail");
@@ -164,10 +169,6 @@ fn serve(mut requests: UnixStream, mut events: UnixStream, prepared: Result<Prep
             return protocol::send(&mut requests, &(number, Reply::Error { kind: e.kind, message: e.message }), &[]);
         }
     };
-    // Only the merges it makes keep this thread ahead of the vCPUs.
-    if agent.is_none() {
-        dedup::os::normal_priority();
-    }
     let regions = guest.ram().regions().iter().map(|r| (r.host, r.len as u64, r.file_offset)).collect();
     // Named as --merge-protect names them.
     let mut balloon = balloon.and_then(|control| BalloonHandle::new(&guest, control));

@@ -1293,6 +1293,13 @@ impl Manager {
         }
     }
 
+    /// Waits up to `limit` for the guest process pool to be full; how long
+    /// that took, if there is a pool and it filled.
+    pub fn wait_for_pool(&self, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        self.pool.as_ref().filter(|p| p.wait_full(limit)).map(|_| t.elapsed())
+    }
+
     /// What the guest process pool holds now, if there is one.
     pub fn pool(&self) -> Option<crate::supervisor::pool::PoolStatus> {
         self.pool.as_ref().map(|p| p.status())

@@ -97,6 +97,20 @@ impl Pool {
         spare
     }
 
+    /// Waits until every spare is ready, up to `limit`; whether they are.
+    pub fn wait_full(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.spares.lock().unwrap().len() >= self.size {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn status(&self) -> PoolStatus {
         let spares = self.spares.lock().unwrap();
         PoolStatus {

@@ -197,13 +197,15 @@ impl Spare {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // Into the cgroup first: placing the channels may overwrite the
+        // number of its cgroup.procs descriptor (pre_exec steps run in order).
+        if let Some(cg) = cgroup {
+            cg.enroll(&mut command);
+        }
         place_descriptors(
             &mut command,
             vec![(child_requests.as_raw_fd(), protocol::FD_REQUESTS), (child_events.as_raw_fd(), protocol::FD_EVENTS)],
         );
-        if let Some(cg) = cgroup {
-            cg.enroll(&mut command);
-        }
         let mut child = spawn_from_lasting_thread(command, jailed)?;
         let pidfd = match pidfd_open(child.id()) {
             Ok(fd) => fd,

@@ -264,9 +264,10 @@ fn process_gone(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::UnexpectedEof || e.raw_os_error() == Some(libc::ESRCH)
 }
 
+/// The zero page's content hash, computed once.
 fn zero_hash() -> u64 {
-    static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-    xxh3_64(&ZERO_PAGE)
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| xxh3_64(&[0; PAGE_SIZE]))
 }
 
 impl Engine {

@@ -38,11 +38,6 @@ use crate::memory::{GuestRam, MemoryBackend};
 use crate::outcome::GuestEnd;
 use crate::protocol::{self, Event, Reply, Request, Setup, SetupFile};
 
-/// When this process started (the host's monotonic clock, ns).
-static STARTED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-/// When it had KVM open and its VM made.
-static PREPARED_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// When each step of making the guest ended, for the supervisor's log.
 struct Stages(Vec<(String, u64)>);
 
@@ -53,7 +48,7 @@ impl Stages {
 }
 
 pub fn main() -> ExitCode {
-    STARTED_NS.store(crate::proc::monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
+    let mut stages = Stages(vec![("process started".into(), crate::proc::monotonic_ns())]);
     // A panic anywhere ends this guest at once, with its message on stderr
     // for the supervisor, rather than leaving a half-dead guest.
     std::panic::set_hook(Box::new(|info| {
@@ -77,7 +72,7 @@ pub fn main() -> ExitCode {
     // What every guest needs, made before its setup comes: the process may
     // wait for it in the supervisor's pool.
     let prepared = Prepared::make();
-    PREPARED_NS.store(crate::proc::monotonic_ns(), std::sync::atomic::Ordering::Relaxed);
+    stages.mark("VM prepared");
     // SAFETY: the supervisor started us with these descriptors open (protocol.rs).
     let (requests, mut events) =
         unsafe { (UnixStream::from_raw_fd(protocol::FD_REQUESTS), UnixStream::from_raw_fd(protocol::FD_EVENTS)) };
@@ -86,7 +81,7 @@ pub fn main() -> ExitCode {
         eprintln!("vmm guest: {e}");
         return ExitCode::from(2);
     }
-    match serve(requests, events, prepared) {
+    match serve(requests, events, prepared, stages) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm guest: {e}");
@@ -127,7 +122,14 @@ impl SetupFiles {
     }
 }
 
-fn serve(mut requests: UnixStream, mut events: UnixStream, prepared: Result<Prepared>) -> io::Result<()> {
+/// Builds the guest its setup describes in `prepared` and runs it until it
+/// ends; `stages` holds when the steps before the setup ended.
+fn serve(
+    mut requests: UnixStream,
+    mut events: UnixStream,
+    prepared: Result<Prepared>,
+    mut stages: Stages,
+) -> io::Result<()> {
     // Each request comes with a number its reply carries back.
     let (number, setup) = match protocol::receive::<(u64, Request)>(&mut requests)? {
         Some(((n, Request::Setup(setup)), _)) => (n, setup),
@@ -137,9 +139,6 @@ fn serve(mut requests: UnixStream, mut events: UnixStream, prepared: Result<Prep
         true => Ok(Vec::new()),
         false => protocol::receive_files(&requests),
     };
-    let load = |at: &std::sync::atomic::AtomicU64| at.load(std::sync::atomic::Ordering::Relaxed);
-    let mut stages =
-        Stages(vec![("process started".into(), load(&STARTED_NS)), ("VM prepared".into(), load(&PREPARED_NS))]);
     stages.mark("setup received");
     if setup.restore.is_none() {
         dedup::os::normal_priority();

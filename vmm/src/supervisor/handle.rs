@@ -266,10 +266,7 @@ impl Spare {
         let mut reader = BufReader::new(self.stderr);
         let mut last = VecDeque::new();
         while let Some(line) = read_bounded_line(&mut reader) {
-            if last.len() == STDERR_LINES {
-                last.pop_front();
-            }
-            last.push_back(line);
+            keep_last(&mut last, line);
         }
         (status, last.into())
     }
@@ -569,13 +566,18 @@ fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::
                 }
                 Admit::No => {}
             }
-            if last.len() == STDERR_LINES {
-                last.pop_front();
-            }
-            last.push_back(line);
+            keep_last(&mut last, line);
         }
         last.into()
     })
+}
+
+/// Keeps `line` among the last [`STDERR_LINES`] lines of a process's stderr.
+fn keep_last(last: &mut VecDeque<String>, line: String) {
+    if last.len() == STDERR_LINES {
+        last.pop_front();
+    }
+    last.push_back(line);
 }
 
 /// The longest line of a guest process's stderr kept whole.

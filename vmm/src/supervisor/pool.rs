@@ -7,9 +7,10 @@
 //! jails itself once it has its guest, with that guest's user id.
 //!
 //! A keeper thread keeps `size` spares: it starts one for each taken and
-//! replaces any that ends before it is used (logging how it ended). Spares
-//! live in a cgroup of their own until taken, when they move to their
-//! guest's; the pool ends them all when it is stopped.
+//! replaces any that ends before it is used (logging how it ended). Each
+//! spare lives in a memory cgroup of its own, which becomes its guest's
+//! when it is taken; the pool ends them all when it is stopped (it lives
+//! until then: the keeper holds it).
 
 use std::collections::VecDeque;
 use std::io;
@@ -83,16 +84,18 @@ impl Pool {
     /// A spare that is still running, if one is ready (the oldest first);
     /// the keeper starts another in its place.
     pub fn take(&self) -> Option<Spare> {
-        let mut spares = self.spares.lock().unwrap();
-        let spare = loop {
-            match spares.pop_front() {
-                Some(spare) if spare.has_exited() => {
-                    self.bury(spare);
+        let mut dead = Vec::new();
+        let spare = {
+            let mut spares = self.spares.lock().unwrap();
+            loop {
+                match spares.pop_front() {
+                    Some(spare) if spare.has_exited() => dead.push(spare),
+                    other => break other,
                 }
-                other => break other,
             }
         };
-        drop(spares);
+        // Reaped outside the lock, as the keeper does.
+        dead.into_iter().for_each(|spare| self.bury(spare));
         let _ = self.wake.write(1);
         spare
     }
@@ -208,13 +211,5 @@ fn tail(stderr: &[String]) -> String {
         String::new()
     } else {
         format!(": {}", stderr.join("; "))
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        for spare in std::mem::take(&mut *self.spares.get_mut().unwrap_or_else(|e| e.into_inner())) {
-            spare.end();
-        }
     }
 }

@@ -183,10 +183,11 @@ pub struct Engine {
     look_interval: Tick,
 }
 
-/// Where one snapshot's pages went when a clone adopted it. Its frames are
-/// pinned (one reservation each) while it is kept, so they stay what they
-/// were however the clones write: the next clone maps them without
-/// reading the snapshot. Kept while its group has guests.
+/// Where one snapshot's pages were laid out (`Engine::lay_out`). Its
+/// frames are pinned (one reservation each) while it is kept, so they stay
+/// what they were however the clones write: each clone maps them without
+/// reading the snapshot. Kept while its group has guests (or until one
+/// has come and gone, for a placement laid out before any).
 struct Placement {
     key: u64,
     group: GroupId,
@@ -198,19 +199,47 @@ struct Placement {
 }
 
 impl Placement {
+    /// Whether a clone `guest` can take it now: a guest of its group, size
+    /// and zero-page setting with nothing merged yet, and every frame
+    /// still the generation it was (frames never change while live, so the
+    /// content is what it was) with room for another user.
+    fn fits(&self, guest: &Guest, store: &StableStore, zero_pages: bool, max_users: u32) -> bool {
+        self.group == guest.group
+            && self.pages == guest.state.len()
+            && self.zero_pages == zero_pages
+            && guest.state.iter().all(|&s| s == UNMERGED)
+            && self.entries.iter().all(|&(_, target, _, generation)| match target {
+                Target::Zero => true,
+                Target::Frame(f) => store.is_generation(f, generation) && store.has_room(f, max_users),
+            })
+    }
+
+    /// Queues its pages for `guest` (see `fits`), each frame reserved.
+    fn queue_for(&self, guest: &mut Guest, store: &mut StableStore) -> Vec<(u32, Target)> {
+        let mut queue = Vec::with_capacity(self.entries.len());
+        for &(page, target, hash, _) in &self.entries {
+            if let Target::Frame(f) = target {
+                store.reserve(f);
+                guest.last_hash[page as usize] = hash;
+            }
+            guest.state[page as usize] = QUEUED;
+            queue.push((page, target));
+        }
+        queue
+    }
+
     /// Its frames, each once.
     fn frames(&self) -> std::collections::BTreeSet<FrameId> {
         self.entries.iter().filter_map(|&(_, t, _, _)| if let Target::Frame(f) = t { Some(f) } else { None }).collect()
     }
 }
 
-/// A laid-out placement being made (`Engine::place`): guest page `p`
-/// goes to frame `base + p` of a block of the store.
+/// A placement being laid out (`Engine::lay_out`): page `p` goes to
+/// frame `base + p` of a block of the store, each frame pinned once.
 struct Block<'a> {
     base: FrameId,
-    guest: &'a mut Guest,
     store: &'a mut StableStore,
-    queue: Vec<(u32, Target)>,
+    entries: Vec<(u32, Target, u64, u64)>,
     zero_pages: bool,
 }
 
@@ -231,10 +260,7 @@ impl Block<'_> {
         let on_zero_page = self.zero_pages && pages.len() >= ZERO_RUN_ON_ZERO_PAGE;
         for page in pages {
             match on_zero_page {
-                true => {
-                    self.guest.state[page] = QUEUED;
-                    self.queue.push((page as u32, Target::Zero));
-                }
+                true => self.entries.push((page as u32, Target::Zero, 0, 0)),
                 false => self.frame(page, zero_hash(), None)?,
             }
         }
@@ -245,9 +271,7 @@ impl Block<'_> {
         let frame = self.base + page as FrameId;
         self.store.fill_block(frame, hash, content)?;
         self.store.reserve(frame);
-        self.guest.state[page] = QUEUED;
-        self.guest.last_hash[page] = hash;
-        self.queue.push((page as u32, Target::Frame(frame)));
+        self.entries.push((page as u32, Target::Frame(frame), hash, self.store.generation(frame)));
         Ok(())
     }
 }
@@ -497,9 +521,10 @@ impl Engine {
     /// incomplete: it must not run).
     ///
     /// `snapshot` names the pages' source for good (a caller's key): the
-    /// next clone of it reuses this clone's placement without reading
-    /// `pages` at all, as long as every frame is still the one it was and
-    /// has room for another user.
+    /// placement is kept (`lay_out`), and the next clone of it takes it
+    /// without reading `pages` at all, as long as it fits (`Placement::fits`);
+    /// one that does not is laid out anew. A failed read fails the adoption
+    /// (and nothing is kept).
     pub fn adopt(
         &mut self,
         id: GuestId,
@@ -507,9 +532,9 @@ impl Engine {
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<u64> {
         self.read_clock();
-        let (queue, placed_anew) = match snapshot.and_then(|key| self.placement_again(id, key)) {
-            Some(queue) => (queue, false),
-            None => (self.place(id, pages)?, true),
+        let queue = match snapshot.and_then(|key| self.placement_again(id, key)) {
+            Some(queue) => queue,
+            None => self.lay_out_for(id, snapshot, pages)?,
         };
         let guest = self.guests.get_mut(&id).expect("placed pages of a listed guest");
         match guest.agent.adopt(&queue) {
@@ -518,9 +543,6 @@ impl Engine {
                 self.book(id, &queue, o);
                 if adopted < queue.len() {
                     return Err(io::Error::other(format!("{} of {} pages adopted", adopted, queue.len())));
-                }
-                if let (Some(key), true) = (snapshot, placed_anew) {
-                    self.keep_placement(id, key, queue);
                 }
                 Ok(adopted as u64)
             }
@@ -536,21 +558,70 @@ impl Engine {
         }
     }
 
-    /// Lays `pages` out on a new block of frames and queues them, as
-    /// `adopt` describes; on an error nothing stays queued or reserved.
-    fn place(
+    /// Lays the memory of snapshot `key` out for its clones before any is
+    /// made, as `adopt` would for the first (`pages`: the snapshot's, for
+    /// guests of `guest_pages` pages in `group`), and keeps the placement,
+    /// so that every clone takes it. Nothing is done if a placement of
+    /// `key` for such guests is kept already; on an error nothing is kept.
+    pub fn lay_out(
+        &mut self,
+        key: u64,
+        group: GroupId,
+        guest_pages: usize,
+        pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
+    ) -> io::Result<()> {
+        let zero_pages = self.config.zero_pages;
+        if self
+            .placements
+            .iter()
+            .any(|p| p.key == key && p.group == group && p.pages == guest_pages && p.zero_pages == zero_pages)
+        {
+            return Ok(());
+        }
+        self.store(group)?;
+        let plan = self.new_placement(key, group, guest_pages, pages)?;
+        self.keep(plan);
+        Ok(())
+    }
+
+    /// Lays `pages` out for guest `id` (which must have nothing merged) and
+    /// queues them for it; the placement is kept for `snapshot`, if named.
+    fn lay_out_for(
         &mut self,
         id: GuestId,
+        snapshot: Option<u64>,
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<Vec<(u32, Target)>> {
-        let guest = self.guests.get_mut(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
+        let guest = self.guests.get(&id).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such guest"))?;
         if guest.state.iter().any(|&s| s != UNMERGED) {
             return Err(io::Error::other("only a guest with nothing merged can adopt a snapshot"));
         }
+        let plan = self.new_placement(snapshot.unwrap_or(0), guest.group, guest.state.len(), pages)?;
+        let guest = self.guests.get_mut(&id).expect("looked up above");
         let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
-        let n = guest.state.len();
-        let base = store.open_block(n)?;
-        let mut block = Block { base, guest, store, queue: Vec::with_capacity(n), zero_pages: self.config.zero_pages };
+        let queue = plan.queue_for(guest, store);
+        match snapshot {
+            Some(_) => self.keep(plan),
+            // Its guest's reservations hold the frames now.
+            None => self.unpin(vec![plan]),
+        }
+        Ok(queue)
+    }
+
+    /// Lays `pages` out on a new block of frames of `group`'s store, each
+    /// frame pinned, as `adopt` describes; on an error nothing stays
+    /// reserved.
+    fn new_placement(
+        &mut self,
+        key: u64,
+        group: GroupId,
+        guest_pages: usize,
+        pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
+    ) -> io::Result<Placement> {
+        let zero_pages = self.config.zero_pages;
+        let store = self.stores.get_mut(&group).expect("a group in use has a store");
+        let base = store.open_block(guest_pages)?;
+        let mut block = Block { base, store, entries: Vec::with_capacity(guest_pages), zero_pages };
         // Pages before `next` are read; those from `zeros_from` on are zero
         // and not yet placed.
         let (mut next, mut zeros_from) = (0, 0);
@@ -563,7 +634,7 @@ impl Engine {
                     break;
                 }
             };
-            if page < next || page >= n || content.len() != PAGE_SIZE {
+            if page < next || page >= guest_pages || content.len() != PAGE_SIZE {
                 failed = Some(io::Error::other(format!("page {page} cannot be adopted")));
                 break;
             }
@@ -578,81 +649,38 @@ impl Engine {
             zeros_from = next;
         }
         if failed.is_none() {
-            failed = block.zeros(zeros_from..n).err();
+            failed = block.zeros(zeros_from..guest_pages).err();
         }
-        let Block { store, queue, .. } = block;
-        store.close_block(base, n);
-        if let Some(e) = failed {
-            // The agent was not asked: nothing is mapped.
-            let none = MergeOutcome { merged: vec![false; queue.len()], ..Default::default() };
-            self.book(id, &queue, none);
-            return Err(e);
+        let Block { store, entries, .. } = block;
+        store.close_block(base, guest_pages);
+        let plan = Placement { key, group, pages: guest_pages, zero_pages, entries };
+        match failed {
+            Some(e) => {
+                self.unpin(vec![plan]);
+                Err(e)
+            }
+            None => Ok(plan),
         }
-        Ok(queue)
     }
 
-    /// The placement an earlier clone of snapshot `key` got, queued again
-    /// for guest `id`, if it still holds: same group, size and zero-page
-    /// setting, a guest with nothing merged yet, and every frame still the
-    /// generation it was (frames never change while live, so the content is
-    /// what it was) with room for another user. None (with nothing left
-    /// reserved) otherwise: the snapshot is then laid out anew.
+    /// The placement kept for snapshot `key`, queued again for guest `id`,
+    /// if it fits (`Placement::fits`); None (nothing reserved) otherwise:
+    /// the snapshot is then laid out anew.
     fn placement_again(&mut self, id: GuestId, key: u64) -> Option<Vec<(u32, Target)>> {
         let plan = self.placements.iter().find(|p| p.key == key)?;
         let guest = self.guests.get_mut(&id)?;
-        if plan.group != guest.group
-            || plan.pages != guest.state.len()
-            || plan.zero_pages != self.config.zero_pages
-            || guest.state.iter().any(|&s| s != UNMERGED)
-        {
-            return None;
-        }
         let store = self.stores.get_mut(&guest.group)?;
-        let max_users = self.config.max_page_sharing;
-        let holds = plan.entries.iter().all(|&(_, target, _, generation)| match target {
-            Target::Zero => true,
-            Target::Frame(f) => store.is_generation(f, generation) && store.has_room(f, max_users),
-        });
-        if !holds {
+        if !plan.fits(guest, store, self.config.zero_pages, self.config.max_page_sharing) {
             return None;
         }
-        let mut queue = Vec::with_capacity(plan.entries.len());
-        for &(page, target, hash, _) in &plan.entries {
-            if let Target::Frame(f) = target {
-                store.reserve(f);
-                guest.last_hash[page as usize] = hash;
-            }
-            guest.state[page as usize] = QUEUED;
-            queue.push((page, target));
-        }
-        Some(queue)
+        Some(plan.queue_for(guest, store))
     }
 
-    /// Remembers where guest `id`'s adopted pages went, for the next clone
-    /// of snapshot `key` (the last few snapshots are kept).
-    fn keep_placement(&mut self, id: GuestId, key: u64, queue: Vec<(u32, Target)>) {
+    /// Keeps `plan` for the next clones of its snapshot, in place of any
+    /// kept for it (the last few snapshots are kept).
+    fn keep(&mut self, plan: Placement) {
         const KEPT: usize = 4;
-        let guest = &self.guests[&id];
-        let store = self.stores.get_mut(&guest.group).expect("a guest's group has a store");
-        let entries: Vec<_> = queue
-            .into_iter()
-            .map(|(page, target)| match target {
-                Target::Frame(f) => (page, target, guest.last_hash[page as usize], store.generation(f)),
-                Target::Zero => (page, target, 0, 0),
-            })
-            .collect();
-        let plan = Placement {
-            key,
-            group: guest.group,
-            pages: guest.state.len(),
-            zero_pages: self.config.zero_pages,
-            entries,
-        };
-        // Pinned: the placement's frames outlive the clones' writes to them.
-        for f in plan.frames() {
-            store.reserve(f);
-        }
-        let old: Vec<Placement> = self.placements.extract_if(.., |p| p.key == key).collect();
+        let old: Vec<Placement> = self.placements.extract_if(.., |p| p.key == plan.key).collect();
         self.unpin(old);
         if self.placements.len() == KEPT {
             let oldest = self.placements.remove(0);

@@ -852,3 +852,35 @@ fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
     let audit = e.audit();
     assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
 }
+
+/// A snapshot laid out before any clone of it (`lay_out`): the first clone
+/// takes the placement without reading the snapshot, in one mapping;
+/// laying it out again does nothing; a lay-out whose read fails keeps
+/// nothing and leaves no frame behind.
+#[test]
+fn a_snapshot_laid_out_ahead_serves_its_first_clone() {
+    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(600 + i as u64))).collect();
+    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
+    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    let mut e = engine();
+    e.lay_out(11, 0, 16, read()).unwrap();
+    assert_eq!(e.audit().live_frames, 16, "{:?}", e.audit());
+    e.lay_out(11, 0, 16, read()).unwrap();
+    assert_eq!(e.audit().live_frames, 16, "laid out twice: {:?}", e.audit());
+
+    let clone = TestGuest::new(16);
+    let id = clone.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(id, Some(11), unread()).unwrap(), 16, "the first clone read the snapshot");
+    for (i, content) in &snapshot {
+        assert_eq!(&clone.read(*i), content, "page {i}");
+    }
+    assert_eq!(mappings_over(clone.page(0), 16 * PAGE_SIZE), 1);
+
+    let mut broken: Vec<_> = snapshot[..8].iter().cloned().map(Ok).collect();
+    broken.push(Err(std::io::Error::other("disk on fire")));
+    assert!(e.lay_out(12, 0, 16, broken).is_err());
+    assert_eq!(e.audit().live_frames, 16, "a failed lay-out kept frames: {:?}", e.audit());
+    e.remove_guest(id).unwrap();
+    let audit = e.audit();
+    assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
+}

@@ -278,6 +278,12 @@ impl MemoryPages {
         Ok(MemoryPages { file, len, offset: 0, chunk: Vec::new().into_iter(), failed: false })
     }
 
+    /// The guest's size in pages (the file holds all of its RAM, holes
+    /// included).
+    pub fn guest_pages(&self) -> usize {
+        (self.len / 4096) as usize
+    }
+
     /// Names this memory file as it is now: the same file unchanged has the
     /// same identity; any write to it, or another file put in its place,
     /// gives another. (Page sharing places a snapshot's pages once, and

@@ -87,13 +87,23 @@ impl Sharing {
     /// not started) as pages on shared frames: clones of one snapshot share
     /// all of it from the start. Returns the pages adopted.
     pub fn adopt_snapshot(&self, id: usize, dir: &std::path::Path) -> Result<u64> {
-        let read_error = |e: io::Error| Error::host(format!("cannot read snapshot {}: {e}", dir.display()));
-        let pages = crate::snapshot::MemoryPages::open(dir).map_err(read_error)?;
-        let key = pages.identity().map_err(read_error)?;
+        let (pages, key) = snapshot_pages(dir)?;
         self.scanner
             .engine()
             .adopt(engine_id(id), Some(key), pages)
             .map_err(|e| Error::host(format!("cannot map in snapshot {}: {e}", dir.display())))
+    }
+
+    /// Lays the memory of the snapshot in `dir` out for clones in merge
+    /// group `group` before any is made (`Engine::lay_out`), so that no
+    /// clone reads it; nothing to do if it is laid out already.
+    pub fn lay_out_snapshot(&self, dir: &std::path::Path, group: u32) -> Result<()> {
+        let (pages, key) = snapshot_pages(dir)?;
+        let guest_pages = pages.guest_pages();
+        self.scanner
+            .engine()
+            .lay_out(key, group, guest_pages, pages)
+            .map_err(|e| Error::host(format!("cannot lay out snapshot {}: {e}", dir.display())))
     }
 
     pub fn merge_now(&self, id: usize) -> Result<()> {
@@ -227,6 +237,14 @@ impl dedup::GuestAgent for RemoteAgent {
     fn adopt(&mut self, pages: &[(u32, Target)]) -> io::Result<MergeOutcome> {
         self.remap(Request::Adopt, pages)
     }
+}
+
+/// The pages of the snapshot in `dir` and the identity of its memory file.
+fn snapshot_pages(dir: &std::path::Path) -> Result<(crate::snapshot::MemoryPages, u64)> {
+    let read_error = |e: io::Error| Error::host(format!("cannot read snapshot {}: {e}", dir.display()));
+    let pages = crate::snapshot::MemoryPages::open(dir).map_err(read_error)?;
+    let key = pages.identity().map_err(read_error)?;
+    Ok((pages, key))
 }
 
 impl RemoteAgent {

@@ -131,8 +131,9 @@ pub enum Request {
     Status,
     /// Watch these pages' dirty log again; the payload is their bitmap.
     Watch,
-    /// Merges; the payload is (page u32, target u32) pairs, target
-    /// [`ZERO_TARGET`] for the zero page, else a frame id.
+    /// Merges; the payload is runs of (first page u32, first target u32,
+    /// pages u32) ([`encode_merges`]), target [`ZERO_TARGET`] for the zero
+    /// page, else a frame id.
     Merge,
     /// Maps frames over pages without comparing, before the guest first
     /// runs (a clone taking its snapshot's memory); payload as `Merge`,
@@ -380,32 +381,61 @@ pub fn receive<T: DeserializeOwned>(stream: &mut UnixStream) -> io::Result<Optio
 }
 
 /// Merge lists as payload bytes, and back.
+/// A merge list as runs: consecutive pages onto the zero page, or onto
+/// consecutive frames, are one entry of (first page, first target, pages),
+/// 12 bytes for a run where a page each took 8 (a clone's whole memory is
+/// a run or two: `Engine::lay_out`).
 pub fn encode_merges(merges: &[(u32, dedup::Target)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(merges.len() * 8);
+    let number = |target| match target {
+        dedup::Target::Zero => ZERO_TARGET,
+        dedup::Target::Frame(f) => f,
+    };
+    let mut runs: Vec<(u32, u32, u32)> = Vec::new();
     for &(page, target) in merges {
-        out.extend_from_slice(&page.to_le_bytes());
-        let t = match target {
-            dedup::Target::Zero => ZERO_TARGET,
-            dedup::Target::Frame(f) => f,
-        };
-        out.extend_from_slice(&t.to_le_bytes());
+        let t = number(target);
+        match runs.last_mut() {
+            Some((first, first_t, n))
+                if page.checked_sub(*first) == Some(*n)
+                    && (t == ZERO_TARGET && *first_t == ZERO_TARGET
+                        || t != ZERO_TARGET && *first_t != ZERO_TARGET && t.checked_sub(*first_t) == Some(*n)) =>
+            {
+                *n += 1
+            }
+            _ => runs.push((page, t, 1)),
+        }
     }
-    out
+    runs.iter().flat_map(|&(page, t, n)| [page, t, n]).flat_map(u32::to_le_bytes).collect()
 }
 
+/// The merge list [`encode_merges`] made, a page each; at most
+/// [`MAX_MERGE_PAGES`] pages.
 pub fn decode_merges(payload: &[u8]) -> io::Result<Vec<(u32, dedup::Target)>> {
-    if !payload.len().is_multiple_of(8) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "merge list is not whole entries"));
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("merge list: {what}"));
+    if !payload.len().is_multiple_of(12) {
+        return Err(bad("not whole runs"));
     }
-    Ok(payload
-        .chunks_exact(8)
-        .map(|c| {
-            let page = u32::from_le_bytes(c[..4].try_into().unwrap());
-            let t = u32::from_le_bytes(c[4..].try_into().unwrap());
-            (page, if t == ZERO_TARGET { dedup::Target::Zero } else { dedup::Target::Frame(t) })
-        })
-        .collect())
+    let mut merges = Vec::new();
+    for run in payload.chunks_exact(12) {
+        let word = |i: usize| u32::from_le_bytes(run[i * 4..i * 4 + 4].try_into().unwrap());
+        let (page, t, n) = (word(0), word(1), word(2));
+        // A run of frames must end before the zero target's number.
+        let frames_fit = t == ZERO_TARGET || t.checked_add(n).is_some();
+        if n == 0 || page.checked_add(n).is_none() || !frames_fit {
+            return Err(bad("a run out of range"));
+        }
+        if merges.len() + n as usize > MAX_MERGE_PAGES {
+            return Err(bad("too many pages"));
+        }
+        merges.extend(
+            (0..n)
+                .map(|i| (page + i, if t == ZERO_TARGET { dedup::Target::Zero } else { dedup::Target::Frame(t + i) })),
+        );
+    }
+    Ok(merges)
 }
+
+/// The most pages one merge list may name: every page of a 1 TiB guest.
+pub const MAX_MERGE_PAGES: usize = 1 << 28;
 
 pub fn words_to_bytes(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
@@ -454,9 +484,25 @@ mod tests {
 
     #[test]
     fn merge_lists_round_trip() {
-        let merges = vec![(3, dedup::Target::Zero), (9, dedup::Target::Frame(42))];
+        use dedup::Target::{Frame, Zero};
+        let merges = vec![(3, Zero), (9, Frame(42))];
         assert_eq!(decode_merges(&encode_merges(&merges)).unwrap(), merges);
         assert!(decode_merges(&[1, 2, 3]).is_err());
+        // Runs: consecutive pages on the zero page or on consecutive frames
+        // are one entry; anything else starts another.
+        let runs =
+            vec![(0, Frame(7)), (1, Frame(8)), (2, Frame(9)), (3, Zero), (4, Zero), (5, Frame(10)), (7, Frame(11))];
+        let encoded = encode_merges(&runs);
+        assert_eq!(encoded.len(), 4 * 12, "{encoded:?}");
+        assert_eq!(decode_merges(&encoded).unwrap(), runs);
+        let whole: Vec<_> = (0..65_536).map(|p| (p, Frame(1000 + p))).collect();
+        assert_eq!(encode_merges(&whole).len(), 12);
+        assert_eq!(decode_merges(&encode_merges(&whole)).unwrap(), whole);
+        // Runs that do not fit are refused, not wrapped.
+        let run = |page: u32, t: u32, n: u32| [page, t, n].into_iter().flat_map(u32::to_le_bytes).collect::<Vec<u8>>();
+        for bad in [run(0, 5, 0), run(u32::MAX - 1, 5, 3), run(0, ZERO_TARGET - 1, 2), run(0, ZERO_TARGET, 1 << 29)] {
+            assert!(decode_merges(&bad).is_err(), "{bad:?}");
+        }
         assert_eq!(bytes_to_words(&words_to_bytes(&[5, u64::MAX])).unwrap(), vec![5, u64::MAX]);
     }
 }

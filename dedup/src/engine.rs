@@ -208,10 +208,16 @@ impl Placement {
             && self.pages == guest.state.len()
             && self.zero_pages == zero_pages
             && guest.state.iter().all(|&s| s == UNMERGED)
-            && self.entries.iter().all(|&(_, target, _, generation)| match target {
-                Target::Zero => true,
-                Target::Frame(f) => store.is_generation(f, generation) && store.has_room(f, max_users),
-            })
+            && self.holds(store, max_users)
+    }
+
+    /// Whether every frame is still the generation it was, with room for
+    /// another user.
+    fn holds(&self, store: &StableStore, max_users: u32) -> bool {
+        self.entries.iter().all(|&(_, target, _, generation)| match target {
+            Target::Zero => true,
+            Target::Frame(f) => store.is_generation(f, generation) && store.has_room(f, max_users),
+        })
     }
 
     /// Queues its pages for `guest` (see `fits`), each frame reserved.
@@ -562,7 +568,8 @@ impl Engine {
     /// made, as `adopt` would for the first (`pages`: the snapshot's, for
     /// guests of `guest_pages` pages in `group`), and keeps the placement,
     /// so that every clone takes it. Nothing is done if a placement of
-    /// `key` for such guests is kept already; on an error nothing is kept.
+    /// `key` for such guests is kept already and holds another clone; on an
+    /// error nothing is kept.
     pub fn lay_out(
         &mut self,
         key: u64,
@@ -570,15 +577,14 @@ impl Engine {
         guest_pages: usize,
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<()> {
-        let zero_pages = self.config.zero_pages;
-        if self
-            .placements
-            .iter()
-            .any(|p| p.key == key && p.group == group && p.pages == guest_pages && p.zero_pages == zero_pages)
-        {
+        let (zero_pages, max_users) = (self.config.zero_pages, self.config.max_page_sharing);
+        self.store(group)?;
+        let store = &self.stores[&group];
+        let kept =
+            |p: &Placement| p.key == key && p.group == group && p.pages == guest_pages && p.zero_pages == zero_pages;
+        if self.placements.iter().any(|p| kept(p) && p.holds(store, max_users)) {
             return Ok(());
         }
-        self.store(group)?;
         let plan = self.new_placement(key, group, guest_pages, pages)?;
         self.keep(plan);
         Ok(())

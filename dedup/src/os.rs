@@ -446,6 +446,52 @@ pub fn prioritize_thread(nice: i32, who: &str) {
     set_thread_nice(nice, who);
 }
 
+/// The calling thread's nice value (kept while it runs real-time).
+pub fn thread_nice() -> i32 {
+    // SAFETY: getpriority on our own thread id; no memory involved. -1 is
+    // a nice value too: errno tells (it cannot fail for our own thread).
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+}
+
+/// Runs `f` on the calling thread at real-time priority (SCHED_FIFO 1)
+/// where allowed, then puts the thread back as it was: for short, bounded
+/// work that must not queue for a core behind busy threads of the normal
+/// scheduler. Threads `f` starts run under the normal scheduler at the
+/// default nice value (reset on fork; [`spawn_keeping_nice`] keeps its
+/// caller's).
+pub fn ahead_of_others<T>(f: impl FnOnce() -> T) -> T {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_getscheduler and sched_setscheduler on the calling
+    // thread (0) with a valid parameter.
+    let raised = unsafe {
+        libc::sched_getscheduler(0) == libc::SCHED_OTHER
+            && libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param) == 0
+    };
+    let out = f();
+    if raised {
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above; the thread keeps its nice value throughout.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) };
+    }
+    out
+}
+
+/// Starts a thread named `name` at the calling thread's nice value, even
+/// while the caller runs real-time ([`ahead_of_others`] would leave it at
+/// the default).
+pub fn spawn_keeping_nice<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<T>> {
+    let nice = thread_nice();
+    std::thread::Builder::new().name(name).spawn(move || {
+        if nice < 0 && thread_nice() != nice {
+            set_thread_nice(nice, "a supervisor thread");
+        }
+        f()
+    })
+}
+
 /// Puts the calling thread back under the normal scheduler at the default
 /// nice value (after [`prioritize_thread`]); it can always go down.
 pub fn normal_priority() {

@@ -884,3 +884,32 @@ fn a_snapshot_laid_out_ahead_serves_its_first_clone() {
     let audit = e.audit();
     assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
 }
+
+/// Laying out a snapshot whose kept placement has no room for another
+/// clone lays it out anew, ahead of the clone that needs it.
+#[test]
+fn a_full_placement_is_laid_out_again_ahead() {
+    let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 2, ..Config::default() });
+    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(700 + i as u64))).collect();
+    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
+    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    e.lay_out(5, 0, 16, read()).unwrap();
+    let first = TestGuest::new(16);
+    let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(a, Some(5), unread()).unwrap(), 16);
+    // The pin and one clone fill every frame: the next lay-out is a new block.
+    e.lay_out(5, 0, 16, read()).unwrap();
+    assert_eq!(e.audit().live_frames, 32, "{:?}", e.audit());
+    let second = TestGuest::new(16);
+    let b = second.add(&mut e, 0, ProtectMode::WriteProtect);
+    assert_eq!(e.adopt(b, Some(5), unread()).unwrap(), 16, "the second clone read the snapshot");
+    for i in 0..16 {
+        assert_eq!(first.read(i), expected(700 + i as u64));
+        assert_eq!(second.read(i), expected(700 + i as u64));
+    }
+    for id in [a, b] {
+        e.remove_guest(id).unwrap();
+    }
+    let audit = e.audit();
+    assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
+}

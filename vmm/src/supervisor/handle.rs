@@ -333,28 +333,26 @@ impl GuestProcess {
                 return Err(if lines.is_empty() { e } else { e.context(lines.join("; ")) });
             }
         };
-        std::thread::Builder::new()
-            .name(format!("guest{id}-watch"))
-            .spawn(move || {
-                // Events until the process closes its end (it exits).
-                loop {
-                    match protocol::receive::<Event>(&mut events) {
-                        Ok(Some((event, _))) => on_event(event),
-                        Ok(None) => break,
-                        Err(e) => {
-                            log::error!("guest {id}: its process sent garbage ({e}); ending it");
-                            // SAFETY: kill(2) on our own child, not yet reaped.
-                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                            break;
-                        }
+        dedup::os::spawn_keeping_nice(format!("guest{id}-watch"), move || {
+            // Events until the process closes its end (it exits).
+            loop {
+                match protocol::receive::<Event>(&mut events) {
+                    Ok(Some((event, _))) => on_event(event),
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::error!("guest {id}: its process sent garbage ({e}); ending it");
+                        // SAFETY: kill(2) on our own child, not yet reaped.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        break;
                     }
                 }
-                let status = wait_exited(&child);
-                let stderr = stderr_tail.join().unwrap_or_default();
-                on_gone(Exit { status, stderr });
-                let _ = child.wait();
-            })
-            .map_err(|e| host("cannot start its watcher thread", e))?;
+            }
+            let status = wait_exited(&child);
+            let stderr = stderr_tail.join().unwrap_or_default();
+            on_gone(Exit { status, stderr });
+            let _ = child.wait();
+        })
+        .map_err(|e| host("cannot start its watcher thread", e))?;
         Ok((process, created))
     }
 
@@ -553,7 +551,7 @@ fn wait_exited(child: &Child) -> Option<ExitStatus> {
 /// [`STDERR_LINES_PER_SECOND`] a second are copied (the rest are counted,
 /// and still kept as the last lines).
 fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
+    let forward = dedup::os::spawn_keeping_nice(format!("guest{id}-stderr"), move || {
         let mut last = VecDeque::new();
         let mut reader = BufReader::new(stderr);
         let mut limit = LineLimit::default();
@@ -569,7 +567,9 @@ fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::
             keep_last(&mut last, line);
         }
         last.into()
-    })
+    });
+    // As std::thread::spawn would.
+    forward.expect("cannot start a thread to read a guest process's stderr")
 }
 
 /// Keeps `line` among the last [`STDERR_LINES`] lines of a process's stderr.
@@ -662,7 +662,7 @@ fn spawn_from_lasting_thread(command: Command, own_pid_namespace: bool) -> io::R
         let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
         if spawner.is_none() {
             let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-            std::thread::Builder::new().name("guest-spawner".into()).spawn(move || {
+            dedup::os::spawn_keeping_nice("guest-spawner".into(), move || {
                 for (mut command, own_pid_namespace, reply) in queue {
                     let spawned = match own_pid_namespace {
                         true => super::jailer::new_pid_namespace()

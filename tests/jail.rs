@@ -95,6 +95,16 @@ fn a_guest_process_is_jailed_and_its_shared_memory_is_sealed() {
         if comm.starts_with("vcpu") || comm.trim() == "io" {
             assert!(n > process_filters, "thread {comm} has no filter of its own");
         }
+        // It ran at the supervisor's priority until built: its threads now
+        // run at the default (its control thread, which makes merges,
+        // real-time), never above it at a nice of their own.
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        // After the name: state is field 3, nice 19 and policy 41 of stat(5).
+        let (nice, policy) = (fields[19 - 3], fields[41 - 3]);
+        if task.file_name().unwrap().to_string_lossy() != pid.to_string() {
+            assert_eq!((nice, policy), ("0", "0"), "thread {comm}: nice and policy");
+        }
     }
     // Namespaces of its own: no host network, IPC, host name or mounts,
     // and no other process in sight (it is process 1 of its own).

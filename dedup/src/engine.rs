@@ -577,17 +577,28 @@ impl Engine {
         guest_pages: usize,
         pages: impl IntoIterator<Item = io::Result<(usize, Vec<u8>)>>,
     ) -> io::Result<()> {
-        let (zero_pages, max_users) = (self.config.zero_pages, self.config.max_page_sharing);
-        self.store(group)?;
-        let store = &self.stores[&group];
-        let kept =
-            |p: &Placement| p.key == key && p.group == group && p.pages == guest_pages && p.zero_pages == zero_pages;
-        if self.placements.iter().any(|p| kept(p) && p.holds(store, max_users)) {
+        if self.holds_placement(key, group, guest_pages) {
             return Ok(());
         }
+        self.store(group)?;
         let plan = self.new_placement(key, group, guest_pages, pages)?;
         self.keep(plan);
         Ok(())
+    }
+
+    /// Whether a placement of snapshot `key` for guests of `guest_pages`
+    /// pages in `group` is kept and holds another clone (`lay_out` would
+    /// do nothing).
+    pub fn holds_placement(&self, key: u64, group: GroupId, guest_pages: usize) -> bool {
+        let Some(store) = self.stores.get(&group) else { return false };
+        let (zero_pages, max_users) = (self.config.zero_pages, self.config.max_page_sharing);
+        self.placements.iter().any(|p| {
+            p.key == key
+                && p.group == group
+                && p.pages == guest_pages
+                && p.zero_pages == zero_pages
+                && p.holds(store, max_users)
+        })
     }
 
     /// Lays `pages` out for guest `id` (which must have nothing merged) and

@@ -476,6 +476,29 @@ pub fn ahead_of_others<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Runs `f` under the normal scheduler at the thread's nice value, even if
+/// the caller runs real-time ([`ahead_of_others`]), then puts the thread
+/// back: for work too long to hold a core from everyone else.
+pub fn behind_others<T>(f: impl FnOnce() -> T) -> T {
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_getscheduler and sched_getparam on the calling thread
+    // into a parameter of our own.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    let lowered = policy & !libc::SCHED_RESET_ON_FORK != libc::SCHED_OTHER && {
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above, with valid parameters.
+        unsafe {
+            libc::sched_getparam(0, &mut param) == 0 && libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) == 0
+        }
+    };
+    let out = f();
+    if lowered {
+        // SAFETY: the policy and parameter it had (with its reset-on-fork flag).
+        unsafe { libc::sched_setscheduler(0, policy, &param) };
+    }
+    out
+}
+
 /// Starts a thread named `name` at the calling thread's nice value, even
 /// while the caller runs real-time ([`ahead_of_others`] would leave it at
 /// the default).

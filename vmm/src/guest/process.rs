@@ -65,9 +65,11 @@ pub fn main() -> ExitCode {
     let _ = std::fs::write("/proc/self/oom_score_adj", protocol::GUEST_OOM_SCORE_ADJ.to_string());
     // Until a restored guest is built this thread runs ahead of every
     // guest's vCPUs (real-time where allowed; the threads it starts do not
-    // inherit that): a restore must not queue for a core behind running
-    // guests. A booted guest's process goes back to the default priority
-    // when its setup comes.
+    // inherit that, and start at nice 0): a restore must not queue for a
+    // core behind running guests. A booted guest's process goes back to
+    // the default priority when its setup comes. It started at the
+    // supervisor's spawner's priority: first the default, whatever that was.
+    dedup::os::normal_priority();
     dedup::os::prioritize_thread(0, "the guest process");
     // What every guest needs, made before its setup comes: the process may
     // wait for it in the supervisor's pool.

@@ -663,6 +663,14 @@ fn spawn_from_lasting_thread(command: Command, own_pid_namespace: bool) -> io::R
         if spawner.is_none() {
             let (jobs, queue) = std::sync::mpsc::channel::<Job>();
             dedup::os::spawn_keeping_nice("guest-spawner".into(), move || {
+                // Processes start real-time, where allowed: a fork, an exec
+                // and a runtime's start must not queue for a core behind
+                // hundreds of busy vCPUs. Each guest process puts itself
+                // back (guest::process) before it runs anything of a guest.
+                let param = libc::sched_param { sched_priority: 1 };
+                // SAFETY: sched_setscheduler on the calling thread with a
+                // valid parameter; a refusal leaves it as it was.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
                 for (mut command, own_pid_namespace, reply) in queue {
                     let spawned = match own_pid_namespace {
                         true => super::jailer::new_pid_namespace()
@@ -694,8 +702,10 @@ fn place_descriptors(command: &mut Command, mapping: Vec<(RawFd, RawFd)>) {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
-            // Guests run at the default priority, below the supervisor's.
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0);
+            // It keeps the spawner's priority through exec and its start
+            // (a busy host must not slow a process that runs nothing of a
+            // guest's yet); it puts itself at the default before its guest
+            // runs (guest::process).
             // Nothing the supervisor inherited or opened reaches the guest
             // process but what is placed below (dup2 clears close-on-exec
             // on its targets alone).

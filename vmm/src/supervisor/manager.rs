@@ -648,7 +648,16 @@ impl Manager {
 
     /// Makes a guest in a process of its own, ready to start; returns its
     /// id. `source` names its settings in errors the way the user gave them.
-    pub fn create(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
+    pub fn create(&self, config: GuestConfig, source: Source) -> Result<usize> {
+        // Making a guest is short, bounded work that must not queue for a
+        // core behind every running guest's vCPUs: with hundreds running,
+        // a thread at the supervisor's nice got about 1% of a core here,
+        // and a clone took most of a second to make. (Laying a snapshot out,
+        // which reads all of it, runs behind them: Sharing::lay_out_snapshot.)
+        dedup::os::ahead_of_others(|| self.create_now(config, source))
+    }
+
+    fn create_now(&self, mut config: GuestConfig, source: Source) -> Result<usize> {
         let requested_ns = crate::proc::monotonic_ns();
         config.validate(source)?;
         let snapshot = match &config.restore {
@@ -685,17 +694,12 @@ impl Manager {
             g.map.insert(id, entry);
             id
         };
-        // A snapshot is laid out for its clones once (reading all of it) at
-        // the supervisor's priority; a failure is the adoption's to report.
+        // A snapshot is laid out for its clones once; a failure is the
+        // adoption's to report.
         if let Err(e) = self.lay_out_snapshot(&config) {
             log::info!("guest {id}: {}", e.message);
         }
-        // Making the guest is short, bounded work that must not queue for
-        // a core behind every running guest's vCPUs: with hundreds running,
-        // a thread at the supervisor's nice got about 1% of a core here,
-        // and a clone took most of a second to make.
-        let made = dedup::os::ahead_of_others(|| self.make(id, config, snapshot, boot_entry))
-            .map_err(|e| e.context(format!("guest {id}")));
+        let made = self.make(id, config, snapshot, boot_entry).map_err(|e| e.context(format!("guest {id}")));
         if made.is_err() {
             self.lock().map.remove(&id);
         }

@@ -100,9 +100,11 @@ impl Sharing {
     pub fn lay_out_snapshot(&self, dir: &std::path::Path, group: u32) -> Result<()> {
         let (pages, key) = snapshot_pages(dir)?;
         let guest_pages = pages.guest_pages();
-        self.scanner
-            .engine()
-            .lay_out(key, group, guest_pages, pages)
+        if self.scanner.engine().holds_placement(key, group, guest_pages) {
+            return Ok(());
+        }
+        // Reading a whole snapshot is too long to run ahead of the guests.
+        dedup::os::behind_others(|| self.scanner.engine().lay_out(key, group, guest_pages, pages))
             .map_err(|e| Error::host(format!("cannot lay out snapshot {}: {e}", dir.display())))
     }
 

@@ -31,7 +31,24 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// The guest process's own command line, as the supervisor writes it
+/// (`vmm --log-level LEVEL guest`), read without clap: building the whole
+/// CLI touched about 100 KiB of heap and stack that every guest process
+/// then kept, against a clone's budget of 1 MiB.
+fn guest_process_log_level() -> Option<log::LevelFilter> {
+    let args: Vec<_> = std::env::args_os().skip(1).take(4).collect();
+    match args.as_slice() {
+        [flag, level, command] if flag == "--log-level" && command == "guest" => level.to_str()?.parse().ok(),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
+    if let Some(level) = guest_process_log_level() {
+        log::set_max_level(level);
+        let _ = log::set_logger(&StderrLogger);
+        return vmm::guest::process::main();
+    }
     let cli = Cli::parse();
     log::set_max_level(cli.log_level);
     let _ = log::set_logger(&StderrLogger);

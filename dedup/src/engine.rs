@@ -300,6 +300,10 @@ fn zero_hash() -> u64 {
     *HASH.get_or_init(|| xxh3_64(&[0; PAGE_SIZE]))
 }
 
+/// Pages a scan step looks at between checks for a thread waiting for the
+/// engine (`Engine::scan_giving_way`): a few milliseconds of work.
+pub const SCAN_STRETCH: usize = 2048;
+
 impl Engine {
     pub fn new(config: Config) -> Self {
         Engine {
@@ -464,10 +468,20 @@ impl Engine {
     /// full pass. Returns the pages looked at. Failures are counted in the
     /// stats and never stop the scan.
     pub fn scan(&mut self) -> usize {
+        self.scan_giving_way(&|| false)
+    }
+
+    /// As [`Engine::scan`], but ends the step early, at the end of a stretch
+    /// of [`SCAN_STRETCH`] pages, once `give_way` says another thread waits
+    /// for the engine: the rest of the budget is the next step's.
+    pub fn scan_giving_way(&mut self, give_way: &dyn Fn() -> bool) -> usize {
         self.read_clock();
         let mut budget = self.config.pages_to_scan.max(1);
         let mut scanned = 0;
         while budget > 0 && !self.guests.is_empty() {
+            if scanned > 0 && give_way() {
+                break;
+            }
             let Some((&id, guest)) = self.guests.range(self.cursor.0..).next() else {
                 // A call never runs into the next pass: callers pace by passes.
                 self.finish_pass();
@@ -475,7 +489,7 @@ impl Engine {
             };
             let pages = guest.layout.pages();
             let start = if id == self.cursor.0 { self.cursor.1.min(pages) } else { 0 };
-            let end = pages.min(start + budget);
+            let end = pages.min(start + budget.min(SCAN_STRETCH));
             if start == 0 && !self.start_guest_pass(id) {
                 // Not answering now: its pages wait for the next pass.
                 budget -= 1;

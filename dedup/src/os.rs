@@ -446,6 +446,27 @@ pub fn prioritize_thread(nice: i32, who: &str) {
     set_thread_nice(nice, who);
 }
 
+/// Lends a real-time caller's priority (SCHED_FIFO 1) to thread `tid`,
+/// which holds something the caller waits for: under the normal scheduler
+/// it could wait a long time for a core. Whether it was lent (the caller
+/// runs real-time and `tid` is a thread); give it back with
+/// [`take_priority_back`].
+pub fn lend_priority(tid: i32) -> bool {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sched_getscheduler on the calling thread and
+    // sched_setscheduler on a thread id with a valid parameter.
+    tid > 0
+        && unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK == libc::SCHED_FIFO
+        && unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param) } == 0
+}
+
+/// Puts thread `tid` back under the normal scheduler, at its nice value.
+pub fn take_priority_back(tid: i32) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: as in lend_priority.
+    unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+}
+
 /// The calling thread's nice value (kept while it runs real-time).
 pub fn thread_nice() -> i32 {
     // SAFETY: getpriority on our own thread id; no memory involved. -1 is
@@ -539,6 +560,36 @@ pub unsafe fn unmap(addr: *mut u8, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A real-time thread lends its priority to another and takes it back;
+    /// the other keeps its nice value. A thread under the normal scheduler
+    /// lends nothing. (Needs the right to run real-time: root here.)
+    #[test]
+    fn priority_is_lent_by_a_real_time_thread_only() {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            set_thread_nice(3, "the test's holder");
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        // SAFETY: sched_getscheduler on a thread id; no memory involved.
+        let policy = || unsafe { libc::sched_getscheduler(tid) } & !libc::SCHED_RESET_ON_FORK;
+        assert!(!lend_priority(tid), "lent by a thread of the normal scheduler");
+        let lent = ahead_of_others(|| {
+            let lent = lend_priority(tid);
+            (lent, policy())
+        });
+        assert_eq!(lent, (true, libc::SCHED_FIFO), "not lent by a real-time thread (is this root?)");
+        take_priority_back(tid);
+        assert_eq!(policy(), libc::SCHED_OTHER);
+        // SAFETY: getpriority on a thread id; no memory involved.
+        assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t) }, 3, "its nice value");
+        done_tx.send(()).unwrap();
+        holder.join().unwrap();
+    }
 
     #[test]
     fn injected_failures_are_counted_and_run_out() {

@@ -3,8 +3,8 @@
 //! wait for a step.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -105,6 +105,10 @@ pub struct Scanner {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     started: Instant,
+    /// Threads waiting for the engine: the step under way gives way.
+    waiting: Arc<AtomicUsize>,
+    /// The scanner thread's id (0 until it runs).
+    tid: Arc<AtomicI32>,
 }
 
 impl Scanner {
@@ -124,6 +128,7 @@ impl Scanner {
         let urgent_nice = Arc::new(AtomicI32::new(i32::MAX));
         let changes: Changes = Arc::default();
         let started = Instant::now();
+        let (waiting, tid) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicI32::new(0)));
         let thread = {
             let shared = Loop {
                 engine: engine.clone(),
@@ -135,16 +140,48 @@ impl Scanner {
                 urgent_nice: urgent_nice.clone(),
                 started,
                 after_step,
+                waiting: waiting.clone(),
+                tid: tid.clone(),
             };
             std::thread::Builder::new().name(name.into()).spawn(move || shared.run())?
         };
-        Ok(Scanner { engine, changes, published, pace, enabled, urgent_nice, stop, thread: Some(thread), started })
+        Ok(Scanner {
+            engine,
+            changes,
+            published,
+            pace,
+            enabled,
+            urgent_nice,
+            stop,
+            thread: Some(thread),
+            started,
+            waiting,
+            tid,
+        })
     }
 
     /// The engine, with every guest added or removed so far, for merging
     /// on request and settings. Held while a step runs: it waits for one.
+    ///
+    /// The step under way ends early, within a stretch of pages. A
+    /// real-time caller (a guest being made) lends the scanner thread its
+    /// priority meanwhile: the scanner runs behind the vCPUs, and could
+    /// otherwise wait a long time for a core while it holds the engine.
     pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        let mut e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+        let mut e = match self.engine.try_lock() {
+            Ok(e) => e,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                let lent = crate::os::lend_priority(self.tid.load(Ordering::SeqCst));
+                let e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
+                if lent {
+                    crate::os::take_priority_back(self.tid.load(Ordering::SeqCst));
+                }
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                e
+            }
+        };
         apply_changes(&mut e, &self.changes);
         e
     }
@@ -225,10 +262,14 @@ struct Loop {
     urgent_nice: Arc<AtomicI32>,
     started: Instant,
     after_step: Box<dyn FnMut(&mut Engine) + Send>,
+    waiting: Arc<AtomicUsize>,
+    tid: Arc<AtomicI32>,
 }
 
 impl Loop {
     fn run(mut self) {
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         let mut nice = self.nice();
         set_thread_nice(nice);
         let (mut backoff, mut last_saved) = (Duration::ZERO, 0);
@@ -250,7 +291,8 @@ impl Loop {
                 let mut e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
                 apply_changes(&mut e, &self.changes);
                 let passes = e.stats().full_scans;
-                let scanned = e.scan();
+                let waiting = &self.waiting;
+                let scanned = e.scan_giving_way(&|| waiting.load(Ordering::SeqCst) > 0);
                 (self.after_step)(&mut e);
                 let now = e.stats();
                 let pass_done = now.full_scans > passes;

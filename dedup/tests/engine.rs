@@ -913,3 +913,25 @@ fn a_full_placement_is_laid_out_again_ahead() {
     let audit = e.audit();
     assert_eq!((audit.live_frames, audit.leaked_frames), (0, 0), "{audit:?}");
 }
+
+/// A step that is asked to give way ends after one stretch of pages, and
+/// the next step goes on where it stopped: a pass still covers every page.
+#[test]
+fn a_step_gives_way_after_a_stretch_and_loses_no_page() {
+    use dedup::engine::SCAN_STRETCH;
+    let pages = 3 * SCAN_STRETCH;
+    let (a, b) = (TestGuest::new(pages), TestGuest::new(pages));
+    for i in 0..pages {
+        a.fill(i, 5000 + i as u64);
+        b.fill(i, 5000 + i as u64);
+    }
+    let mut e = Engine::new(Config { pages_to_scan: 4 * pages, batch: 1 << 20, ..Config::default() });
+    a.add(&mut e, 0, FREEZE);
+    b.add(&mut e, 0, FREEZE);
+    assert_eq!(e.scan_giving_way(&|| true), SCAN_STRETCH, "a step asked to give way");
+    assert_eq!(e.scan_giving_way(&|| false), 2 * pages - SCAN_STRETCH, "the rest of the pass, in one step");
+    settle(&mut e);
+    let s = e.stats();
+    assert_eq!((s.pages_shared, s.pages_sharing), (pages as u64, pages as u64), "{s:?}");
+    assert_eq!(e.audit().leaked_frames, 0);
+}

@@ -11,7 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -176,9 +177,18 @@ pub struct Spare {
     pidfd: OwnedFd,
     requests: UnixStream,
     events: UnixStream,
-    stderr: std::process::ChildStderr,
+    /// Its stderr, read from its start: a guest made of it starts no
+    /// thread for it (starting a thread waits for the address space's lock).
+    stderr: StderrForward,
     /// The cgroup it was started in, its guest's once it has one.
     cgroup: Option<MemoryCgroup>,
+}
+
+/// A thread reading a guest process's stderr: it keeps the last lines, and
+/// shows each line once the process has a guest.
+struct StderrForward {
+    guest: Arc<OnceLock<usize>>,
+    tail: JoinHandle<Vec<String>>,
 }
 
 impl Spare {
@@ -216,6 +226,14 @@ impl Spare {
             }
         };
         let stderr = child.stderr.take().expect("stderr is piped");
+        let stderr = match forward_stderr(stderr) {
+            Ok(forward) => forward,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(io::Error::new(e.kind(), format!("a thread to read its stderr: {e}")));
+            }
+        };
         Ok(Spare { child, pidfd, requests, events, stderr, cgroup: None })
     }
 
@@ -263,12 +281,7 @@ impl Spare {
         let status = self.child.wait().ok();
         // Empty now: it can go.
         drop(self.cgroup.take());
-        let mut reader = BufReader::new(self.stderr);
-        let mut last = VecDeque::new();
-        while let Some(line) = read_bounded_line(&mut reader) {
-            keep_last(&mut last, line);
-        }
-        (status, last.into())
+        (status, self.stderr.tail.join().unwrap_or_default())
     }
 }
 
@@ -307,7 +320,8 @@ impl GuestProcess {
             broken: AtomicBool::new(false),
             killed_for: Mutex::new(None),
         });
-        let stderr_tail = forward_stderr(id, stderr);
+        let _ = stderr.guest.set(id);
+        let stderr_tail = stderr.tail;
         let created = process.call_with_timeout(&Request::Setup(setup), &[], &files, SETUP_TIMEOUT);
         drop(fds);
         let created = match created {
@@ -333,7 +347,14 @@ impl GuestProcess {
                 return Err(if lines.is_empty() { e } else { e.context(lines.join("; ")) });
             }
         };
-        dedup::os::spawn_keeping_nice(format!("guest{id}-watch"), move || {
+        // Started off this path: starting a thread waits for the address
+        // space's lock (headroom.rs); meanwhile its events wait in the channel.
+        start_off_path(format!("guest{id}-watch"), move |own_thread| {
+            if !own_thread {
+                log::error!("guest {id}: no thread to watch its process; ending it");
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
             // Events until the process closes its end (it exits).
             loop {
                 match protocol::receive::<Event>(&mut events) {
@@ -550,26 +571,30 @@ fn wait_exited(child: &Child) -> Option<ExitStatus> {
 /// lines are cut at [`STDERR_LINE_BYTES`] and at most
 /// [`STDERR_LINES_PER_SECOND`] a second are copied (the rest are counted,
 /// and still kept as the last lines).
-fn forward_stderr(id: usize, stderr: std::process::ChildStderr) -> std::thread::JoinHandle<Vec<String>> {
-    let forward = dedup::os::spawn_keeping_nice(format!("guest{id}-stderr"), move || {
+fn forward_stderr(stderr: std::process::ChildStderr) -> io::Result<StderrForward> {
+    let guest = Arc::new(OnceLock::<usize>::new());
+    let label = guest.clone();
+    let tail = dedup::os::spawn_keeping_nice("guest-stderr".into(), move || {
         let mut last = VecDeque::new();
         let mut reader = BufReader::new(stderr);
         let mut limit = LineLimit::default();
         while let Some(line) = read_bounded_line(&mut reader) {
-            match limit.admit(std::time::Instant::now()) {
-                Admit::Yes { dropped: 0 } => eprintln!("[guest {id}] {line}"),
-                Admit::Yes { dropped } => {
-                    eprintln!("[guest {id}] ({dropped} lines dropped: over {STDERR_LINES_PER_SECOND} a second)");
-                    eprintln!("[guest {id}] {line}");
+            // A spare's lines are only kept: they come with its end.
+            if let Some(id) = label.get() {
+                match limit.admit(std::time::Instant::now()) {
+                    Admit::Yes { dropped: 0 } => eprintln!("[guest {id}] {line}"),
+                    Admit::Yes { dropped } => {
+                        eprintln!("[guest {id}] ({dropped} lines dropped: over {STDERR_LINES_PER_SECOND} a second)");
+                        eprintln!("[guest {id}] {line}");
+                    }
+                    Admit::No => {}
                 }
-                Admit::No => {}
             }
             keep_last(&mut last, line);
         }
         last.into()
-    });
-    // As std::thread::spawn would.
-    forward.expect("cannot start a thread to read a guest process's stderr")
+    })?;
+    Ok(StderrForward { guest, tail })
 }
 
 /// Keeps `line` among the last [`STDERR_LINES`] lines of a process's stderr.
@@ -688,6 +713,39 @@ fn spawn_from_lasting_thread(command: Command, own_pid_namespace: bool) -> io::R
             .map_err(|_| io::Error::other("the guest spawner thread is gone"))?;
     }
     answer.recv().map_err(|_| io::Error::other("the guest spawner thread is gone"))?
+}
+
+/// Runs `job` on a thread of its own named `name`, started by a thread
+/// that lives as long as this process, so that the caller does not wait
+/// for the start. `job` learns whether it got its own thread: if none could
+/// be started it runs on the starter's, after the jobs before it.
+fn start_off_path(name: String, job: impl FnOnce(bool) + Send + 'static) -> io::Result<()> {
+    type Job = (String, Box<dyn FnOnce(bool) + Send>);
+    static STARTER: Mutex<Option<std::sync::mpsc::Sender<Job>>> = Mutex::new(None);
+    let mut starter = STARTER.lock().unwrap_or_else(|e| e.into_inner());
+    if starter.is_none() {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        dedup::os::spawn_keeping_nice("thread-starter".into(), move || {
+            for (name, job) in queue {
+                // Handed over through a slot: a failed start gives it back.
+                let slot = Arc::new(Mutex::new(Some(job)));
+                let mine = slot.clone();
+                let started = dedup::os::spawn_keeping_nice(name, move || {
+                    if let Some(job) = mine.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        job(true)
+                    }
+                });
+                if started.is_err() {
+                    if let Some(job) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        job(false)
+                    }
+                }
+            }
+        })?;
+        *starter = Some(jobs);
+    }
+    let jobs = starter.as_ref().expect("the starter runs");
+    jobs.send((name, Box::new(job))).map_err(|_| io::Error::other("the thread starter is gone"))
 }
 
 /// Makes the child see each (parent fd, child fd) pair at its number, open

@@ -379,6 +379,7 @@ impl Manager {
         // guests: making, stopping and answering for guests must not wait
         // behind their vCPUs. (Guest processes go back to the default.)
         dedup::os::set_thread_nice(SUPERVISOR_NICE, "the supervisor");
+        crate::supervisor::headroom::make();
         // The supervisor maps every guest's memory to scan it, so to the
         // kernel's OOM killer it looks the biggest process of all: killing
         // it would end every guest. Ask the kernel to pick a guest instead

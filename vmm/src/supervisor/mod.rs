@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod dial;
 pub mod handle;
+mod headroom;
 pub mod jailer;
 pub mod leftovers;
 pub mod manager;

@@ -32,10 +32,12 @@
 //! guest memory is the snapshot's, including any random seed the guest
 //! kernel drew before it (docs/snapshots.md).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -181,6 +183,70 @@ impl Snapshot {
             vsock,
             ..self.config.clone()
         })
+    }
+}
+
+/// Snapshots read and checked for clones, each once while its files stay as
+/// they were (the same files, sizes and change times): a clone of a
+/// snapshot open already costs two opens and `fstat`s, not a read of its
+/// state and two parses. The last [`KEPT_SNAPSHOTS`] are kept.
+#[derive(Default)]
+pub struct OpenSnapshots(Mutex<VecDeque<KeptSnapshot>>);
+
+/// A snapshot's directory, its files' stamps (state, memory) when read, and
+/// what was read.
+type KeptSnapshot = (PathBuf, [FileStamp; 2], Arc<Snapshot>);
+
+pub const KEPT_SNAPSHOTS: usize = 4;
+
+/// What tells a file changed: which file it is, its size and its times.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = open_file(path)?.metadata()?;
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+impl OpenSnapshots {
+    /// The snapshot in `dir`, as [`Snapshot::open`] reads and checks it.
+    pub fn open(&self, dir: &Path) -> Result<Arc<Snapshot>> {
+        // Stamped before the read: a file changed during it is read again.
+        let Ok(stamps) =
+            [STATE_FILE, MEMORY_FILE].map(|f| FileStamp::of(&dir.join(f))).into_iter().collect::<io::Result<Vec<_>>>()
+        else {
+            // Open says what is wrong.
+            return Snapshot::open(dir).map(Arc::new);
+        };
+        let stamps = [stamps[0], stamps[1]];
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = kept.iter().position(|(d, s, _)| d == dir && *s == stamps) {
+            let hit = kept.remove(at).expect("found");
+            let snapshot = hit.2.clone();
+            kept.push_front(hit);
+            return Ok(snapshot);
+        }
+        let snapshot = Arc::new(Snapshot::open(dir)?);
+        kept.retain(|(d, _, _)| d != dir);
+        kept.push_front((dir.to_path_buf(), stamps, snapshot.clone()));
+        kept.truncate(KEPT_SNAPSHOTS);
+        Ok(snapshot)
     }
 }
 
@@ -360,6 +426,41 @@ mod tests {
         assert!(err(&dir).contains("version 99"), "{}", err(&dir));
         std::fs::write(dir.join(STATE_FILE), r#"{"format": "vmm-snapsh"#).unwrap();
         assert!(err(&dir).contains("truncated"), "{}", err(&dir));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A snapshot is read once while its files stay the same, again once
+    /// one changes, and a damaged one is refused every time (never kept).
+    #[test]
+    fn a_snapshot_is_read_once_while_its_files_stay_the_same() {
+        let dir = std::env::temp_dir().join(format!("vmm-snap-kept-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = |mib: u64| {
+            let config = format!(r#"{{"kernel": "/proc/self/exe", "memory_mib": {mib}}}"#);
+            std::fs::write(
+                dir.join(STATE_FILE),
+                format!(r#"{{"format": "{FORMAT}", "version": {VERSION}, "config": {config}}}"#),
+            )
+            .unwrap();
+            File::create(dir.join(MEMORY_FILE)).unwrap().set_len(mib << 20).unwrap();
+        };
+        state(16);
+        let kept = OpenSnapshots::default();
+        let first = kept.open(&dir).unwrap();
+        assert!(Arc::ptr_eq(&first, &kept.open(&dir).unwrap()), "read again though unchanged");
+        state(32);
+        let second = kept.open(&dir).unwrap();
+        assert_eq!(second.config.memory_mib, 32, "the changed snapshot was not read again");
+        std::fs::write(dir.join(STATE_FILE), "{").unwrap();
+        for _ in 0..2 {
+            let e = kept.open(&dir).err().expect("a damaged state was taken");
+            assert!(e.to_string().contains("truncated"), "{e}");
+        }
+        state(16);
+        std::fs::remove_file(dir.join(MEMORY_FILE)).unwrap();
+        let e = kept.open(&dir).err().expect("a snapshot without memory was taken");
+        assert!(e.to_string().contains("memory file"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

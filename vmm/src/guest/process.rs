@@ -12,7 +12,7 @@ use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
@@ -181,17 +181,9 @@ fn serve(
     return_freed_heap();
 
     // The control loop waits for a request or for the vCPUs to finish,
-    // itself: no thread hop on the way to a merge.
-    let finished_fd = EventFd::new(EFD_NONBLOCK)?;
-    let (finished_tx, finished_rx) = mpsc::channel::<usize>();
-    {
-        let finished_fd = finished_fd.try_clone()?;
-        std::thread::Builder::new().name("finished".into()).spawn(move || {
-            if finished_rx.recv().is_ok() {
-                let _ = finished_fd.write(1);
-            }
-        })?;
-    }
+    // itself: no thread hop on the way to a merge. The last vCPU to leave
+    // writes it.
+    let finished_fd = Arc::new(EventFd::new(EFD_NONBLOCK)?);
 
     let mut started = false;
     let mut stopped_before_start = GuestEnd::Stopped;
@@ -225,7 +217,7 @@ fn serve(
                         Some(files) => snapshot(&guest, files),
                         None => {
                             let parts = Parts { agent: agent.as_ref(), balloon: balloon.as_ref() };
-                            handle(&mut guest, parts, &mut started, &finished_tx, request, &payload)
+                            handle(&mut guest, parts, &mut started, &finished_fd, request, &payload)
                         }
                     };
                     protocol::send(&mut requests, &(number, reply), &out)?;
@@ -626,7 +618,7 @@ fn handle(
     guest: &mut Guest,
     parts: Parts,
     started: &mut bool,
-    finished: &mpsc::Sender<usize>,
+    finished: &Arc<EventFd>,
     request: Request,
     payload: &[u8],
 ) -> (Reply, Vec<u8>) {

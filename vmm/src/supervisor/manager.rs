@@ -27,7 +27,7 @@ use crate::memory::{guest_memfd, host_available_memory, MemoryBackend, MIB};
 use crate::outcome::GuestEnd;
 use crate::protocol::KvmCounters;
 use crate::protocol::{Event, Reply, Request, Setup};
-use crate::snapshot::{SavedState, Snapshot};
+use crate::snapshot::SavedState;
 pub use crate::stats_file::{GuestTimings, TimingStep};
 use crate::supervisor::cgroup::MemoryCgroup;
 use crate::supervisor::handle::{Descriptors, Exit, GuestProcess, Spare};
@@ -331,6 +331,8 @@ pub struct Manager {
     cgroups: Option<MemoryCgroup>,
     /// The memory governor, unless it is off or cannot see the guests.
     governed: Option<Governed>,
+    /// Snapshots read for clones, kept while their files stay the same.
+    snapshots: crate::snapshot::OpenSnapshots,
     this: Weak<Manager>,
 }
 
@@ -462,6 +464,7 @@ impl Manager {
             pool,
             cgroups,
             governed,
+            snapshots: Default::default(),
             this: this.clone(),
         });
         if let Some(g) = &manager.governed {
@@ -664,9 +667,9 @@ impl Manager {
         let snapshot = match &config.restore {
             None => None,
             Some(dir) => {
-                let snapshot = Snapshot::open(dir)?;
+                let snapshot = self.snapshots.open(dir)?;
                 config = snapshot.clone_config(&config, dir)?;
-                Some(snapshot.state)
+                Some(snapshot.state.clone())
             }
         };
         if !self.config.overcommit {

@@ -204,11 +204,15 @@ impl Placement {
     /// still the generation it was (frames never change while live, so the
     /// content is what it was) with room for another user.
     fn fits(&self, guest: &Guest, store: &StableStore, zero_pages: bool, max_users: u32) -> bool {
-        self.group == guest.group
-            && self.pages == guest.state.len()
-            && self.zero_pages == zero_pages
+        self.is_for(guest.group, guest.state.len(), zero_pages)
             && guest.state.iter().all(|&s| s == UNMERGED)
             && self.holds(store, max_users)
+    }
+
+    /// Whether it was laid out for guests of `pages` pages in `group`,
+    /// with zero pages on or off as `zero_pages` says.
+    fn is_for(&self, group: GroupId, pages: usize, zero_pages: bool) -> bool {
+        self.group == group && self.pages == pages && self.zero_pages == zero_pages
     }
 
     /// Whether every frame is still the generation it was, with room for
@@ -606,13 +610,9 @@ impl Engine {
     pub fn holds_placement(&self, key: u64, group: GroupId, guest_pages: usize) -> bool {
         let Some(store) = self.stores.get(&group) else { return false };
         let (zero_pages, max_users) = (self.config.zero_pages, self.config.max_page_sharing);
-        self.placements.iter().any(|p| {
-            p.key == key
-                && p.group == group
-                && p.pages == guest_pages
-                && p.zero_pages == zero_pages
-                && p.holds(store, max_users)
-        })
+        self.placements
+            .iter()
+            .any(|p| p.key == key && p.is_for(group, guest_pages, zero_pages) && p.holds(store, max_users))
     }
 
     /// Lays `pages` out for guest `id` (which must have nothing merged) and

@@ -200,7 +200,7 @@ type KeptSnapshot = (PathBuf, [FileStamp; 2], Arc<Snapshot>);
 pub const KEPT_SNAPSHOTS: usize = 4;
 
 /// What tells a file changed: which file it is, its size and its times.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct FileStamp {
     dev: u64,
     ino: u64,
@@ -211,8 +211,12 @@ pub struct FileStamp {
 
 impl FileStamp {
     fn of(path: &Path) -> io::Result<FileStamp> {
+        FileStamp::of_file(&open_file(path)?)
+    }
+
+    fn of_file(file: &File) -> io::Result<FileStamp> {
         use std::os::unix::fs::MetadataExt;
-        let m = open_file(path)?.metadata()?;
+        let m = file.metadata()?;
         let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
         Ok(FileStamp {
             dev: m.dev(),
@@ -347,7 +351,7 @@ impl MemoryPages {
     /// The guest's size in pages (the file holds all of its RAM, holes
     /// included).
     pub fn guest_pages(&self) -> usize {
-        (self.len / 4096) as usize
+        (self.len / PAGE_SIZE) as usize
     }
 
     /// Names this memory file as it is now: the same file unchanged has the
@@ -356,10 +360,8 @@ impl MemoryPages {
     /// each further clone of the same identity the same way.)
     pub fn identity(&self) -> io::Result<u64> {
         use std::hash::{Hash, Hasher};
-        use std::os::unix::fs::MetadataExt;
-        let m = self.file.metadata()?;
         let mut h = std::hash::DefaultHasher::new();
-        (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()).hash(&mut h);
+        FileStamp::of_file(&self.file)?.hash(&mut h);
         Ok(h.finish())
     }
 }

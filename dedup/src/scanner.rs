@@ -173,10 +173,11 @@ impl Scanner {
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 self.waiting.fetch_add(1, Ordering::SeqCst);
-                let lent = crate::os::lend_priority(self.tid.load(Ordering::SeqCst));
+                let tid = self.tid.load(Ordering::SeqCst);
+                let lent = crate::os::lend_priority(tid);
                 let e = self.engine.lock().unwrap_or_else(|e| e.into_inner());
                 if lent {
-                    crate::os::take_priority_back(self.tid.load(Ordering::SeqCst));
+                    crate::os::take_priority_back(tid);
                 }
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
                 e

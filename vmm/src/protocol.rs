@@ -380,8 +380,7 @@ pub fn receive<T: DeserializeOwned>(stream: &mut UnixStream) -> io::Result<Optio
     Ok(Some((header, frame.split_off(4 + header_len))))
 }
 
-/// Merge lists as payload bytes, and back.
-/// A merge list as runs: consecutive pages onto the zero page, or onto
+/// A merge list as payload bytes (`decode_merges` reads it back), as runs: consecutive pages onto the zero page, or onto
 /// consecutive frames, are one entry of (first page, first target, pages),
 /// 12 bytes for a run where a page each took 8 (a clone's whole memory is
 /// a run or two: `Engine::lay_out`).

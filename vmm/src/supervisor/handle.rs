@@ -565,8 +565,9 @@ fn wait_exited(child: &Child) -> Option<ExitStatus> {
     }
 }
 
-/// Copies the child's stderr to ours, each line marked with the guest, and
-/// keeps its last lines; the thread returns them at the end of the stream.
+/// Copies the child's stderr to ours once it has a guest, each line marked
+/// with the guest (a spare's lines are only kept), and keeps its last
+/// lines; the thread returns them at the end of the stream.
 /// A guest process is not trusted with the supervisor's memory or log:
 /// lines are cut at [`STDERR_LINE_BYTES`] and at most
 /// [`STDERR_LINES_PER_SECOND`] a second are copied (the rest are counted,

@@ -11,10 +11,9 @@
 //! guests are being made in a burst and two spares or more are left, it
 //! waits for the burst to end ([`QUIET_BEFORE_REFILL`]): starting a process
 //! forks the supervisor, which holds up the guests being made meanwhile.
-//! Each
-//! spare lives in a memory cgroup of its own, which becomes its guest's
-//! when it is taken; the pool ends them all when it is stopped (it lives
-//! until then: the keeper holds it).
+//! Each spare lives in a memory cgroup of its own, which becomes its
+//! guest's when it is taken; the pool ends them all when it is stopped (it
+//! lives until then: the keeper holds it).
 
 use std::collections::VecDeque;
 use std::io;
@@ -34,9 +33,9 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a new spare may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(10);
 /// How long after the last spare was taken the keeper starts replacements,
-/// unless one spare or none is left. A fork copies the supervisor's page tables with
-/// its address space locked (0.6-20 ms with 50 guests here, once 72 ms):
-/// every guest being made waits meanwhile for its own mappings.
+/// unless one spare or none is left. A fork copies the supervisor's page
+/// tables with its address space locked (0.6-20 ms with 50 guests here,
+/// once 72 ms): every guest being made waits meanwhile for its own mappings.
 pub const QUIET_BEFORE_REFILL: Duration = Duration::from_millis(200);
 
 pub struct Pool {
@@ -192,8 +191,8 @@ impl Pool {
     /// spare (a burst longer than the pool would then fork in its own path).
     fn burst_left(&self) -> Option<Duration> {
         let since = self.last_take.lock().unwrap().map(|t| t.elapsed())?;
-        let spares_left = self.spares.lock().unwrap().len() >= 2;
-        (spares_left && since < QUIET_BEFORE_REFILL && !self.stopping.load(Ordering::SeqCst))
+        let two_or_more_left = self.spares.lock().unwrap().len() >= 2;
+        (two_or_more_left && since < QUIET_BEFORE_REFILL && !self.stopping.load(Ordering::SeqCst))
             .then(|| QUIET_BEFORE_REFILL - since)
     }
 

@@ -180,8 +180,8 @@ impl VmState {
 
 /// The large KVM structures, read into the heap. kvm-bindings reads one
 /// into an array on the stack that is returned through every layer of the
-/// parser: a 4 KiB XSAVE area and a 1 KiB LAPIC page left about 80 KiB of
-/// each restored guest process's stack touched, for good, against a
+/// parser: the XSAVE area, the LAPIC page and the irqchips left about 70 KiB
+/// of each restored guest process's stack touched, for good, against a
 /// clone's budget of 1 MiB. The text is kvm-bindings' own (the bytes as a
 /// list), and as there a short list is padded with zeros and a long one cut.
 mod boxed_bytes {

@@ -759,8 +759,6 @@ fn a_clone_adopts_a_snapshot_laid_out_in_page_order() {
 #[test]
 fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
     let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(500 + (i as u64 % 5)))).collect();
-    let read = |pages: &[(usize, Vec<u8>)]| pages.iter().cloned().map(Ok).collect::<Vec<_>>();
-    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
     let mut e = engine();
     let (first, second) = (TestGuest::new(16), TestGuest::new(16));
     let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
@@ -779,7 +777,7 @@ fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
     e.remove_guest(b).unwrap();
     let other = TestGuest::new(16);
     let o = other.add(&mut e, 0, ProtectMode::WriteProtect);
-    let others: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(900 + i as u64))).collect();
+    let others = snapshot_of(16, 900);
     assert_eq!(e.adopt(o, None, read(&others)).unwrap(), 16);
     let third = TestGuest::new(16);
     let c = third.add(&mut e, 0, ProtectMode::WriteProtect);
@@ -815,12 +813,10 @@ fn clones_of_one_snapshot_reuse_its_placement_while_the_frames_hold() {
 #[test]
 fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
     let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 3, ..Config::default() });
-    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(77 + i as u64))).collect();
-    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
-    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    let snapshot = snapshot_of(16, 77);
     let first = TestGuest::new(16);
     let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
-    assert_eq!(e.adopt(a, Some(3), read()).unwrap(), 16);
+    assert_eq!(e.adopt(a, Some(3), read(&snapshot)).unwrap(), 16);
     for i in 0..16 {
         first.fill(i, 1000 + i as u64);
     }
@@ -836,7 +832,7 @@ fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
     // Full: the next clone reads the snapshot onto a block of its own.
     let fourth = TestGuest::new(16);
     let d = fourth.add(&mut e, 0, ProtectMode::WriteProtect);
-    assert_eq!(e.adopt(d, Some(3), read()).unwrap(), 16);
+    assert_eq!(e.adopt(d, Some(3), read(&snapshot)).unwrap(), 16);
     assert_eq!(e.stats().pages_shared, 32, "{:?}", e.stats());
     assert_eq!(mappings_over(fourth.page(0), 16 * PAGE_SIZE), 1, "the new block is one mapping");
     for i in 0..16 {
@@ -859,13 +855,11 @@ fn a_kept_placement_survives_the_clones_writes_and_full_frames() {
 /// nothing and leaves no frame behind.
 #[test]
 fn a_snapshot_laid_out_ahead_serves_its_first_clone() {
-    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(600 + i as u64))).collect();
-    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
-    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
+    let snapshot = snapshot_of(16, 600);
     let mut e = engine();
-    e.lay_out(11, 0, 16, read()).unwrap();
+    e.lay_out(11, 0, 16, read(&snapshot)).unwrap();
     assert_eq!(e.audit().live_frames, 16, "{:?}", e.audit());
-    e.lay_out(11, 0, 16, read()).unwrap();
+    e.lay_out(11, 0, 16, read(&snapshot)).unwrap();
     assert_eq!(e.audit().live_frames, 16, "laid out twice: {:?}", e.audit());
 
     let clone = TestGuest::new(16);
@@ -890,15 +884,13 @@ fn a_snapshot_laid_out_ahead_serves_its_first_clone() {
 #[test]
 fn a_full_placement_is_laid_out_again_ahead() {
     let mut e = Engine::new(Config { pages_to_scan: 1 << 20, max_page_sharing: 2, ..Config::default() });
-    let snapshot: Vec<(usize, Vec<u8>)> = (0..16).map(|i| (i, expected(700 + i as u64))).collect();
-    let read = || snapshot.iter().cloned().map(Ok).collect::<Vec<_>>();
-    let unread = Vec::<std::io::Result<(usize, Vec<u8>)>>::new;
-    e.lay_out(5, 0, 16, read()).unwrap();
+    let snapshot = snapshot_of(16, 700);
+    e.lay_out(5, 0, 16, read(&snapshot)).unwrap();
     let first = TestGuest::new(16);
     let a = first.add(&mut e, 0, ProtectMode::WriteProtect);
     assert_eq!(e.adopt(a, Some(5), unread()).unwrap(), 16);
     // The pin and one clone fill every frame: the next lay-out is a new block.
-    e.lay_out(5, 0, 16, read()).unwrap();
+    e.lay_out(5, 0, 16, read(&snapshot)).unwrap();
     assert_eq!(e.audit().live_frames, 32, "{:?}", e.audit());
     let second = TestGuest::new(16);
     let b = second.add(&mut e, 0, ProtectMode::WriteProtect);

@@ -170,6 +170,24 @@ pub fn expected(seed: u64) -> Vec<u8> {
     fill_words(seed).iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
+/// A page of a snapshot as an adoption reads it: (page, content).
+pub type SnapshotPage = std::io::Result<(usize, Vec<u8>)>;
+
+/// A snapshot of `pages` pages, page `i` holding `expected(seed + i)`.
+pub fn snapshot_of(pages: usize, seed: u64) -> Vec<(usize, Vec<u8>)> {
+    (0..pages).map(|i| (i, expected(seed + i as u64))).collect()
+}
+
+/// `pages` read without a failure.
+pub fn read(pages: &[(usize, Vec<u8>)]) -> Vec<SnapshotPage> {
+    pages.iter().cloned().map(Ok).collect()
+}
+
+/// No page read: what a clone that takes a kept placement is given.
+pub fn unread() -> Vec<SnapshotPage> {
+    Vec::new()
+}
+
 pub fn engine() -> Engine {
     Engine::new(dedup::Config { pages_to_scan: 1 << 20, ..dedup::Config::default() })
 }
